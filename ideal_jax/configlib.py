@@ -1,0 +1,106 @@
+"""ml_collections helpers: resolve, serialise and fingerprint configs; guard workdirs.
+
+A run writes its resolved config to DIR/config.json. Rerunning on the same DIR resumes, but only if
+the config is the same one (fields that do not change results, such as logging cadence, may differ);
+otherwise the run stops before touching anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+from ideal_jax.utils.errors import InputError
+
+# Fields that may change between a run and its resumption without invalidating finished work.
+RESUMABLE_FIELDS = (
+    "rounds",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "eval.batch_size",
+    "progress",
+)
+
+
+def to_dict(cfg: ml_collections.ConfigDict | dict) -> dict[str, Any]:
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def to_json(cfg: ml_collections.ConfigDict | dict) -> str:
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=True, default=str)
+
+
+def fingerprint(cfg: ml_collections.ConfigDict | dict, ignore=RESUMABLE_FIELDS) -> str:
+    flat = {k: v for k, v in _flatten(json.loads(to_json(cfg))).items() if k not in ignore}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Write JSON through a temporary file and an atomic rename: readers never see half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False, default=_json_default)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _json_default(obj: Any) -> Any:
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    return str(obj)
+
+
+def prepare_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> bool:
+    """Create DIR and write DIR/config.json, or check that an existing DIR holds the same config.
+
+    Returns True when resuming. Raises InputError (nothing written) if DIR was created by a
+    different config, naming the first fields that differ.
+    """
+    path = os.path.join(workdir, "config.json")
+    current = json.loads(to_json(cfg))
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                previous = json.load(f)
+        except json.JSONDecodeError as e:
+            raise InputError(f"existing config is not valid JSON ({e})", path=path) from None
+        if fingerprint(previous) != fingerprint(current):
+            old, new = _flatten(previous), _flatten(current)
+            differ = sorted(
+                k
+                for k in set(old) | set(new)
+                if old.get(k) != new.get(k) and k not in RESUMABLE_FIELDS
+            )
+            raise InputError(
+                "this workdir was created by a different config (differing fields: "
+                f"{', '.join(differ[:8])}); use a new --workdir or the original config",
+                path=path,
+                field=differ[0] if differ else None,
+            )
+        write_json_atomic(path, current)  # resumable fields (e.g. rounds) may have changed
+        return True
+    os.makedirs(workdir, exist_ok=True)
+    write_json_atomic(path, current)
+    return False
