@@ -1,0 +1,276 @@
+"""From volume parameters β to a resampled training mixture (METHOD.md §1.2).
+
+Domain i gets |D_i'| = floor((1 + β_i) |D_i|) examples by random resampling: downsampling draws
+without replacement; upsampling keeps whole copies of the domain plus a remainder drawn without
+replacement. With `keep_total` all targets are rescaled so the total stays N = Σ|D_i| (largest-
+remainder rounding, the unrounded targets are recorded). β = 0 is exactly the identity.
+
+Resampling depends only on (seed, domain name), never on the number of hosts; hosts then take
+interleaved slices of one global, seeded order (`host_shard`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import zlib
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+
+from ideal_jax.data.records import Example
+from ideal_jax.utils.errors import InputError
+
+T = TypeVar("T")
+MANIFEST_FORMAT = "ideal_jax.mixture.v1"
+# floor((1 + β) n) must not lose an example to float error: (1 - 0.9) * 10 = 0.9999999999999998.
+_FLOOR_EPS = 1e-9
+
+
+@dataclasses.dataclass(frozen=True)
+class Mixture:
+    """A resampled mixture: per domain the chosen example ids (with repeats), in source order."""
+
+    domain_names: tuple[str, ...]
+    source_sizes: tuple[int, ...]
+    target_sizes: tuple[int, ...]
+    beta: tuple[float, ...]
+    seed: int
+    keep_total: bool
+    example_ids: tuple[tuple[str, ...], ...]
+    unrounded_targets: tuple[float, ...]  # before flooring / largest-remainder rounding
+
+    @property
+    def total(self) -> int:
+        return sum(self.target_sizes)
+
+    def to_manifest(self) -> dict[str, Any]:
+        """mixture.json (DESIGN.md): sizes, β, weight, seed, repeat counts per domain; the ids."""
+        domains = {}
+        for k, name in enumerate(self.domain_names):
+            repeats = Counter(Counter(self.example_ids[k]).values())
+            repeats[0] = self.source_sizes[k] - len(set(self.example_ids[k]))
+            domains[name] = {
+                "source_size": self.source_sizes[k],
+                "target_size": self.target_sizes[k],
+                "target_unrounded": self.unrounded_targets[k],
+                "beta": self.beta[k],
+                "weight": 1.0 + self.beta[k],
+                "repeat_counts": {str(r): repeats[r] for r in sorted(repeats)},
+            }
+        return {
+            "format": MANIFEST_FORMAT,
+            "seed": self.seed,
+            "keep_total": self.keep_total,
+            "total_source": sum(self.source_sizes),
+            "total_target": self.total,
+            "domains": domains,
+            "example_ids": {n: list(ids) for n, ids in zip(self.domain_names, self.example_ids)},
+        }
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any], path: str | None = None) -> Mixture:
+        """Inverse of `to_manifest`; `path` only names the file in error messages."""
+        try:
+            domains = manifest["domains"]
+            names = tuple(domains)
+            ids = tuple(tuple(manifest["example_ids"][n]) for n in names)
+            mixture = cls(
+                domain_names=names,
+                source_sizes=tuple(int(domains[n]["source_size"]) for n in names),
+                target_sizes=tuple(int(domains[n]["target_size"]) for n in names),
+                beta=tuple(float(domains[n]["beta"]) for n in names),
+                seed=int(manifest["seed"]),
+                keep_total=bool(manifest["keep_total"]),
+                example_ids=ids,
+                unrounded_targets=tuple(float(domains[n]["target_unrounded"]) for n in names),
+            )
+        except KeyError as e:
+            raise InputError("missing field in mixture manifest", path=path, field=e.args[0]) from e
+        for name, size, chosen in zip(names, mixture.target_sizes, ids):
+            if len(chosen) != size:
+                raise InputError(
+                    f"{len(chosen)} ids but target_size {size}",
+                    path=path,
+                    record=name,
+                    field="example_ids",
+                )
+        return mixture
+
+
+def compute_target_sizes(
+    source_sizes: Sequence[int], beta: Sequence[float], keep_total: bool = False
+) -> tuple[list[int], list[float]]:
+    """Integer targets floor((1 + β_i)|D_i|) (or rescaled to total N) and the unrounded values."""
+    sizes = np.asarray(source_sizes, dtype=np.float64)
+    weights = 1.0 + np.asarray(beta, dtype=np.float64)
+    if not np.all(np.isfinite(weights)) or np.any(weights < 0):
+        raise InputError(f"β must be finite and >= -1, got {list(beta)}", field="beta")
+    raw = weights * sizes
+    if not keep_total:
+        return [int(math.floor(x + _FLOOR_EPS)) for x in raw], raw.tolist()
+    total_n = int(sizes.sum())
+    if raw.sum() <= 0:
+        raise InputError("keep_total with every domain weighted to 0", field="beta")
+    scaled = raw * total_n / raw.sum()
+    floors = np.floor(scaled + _FLOOR_EPS).astype(np.int64)
+    # Largest remainder: hand the missing examples to the largest fractional parts (ties: first).
+    missing = total_n - int(floors.sum())
+    order = np.argsort(-(scaled - floors), kind="stable")
+    if missing >= 0:
+        floors[order[:missing]] += 1
+    else:  # the epsilon rounded some up too far: take back from the smallest remainders
+        floors[order[missing:]] -= 1
+    return floors.tolist(), scaled.tolist()
+
+
+def resample_indices(n: int, target: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices into a domain of size n: whole copies + a remainder without replacement, sorted."""
+    if target == n:
+        return np.arange(n)  # β = 0 (or rounding back to n): the identity, no randomness used
+    if n == 0:
+        return np.zeros(0, np.int64)
+    copies, remainder = divmod(target, n)
+    extra = rng.choice(n, size=remainder, replace=False)
+    return np.sort(np.concatenate([np.tile(np.arange(n), copies), extra]), kind="stable")
+
+
+def _domain_rng(seed: int, name: str) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
+
+
+def build_mixture(
+    domain_ids: Mapping[str, Sequence[str]],
+    beta: Mapping[str, float] | Sequence[float] | None = None,
+    *,
+    seed: int,
+    keep_total: bool = False,
+) -> Mixture:
+    """Resamples each domain's ids to its target volume; `beta=None` is the β = 0 mixture."""
+    names = tuple(domain_ids)
+    if beta is None:
+        beta_values = [0.0] * len(names)
+    elif isinstance(beta, Mapping):
+        unknown = sorted(set(beta) - set(names))
+        if unknown:
+            raise InputError(
+                f"β names unknown domains {unknown}; domains are {list(names)}", field="beta"
+            )
+        beta_values = [float(beta.get(n, 0.0)) for n in names]
+    else:
+        beta_values = [float(b) for b in beta]
+        if len(beta_values) != len(names):
+            raise InputError(f"{len(beta_values)} β values for {len(names)} domains", field="beta")
+    sources = [list(domain_ids[n]) for n in names]
+    targets, unrounded = compute_target_sizes([len(s) for s in sources], beta_values, keep_total)
+    chosen = []
+    for name, ids, target in zip(names, sources, targets):
+        idx = resample_indices(len(ids), target, _domain_rng(seed, name))
+        chosen.append(tuple(ids[i] for i in idx))
+    return Mixture(
+        domain_names=names,
+        source_sizes=tuple(len(s) for s in sources),
+        target_sizes=tuple(targets),
+        beta=tuple(beta_values),
+        seed=seed,
+        keep_total=keep_total,
+        example_ids=tuple(chosen),
+        unrounded_targets=tuple(unrounded),
+    )
+
+
+def global_order(mixture: Mixture) -> list[tuple[str, str]]:
+    """All (domain, id) entries of the mixture in one seeded shuffled order, equal on every host."""
+    entries = [(n, i) for n, ids in zip(mixture.domain_names, mixture.example_ids) for i in ids]
+    perm = np.random.default_rng([mixture.seed, len(entries)]).permutation(len(entries))
+    return [entries[k] for k in perm]
+
+
+def host_shard(mixture_ids: Sequence[T], host_index: int, host_count: int) -> list[T]:
+    """This host's interleaved slice of the global order; the slices over hosts partition it."""
+    if not 0 <= host_index < host_count:
+        raise ValueError(f"host_index={host_index} outside [0, {host_count})")
+    return list(mixture_ids[host_index::host_count])
+
+
+def _default_id(item: Any) -> str:
+    return item.example_id if hasattr(item, "example_id") else item.id
+
+
+def materialize(
+    mixture: Mixture,
+    items_by_domain: Mapping[str, Sequence[T]],
+    id_of: Callable[[Any], str] = _default_id,
+) -> list[T]:
+    """The mixture's items (Examples or TokenizedExamples), repeats included, domain by domain.
+
+    Items absent from `items_by_domain` (e.g. dropped by truncation) are skipped.
+    """
+    out: list[T] = []
+    for name, ids in zip(mixture.domain_names, mixture.example_ids):
+        if name not in items_by_domain:
+            raise InputError(f"unknown domain {name!r} in mixture", field="domains")
+        by_id = {id_of(item): item for item in items_by_domain[name]}
+        out.extend(by_id[i] for i in ids if i in by_id)
+    return out
+
+
+def _write_atomic(path: str | os.PathLike, text_lines: Sequence[str] | str) -> None:
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        if isinstance(text_lines, str):
+            f.write(text_lines)
+        else:
+            f.writelines(text_lines)
+    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+
+
+def write_manifest(mixture: Mixture, path: str | os.PathLike) -> None:
+    """Writes mixture.json atomically."""
+    _write_atomic(path, json.dumps(mixture.to_manifest(), indent=1) + "\n")
+
+
+def read_manifest(path: str | os.PathLike) -> Mixture:
+    with open(path, encoding="utf-8") as f:
+        try:
+            manifest = json.load(f)
+        except json.JSONDecodeError as e:
+            raise InputError(f"malformed JSON at line {e.lineno}: {e.msg}", path=str(path)) from e
+    return Mixture.from_manifest(manifest, path=os.fspath(path))
+
+
+def export_jsonl(
+    mixture: Mixture, examples: Mapping[str, Sequence[Example]], path: str | os.PathLike
+) -> int:
+    """Writes the mixture as plain chat records in its global order (final_mixture.jsonl).
+
+    Each line: {"id", "domain", "messages": [..., {"role": "assistant", "content": response}]}.
+    Repeated copies get ids "ID#1", "ID#2", ... (and "source_id": ID) so every line has a unique id
+    and the file loads back through `load_domains`. Returns the number of records written.
+    """
+    lookup = {name: {ex.id: ex for ex in examples.get(name, ())} for name in mixture.domain_names}
+    copies: Counter[tuple[str, str]] = Counter()
+    lines = []
+    for domain, example_id in global_order(mixture):
+        if example_id not in lookup[domain]:
+            raise InputError(
+                f"mixture id {example_id!r} not among the loaded examples",
+                record=domain,
+                field="id",
+            )
+        ex = lookup[domain][example_id]
+        copy = copies[domain, example_id]
+        copies[domain, example_id] += 1
+        record = {"id": ex.id if copy == 0 else f"{ex.id}#{copy}", "domain": domain}
+        if copy:
+            record["source_id"] = ex.id
+        record["messages"] = ex.chat_messages()
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    _write_atomic(path, lines)
+    return len(lines)
