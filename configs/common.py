@@ -1,0 +1,140 @@
+"""Shared defaults for every ideal_jax config: one section per pipeline stage.
+
+Not a runnable config by itself; `demo.py`, `tiny.py`, `llama3_8b_ideal.py`, ... start from
+`base_config()` and change what differs. Field meanings are documented here, once.
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    cfg = ml_collections.ConfigDict()
+    cfg.mode = "ideal"  # ideal | sft | influence | daar | eval
+    cfg.rounds = 2  # outer rounds: D0 -> D1 -> D2 (METHOD.md §1.2)
+    cfg.seed = 0
+    cfg.seeds = 1  # demo: repeat the whole loop with seeds seed..seed+seeds-1 (mean ± std)
+    cfg.progress = True  # progress bars
+
+    # --- data: domains, reference set, formatting, batching (ideal_jax/data) ---
+    cfg.data = ml_collections.ConfigDict()
+    cfg.data.demo = False  # build the embedded synthetic suite into WORKDIR/demo_data
+    cfg.data.demo_train_sizes = ml_collections.ConfigDict()  # capability -> examples (demo)
+    cfg.data.demo_n_test = 100
+    cfg.data.demo_n_ref = 40
+    cfg.data.domains = ml_collections.ConfigDict()  # domain name -> file / saved dataset dir
+    cfg.data.source = ""  # or: one file whose records carry `domain_field`
+    cfg.data.domain_field = "domain"
+    cfg.data.domain_names = ()  # required domains when using `source` (empty: all found)
+    cfg.data.reference = ml_collections.ConfigDict()  # capability -> file; or:
+    cfg.data.reference_source = ""  # one file whose records carry a `capability` field
+    cfg.data.field_map = ml_collections.ConfigDict()  # canonical field -> your field name
+    cfg.data.tokenizer = ""  # local HF tokenizer dir (defaults to the model dir)
+    cfg.data.max_len = 128  # tokens per example after formatting
+    cfg.data.truncate = "left_prompt"  # left_prompt | right | drop
+    cfg.data.batching = "pack"  # pack (segment ids) | pad
+
+    # --- model (ideal_jax/model) ---
+    cfg.model = ml_collections.ConfigDict()
+    cfg.model.path = ""  # local HF checkpoint dir; empty: random init from `preset`
+    cfg.model.preset = "tiny"
+    cfg.model.dtype = "float32"  # compute dtype (parameters stay float32)
+    cfg.model.remat = False
+
+    # --- train: full-parameter SFT on the round's mixture (ideal_jax/train) ---
+    cfg.train = ml_collections.ConfigDict()
+    cfg.train.epochs = 1
+    cfg.train.batch_size = 32  # global rows per optimizer step
+    cfg.train.seq_len = 128
+    cfg.train.grad_accum = 1
+    cfg.train.learning_rate = 1e-3
+    cfg.train.warmup_steps = 10
+    cfg.train.schedule = "cosine"  # cosine | linear | constant
+    cfg.train.end_lr_fraction = 0.1
+    cfg.train.weight_decay = 0.0
+    cfg.train.b1 = 0.9
+    cfg.train.b2 = 0.95
+    cfg.train.grad_clip = 1.0
+    cfg.train.log_every = 10
+    cfg.train.checkpoint_every = 100
+    cfg.train.keep_checkpoints = 2
+    cfg.train.seed = 0
+    cfg.train.warm_start = False  # True: round k starts from round k-1's model (cheaper variant)
+
+    # --- curvature: kfac-jax K-FAC / EK-FAC factors (ideal_jax/curvature) ---
+    cfg.curvature = ml_collections.ConfigDict()
+    cfg.curvature.layers = "mlp"  # preset (mlp | attention | all_linear) or comma-separated regexes
+    cfg.curvature.estimator = "empirical"  # empirical (Fisher of the data) | sampled (GGN)
+    cfg.curvature.sigma = 0.5  # fraction of each domain used for factors and domain gradients
+    cfg.curvature.batch_size = 32
+    cfg.curvature.correction = "per_example"  # EK-FAC eigenvalue fit: per_example | per_batch
+    cfg.curvature.damping = 0.1
+    cfg.curvature.relative_damping = True  # damping × mean eigenvalue of each block (Kronfluence)
+
+    # --- influence: α = −g_refᵀ H⁻¹ g_j (ideal_jax/influence) ---
+    cfg.influence = ml_collections.ConfigDict()
+    cfg.influence.operator = "ekfac"  # identity | kfac | ekfac | exact
+    cfg.influence.scaling = "paper"  # paper | exact (METHOD.md §1.1)
+    cfg.influence.batch_size = 32
+
+    # --- reweight: β from α (ideal_jax/reweight.py) ---
+    cfg.reweight = ml_collections.ConfigDict()
+    cfg.reweight.rule = "paper"  # paper (max-normalised step) | optax
+    cfg.reweight.step_size = 0.15  # m
+    cfg.reweight.keep_total = True  # equal training tokens across rounds
+    cfg.reweight.beta_min = -0.9
+    cfg.reweight.beta_max = 3.0
+    cfg.reweight.min_volume = 1
+    cfg.reweight.optimizer = "sgd"
+    cfg.reweight.learning_rate = 1.0
+
+    # --- eval (ideal_jax/evaluate) ---
+    cfg.eval = ml_collections.ConfigDict()
+    cfg.eval.demo = True  # per-capability exact match on the demo suite's test split
+    cfg.eval.tasks = ml_collections.ConfigDict()  # name -> {type, path, ...} benchmark tasks
+    cfg.eval.max_new_tokens = 32
+    cfg.eval.batch_size = 64
+    cfg.eval.limit = 0  # 0 = all test items
+
+    # --- mesh (ideal_jax/sharding.py): -1 = all remaining devices ---
+    cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+    # --- daar: diversity-as-reward selection (ideal_jax/daar) ---
+    cfg.daar = ml_collections.ConfigDict()
+    cfg.daar.enabled_for_ideal = False  # True: IDEAL's domains are DaaR pseudo-domains
+    cfg.daar.domains = ml_collections.ConfigDict()  # name -> one-sentence description
+    cfg.daar.tau = ml_collections.ConfigDict()  # name -> similarity threshold (default 0.85)
+    cfg.daar.seeds_per_domain = 5
+    cfg.daar.target_per_domain = 10
+    cfg.daar.max_attempts_per_domain = 60
+    cfg.daar.feature_layer = 3
+    cfg.daar.probe_lr = 1e-3
+    cfg.daar.probe_epochs = 5
+    cfg.daar.probe_batch_size = 32
+    cfg.daar.select_fraction = 0.2
+    cfg.daar.customized_target = ""
+    cfg.daar.pool = ""  # unlabeled pool file
+    cfg.daar.probe = ""  # probe set file (same distribution, disjoint)
+    return cfg
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, arg: str | None) -> None:
+    """Apply `--config FILE.py:key=value,key=value` arguments (dotted keys allowed)."""
+    if not arg:
+        return
+    for item in arg.split(","):
+        if "=" not in item:
+            raise ValueError(f"config argument {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        node = cfg
+        *parents, leaf = key.strip().split(".")
+        for name in parents:
+            node = node[name]
+        if leaf not in node:
+            raise ValueError(f"config argument names an unknown field {key!r}")
+        current = node[leaf]
+        if isinstance(current, bool):
+            node[leaf] = value.lower() in ("1", "true", "yes")
+        elif isinstance(current, int | float) and not isinstance(current, bool):
+            node[leaf] = type(current)(value)
+        else:
+            node[leaf] = value

@@ -1,0 +1,30 @@
+"""A seconds-long IDEAL loop for tests and smoke checks: small demo data, 1 epoch, 1 round.
+
+python -m ideal_jax.main --config configs/tiny.py --workdir runs/tiny
+"""
+
+from configs import common
+
+
+def get_config(arg: str | None = None):
+    cfg = common.base_config()
+    cfg.rounds = 1
+    cfg.data.demo = True
+    cfg.data.demo_train_sizes = dict(arithmetic=40, reverse=120, sort=60, lookup=80)
+    cfg.data.demo_n_test = 8
+    cfg.data.demo_n_ref = 8
+    cfg.data.max_len = 64
+    cfg.model.preset = "tiny"
+    cfg.train.epochs = 1
+    cfg.train.batch_size = 16
+    cfg.train.seq_len = 64
+    cfg.train.warmup_steps = 2
+    cfg.train.log_every = 2
+    cfg.train.checkpoint_every = 5
+    cfg.curvature.batch_size = 16
+    cfg.influence.batch_size = 16
+    cfg.eval.max_new_tokens = 8
+    cfg.eval.limit = 8
+    cfg.mesh.data = -1
+    common.apply_overrides(cfg, arg)
+    return cfg.lock()
