@@ -1,0 +1,233 @@
+"""EK-FAC: eigenvalue correction of K-FAC in its Kronecker eigenbasis (kfac-jax has no such block).
+
+With A = Q_A Λ_A Q_Aᵀ (input factor) and G = Q_G Λ_G Q_Gᵀ (output factor) from kfac-jax's cache, a
+second pass fits, per layer and per eigen-direction pair (i, o),
+    Λ*_io = (1/W) Σ_units ((Q_Aᵀ ∇W_unit Q_G)_io)²,
+the exact diagonal of H in that basis (George et al. 2018; Grosse et al. 2023; Kronfluence).
+With our
+[D_in(+1), D_out] kernel layout this is the transpose of the usual "Q_Gᵀ ∇W Q_A". A "unit" is one
+example (a batch row, vmapped in chunks) or one whole batch; "units" use the data's targets for the
+empirical Fisher and targets sampled from the model for the true Fisher (√w weighting), matching the
+factor pass (kfac.py). W is the total token weight, so Λ* is the curvature of the
+weighted-mean loss.
+
+Inverse product (textbook — divide by the eigenvalues, untransposed bases; METHOD §1.4 defect 1):
+    H⁻¹ V ≈ Q_A [ (Q_Aᵀ V Q_G) / (Λ* + λ) ] Q_Gᵀ.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ideal_jax.curvature import layers as layers_lib
+from ideal_jax.curvature.kfac import (
+    Batch,
+    CurvatureState,
+    KfacCurvature,
+    Params,
+    check_finite,
+    flat_rows,
+    row_losses,
+)
+from ideal_jax.utils.errors import InputError
+
+UNITS = ("example", "batch")
+
+
+def pseudo_loss(curvature: KfacCurvature, selected: dict, rest: Params, batch: Batch, rng):
+    """Σ_t c_t ℓ_t whose gradient is one Fisher 'unit' gradient (empirical or sampled targets)."""
+    p = curvature.problem
+    outputs = p.outputs_fn(layers_lib.merge_params(selected, rest), batch, frozenset())
+    outputs_rc, targets, weights_r, _ = flat_rows(p, outputs, batch)
+    if curvature.mode == "empirical":
+        return jnp.sum(weights_r * row_losses(p, outputs_rc, targets))
+    frozen_rc = jax.lax.stop_gradient(outputs_rc)
+    if p.loss == "softmax_cross_entropy":
+        sampled = jax.random.categorical(rng, frozen_rc, axis=-1)
+    else:
+        sampled = frozen_rc + jax.random.normal(rng, frozen_rc.shape, frozen_rc.dtype)
+    return jnp.sum(jnp.sqrt(weights_r) * row_losses(p, outputs_rc, sampled))
+
+
+def _project_squared(grads: dict, bases: Mapping[str, tuple]) -> dict:
+    out = {}
+    for path, (qa, _, qg, _) in bases.items():
+        g_ao = layers_lib.layer_array(grads[path])
+        out[path] = (qa.T @ g_ao @ qg) ** 2
+    return out
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, min(n, max(at_most, 1)) + 1) if n % d == 0)
+
+
+def _correction_step(curvature, unit, chunk_size, acc, weight, params, batch, bases, rng):
+    selected, rest = layers_lib.split_params(params, curvature.problem.layers)
+    grad_fn = jax.grad(pseudo_loss, argnums=1)
+    weight = weight + jnp.sum(batch["weights"].astype(jnp.float32))
+    if unit == "batch":
+        sq = _project_squared(grad_fn(curvature, selected, rest, batch, rng), bases)
+        return jax.tree.map(jnp.add, acc, sq), weight
+    b = batch["weights"].shape[0]
+    chunk = _largest_divisor(b, chunk_size)
+    chunks = jax.tree.map(lambda x: x.reshape(b // chunk, chunk, *x.shape[1:]), dict(batch))
+    keys = jax.random.split(rng, b).reshape(b // chunk, chunk)
+
+    def one_example(row, key):
+        row_batch = jax.tree.map(lambda x: x[None], row)
+        return _project_squared(grad_fn(curvature, selected, rest, row_batch, key), bases)
+
+    def body(carry, xs):
+        rows, ks = xs
+        sq = jax.vmap(one_example)(rows, ks)
+        return jax.tree.map(lambda a, s: a + jnp.sum(s, axis=0), carry, sq), None
+
+    acc, _ = jax.lax.scan(body, acc, (chunks, keys))
+    return acc, weight
+
+
+def fit_eigen_correction(
+    curvature: KfacCurvature,
+    state: CurvatureState,
+    params: Params,
+    batches: Iterable[Batch],
+    rng: jax.Array,
+    *,
+    unit: str = "example",
+    chunk_size: int = 8,
+) -> CurvatureState:
+    """Second pass over `batches`: returns `state` with Λ* (global averages) filled in."""
+    if unit not in UNITS:
+        raise InputError(f"unknown unit {unit!r}; one of {UNITS}", field="curvature.ekfac_unit")
+    if curvature.mode not in ("empirical", "fisher"):
+        raise InputError("EK-FAC needs mode 'empirical' or 'fisher'", field="curvature.mode")
+    bases = curvature.eigenbases(state)
+    step = jax.jit(
+        lambda a, w, p, b, bs, r: _correction_step(curvature, unit, chunk_size, a, w, p, b, bs, r)
+    )
+    acc = {
+        path: jnp.zeros((qa.shape[0], qg.shape[0]), jnp.float32)
+        for path, (qa, _, qg, _) in bases.items()
+    }
+    weight = jnp.zeros((), jnp.float32)
+    for i, batch in enumerate(batches):
+        acc, weight = step(acc, weight, params, batch, bases, jax.random.fold_in(rng, i))
+    if float(weight) <= 0:
+        raise InputError("eigenvalue-correction pass saw no response tokens", field="weights")
+    correction = jax.tree.map(lambda a: a / weight, acc)
+    state = state.replace(correction=correction, correction_weight=weight)
+    check_finite(state)
+    return state
+
+
+def ekfac_eigenvalues(state: CurvatureState) -> dict[str, jax.Array]:
+    """path → Λ* [D_in(+1), D_out] (after `fit_eigen_correction`)."""
+    if state.correction is None:
+        raise InputError(
+            "EK-FAC state has no eigenvalue correction; run fit_eigen_correction",
+            field="curvature.operator",
+        )
+    return dict(state.correction)
+
+
+@jax.jit
+def _ekfac_inverse(bases: dict, correction: dict, vector: dict, damping: dict) -> dict:
+    out = {}
+    for path, (qa, _, qg, _) in bases.items():
+        v_ao = layers_lib.layer_array(vector[path])
+        rotated = qa.T @ v_ao @ qg
+        out[path] = layers_lib.layer_from_array(
+            qa @ (rotated / (correction[path] + damping[path])) @ qg.T, vector[path]
+        )
+    return out
+
+
+def ekfac_multiply_inverse(
+    curvature: KfacCurvature, state: CurvatureState, vector: dict, damping: Mapping[str, jax.Array]
+) -> dict:
+    """Q_A [(Q_Aᵀ V Q_G) / (Λ* + λ_b)] Q_Gᵀ for every selected layer (Lemma 1's H⁻¹ v)."""
+    return _ekfac_inverse(
+        curvature.eigenbases(state), ekfac_eigenvalues(state), dict(vector), dict(damping)
+    )
+
+
+# -- saving and reloading -----------------------------------------------------------------------
+def state_to_arrays(state: CurvatureState) -> tuple[dict[str, np.ndarray], dict]:
+    """(arrays keyed leaf_i, metadata) — a flat, framework-free form of `state`."""
+    leaves = jax.tree_util.tree_leaves(state)
+    meta = {
+        "layers": list(state.layers),
+        "block_paths": list(state.block_paths),
+        "mode": state.mode,
+        "has_correction": state.correction is not None,
+        "shapes": [list(np.shape(x)) for x in leaves],
+    }
+    return {f"leaf_{i}": np.asarray(x) for i, x in enumerate(leaves)}, meta
+
+
+def state_from_arrays(
+    arrays: Mapping[str, np.ndarray], meta: dict, template: CurvatureState, source: str = "<memory>"
+) -> CurvatureState:
+    """Rebuilds a state shaped like `template` (from `init` on the current model), checking it."""
+    if (
+        meta["layers"] != list(template.layers)
+        or meta["mode"] != template.mode
+        or meta.get("block_paths", meta["layers"]) != list(template.block_paths)
+    ):
+        raise InputError(
+            f"curvature state is for layers {meta['layers'][:4]}… mode "
+            f"{meta['mode']!r}, not this model's {list(template.layers)[:4]}… "
+            f"mode {template.mode!r}",
+            path=source,
+            field="layers",
+        )
+    if meta["has_correction"] and template.correction is None:
+        template = template.replace(
+            correction={p: jnp.zeros(s) for p, s in _correction_shapes(template).items()},
+            correction_weight=jnp.zeros(()),
+        )
+    leaves, treedef = jax.tree_util.tree_flatten(template)
+    if len(leaves) != len(arrays):
+        raise InputError("curvature state has a different structure", path=source)
+    new = []
+    for i, ref in enumerate(leaves):
+        got = arrays[f"leaf_{i}"]
+        if tuple(got.shape) != tuple(np.shape(ref)):
+            raise InputError(
+                f"curvature array {i} has shape {got.shape}, the model needs {np.shape(ref)}",
+                path=source,
+                field=f"leaf_{i}",
+            )
+        new.append(jnp.asarray(got, dtype=ref.dtype))
+    state = jax.tree_util.tree_unflatten(treedef, new)
+    check_finite(state)
+    return state
+
+
+def _correction_shapes(state: CurvatureState) -> dict[str, tuple[int, int]]:
+    shapes = {}
+    for path, bstate in zip(state.block_paths, state.kfac.blocks_states):
+        shapes[path] = (bstate.factors[0].value.shape[0], bstate.factors[1].value.shape[0])
+    return shapes
+
+
+def save_state(path: str, state: CurvatureState) -> None:
+    """Writes `state` to `path` (.npz with a JSON metadata entry), atomically."""
+    arrays, meta = state_to_arrays(state)
+    tmp = f"{path}.tmp.npz"
+    np.savez(tmp, __meta__=np.asarray(json.dumps(meta)), **arrays)
+    os.replace(tmp, path)
+
+
+def load_state(path: str, template: CurvatureState) -> CurvatureState:
+    """Reads a state written by `save_state`; InputError if it does not fit `template`'s model."""
+    with np.load(path) as data:
+        meta = json.loads(str(data["__meta__"]))
+        arrays = {k: data[k] for k in data.files if k != "__meta__"}
+    return state_from_arrays(arrays, meta, template, source=path)

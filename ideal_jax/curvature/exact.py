@@ -1,0 +1,207 @@
+"""Exact references for H (Lemma 1) restricted to the selected layers: dense matrices and CG.
+
+All curvatures are of the weighted-mean training loss L = Σ w ℓ / W (same as kfac.py):
+  "hessian"    ∇²L,                     via jvp-of-grad (Hessian-vector products)
+  "ggn"        (1/W) Σ_b J_bᵀ H_out J_b (Gauss-Newton; = true Fisher for softmax CE), via jvp + vjp
+  "empirical"  (1/W) Σ_rows u_r u_rᵀ,   u_r = ∇ Σ_{t∈row} w_t ℓ_t (one example per batch row)
+Dense matrices are [P, P] over the flattened selected parameters (small models only, P ≲ 10⁴);
+`conjugate_gradient` solves (H + Λ) x = v with the same products for larger ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from ideal_jax.curvature import layers as layers_lib
+from ideal_jax.curvature.kfac import Batch, CurvatureProblem, Params, flat_rows, row_losses
+from ideal_jax.utils.errors import InputError
+
+KINDS = ("hessian", "ggn", "empirical")
+
+
+def layer_slices(selected: Mapping[str, dict]) -> dict[str, slice]:
+    """path → slice of the layer's parameters in `ravel_pytree(selected)` (sorted-key order)."""
+    out, start = {}, 0
+    for path in sorted(selected):
+        size = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(selected[path]))
+        out[path] = slice(start, start + size)
+        start += size
+    return out
+
+
+def _loss_sum(problem: CurvatureProblem, selected: dict, rest: Params, batch: Batch):
+    outputs = problem.outputs_fn(layers_lib.merge_params(selected, rest), batch, frozenset())
+    outputs_rc, targets, weights_r, _ = flat_rows(problem, outputs, batch)
+    return jnp.sum(weights_r * row_losses(problem, outputs_rc, targets))
+
+
+def _output_hessian_product(problem: CurvatureProblem, outputs_rc, weights_r, u_rc):
+    """w_r ∇²_y ℓ_r u_r for every row (softmax CE: diag(p) − ppᵀ; squared error: I)."""
+    if problem.loss == "squared_error":
+        return weights_r[:, None] * u_rc
+    p_rc = jax.nn.softmax(outputs_rc, axis=-1)
+    return weights_r[:, None] * (p_rc * u_rc - p_rc * jnp.sum(p_rc * u_rc, -1, keepdims=True))
+
+
+def batch_matvec(
+    problem: CurvatureProblem, kind: str, selected: dict, rest: Params, batch: Batch, v: dict
+) -> dict:
+    """Σ-over-batch curvature-vector product (not yet divided by W)."""
+    if kind == "hessian":
+        grad = jax.grad(lambda s: _loss_sum(problem, s, rest, batch))
+        return jax.jvp(grad, (selected,), (v,))[1]
+    if kind == "ggn":
+
+        def outputs_of(s):
+            out = problem.outputs_fn(layers_lib.merge_params(s, rest), batch, frozenset())
+            return out.reshape(-1, out.shape[-1]).astype(jnp.float32)
+
+        outputs_rc, jv_rc = jax.jvp(outputs_of, (selected,), (v,))
+        _, _, weights_r, _ = flat_rows(problem, outputs_rc, batch)
+        hjv_rc = _output_hessian_product(problem, outputs_rc, weights_r, jv_rc)
+        return jax.vjp(outputs_of, selected)[1](hjv_rc)[0]
+    if kind == "empirical":
+        per_row = per_row_gradients(problem, selected, rest, batch)
+        dots_n = sum(
+            jnp.sum(g * x[None], axis=tuple(range(1, g.ndim)))
+            for g, x in zip(jax.tree.leaves(per_row), jax.tree.leaves(v))
+        )
+        return jax.tree.map(lambda g: jnp.tensordot(dots_n, g, axes=1), per_row)
+    raise InputError(f"unknown curvature kind {kind!r}; one of {KINDS}", field="curvature.exact")
+
+
+def per_row_gradients(problem: CurvatureProblem, selected: dict, rest: Params, batch: Batch):
+    """∇ Σ_{t∈row} w_t ℓ_t for every batch row, stacked on a leading [B] axis."""
+
+    def one(row):
+        row_batch = jax.tree.map(lambda x: x[None], row)
+        return jax.grad(lambda s: _loss_sum(problem, s, rest, row_batch))(selected)
+
+    return jax.vmap(one)(dict(batch))
+
+
+def total_weight(batches: Sequence[Batch]) -> float:
+    """W = Σ w over `batches`; InputError if there are no response tokens."""
+    w = float(sum(float(jnp.sum(b["weights"])) for b in batches))
+    if w <= 0:
+        raise InputError("no response tokens (all weights are 0)", field="weights")
+    return w
+
+
+def make_matvec(
+    problem: CurvatureProblem, kind: str, params: Params, batches: Sequence[Batch]
+) -> Callable[[dict], dict]:
+    """v ↦ H v for H of the weighted-mean loss over `batches` (one jitted product per batch)."""
+    selected, rest = layers_lib.split_params(params, problem.layers)
+    w = total_weight(batches)
+    step = jax.jit(lambda b, v: batch_matvec(problem, kind, selected, rest, b, v))
+
+    def matvec(v: dict) -> dict:
+        acc = jax.tree.map(jnp.zeros_like, v)
+        for b in batches:
+            acc = jax.tree.map(jnp.add, acc, step(b, v))
+        return jax.tree.map(lambda x: x / w, acc)
+
+    return matvec
+
+
+def dense_curvature(
+    problem: CurvatureProblem, kind: str, params: Params, batches: Sequence[Batch], chunk: int = 256
+) -> jax.Array:
+    """The dense [P, P] curvature of the selected layers (P = their parameter count)."""
+    selected, rest = layers_lib.split_params(params, problem.layers)
+    flat, unravel = ravel_pytree(selected)
+    p = flat.shape[0]
+    if p > 20_000:
+        raise InputError(
+            f"dense curvature over {p} parameters is too large; use 'cg'",
+            field="curvature.operator",
+        )
+    w = total_weight(batches)
+
+    @jax.jit
+    def columns(batch, eye_kp):
+        mv = lambda e: ravel_pytree(batch_matvec(problem, kind, selected, rest, batch, unravel(e)))[
+            0
+        ]
+        return jax.vmap(mv)(eye_kp)
+
+    eye = jnp.eye(p, dtype=jnp.float32)
+    h_pp = jnp.zeros((p, p), jnp.float32)
+    for b in batches:
+        h_pp = h_pp + jnp.concatenate([columns(b, eye[i : i + chunk]) for i in range(0, p, chunk)])
+    h_pp = h_pp / w
+    return 0.5 * (h_pp + h_pp.T)
+
+
+def block_diagonal(h_pp: jax.Array, slices: Mapping[str, slice]) -> jax.Array:
+    """`h_pp` with every cross-layer block set to zero."""
+    mask = np.zeros(h_pp.shape, bool)
+    for s in slices.values():
+        mask[s, s] = True
+    return jnp.where(mask, h_pp, 0.0)
+
+
+def damping_vector(slices: Mapping[str, slice], damping: Mapping[str, jax.Array]) -> jax.Array:
+    """Per-parameter λ (λ_b on every coordinate of block b)."""
+    p = max(s.stop for s in slices.values())
+    out = jnp.zeros((p,), jnp.float32)
+    for path, s in slices.items():
+        out = out.at[s].set(damping[path])
+    return out
+
+
+def block_diag_means(h_pp: jax.Array, slices: Mapping[str, slice]) -> dict[str, jax.Array]:
+    """path → mean of the diagonal of block b (= its mean eigenvalue), for relative damping."""
+    diag = jnp.diag(h_pp)
+    return {path: jnp.mean(diag[s]) for path, s in slices.items()}
+
+
+def dense_solve(h_pp: jax.Array, lam_p: jax.Array, v: dict) -> dict:
+    """(H + diag λ)⁻¹ v with v a selected-params pytree."""
+    flat, unravel = ravel_pytree(v)
+    return unravel(jnp.linalg.solve(h_pp + jnp.diag(lam_p), flat))
+
+
+def conjugate_gradient(
+    matvec: Callable[[dict], dict],
+    v: dict,
+    lam_p: jax.Array,
+    *,
+    tol: float = 1e-6,
+    max_iters: int = 200,
+) -> dict:
+    """Solves (H + diag λ) x = v by CG with curvature-vector products (host loop)."""
+    flat_v, unravel = ravel_pytree(v)
+    op = lambda x: ravel_pytree(matvec(unravel(x)))[0] + lam_p * x
+    x = jnp.zeros_like(flat_v)
+    r = flat_v - op(x)
+    d, rr = r, jnp.vdot(r, r)
+    target = (tol * jnp.linalg.norm(flat_v)) ** 2
+    for _ in range(max_iters):
+        if float(rr) <= float(target):
+            break
+        hd = op(d)
+        step = rr / jnp.vdot(d, hd)
+        x, r = x + step * d, r - step * hd
+        rr_new = jnp.vdot(r, r)
+        d, rr = r + (rr_new / rr) * d, rr_new
+    return unravel(x)
+
+
+def hutchinson_block_means(
+    matvec: Callable[[dict], dict], like: dict, rng: jax.Array, num_probes: int = 8
+) -> dict[str, jax.Array]:
+    """Estimated mean diagonal (trace / dim) of each layer block, for relative damping with CG."""
+    flat, unravel = ravel_pytree(like)
+    slices = layer_slices(like)
+    acc = jnp.zeros_like(flat)
+    for i in range(num_probes):
+        z = jax.random.rademacher(jax.random.fold_in(rng, i), flat.shape, jnp.float32)
+        acc = acc + z * ravel_pytree(matvec(unravel(z)))[0]
+    return {p: jnp.mean(acc[s]) / num_probes for p, s in slices.items()}

@@ -1,0 +1,319 @@
+"""K-FAC factors of the training-loss curvature H (Lemma 1) via kfac-jax, used standalone.
+
+A `CurvatureProblem` says how to run the model with tagged layers and which loss to register. The
+training loss is the token-weighted mean L = Σ_t w_t ℓ_t / Σ_t w_t (w = 1 on response tokens), so
+H here is the curvature of *that* mean, matching the gradients in `ideal_jax.influence`.
+
+Normalisation. kfac-jax averages each batch's statistics over its R_b rows (B·T for an LM, padding
+included) and we weight batches by R_b (`ema_old=1, ema_new=R_b`), so its factors are
+A = Σ x xᵀ / R and G = Σ δ δᵀ / R over all rows. The K-FAC ("expand") estimate of H for the
+weighted-mean loss is then  H ≈ (R/M)(R/W) · A ⊗ G,  M = non-padding tokens, W = Σ w. We keep that
+scalar (`kron_scale`) in the state instead of rescaling kfac-jax's factors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import kfac_jax
+import numpy as np
+
+from ideal_jax.curvature import layers as layers_lib
+from ideal_jax.utils.errors import InputError
+
+Batch = Mapping[str, jax.Array]
+Params = dict
+OutputsFn = Callable[[Params, Batch, frozenset], jax.Array]
+
+# Our names → kfac-jax estimation modes. The "*_direct" modes are avoided (normalisation bug).
+ESTIMATION_MODES = {
+    "empirical": "fisher_empirical",  # empirical Fisher: gradients at the data's targets
+    "fisher": "fisher_gradients",  # true Fisher (= GGN for softmax CE): targets sampled from model
+    "ggn_exact": "ggn_exact",  # exact GGN output factor; loops over outputs: small models only
+}
+LOSSES = ("softmax_cross_entropy", "squared_error")
+
+
+@dataclasses.dataclass(frozen=True)
+class CurvatureProblem:
+    """A model and its loss as the curvature and influence code see them.
+
+    outputs_fn(params, batch, tagged_layers) -> outputs [..., C]: runs the model and wraps each
+      layer whose path is in `tagged_layers` in `kfac_jax.register_dense`.
+    loss: "softmax_cross_entropy" (batch["targets"] int [...]) or "squared_error" (½‖y − t‖²,
+      batch["targets"] float [..., C]). batch["weights"] [...] holds 0/1 token weights.
+    token_mask_key: batch field whose non-zero entries are real (non-padding) rows.
+    """
+
+    outputs_fn: OutputsFn
+    layers: tuple[str, ...]
+    loss: str = "softmax_cross_entropy"
+    token_mask_key: str | None = "segment_ids"
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise InputError(f"unknown loss {self.loss!r}; one of {LOSSES}", field="curvature.loss")
+
+
+def lm_problem(model_cfg: Any, layers: tuple[str, ...]) -> CurvatureProblem:
+    """The decoder LM of `ideal_jax.model.transformer` with response-token cross-entropy."""
+    from ideal_jax.model import transformer
+
+    def outputs_fn(params: Params, batch: Batch, tagged: frozenset) -> jax.Array:
+        tags = None
+        if tagged:
+            tags = transformer.KfacTags(frozenset(tagged), token_mask_bt=batch["segment_ids"] != 0)
+        return transformer.forward(
+            model_cfg,
+            params,
+            batch["tokens"],
+            batch["positions"],
+            batch["segment_ids"],
+            kfac_tags=tags,
+        )
+
+    return CurvatureProblem(outputs_fn=outputs_fn, layers=tuple(layers))
+
+
+def flat_rows(problem: CurvatureProblem, outputs: jax.Array, batch: Batch):
+    """(outputs [R, C], targets [R] or [R, C], weights [R], real-row mask [R])."""
+    c = outputs.shape[-1]
+    outputs_rc = outputs.reshape(-1, c).astype(jnp.float32)
+    tshape = (-1,) if problem.loss == "softmax_cross_entropy" else (-1, c)
+    targets = batch["targets"].reshape(tshape)
+    weights_r = batch["weights"].reshape(-1).astype(jnp.float32)
+    key = problem.token_mask_key
+    real_r = (batch[key] != 0).reshape(-1) if key and key in batch else jnp.ones_like(weights_r)
+    return outputs_rc, targets, weights_r, real_r.astype(jnp.float32)
+
+
+def row_losses(problem: CurvatureProblem, outputs_rc: jax.Array, targets: jax.Array) -> jax.Array:
+    """Unweighted per-row loss ℓ_r [R]."""
+    if problem.loss == "softmax_cross_entropy":
+        logp_rc = jax.nn.log_softmax(outputs_rc, axis=-1)
+        return -jnp.take_along_axis(logp_rc, targets[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    return 0.5 * jnp.sum((outputs_rc - targets) ** 2, axis=-1)
+
+
+def weighted_loss_sum(problem: CurvatureProblem, params: Params, batch: Batch):
+    """(Σ_r w_r ℓ_r, Σ_r w_r) of one batch, untagged forward."""
+    outputs_rc, targets, weights_r, _ = flat_rows(
+        problem, problem.outputs_fn(params, batch, frozenset()), batch
+    )
+    return jnp.sum(weights_r * row_losses(problem, outputs_rc, targets)), jnp.sum(weights_r)
+
+
+@flax.struct.dataclass
+class CurvatureState:
+    """Everything the inverse-Hessian operators need; a pytree that can be saved and reloaded.
+
+    kfac: kfac-jax's BlockDiagonalCurvature.State (factors A, G and their eigendecompositions).
+    rows/tokens/weight: totals R, M, W over the factor pass (see module docstring).
+    correction: EK-FAC eigenvalues Λ* per layer path, [D_in(+1), D_out] (None before the 2nd pass).
+    """
+
+    kfac: Any
+    rows: jax.Array
+    tokens: jax.Array
+    weight: jax.Array
+    correction: dict | None = None
+    correction_weight: jax.Array | None = None
+    layers: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
+    block_paths: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
+    mode: str = flax.struct.field(pytree_node=False, default="empirical")
+
+    @property
+    def kron_scale(self) -> jax.Array:
+        return (self.rows / jnp.maximum(self.tokens, 1.0)) * (
+            self.rows / jnp.maximum(self.weight, 1e-30)
+        )
+
+
+class KfacCurvature:
+    """Holds the kfac-jax estimator and jitted passes; all state is passed in and returned."""
+
+    def __init__(self, problem: CurvatureProblem, mode: str = "empirical"):
+        if mode not in ESTIMATION_MODES:
+            raise InputError(
+                f"unknown mode {mode!r}; one of {sorted(ESTIMATION_MODES)}", field="curvature.mode"
+            )
+        self.problem, self.mode = problem, mode
+        self.estimator = kfac_jax.BlockDiagonalCurvature(
+            self._kfac_loss,
+            default_estimation_mode=ESTIMATION_MODES[mode],
+            auto_register_tags=False,
+            distributed_multiplies=False,
+            distributed_cache_updates=False,
+        )
+        self._update = jax.jit(self._update_impl)
+        self._cache = jax.jit(self._cache_impl)
+        self._inverse = jax.jit(self._inverse_impl)
+
+    # -- the loss kfac-jax traces: f32, explicit tags, response-token mask ---------------------
+    def _kfac_loss(self, selected: dict, rest: Params, batch: Batch) -> jax.Array:
+        p = self.problem
+        outputs = p.outputs_fn(layers_lib.merge_params(selected, rest), batch, frozenset(p.layers))
+        outputs_rc, targets, weights_r, _ = flat_rows(p, outputs, batch)
+        # fisher_empirical divides its vjp by sqrt(batch size); this weight undoes it so that every
+        # mode's G is Σ δδᵀ / R_b (see module docstring).
+        coeff = float(np.sqrt(outputs_rc.shape[0])) if self.mode == "empirical" else 1.0
+        if p.loss == "softmax_cross_entropy":
+            kfac_jax.register_softmax_cross_entropy_loss(
+                outputs_rc, targets, mask=weights_r, weight=coeff
+            )
+        else:  # ½ w‖y − t‖² == ½‖√w y − √w t‖²; kfac-jax's squared error is weight·Σ(t − y)².
+            sw_r1 = jnp.sqrt(weights_r)[:, None]
+            kfac_jax.register_squared_error_loss(sw_r1 * outputs_rc, sw_r1 * targets, 0.5 * coeff)
+        losses = row_losses(p, outputs_rc, targets)
+        return jnp.sum(weights_r * losses) / jnp.maximum(jnp.sum(weights_r), 1.0)
+
+    # -- passes ------------------------------------------------------------------------------------
+    def init(self, params: Params, batch: Batch, rng: jax.Array) -> CurvatureState:
+        """Zero factors for the selected layers (traces the loss once to find the tags)."""
+        selected, rest = layers_lib.split_params(params, self.problem.layers)
+        kstate = self.estimator.init(
+            rng,
+            (selected, rest, batch),
+            exact_powers_to_cache=-1,
+            approx_powers_to_cache=None,
+            cache_eigenvalues=True,
+        )
+        zero = jnp.zeros((), jnp.float32)
+        return CurvatureState(
+            kfac=kstate,
+            rows=zero,
+            tokens=zero,
+            weight=zero,
+            layers=tuple(self.problem.layers),
+            block_paths=self.block_paths(),
+            mode=self.mode,
+        )
+
+    def block_paths(self) -> tuple[str, ...]:
+        """Layer path of each kfac-jax block, in block order."""
+        index = self.estimator.params_block_index
+        by_block = {int(v["kernel"]): path for path, v in index.items()}
+        return tuple(by_block[i] for i in range(len(by_block)))
+
+    def _update_impl(self, state: CurvatureState, params: Params, batch: Batch, rng):
+        selected, rest = layers_lib.split_params(params, self.problem.layers)
+        weights_r = batch["weights"].reshape(-1).astype(jnp.float32)
+        key = self.problem.token_mask_key
+        real_r = (batch[key] != 0) if key and key in batch else jnp.ones_like(weights_r)
+        n_rows = weights_r.shape[0]
+        kstate = self.estimator.update_curvature_matrix_estimate(
+            state.kfac,
+            ema_old=1.0,
+            ema_new=float(n_rows),
+            identity_weight=0.0,
+            batch_size=n_rows,
+            rng=rng,
+            func_args=(selected, rest, batch),
+        )
+        return state.replace(
+            kfac=kstate,
+            rows=state.rows + n_rows,
+            tokens=state.tokens + jnp.sum(real_r),
+            weight=state.weight + jnp.sum(weights_r),
+        )
+
+    def update(self, state: CurvatureState, params: Params, batch: Batch, rng) -> CurvatureState:
+        """Adds one batch to the (exact, weighted) average of the factors."""
+        return self._update(state, params, batch, rng)
+
+    def _cache_impl(self, state: CurvatureState) -> CurvatureState:
+        kstate = self.estimator.update_cache(
+            state.kfac,
+            identity_weight=0.0,
+            exact_powers=-1,
+            approx_powers=None,
+            eigenvalues=True,
+            pmap_axis_name=None,
+        )
+        return state.replace(kfac=kstate)
+
+    def finalize(self, state: CurvatureState) -> CurvatureState:
+        """Eigendecomposes A and G; raises InputError on an empty pass or non-finite factors."""
+        if float(state.weight) <= 0:
+            raise InputError(
+                "curvature pass saw no response tokens (all weights are 0)", field="weights"
+            )
+        state = self._cache(state)
+        check_finite(state)
+        return state
+
+    def eigenbases(self, state: CurvatureState) -> dict[str, tuple[jax.Array, ...]]:
+        """path → (Q_A, λ_A, Q_G, λ_G) from kfac-jax's cache (A: input, G: output factor)."""
+        out = {}
+        for path, bstate in zip(self.block_paths(), state.kfac.blocks_states):
+            c = bstate.cache
+            out[path] = (
+                c["0_factor_eigen_vectors"],
+                c["0_factor_eigenvalues"],
+                c["1_factor_eigen_vectors"],
+                c["1_factor_eigenvalues"],
+            )
+        return out
+
+    def kfac_eigenvalues(self, state: CurvatureState) -> dict[str, jax.Array]:
+        """path → K-FAC eigenvalues kron_scale · λ_A λ_Gᵀ, [D_in(+1), D_out]."""
+        return {
+            p: state.kron_scale * qa_la_qg_lg[1][:, None] * qa_la_qg_lg[3][None, :]
+            for p, qa_la_qg_lg in self.eigenbases(state).items()
+        }
+
+    def _inverse_impl(self, state: CurvatureState, vector: dict, damping: tuple) -> dict:
+        s = state.kron_scale
+        result = self.estimator.multiply_inverse(
+            state.kfac,
+            vector,
+            identity_weight=tuple(d / s for d in damping),
+            exact_power=True,
+            use_cached=True,
+            pmap_axis_name=None,
+        )
+        return jax.tree.map(lambda x: x / s, result)
+
+    def multiply_inverse(self, state: CurvatureState, vector: dict, damping: dict) -> dict:
+        """(kron_scale · A⊗G + λ_b I)⁻¹ v per block; `damping` maps path → λ_b (absolute)."""
+        return self._inverse(state, vector, tuple(damping[p] for p in self.block_paths()))
+
+
+def block_damping(eigenvalues: Mapping[str, jax.Array], damping: float, relative: bool) -> dict:
+    """λ_b per block: `damping` × the mean block eigenvalue (relative) or absolute."""
+    if not relative:
+        return {p: jnp.asarray(damping, jnp.float32) for p in eigenvalues}
+    return {p: damping * jnp.mean(ev) for p, ev in eigenvalues.items()}
+
+
+def check_finite(state: CurvatureState) -> None:
+    """Raises InputError naming the first non-finite factor/eigenvalue in `state`."""
+    leaves = jax.tree_util.tree_leaves_with_path(state)
+    for key_path, leaf in leaves:
+        if isinstance(leaf, jax.Array) and not bool(jnp.all(jnp.isfinite(leaf))):
+            raise InputError(
+                "non-finite curvature statistic (check for NaN/inf losses or activations)",
+                field=jax.tree_util.keystr(key_path),
+            )
+
+
+def accumulate_factors(
+    curvature: KfacCurvature,
+    params: Params,
+    batches: Iterable[Batch],
+    rng: jax.Array,
+    state: CurvatureState | None = None,
+) -> CurvatureState:
+    """One streamed pass over `batches` → finalized (eigendecomposed) K-FAC state."""
+    for i, batch in enumerate(batches):
+        if state is None:
+            state = curvature.init(params, batch, rng)
+        state = curvature.update(state, params, batch, jax.random.fold_in(rng, i))
+    if state is None:
+        raise InputError("no batches for the curvature pass", field="data")
+    return curvature.finalize(state)

@@ -1,0 +1,121 @@
+"""The α matrix of Lemma 1: how each reference loss changes with each domain's volume β_j.
+
+Rows: reference subsets ("all" + each capability); columns: training domains. One inverse product
+per reference row, v_r = H⁻¹ g_ref,r (H is symmetric), then dot products with the domain gradients:
+  "paper":  α_rj = − v_r · ∇L̄_j                          (Lemma 1 as printed; public code)
+  "exact":  α_rj = − (n_j / N) v_r · (∇L̄_j − ∇L̄_tr)      (exact ∂Q/∂β_j of Eq. 1–2 at β = 0)
+with n_j the domain's size and ∇L̄_tr = Σ n_j ∇L̄_j / N (METHOD §1.1). n_j defaults to the domain's
+response-token weight (the unit of our token-weighted loss); pass example counts to override. At an
+exact stationary point ∇L̄_tr = 0 and "exact" = (n_j/N) × "paper".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ideal_jax.curvature.operators import InverseOperator
+from ideal_jax.influence.gradients import GroupGradients
+from ideal_jax.utils.errors import InputError
+
+SCALINGS = ("paper", "exact")
+
+
+def tree_dot(a: dict, b: dict) -> jax.Array:
+    """Σ over all leaves of a · b (float32)."""
+    return sum(
+        jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class InfluenceResult:
+    """α [rows, domains] with everything needed to reproduce it (written to influence.json)."""
+
+    matrix: np.ndarray
+    rows: tuple[str, ...]
+    domains: tuple[str, ...]
+    operator: str
+    damping: dict
+    layers: tuple[str, ...]
+    scaling: str
+    sigma: float | None
+    domain_sizes: tuple[float, ...]
+
+    def row(self, name: str = "all") -> np.ndarray:
+        return self.matrix[self.rows.index(name)]
+
+    def to_json(self) -> dict:
+        return {
+            "operator": self.operator,
+            "damping": {k: float(v) for k, v in self.damping.items()},
+            "layers": list(self.layers),
+            "scaling": self.scaling,
+            "sigma": self.sigma,
+            "rows": list(self.rows),
+            "domains": list(self.domains),
+            "domain_sizes": [float(x) for x in self.domain_sizes],
+            "matrix": [[float(x) for x in r] for r in self.matrix],
+        }
+
+
+def compute_alpha(
+    reference: GroupGradients,
+    domains: GroupGradients,
+    inverse: InverseOperator,
+    *,
+    layers: Sequence[str],
+    scaling: str = "paper",
+    domain_sizes: Sequence[float] | None = None,
+    sigma: float | None = None,
+) -> InfluenceResult:
+    """α for rows ("all", *reference.names) × columns domains.names (Lemma 1)."""
+    if scaling not in SCALINGS:
+        raise InputError(
+            f"unknown scaling {scaling!r}; one of {SCALINGS}", field="influence.scaling"
+        )
+    sizes = np.asarray(domains.weights if domain_sizes is None else domain_sizes, np.float64)
+    if sizes.shape != (len(domains.names),) or np.any(sizes <= 0):
+        raise InputError(
+            f"domain_sizes must be {len(domains.names)} positive numbers",
+            field="influence.domain_sizes",
+        )
+    ref_rows = [("all", reference.overall)]
+    if len(reference.names) > 1 or reference.names[0] != "all":
+        ref_rows += [(n, reference.row(g)) for g, n in enumerate(reference.names)]
+    domain_grads = [domains.row(j) for j in range(len(domains.names))]
+    if scaling == "exact":
+        frac = sizes / sizes.sum()
+        g_tr = jax.tree.map(
+            lambda x: jnp.tensordot(jnp.asarray(frac, jnp.float32), x, axes=1), domains.grads
+        )
+        domain_grads = [jax.tree.map(jnp.subtract, g, g_tr) for g in domain_grads]
+        factor = frac
+    else:
+        factor = np.ones_like(sizes)
+    matrix = np.zeros((len(ref_rows), len(domain_grads)))
+    for r, (_, g_ref) in enumerate(ref_rows):
+        v = inverse(g_ref)  # one inverse product per reference row
+        dots = np.asarray([float(tree_dot(v, g)) for g in domain_grads])
+        matrix[r] = -factor * dots
+    if not np.all(np.isfinite(matrix)):
+        raise InputError(
+            "influence α is not finite (check damping and the curvature state)",
+            field="curvature.damping",
+        )
+    return InfluenceResult(
+        matrix=matrix,
+        rows=tuple(n for n, _ in ref_rows),
+        domains=tuple(domains.names),
+        operator=inverse.name,
+        damping=dict(inverse.damping),
+        layers=tuple(layers),
+        scaling=scaling,
+        sigma=sigma,
+        domain_sizes=tuple(sizes),
+    )

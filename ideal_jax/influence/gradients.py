@@ -1,0 +1,119 @@
+"""Mean loss gradients of the selected layers: reference set (whole + per capability), domains.
+
+Every gradient is a token-weighted mean, ∇L̄_g = Σ_{t∈g} w_t ∇ℓ_t / Σ_{t∈g} w_t, over the tokens
+whose group id (batch[group_key], e.g. `domain_ids`: capability index for the reference set, domain
+index for training data; −1 for padding) is g. One streamed pass computes all groups at once: a
+jitted step adds Σ_t [id_t = g] w_t ∇ℓ_t for every g (vmapped over groups) into an on-device
+accumulator; the only host work in the loop is fetching the next batch.
+
+σ-subsampling (METHOD §1.2, cost saving): `sigma_subsample` picks a random σ fraction of each
+domain's examples (seeded) — the caller batches those examples for the gradient and factor passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ideal_jax.curvature import layers as layers_lib
+from ideal_jax.curvature.kfac import Batch, CurvatureProblem, Params, weighted_loss_sum
+from ideal_jax.utils.errors import InputError
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupGradients:
+    """Mean gradients per group (leading [G] axis on every leaf) and the group token weights."""
+
+    names: tuple[str, ...]
+    grads: dict  # {path: {kernel: [G, D_in, D_out], ...}}
+    weights: np.ndarray  # [G] Σ w per group
+    overall: dict  # token-weighted mean over all groups (e.g. the whole reference set)
+    overall_weight: float
+
+    def row(self, g: int) -> dict:
+        return jax.tree.map(lambda x: x[g], self.grads)
+
+
+def _group_step(
+    problem: CurvatureProblem,
+    num_groups: int,
+    group_key: str,
+    acc: dict,
+    acc_w: jax.Array,
+    params: Params,
+    batch: Batch,
+):
+    selected, rest = layers_lib.split_params(params, problem.layers)
+    ids = batch[group_key]
+
+    def group_sum(g):
+        masked = {**batch, "weights": batch["weights"] * (ids == g).astype(jnp.float32)}
+        fn = lambda s: weighted_loss_sum(problem, layers_lib.merge_params(s, rest), masked)
+        grad, w = jax.grad(fn, has_aux=True)(selected)
+        return grad, w
+
+    grads, ws = jax.vmap(group_sum)(jnp.arange(num_groups))
+    return jax.tree.map(jnp.add, acc, grads), acc_w + ws
+
+
+def group_mean_gradients(
+    problem: CurvatureProblem,
+    params: Params,
+    batches: Iterable[Batch],
+    names: Sequence[str],
+    *,
+    group_key: str = "domain_ids",
+    what: str = "data",
+) -> GroupGradients:
+    """Token-weighted mean gradient of each group in one streamed pass over `batches`.
+
+    Raises InputError if a group (or everything) has no response tokens.
+    """
+    names = tuple(names)
+    selected, _ = layers_lib.split_params(params, problem.layers)
+    acc = jax.tree.map(lambda x: jnp.zeros((len(names), *x.shape), jnp.float32), selected)
+    acc_w = jnp.zeros((len(names),), jnp.float32)
+    step = jax.jit(lambda a, w, p, b: _group_step(problem, len(names), group_key, a, w, p, b))
+    for batch in batches:
+        acc, acc_w = step(acc, acc_w, params, batch)
+    weights = np.asarray(acc_w, np.float64)
+    empty = [n for n, w in zip(names, weights) if w <= 0]
+    if empty:
+        raise InputError(
+            f"{what}: groups {empty} have no response tokens (weights all 0)", field=group_key
+        )
+    total = float(weights.sum())
+    grads = jax.tree.map(
+        lambda x: x / jnp.asarray(weights, jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1)), acc
+    )
+    overall = jax.tree.map(lambda x: jnp.sum(x, axis=0) / total, acc)
+    return GroupGradients(names, grads, weights, overall, total)
+
+
+def mean_gradient(
+    problem: CurvatureProblem, params: Params, batches: Iterable[Batch], what: str = "data"
+) -> tuple[dict, float]:
+    """Token-weighted mean gradient over all response tokens of `batches` (one group)."""
+    batches = ({**b, "_all": jnp.zeros_like(b["weights"], jnp.int32)} for b in batches)
+    out = group_mean_gradients(problem, params, batches, ("all",), group_key="_all", what=what)
+    return out.overall, out.overall_weight
+
+
+def sigma_subsample(
+    example_domains: Sequence[int], sigma: float = 0.5, seed: int = 0
+) -> np.ndarray:
+    """Sorted indices of a random σ fraction (≥ 1) of each domain's examples (METHOD §1.2)."""
+    if not 0 < sigma <= 1:
+        raise InputError(f"sigma must be in (0, 1], got {sigma}", field="influence.sigma")
+    domains_n = np.asarray(example_domains)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for d in np.unique(domains_n):
+        idx = np.flatnonzero(domains_n == d)
+        k = max(1, int(round(sigma * len(idx))))
+        keep.append(rng.choice(idx, size=k, replace=False))
+    return np.sort(np.concatenate(keep)) if keep else np.zeros((0,), np.int64)
