@@ -10,7 +10,7 @@ def get_config(arg: str | None = None):
     cfg = common.base_config()
     cfg.rounds = 1
     cfg.data.demo = True
-    cfg.data.demo_train_sizes = dict(arithmetic=40, reverse=120, sort=60, lookup=80)
+    cfg.data.demo_train_sizes = dict(arithmetic=40, reverse=120, sort=60, lookup=80, uppercase=60)
     cfg.data.demo_n_test = 8
     cfg.data.demo_n_ref = 8
     cfg.data.max_len = 64

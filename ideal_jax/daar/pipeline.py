@@ -1,0 +1,459 @@
+"""DaaR end to end (METHOD.md §2): generate → centroids → pseudo-labels → probes → scores → select.
+
+`run_daar` runs the stages in order; each writes its output under `workdir` atomically and is
+skipped when that output already exists, so an interrupted run resumes where it stopped. The
+workdir remembers the config and a fingerprint of the pool / probe ids it was made with and refuses
+to resume with different ones.
+
+Workdir layout:
+  config.json                 the DaarConfig + pool/probe fingerprints
+  generation.json        "generate": accepted pairs and per-domain generation stats
+  centroids.npz          "centroids": centroids_kd
+  pseudo_labels.npz      "pseudo_labels": probe-set k-means labels, centres, convergence info
+  probe_domain.npz, probe_diversity.npz, probe_stats.json    "probes"
+  scores.npz             "scores": ψ_div score, ψ_dom entropy and argmax per pool example
+  selection/manifest.json, selection/selected.jsonl          "select"
+
+Config fields read from cfg.daar (see `DaarConfig` for the defaults and meaning of each):
+  domains: list of {name, description, tau (None: 0.9 if "math" in the name else 0.85)}
+  seeds_per_domain, target_per_domain, min_per_domain, max_attempts_per_domain, counter_examples,
+  seed_temperature, augment_temperature, top_p, max_new_tokens,
+  centroid_source ("input" | "hidden"), centroid_layer, feature_layer, max_len, embed_batch_size,
+  kmeans_metric, kmeans_max_iters,
+  probe_lr, probe_epochs, probe_batch_size, probe_hidden (None: the paper's 2d, d, d/2, 256),
+  probe_val_fraction, select_fraction, customized_target (None or a domain name),
+  customized_fractions (target, other), seed.
+
+`pseudo_domains` labels any examples with the trained ψ_dom, so IDEAL can run on an unlabeled pool
+with DaaR's pseudo-domains as its domains (`relabel` groups examples by them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from jax.sharding import Mesh
+
+from ideal_jax.daar import centroids as cen
+from ideal_jax.daar import generation as gen
+from ideal_jax.daar import kmeans as km
+from ideal_jax.daar import probes as pr
+from ideal_jax.daar import selection as sel
+from ideal_jax.data.records import Example
+from ideal_jax.model.config import ModelConfig
+from ideal_jax.model.transformer import Params
+from ideal_jax.utils.errors import InputError
+
+STAGES = ("generate", "centroids", "pseudo_labels", "probes", "scores", "select")
+
+
+@dataclasses.dataclass(frozen=True)
+class DomainSpec:
+    name: str
+    description: str  # one sentence, shown to the generator
+    tau: float  # similarity threshold for accepting a generated pair
+
+
+@dataclasses.dataclass(frozen=True)
+class DaarConfig:
+    """cfg.daar as a typed, validated value. Defaults suit the CPU demo; paper values noted."""
+
+    domains: tuple[DomainSpec, ...]
+    seeds_per_domain: int = 5
+    target_per_domain: int = 10  # paper: 10-30
+    min_per_domain: int = 3  # fewer accepted pairs when the budget is spent: InputError
+    max_attempts_per_domain: int = 100  # every generation counts, parseable or not
+    counter_examples: int = 3
+    seed_temperature: float = 0.9
+    augment_temperature: float = 0.95
+    top_p: float = 0.95
+    max_new_tokens: int = 256
+    centroid_source: str = "input"  # paper: input embeddings
+    centroid_layer: int = 0  # for centroid_source="hidden"
+    feature_layer: int = 3  # probe features: hidden state after this many layers (paper: 3)
+    max_len: int = 256  # tokens embedded per text
+    embed_batch_size: int = 64
+    kmeans_metric: str = "cosine"
+    kmeans_max_iters: int = 100
+    probe_lr: float = 1e-3  # paper: 1e-5 with batch 1
+    probe_epochs: int = 20  # paper: 1
+    probe_batch_size: int = 32  # paper: 1
+    probe_hidden: tuple[int, ...] | None = None
+    probe_val_fraction: float = 0.1
+    select_fraction: float = 0.2
+    customized_target: str | None = None
+    customized_fractions: tuple[float, float] = (0.5, 0.1)
+    seed: int = 0
+
+    @property
+    def domain_names(self) -> list[str]:
+        return [d.name for d in self.domains]
+
+    @classmethod
+    def from_config(cls, section: Any) -> DaarConfig:
+        """From an ml_collections section or a dict; bad values raise InputError (named field)."""
+        values = dict(section.to_dict() if hasattr(section, "to_dict") else section)
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in values.items() if k in known}
+        raw_domains = values.pop("domains", None)
+        if not raw_domains:
+            raise InputError("at least one domain {name, description} is required", field="daar")
+        domains = []
+        for i, d in enumerate(raw_domains):
+            d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+            name, description = d.get("name"), d.get("description")
+            if not isinstance(name, str) or not name or not isinstance(description, str):
+                raise InputError(
+                    f"domain {i} needs a non-empty 'name' and a 'description'",
+                    field=f"daar.domains[{i}]",
+                )
+            tau = d.get("tau")
+            tau = (0.9 if "math" in name.lower() else 0.85) if tau is None else float(tau)
+            if not 0.0 < tau <= 1.0:
+                raise InputError(f"tau must be in (0, 1], got {tau}", field=f"daar.domains[{i}]")
+            domains.append(DomainSpec(name, description, tau))
+        if len({d.name for d in domains}) != len(domains):
+            raise InputError("domain names must be unique", field="daar.domains")
+        for key in ("probe_hidden", "customized_fractions"):
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
+        cfg = cls(domains=tuple(domains), **values)
+        if cfg.customized_target is not None and cfg.customized_target not in cfg.domain_names:
+            raise InputError(
+                f"customized_target {cfg.customized_target!r} is not one of {cfg.domain_names}",
+                field="daar.customized_target",
+            )
+        if not 0.0 < cfg.select_fraction <= 1.0:
+            raise InputError("must be in (0, 1]", field="daar.select_fraction")
+        if not 1 <= cfg.min_per_domain <= cfg.target_per_domain:
+            raise InputError(
+                "need 1 <= min_per_domain <= target_per_domain", field="daar.min_per_domain"
+            )
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+@dataclasses.dataclass
+class DaarResult:
+    domain_names: list[str]
+    centroids_kd: np.ndarray
+    generation_stats: dict[str, dict[str, Any]]
+    probe_labels_n: np.ndarray  # k-means pseudo-label per probe example
+    probe_stats: dict[str, dict[str, Any]]  # {"domain": ..., "diversity": ..., "kmeans": ...}
+    pool_scores_n: np.ndarray  # ψ_div prediction per pool example
+    pool_entropy_n: np.ndarray  # H(x) from ψ_dom per pool example
+    pool_labels_n: np.ndarray  # argmax ψ_dom per pool example
+    selected_n: np.ndarray  # selected pool indices
+    manifest_path: str
+    selected_path: str
+    stages_run: list[str]  # stages computed in this call (the others were loaded)
+
+    @property
+    def pool_domains(self) -> list[str]:
+        """The pseudo-domain name of every pool example."""
+        return [self.domain_names[int(k)] for k in self.pool_labels_n]
+
+
+def _fingerprint(examples: Sequence[Example]) -> str:
+    return hashlib.sha256("\n".join(ex.id for ex in examples).encode()).hexdigest()[:16]
+
+
+def _save_npz(path: str, **arrays: np.ndarray) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def _save_json(path: str, value: Any) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _load_json(path: str) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _check_workdir(
+    workdir: str, cfg: DaarConfig, pool: Sequence[Example], probe: Sequence[Example]
+):
+    os.makedirs(workdir, exist_ok=True)
+    identity = {"daar": cfg.to_dict(), "pool": _fingerprint(pool), "probe": _fingerprint(probe)}
+    path = os.path.join(workdir, "config.json")
+    if os.path.exists(path):
+        if _load_json(path) != identity:
+            raise InputError(
+                "this DaaR workdir was made with a different config or pool/probe set; "
+                "use a new workdir (or delete it) to start over",
+                path=path,
+            )
+    else:
+        _save_json(path, identity)
+
+
+class _Embedder:
+    """Embeds examples / texts with the base model, as configured."""
+
+    def __init__(self, cfg, model_cfg, params, tokenizer, mesh):
+        self.cfg, self.model_cfg, self.params, self.tokenizer, self.mesh = (
+            cfg,
+            model_cfg,
+            params,
+            tokenizer,
+            mesh,
+        )
+
+    def texts(self, texts: Sequence[str], source: str, layer: int) -> np.ndarray:
+        return cen.embed_texts(
+            self.model_cfg,
+            self.params,
+            self.tokenizer,
+            texts,
+            source=source,
+            layer=layer,
+            max_len=self.cfg.max_len,
+            batch_size=self.cfg.embed_batch_size,
+            mesh=self.mesh,
+        )
+
+    def centroid_space(self, texts: Sequence[str]) -> np.ndarray:
+        return self.texts(texts, self.cfg.centroid_source, self.cfg.centroid_layer)
+
+    def features(self, examples: Sequence[Example]) -> np.ndarray:
+        return self.texts(
+            [cen.example_text(ex) for ex in examples], "hidden", self.cfg.feature_layer
+        )
+
+
+def run_daar(
+    daar_cfg: DaarConfig | Any,
+    model_cfg: ModelConfig,
+    params: Params,
+    tokenizer: Any,
+    pool_examples: Sequence[Example],
+    probe_examples: Sequence[Example],
+    workdir: str | os.PathLike,
+    generator: gen.Generator | None = None,
+    mesh: Mesh | None = None,
+) -> DaarResult:
+    """Runs (or resumes) DaaR and returns the selection; `daar_cfg` may be the raw cfg.daar."""
+    cfg = daar_cfg if isinstance(daar_cfg, DaarConfig) else DaarConfig.from_config(daar_cfg)
+    if not 1 <= cfg.feature_layer <= model_cfg.num_layers:
+        raise InputError(
+            f"feature_layer={cfg.feature_layer} but the model has {model_cfg.num_layers} layers",
+            field="daar.feature_layer",
+        )
+    if not pool_examples:
+        raise InputError("the DaaR pool is empty", field="daar.pool")
+    workdir = os.fspath(workdir)
+    _check_workdir(workdir, cfg, pool_examples, probe_examples)
+    path = lambda name: os.path.join(workdir, name)
+    emb = _Embedder(cfg, model_cfg, params, tokenizer, mesh)
+    names, k = cfg.domain_names, len(cfg.domains)
+    run: list[str] = []
+
+    km.check_enough_rows(len(probe_examples), k)  # fail before spending the generation budget
+
+    # 1. Model-aware synthetic pairs per domain.
+    if not os.path.exists(path("generation.json")):
+        generator = generator or gen.ModelGenerator(model_cfg, params, tokenizer)
+        pairs, _, stats = gen.generate_all_domains(
+            generator,
+            emb.centroid_space,
+            [dataclasses.asdict(d) for d in cfg.domains],
+            seeds=cfg.seeds_per_domain,
+            target=cfg.target_per_domain,
+            min_accepted=cfg.min_per_domain,
+            max_attempts=cfg.max_attempts_per_domain,
+            counter_examples=cfg.counter_examples,
+            seed_temperature=cfg.seed_temperature,
+            augment_temperature=cfg.augment_temperature,
+            top_p=cfg.top_p,
+            max_new_tokens=cfg.max_new_tokens,
+            seed=cfg.seed,
+        )
+        _save_json(
+            path("generation.json"),
+            {
+                "pairs": {
+                    d: [{"instruction": i, "response": r} for i, r in ps] for d, ps in pairs.items()
+                },
+                "stats": {d: s.to_dict() for d, s in stats.items()},
+            },
+        )
+        run.append("generate")
+    generated = _load_json(path("generation.json"))
+
+    # 2. Centroids: mean centroid-space embedding of each domain's accepted pairs.
+    if not os.path.exists(path("centroids.npz")):
+        per_domain = [
+            emb.centroid_space(
+                [cen.pair_text(p["instruction"], p["response"]) for p in generated["pairs"][d]]
+            )
+            for d in names
+        ]
+        _save_npz(path("centroids.npz"), centroids_kd=cen.domain_centroids(per_domain))
+        run.append("centroids")
+    centroids_kd = np.load(path("centroids.npz"))["centroids_kd"]
+
+    # 3. Pseudo-labels: k-means on the probe set, initialized at the centroids.
+    if not os.path.exists(path("pseudo_labels.npz")):
+        probe_emb_nd = emb.centroid_space([cen.example_text(ex) for ex in probe_examples])
+        result = km.kmeans(
+            probe_emb_nd,
+            centroids_kd,
+            metric=cfg.kmeans_metric,
+            max_iters=cfg.kmeans_max_iters,
+            mesh=mesh,
+        )
+        _save_npz(
+            path("pseudo_labels.npz"),
+            labels_n=result.labels_n,
+            centers_kd=result.centers_kd,
+            info=np.array(
+                json.dumps(
+                    {
+                        "iterations": result.iterations,
+                        "converged": result.converged,
+                        "inertia": result.inertia,
+                    }
+                )
+            ),
+        )
+        run.append("pseudo_labels")
+    pseudo = np.load(path("pseudo_labels.npz"))
+    probe_labels_n = pseudo["labels_n"]
+
+    # 4. ψ_dom on the pseudo-labels, then ψ_div on ψ_dom's entropy.
+    if not os.path.exists(path("probe_stats.json")):
+        probe_feat_nd = emb.features(probe_examples)
+        common = dict(
+            hidden=cfg.probe_hidden,
+            lr=cfg.probe_lr,
+            epochs=cfg.probe_epochs,
+            batch_size=cfg.probe_batch_size,
+            val_fraction=cfg.probe_val_fraction,
+            seed=cfg.seed,
+            mesh=mesh,
+        )
+        dom, dom_stats = pr.train_probe(
+            probe_feat_nd, probe_labels_n, kind="classify", out=k, **common
+        )
+        entropy_n = pr.entropy(pr.predict(dom, probe_feat_nd))
+        div, div_stats = pr.train_probe(probe_feat_nd, entropy_n, kind="regress", out=1, **common)
+        _save_npz(path("probe_domain.npz"), **pr.probe_to_arrays(dom))
+        _save_npz(path("probe_diversity.npz"), **pr.probe_to_arrays(div))
+        kmeans_info = json.loads(str(pseudo["info"]))
+        _save_json(
+            path("probe_stats.json"),
+            {
+                "domain": dom_stats.to_dict(),
+                "diversity": div_stats.to_dict(),
+                "kmeans": kmeans_info,
+            },
+        )
+        run.append("probes")
+    probe_stats = _load_json(path("probe_stats.json"))
+
+    # 5. Score the pool.
+    if not os.path.exists(path("scores.npz")):
+        dom = pr.probe_from_arrays(dict(np.load(path("probe_domain.npz"))))
+        div = pr.probe_from_arrays(dict(np.load(path("probe_diversity.npz"))))
+        pool_feat_nd = emb.features(pool_examples)
+        logits_nk = pr.predict(dom, pool_feat_nd)
+        _save_npz(
+            path("scores.npz"),
+            scores_n=pr.predict(div, pool_feat_nd)[:, 0],
+            entropy_n=pr.entropy(logits_nk),
+            labels_n=logits_nk.argmax(-1).astype(np.int32),
+        )
+        run.append("scores")
+    scores = np.load(path("scores.npz"))
+    scores_n, labels_n = scores["scores_n"], scores["labels_n"]
+
+    # 6. Select and write the manifest + records.
+    sel_dir = path("selection")
+    manifest_path = os.path.join(sel_dir, "manifest.json")
+    if not os.path.exists(manifest_path):
+        if cfg.customized_target is None:
+            selected_n = sel.select_top_fraction(scores_n, cfg.select_fraction)
+            method, fractions = "top_fraction", {"all": cfg.select_fraction}
+        else:
+            target_fraction, other_fraction = cfg.customized_fractions
+            selected_n = sel.select_customized(
+                scores_n,
+                labels_n,
+                names.index(cfg.customized_target),
+                target_fraction=target_fraction,
+                other_fraction=other_fraction,
+            )
+            method = "customized"
+            fractions = {cfg.customized_target: target_fraction, "other": other_fraction}
+        sel.write_selection(
+            sel_dir,
+            pool_examples,
+            selected_n,
+            scores_n,
+            labels_n,
+            names,
+            method=method,
+            fractions=fractions,
+            seed=cfg.seed,
+        )
+        run.append("select")
+    manifest = _load_json(manifest_path)
+    index_of = {ex.id: i for i, ex in enumerate(pool_examples)}
+    selected_n = np.array([index_of[s["id"]] for s in manifest["selected"]], np.int64)
+
+    return DaarResult(
+        domain_names=names,
+        centroids_kd=centroids_kd,
+        generation_stats=generated["stats"],
+        probe_labels_n=probe_labels_n,
+        probe_stats=probe_stats,
+        pool_scores_n=scores_n,
+        pool_entropy_n=scores["entropy_n"],
+        pool_labels_n=labels_n,
+        selected_n=selected_n,
+        manifest_path=manifest_path,
+        selected_path=os.path.join(sel_dir, "selected.jsonl"),
+        stages_run=run,
+    )
+
+
+def pseudo_domains(
+    daar_cfg: DaarConfig | Any,
+    model_cfg: ModelConfig,
+    params: Params,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    workdir: str | os.PathLike,
+    mesh: Mesh | None = None,
+) -> list[str]:
+    """The pseudo-domain name (argmax ψ_dom) of each example, from a finished `run_daar` workdir."""
+    cfg = daar_cfg if isinstance(daar_cfg, DaarConfig) else DaarConfig.from_config(daar_cfg)
+    probe_path = os.path.join(os.fspath(workdir), "probe_domain.npz")
+    if not os.path.exists(probe_path):
+        raise InputError("no trained domain probe: run run_daar first", path=probe_path)
+    dom = pr.probe_from_arrays(dict(np.load(probe_path)))
+    feats_nd = _Embedder(cfg, model_cfg, params, tokenizer, mesh).features(examples)
+    return [cfg.domain_names[int(k)] for k in pr.predict(dom, feats_nd).argmax(-1)]
+
+
+def relabel(examples: Sequence[Example], domains: Sequence[str]) -> dict[str, list[Example]]:
+    """Groups examples by pseudo-domain (their domain field replaced), e.g. as IDEAL's domains."""
+    grouped: dict[str, list[Example]] = {}
+    for ex, d in zip(examples, domains, strict=True):
+        grouped.setdefault(d, []).append(dataclasses.replace(ex, domain=d))
+    return grouped

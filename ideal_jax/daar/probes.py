@@ -1,0 +1,249 @@
+"""DaaR's probes (METHOD.md §2.3-2.4): a domain classifier ψ_dom and a diversity regressor ψ_div.
+
+Both read f(x), the padding-masked token-mean of the frozen base model's hidden state after the
+first `feature_layer` decoder layers (`ideal_jax.daar.centroids.embed_*` with source="hidden"),
+through an MLP d -> 2d -> d -> d/2 -> 256 -> out with ReLU:
+  ψ_dom: out = K, cross-entropy on the k-means pseudo-labels;
+  ψ_div: out = 1, MSE on H(x), the entropy of softmax(ψ_dom(f(x))).
+
+A probe is a pure dict {"mean": [D], "std": [D], "mlp": [{"w", "b"}, ...]}. Features are
+standardized with the training split's statistics first: raw hidden states of an LM have a tiny
+overall scale (random init) or a few huge-magnitude dimensions (trained models), either of which
+stalls Adam at the small learning rates the paper used.
+
+The public code trained with batch 1, Adam 1e-5, 1 epoch; here lr / epochs / batch size are
+arguments (cfg.daar.probe_*). Steps are jitted; batches are sharded over the mesh's batch axes, the
+last partial batch padded with weight-0 rows so every step has the same shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from ideal_jax import sharding
+
+Probe = dict[str, Any]
+KINDS = ("classify", "regress")
+
+
+def paper_hidden(d: int) -> list[int]:
+    """The hidden widths of the paper's probe MLP for feature dimension d: 2d, d, d/2, 256."""
+    return [2 * d, d, max(d // 2, 1), 256]
+
+
+def init_probe(seed: int, d: int, out: int, hidden: Sequence[int] | None = None) -> Probe:
+    """He-initialized MLP (ReLU) with zero biases; identity standardization until fitted.
+
+    Drawn with numpy: eager jax initializers would compile one tiny program per layer shape.
+    """
+    dims = [d, *(paper_hidden(d) if not hidden else hidden), out]
+    rng = np.random.default_rng(seed)
+    layers = [
+        {
+            "w": (rng.standard_normal((d_in, d_out)) * np.sqrt(2.0 / d_in)).astype(np.float32),
+            "b": np.zeros((d_out,), np.float32),
+        }
+        for d_in, d_out in zip(dims[:-1], dims[1:])
+    ]
+    return {"mean": np.zeros((d,), np.float32), "std": np.ones((d,), np.float32), "mlp": layers}
+
+
+def apply_mlp(mlp: list[dict[str, jax.Array]], x_nd: jax.Array) -> jax.Array:
+    """[N, out] outputs of the MLP on already-standardized features."""
+    for i, layer in enumerate(mlp):
+        x_nd = x_nd @ layer["w"] + layer["b"]
+        if i < len(mlp) - 1:
+            x_nd = jax.nn.relu(x_nd)
+    return x_nd
+
+
+@jax.jit
+def apply_probe(probe: Probe, features_nd: jax.Array) -> jax.Array:
+    """[N, out] raw outputs (logits for ψ_dom, [N, 1] predicted entropy for ψ_div)."""
+    return apply_mlp(probe["mlp"], (features_nd - probe["mean"]) / probe["std"])
+
+
+def log_softmax(logits_nc: np.ndarray) -> np.ndarray:
+    z_nc = np.asarray(logits_nc, np.float64)
+    z_nc = z_nc - z_nc.max(axis=-1, keepdims=True)
+    return z_nc - np.log(np.exp(z_nc).sum(axis=-1, keepdims=True))
+
+
+def entropy(logits_nc: np.ndarray) -> np.ndarray:
+    """[N] entropy (nats) of softmax(logits): DaaR's diversity reward H(x)."""
+    logp_nc = log_softmax(logits_nc)
+    return (-np.sum(np.exp(logp_nc) * logp_nc, axis=-1)).astype(np.float32)
+
+
+def predict(probe: Probe, features_nd: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """[N, out] probe outputs, computed in fixed-size chunks (one compilation per probe shape)."""
+    features_nd = np.asarray(features_nd, np.float32)
+    n, d = features_nd.shape
+    outs = []
+    for start in range(0, n, batch_size):
+        chunk = features_nd[start : start + batch_size]
+        padded = np.zeros((batch_size, d), np.float32)
+        padded[: len(chunk)] = chunk
+        outs.append(np.asarray(apply_probe(probe, padded))[: len(chunk)])
+    out_dim = probe["mlp"][-1]["b"].shape[0]
+    return np.concatenate(outs) if outs else np.zeros((0, out_dim), np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeStats:
+    kind: str
+    n_train: int
+    n_val: int
+    steps: int
+    final_train_loss: float
+    val_loss: float
+    val_accuracy: float | None  # classify only
+    val_correlation: float | None  # regress only: Pearson r between prediction and target
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _loss(mlp, x_bd, y_b1, w_b1, kind: str) -> jax.Array:
+    out_bo = apply_mlp(mlp, x_bd)
+    if kind == "classify":
+        per_row_b = optax.softmax_cross_entropy_with_integer_labels(out_bo, y_b1[:, 0])
+    else:
+        per_row_b = jnp.square(out_bo[:, 0] - y_b1[:, 0])
+    w_b = w_b1[:, 0]
+    return jnp.sum(per_row_b * w_b) / jnp.maximum(jnp.sum(w_b), 1.0)
+
+
+# Adam without its learning rate: the rate is a traced argument of the step, so one compiled step
+# serves every learning rate (and both probes of a kind share it).
+_ADAM = optax.scale_by_adam()
+
+
+@functools.partial(jax.jit, static_argnames=("kind",))
+def _train_step(mlp, opt_state, x_bd, y_b1, w_b1, lr, *, kind: str):
+    loss, grads = jax.value_and_grad(_loss)(mlp, x_bd, y_b1, w_b1, kind)
+    updates, opt_state = _ADAM.update(grads, opt_state, mlp)
+    updates = jax.tree.map(lambda u: -lr * u, updates)
+    return optax.apply_updates(mlp, updates), opt_state, loss
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic (train, val) index split; val is empty when val_fraction == 0."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(n * val_fraction)) if val_fraction > 0 else 0
+    n_val = min(max(n_val, 1 if val_fraction > 0 and n > 1 else 0), n - 1)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def train_probe(
+    features_nd: np.ndarray,
+    targets_n: np.ndarray,
+    *,
+    kind: str,
+    out: int,
+    hidden: Sequence[int] | None = None,
+    lr: float = 1e-3,
+    epochs: int = 20,
+    batch_size: int = 32,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    mesh: Mesh | None = None,
+) -> tuple[Probe, ProbeStats]:
+    """Fits a probe with Adam; `targets_n` are int labels (classify) or float targets (regress)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    features_nd = np.asarray(features_nd, np.float32)
+    n, d = features_nd.shape
+    train_idx, val_idx = split_indices(n, val_fraction, seed)
+    x_train = features_nd[train_idx]
+    mean_d = x_train.mean(axis=0)
+    std_d = np.maximum(x_train.std(axis=0), 1e-6)
+    probe = init_probe(seed, d, out, hidden)
+    probe["mean"], probe["std"] = mean_d.astype(np.float32), std_d.astype(np.float32)
+    y_dtype = np.int32 if kind == "classify" else np.float32
+    x_std = (features_nd - mean_d) / std_d
+    y_n = np.asarray(targets_n).astype(y_dtype)
+
+    divisor = sharding.batch_divisor(mesh) if mesh is not None else 1
+    rows = -(-max(1, min(batch_size, len(train_idx))) // divisor) * divisor
+    mlp = jax.device_put(probe["mlp"], sharding.replicated(mesh) if mesh is not None else None)
+    opt_state = _ADAM.init(mlp)
+    lr_dev = jnp.float32(lr)
+    rng = np.random.default_rng(seed + 1)
+    steps, loss = 0, jnp.float32(np.nan)
+    for _ in range(epochs):
+        order = train_idx[rng.permutation(len(train_idx))]
+        for start in range(0, len(order), rows):
+            idx = order[start : start + rows]
+            batch = {
+                "x": np.zeros((rows, d), np.float32),
+                "y": np.zeros((rows, 1), y_dtype),
+                "w": np.zeros((rows, 1), np.float32),
+            }
+            batch["x"][: len(idx)] = x_std[idx]
+            batch["y"][: len(idx), 0] = y_n[idx]
+            batch["w"][: len(idx)] = 1.0
+            if mesh is not None:
+                batch = sharding.shard_batch(batch, mesh)
+            mlp, opt_state, loss = _train_step(
+                mlp, opt_state, batch["x"], batch["y"], batch["w"], lr_dev, kind=kind
+            )
+            steps += 1
+    probe["mlp"] = jax.tree.map(np.asarray, jax.device_get(mlp))
+    stats = _evaluate(probe, features_nd[val_idx], y_n[val_idx], kind)
+    return probe, ProbeStats(
+        kind=kind,
+        n_train=len(train_idx),
+        n_val=len(val_idx),
+        steps=steps,
+        final_train_loss=float(loss),
+        **stats,
+    )
+
+
+def _evaluate(probe: Probe, x_nd: np.ndarray, y_n: np.ndarray, kind: str) -> dict[str, Any]:
+    if len(x_nd) == 0:
+        return {"val_loss": float("nan"), "val_accuracy": None, "val_correlation": None}
+    out_no = predict(probe, x_nd)
+    if kind == "classify":
+        logp_nc = log_softmax(out_no)
+        loss = float(-np.mean(logp_nc[np.arange(len(y_n)), y_n]))
+        acc = float(np.mean(out_no.argmax(-1) == y_n))
+        return {"val_loss": loss, "val_accuracy": acc, "val_correlation": None}
+    pred_n = out_no[:, 0]
+    corr = float(np.corrcoef(pred_n, y_n)[0, 1]) if len(y_n) > 1 and np.std(y_n) > 0 else None
+    return {
+        "val_loss": float(np.mean((pred_n - y_n) ** 2)),
+        "val_accuracy": None,
+        "val_correlation": corr,
+    }
+
+
+def probe_to_arrays(probe: Probe) -> dict[str, np.ndarray]:
+    """Flat {name: array} (for np.savez); inverse of `probe_from_arrays`."""
+    flat = {"mean": np.asarray(probe["mean"]), "std": np.asarray(probe["std"])}
+    for i, layer in enumerate(probe["mlp"]):
+        flat[f"mlp_{i}_w"] = np.asarray(layer["w"])
+        flat[f"mlp_{i}_b"] = np.asarray(layer["b"])
+    return flat
+
+
+def probe_from_arrays(flat: dict[str, np.ndarray]) -> Probe:
+    n_layers = sum(1 for key in flat if key.startswith("mlp_") and key.endswith("_w"))
+    return {
+        "mean": np.asarray(flat["mean"]),
+        "std": np.asarray(flat["std"]),
+        "mlp": [
+            {"w": np.asarray(flat[f"mlp_{i}_w"]), "b": np.asarray(flat[f"mlp_{i}_b"])}
+            for i in range(n_layers)
+        ],
+    }

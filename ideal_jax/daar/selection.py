@@ -1,0 +1,153 @@
+"""DaaR selection (METHOD.md §2.5): keep the pool examples with the highest predicted diversity.
+
+`select_top_fraction`: the top `fraction` (default 20%) of the pool by ψ_div score.
+`select_customized`: per pseudo-domain, the top `target_fraction` (50%) of a target domain and the
+top `other_fraction` (10%) of every other domain, for a user who wants one capability emphasized.
+Ties are broken by pool index, so a selection is a pure function of (scores, labels, fractions).
+
+`write_selection` writes a JSON manifest (method, fractions, counts per pseudo-domain, seed,
+selected ids with scores) and the selected records as chat-form JSONL that `ideal_jax.data.records`
+reads back (`domain` = the pseudo-domain, `source_domain` = the label the record came with), both
+written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ideal_jax.data.records import Example
+from ideal_jax.utils.errors import InputError
+
+
+def _top(indices_n: np.ndarray, scores_n: np.ndarray, count: int) -> np.ndarray:
+    # lexsort: primary key -score (descending), secondary key the pool index (ascending).
+    order = np.lexsort((indices_n, -scores_n[indices_n]))
+    return indices_n[order[:count]]
+
+
+def _count(n: int, fraction: float) -> int:
+    """How many of n to keep: round half up, at least one of a non-empty group."""
+    if not 0.0 < fraction <= 1.0:
+        raise InputError(f"selection fraction must be in (0, 1], got {fraction}", field="daar")
+    return min(n, max(1, math.floor(n * fraction + 0.5))) if n else 0
+
+
+def select_top_fraction(scores_n: np.ndarray, fraction: float = 0.2) -> np.ndarray:
+    """Pool indices of the top `fraction` by score, best first."""
+    scores_n = np.asarray(scores_n, np.float64)
+    return _top(np.arange(len(scores_n)), scores_n, _count(len(scores_n), fraction))
+
+
+def select_customized(
+    scores_n: np.ndarray,
+    labels_n: np.ndarray,
+    target: int,
+    *,
+    target_fraction: float = 0.5,
+    other_fraction: float = 0.1,
+) -> np.ndarray:
+    """Pool indices: top `target_fraction` of pseudo-domain `target`, `other_fraction` of the rest.
+
+    Grouped by pseudo-domain index, best first within each group.
+    """
+    scores_n = np.asarray(scores_n, np.float64)
+    labels_n = np.asarray(labels_n)
+    chosen = []
+    for k in np.unique(labels_n):
+        members = np.flatnonzero(labels_n == k)
+        fraction = target_fraction if k == target else other_fraction
+        chosen.append(_top(members, scores_n, _count(len(members), fraction)))
+    return np.concatenate(chosen) if chosen else np.zeros((0,), np.int64)
+
+
+def histogram(labels_n: np.ndarray, k: int) -> np.ndarray:
+    """[K] normalized histogram of labels 0..K-1."""
+    counts = np.bincount(np.asarray(labels_n, np.int64), minlength=k).astype(np.float64)
+    return counts / max(counts.sum(), 1.0)
+
+
+def kl_to_uniform(labels_n: np.ndarray, k: int) -> float:
+    """KL(histogram || uniform) in nats: 0 for a perfectly even domain mix, log K at worst."""
+    p = histogram(labels_n, k)
+    nz = p > 0
+    return float(np.sum(p[nz] * np.log(p[nz] * k)))
+
+
+def _atomic_write(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+
+
+def record_of(example: Example, pseudo_domain: str, score: float) -> dict[str, Any]:
+    """A chat-form JSONL record that `ideal_jax.data.records` reads back."""
+    record: dict[str, Any] = {
+        "id": example.id,
+        "domain": pseudo_domain,
+        "source_domain": example.domain,
+        "messages": example.chat_messages(),
+        "daar_score": float(score),
+    }
+    if example.capability is not None:
+        record["capability"] = example.capability
+    return record
+
+
+def write_selection(
+    out_dir: str | os.PathLike,
+    examples: Sequence[Example],
+    selected_n: np.ndarray,
+    scores_n: np.ndarray,
+    labels_n: np.ndarray,
+    domain_names: Sequence[str],
+    *,
+    method: str,
+    fractions: dict[str, float],
+    seed: int,
+    extra: dict[str, Any] | None = None,
+) -> tuple[str, str]:
+    """Writes manifest.json and selected.jsonl under `out_dir`; returns their paths."""
+    out_dir = os.fspath(out_dir)
+    k = len(domain_names)
+    selected_n = np.asarray(selected_n, np.int64)
+    pool_counts = np.bincount(np.asarray(labels_n, np.int64), minlength=k)
+    sel_counts = np.bincount(np.asarray(labels_n, np.int64)[selected_n], minlength=k)
+    manifest = {
+        "method": method,
+        "fractions": fractions,
+        "seed": int(seed),
+        "n_pool": len(examples),
+        "n_selected": int(len(selected_n)),
+        "domains": list(domain_names),
+        "pool_counts_per_pseudo_domain": {d: int(c) for d, c in zip(domain_names, pool_counts)},
+        "counts_per_pseudo_domain": {d: int(c) for d, c in zip(domain_names, sel_counts)},
+        "mean_score_pool": float(np.mean(scores_n)) if len(scores_n) else None,
+        "mean_score_selected": float(np.mean(scores_n[selected_n])) if len(selected_n) else None,
+        "selected": [
+            {
+                "id": examples[i].id,
+                "score": float(scores_n[i]),
+                "pseudo_domain": domain_names[int(labels_n[i])],
+            }
+            for i in selected_n
+        ],
+        **(extra or {}),
+    }
+    manifest_path = os.path.join(out_dir, "manifest.json")
+    records_path = os.path.join(out_dir, "selected.jsonl")
+    lines = [
+        json.dumps(record_of(examples[i], domain_names[int(labels_n[i])], scores_n[i]))
+        for i in selected_n
+    ]
+    # Records first, manifest last: a manifest on disk means the selection is complete.
+    _atomic_write(records_path, "".join(line + "\n" for line in lines))
+    _atomic_write(manifest_path, json.dumps(manifest, indent=1) + "\n")
+    return manifest_path, records_path

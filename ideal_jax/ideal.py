@@ -1,0 +1,154 @@
+"""IDEAL's outer loop (METHOD.md §1.2), one round after another:
+
+    D_0 = the given mixture (β = 0)
+    for k = 0 .. rounds:
+        θ_k  = SFT(base model, D_k)                        # from the base model (or warm start)
+        score θ_k on the evaluation tasks and reference losses
+        if k == rounds: break
+        α_k  = −∇L(D_ref, θ_k)ᵀ H⁻¹ ∇L(D_j, θ_k)           # Lemma 1, H ≈ K-FAC / EK-FAC
+        β_k  = −(m / max_j |α_kj|) · α_k                   # ideal_jax/reweight.py
+        D_k+1: |D_j'| = floor((1 + β_kj) |D_j|), resampled  # keep-total optional
+    final_mixture.jsonl = D_rounds
+
+Every stage writes its artifact under WORKDIR/round_K/ and is skipped when that artifact exists,
+so a rerun of the same command resumes after a crash at any stage.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from ideal_jax import reweight, sharding, stages, summary
+from ideal_jax.data import mixture as mixture_lib
+from ideal_jax.utils import distributed
+
+
+def run_ideal(
+    cfg,
+    workdir: str,
+    *,
+    rounds: int | None = None,
+    train: bool = True,
+    influence_last: bool = False,
+) -> dict[str, Any]:
+    """The full loop for one seed; returns the summary (also written to WORKDIR/summary.json).
+
+    rounds overrides cfg.rounds (0: train and evaluate D_0 only, mode=sft); train=False uses the
+    model as loaded (mode=influence); influence_last computes α in the last round too.
+    """
+    rounds = cfg.rounds if rounds is None else rounds
+    mesh = sharding.make_mesh(dict(cfg.mesh))
+    suite = stages.load_suite(cfg, workdir)
+    model_cfg, base_params = stages.load_model(cfg, mesh, suite.tokenizer)
+    reweight_cfg = reweight.ReweightConfig.from_config_dict(cfg.reweight)
+    source_ids = {name: [t.example_id for t in items] for name, items in suite.tokenized.items()}
+    mix = mixture_lib.build_mixture(
+        source_ids, None, seed=cfg.seed, keep_total=reweight_cfg.keep_total
+    )  # D_0
+    params, rows, opt_state = base_params, [], None
+    for k in range(rounds + 1):
+        rdir = os.path.join(workdir, f"round_{k}")
+        os.makedirs(rdir, exist_ok=True)
+        timer = stages.Timer(os.path.join(rdir, "timings.json"))
+        mix = stages.fix_mixture(os.path.join(rdir, "mixture.json"), mix)
+        init = params if (cfg.train.warm_start and k > 0) else base_params
+        # Training resumes from its own checkpoints; a finished run just restores its parameters.
+        if train:
+            params = timer.run(
+                "train",
+                stages.train_round,
+                cfg,
+                model_cfg,
+                mesh,
+                rdir,
+                suite,
+                mix,
+                init,
+                record=not stages.train_done(rdir),
+            )
+        scores = stages.cached(
+            os.path.join(rdir, "eval.json"),
+            timer,
+            "eval",
+            stages.evaluate_round,
+            cfg,
+            model_cfg,
+            params,
+            suite,
+            mesh,
+        )
+        row = {
+            "round": k,
+            "mixture": summary.mixture_row(mix),
+            "eval": scores,
+            "timings": dict(timer.times),
+        }
+        if k < rounds or influence_last:
+            influence = stages.cached(
+                os.path.join(rdir, "influence.json"),
+                timer,
+                "influence",
+                stages.influence_round,
+                cfg,
+                model_cfg,
+                params,
+                suite,
+                mix,
+                mesh,
+            )
+            alpha_j = np.asarray(influence["matrix"][influence["rows"].index("all")])
+            # β is relative to this round's volumes (β = 0 is the current mixture, where α was
+            # measured); an optax rule keeps its optimizer state across rounds.
+            beta_j, opt_state = reweight.compute_beta(
+                alpha_j, mix.target_sizes, reweight_cfg, None, opt_state
+            )
+            row.update(
+                alpha=dict(zip(influence["domains"], alpha_j.tolist())),
+                beta=dict(zip(mix.domain_names, beta_j.tolist())),
+                timings=dict(timer.times),
+            )
+            if k == rounds:
+                rows.append(row)
+                break
+            mix = next_mixture(
+                mix, beta_j, source_ids, seed=cfg.seed + k + 1, keep_total=reweight_cfg.keep_total
+            )
+        rows.append(row)
+    result = summary.write_summary(workdir, cfg, rows)
+    if distributed.is_lead_host():
+        final = stages.read_mixture(os.path.join(workdir, f"round_{rounds}", "mixture.json"))
+        mixture_lib.export_jsonl(final, suite.domains, os.path.join(workdir, "final_mixture.jsonl"))
+    return result
+
+
+def next_mixture(
+    mix: mixture_lib.Mixture, beta_j: np.ndarray, source_ids, *, seed: int, keep_total: bool
+) -> mixture_lib.Mixture:
+    """D_k+1 from D_k and β_k: volumes (1 + β)·|D_k,j|, expressed relative to the sources."""
+    sizes_j = np.asarray(mix.source_sizes, np.float64)
+    beta_source_j = (1.0 + np.asarray(beta_j)) * np.asarray(mix.target_sizes) / sizes_j - 1.0
+    return mixture_lib.build_mixture(
+        source_ids, beta_source_j.tolist(), seed=seed, keep_total=keep_total
+    )
+
+
+def run_eval_only(cfg, workdir: str) -> dict[str, Any]:
+    """mode=eval: score cfg.model on cfg.eval's tasks (and reference losses) → WORKDIR/eval.json."""
+    mesh = sharding.make_mesh(dict(cfg.mesh))
+    suite = stages.load_suite(cfg, workdir)
+    model_cfg, params = stages.load_model(cfg, mesh, suite.tokenizer)
+    timer = stages.Timer(os.path.join(workdir, "timings.json"))
+    return stages.cached(
+        os.path.join(workdir, "eval.json"),
+        timer,
+        "eval",
+        stages.evaluate_round,
+        cfg,
+        model_cfg,
+        params,
+        suite,
+        mesh,
+    )

@@ -1,0 +1,424 @@
+"""The stages of one IDEAL round, each resumable from the artifact it writes.
+
+`ideal.py` strings these together; each function takes the config section(s) it needs and does
+its own disk I/O (artifacts are written atomically and, on a multi-host run, by process 0 only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from ideal_jax import sharding
+from ideal_jax.configlib import write_json_atomic
+from ideal_jax.data import batching, demo_suite, formatting, mixture, records
+from ideal_jax.model import hf_io
+from ideal_jax.model.config import ModelConfig, preset
+from ideal_jax.model.transformer import abstract_params, init_params, logical_axes
+from ideal_jax.utils.distributed import is_lead_host
+from ideal_jax.utils.errors import InputError
+
+
+@dataclasses.dataclass
+class Suite:
+    """Everything loaded once per run: domains, reference set, tokenizer, evaluation tasks."""
+
+    domains: dict[str, list[records.Example]]
+    reference: dict[str, list[records.Example]]
+    tokenizer: Any
+    tokenized: dict[str, list[formatting.TokenizedExample]]
+    reference_tokenized: list[formatting.TokenizedExample]
+    format_stats: dict[str, Any]
+    eval_tasks: dict[str, dict]
+
+    @property
+    def domain_names(self) -> tuple[str, ...]:
+        return tuple(self.domains)
+
+    @property
+    def capabilities(self) -> tuple[str, ...]:
+        return tuple(self.reference)
+
+
+def write_json(path: str, obj: Any) -> None:
+    if is_lead_host():
+        write_json_atomic(path, obj)
+
+
+def read_json(path: str) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise InputError(
+            f"artifact is not valid JSON ({e}); delete it to recompute", path=path
+        ) from None
+
+
+def load_suite(cfg, workdir: str) -> Suite:
+    """Domains, reference set and tokenizer from cfg.data (building the demo suite if asked)."""
+    data = cfg.data
+    field_map = dict(data.field_map) or None
+    eval_tasks = {name: dict(task) for name, task in cfg.eval.tasks.items()}
+    if data.demo:
+        demo_dir = os.path.join(workdir, "demo_data")
+        if not os.path.exists(os.path.join(demo_dir, "tokenizer", "tokenizer.json")):
+            # Built into a temporary directory and renamed: a crash leaves no half-built suite.
+            tmp = f"{demo_dir}.tmp"
+            demo_suite.build_demo_suite(
+                tmp,
+                seed=cfg.seed,
+                train_sizes=dict(data.demo_train_sizes),
+                n_test=data.demo_n_test,
+                n_ref=data.demo_n_ref,
+            )
+            os.replace(tmp, demo_dir)
+        train_paths = {
+            cap: os.path.join(demo_dir, "train", f"{cap}.jsonl")
+            for cap in data.demo_train_sizes
+            if data.demo_train_sizes[cap] > 0
+        }
+        domains = records.load_domains(train_paths)
+        reference = records.load_reference(
+            os.path.join(demo_dir, "ref.jsonl"), capability_names=tuple(train_paths)
+        )
+        tokenizer = hf_io.load_tokenizer(os.path.join(demo_dir, "tokenizer"))
+        if cfg.eval.demo:
+            test_records = []
+            for cap in train_paths:
+                with open(os.path.join(demo_dir, "test", f"{cap}.jsonl")) as f:
+                    test_records += [json.loads(line) for line in f if line.strip()]
+            eval_tasks["demo"] = {
+                "type": "exact_match",
+                "records": test_records,
+                "max_new_tokens": cfg.eval.max_new_tokens,
+                "batch_size": cfg.eval.batch_size,
+                "limit": cfg.eval.limit or None,
+            }
+    else:
+        sources = dict(data.domains) or data.source
+        if not sources:
+            raise InputError(
+                "no training data: set data.domains or data.source (or data.demo)",
+                field="data.domains",
+            )
+        domains = records.load_domains(
+            sources,
+            domain_names=tuple(data.domain_names) or None,
+            field_map=field_map,
+            group_field=data.domain_field,
+        )
+        reference = records.load_reference(
+            dict(data.reference) or data.reference_source, field_map=field_map
+        )
+        tok_dir = data.tokenizer or cfg.model.path
+        if not tok_dir:
+            raise InputError(
+                "no tokenizer: set data.tokenizer or model.path", field="data.tokenizer"
+            )
+        tokenizer = hf_io.load_tokenizer(tok_dir)
+    tokenize = functools.partial(
+        formatting.tokenize_examples,
+        tokenizer=tokenizer,
+        max_len=data.max_len,
+        truncate=data.truncate,
+    )
+    tokenized, stats = {}, {}
+    for name, examples in domains.items():
+        tokenized[name], domain_stats = tokenize(examples)
+        stats[name] = domain_stats.to_dict()
+    # Reference examples are grouped by capability: the capability is their "domain" in batches.
+    ref_examples = [
+        dataclasses.replace(ex, domain=cap) for cap, exs in reference.items() for ex in exs
+    ]
+    ref_tokenized, ref_stats = tokenize(ref_examples)
+    stats["reference"] = ref_stats.to_dict()
+    if not ref_tokenized:
+        raise InputError(
+            "the reference set has no example with response tokens", field="data.reference"
+        )
+    return Suite(domains, reference, tokenizer, tokenized, ref_tokenized, stats, eval_tasks)
+
+
+def load_model(cfg, mesh, tokenizer) -> tuple[ModelConfig, Any]:
+    """The base model: a local HF checkpoint (loaded sharded) or a random preset (init sharded)."""
+    section = cfg.model
+    extra = dict(dtype=section.dtype, remat=section.remat)
+    if section.path:
+        model_cfg = hf_io.load_hf_config(section.path, **extra)
+        shardings = sharding.param_shardings(
+            abstract_params(model_cfg), logical_axes(model_cfg), mesh
+        )
+        return model_cfg, hf_io.load_hf_params(section.path, model_cfg, shardings)
+    model_cfg = preset(section.preset, vocab_size=len(tokenizer)).replace(
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        **extra,
+    )
+    params, _ = sharding.sharded_init(
+        functools.partial(init_params, model_cfg),
+        abstract_params(model_cfg),
+        logical_axes(model_cfg),
+        mesh,
+        jax.random.key(cfg.seed),
+    )
+    return model_cfg, params
+
+
+def mixture_batches(suite: Suite, mix: mixture.Mixture, train_cfg, data_cfg, pad_id: int):
+    """(batches_for_epoch, steps_per_epoch) over the round's mixture, this host's rows only."""
+    items = mixture.materialize(mix, suite.tokenized)
+    seed = int(train_cfg.seed)
+
+    def batches_for_epoch(epoch: int):
+        return batching.iterate_batches(
+            items,
+            train_cfg.batch_size,
+            train_cfg.seq_len,
+            data_cfg.batching,
+            seed,
+            epoch,
+            jax.process_index(),
+            jax.process_count(),
+            domain_names=suite.domain_names,
+            pad_id=pad_id,
+        )
+
+    steps = batching.steps_per_epoch(
+        items, train_cfg.batch_size, train_cfg.seq_len, data_cfg.batching, seed
+    )
+    return batches_for_epoch, steps
+
+
+def reference_losses(
+    model_cfg, params, suite: Suite, mesh, batch_size: int, seq_len: int, pad_id: int
+) -> dict[str, float]:
+    """Mean response-token loss of the model on each reference capability and on all of it."""
+    from ideal_jax.train.step import make_eval_step
+
+    caps = suite.capabilities
+    shardings = sharding.param_shardings(abstract_params(model_cfg), logical_axes(model_cfg), mesh)
+    step = make_eval_step(model_cfg, shardings, mesh, num_groups=len(caps))
+    sums, counts = np.zeros(len(caps)), np.zeros(len(caps))
+    for batch in batching.iterate_batches(
+        suite.reference_tokenized,
+        batch_size,
+        seq_len,
+        "pad",
+        0,
+        0,
+        jax.process_index(),
+        jax.process_count(),
+        domain_names=caps,
+        pad_id=pad_id,
+    ):
+        out = step(params, sharding.shard_batch(batch, mesh))
+        sums += np.asarray(out["loss_sums"])
+        counts += np.asarray(out["token_counts"])
+    losses = {cap: float(s / max(c, 1)) for cap, s, c in zip(caps, sums, counts)}
+    losses["all"] = float(sums.sum() / max(counts.sum(), 1))
+    return losses
+
+
+class Timer:
+    """Wall time per stage, kept in round_K/timings.json (stages skipped on resume keep theirs)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.times = read_json(path) if os.path.exists(path) else {}
+
+    def run(self, name: str, fn, *args, record: bool = True):
+        start = time.perf_counter()
+        out = fn(*args)
+        if record:
+            self.times[name] = round(time.perf_counter() - start, 3)
+            write_json(self.path, self.times)
+        return out
+
+
+def cached(path: str, timer: Timer, name: str, fn, *args) -> Any:
+    """The stage's artifact if it exists (resume), else run the stage and write it atomically."""
+    if os.path.exists(path):
+        return read_json(path)
+    out = timer.run(name, fn, *args)
+    write_json(path, out)
+    return out
+
+
+def fix_mixture(path: str, mix: mixture.Mixture) -> mixture.Mixture:
+    """The round's mixture: the one on disk when resuming, else `mix`, written to mixture.json."""
+    if os.path.exists(path):
+        return read_mixture(path)
+    if is_lead_host():
+        mixture.write_manifest(mix, path)
+    return mix
+
+
+def read_mixture(path: str) -> mixture.Mixture:
+    return mixture.read_manifest(path)
+
+
+def train_done(rdir: str) -> bool:
+    return os.path.exists(os.path.join(rdir, "train", "summary.json"))
+
+
+def train_round(cfg, model_cfg, mesh, rdir: str, suite: Suite, mix: mixture.Mixture, init_params):
+    """SFT on the round's mixture (full-parameter, from `init_params`); resumes from checkpoints."""
+    from ideal_jax.train.loop import run_sft
+
+    pad_id = suite.tokenizer.pad_token_id or 0
+    batches_for_epoch, steps = mixture_batches(suite, mix, cfg.train, cfg.data, pad_id)
+    params, train_summary = run_sft(
+        model_cfg,
+        cfg.train,
+        mesh,
+        os.path.join(rdir, "train"),
+        batches_for_epoch,
+        steps,
+        init_params=init_params,
+        domain_names=suite.domain_names,
+        progress=cfg.progress,
+    )
+    if not train_done(rdir):
+        write_json(os.path.join(rdir, "train", "summary.json"), train_summary)
+    return params
+
+
+def evaluate_round(cfg, model_cfg, params, suite: Suite, mesh) -> dict[str, Any]:
+    """eval.json: benchmark / demo scores per capability and reference losses per capability."""
+    from ideal_jax.evaluate import model_adapter
+    from ideal_jax.evaluate.runner import evaluate_tasks
+
+    generate_fn = model_adapter.make_generate_fn(
+        model_cfg, params, suite.tokenizer, batch_size=cfg.eval.batch_size, seed=cfg.seed
+    )
+    loglik_fn = model_adapter.make_loglik_fn(
+        model_cfg, params, suite.tokenizer, batch_size=cfg.eval.batch_size
+    )
+    results = evaluate_tasks(suite.eval_tasks, generate_fn, loglik_fn, progress=cfg.progress)
+    results["reference_loss"] = reference_losses(
+        model_cfg,
+        params,
+        suite,
+        mesh,
+        cfg.influence.batch_size,
+        cfg.train.seq_len,
+        suite.tokenizer.pad_token_id or 0,
+    )
+    return results
+
+
+def sigma_subsample(suite: Suite, mix: mixture.Mixture, sigma: float, seed: int):
+    """A random σ fraction (≥ 1) of each domain's distinct examples in the round's mixture."""
+    rng = np.random.default_rng([seed, 1729])
+    chosen = []
+    for name, ids in zip(mix.domain_names, mix.example_ids):
+        by_id = {t.example_id: t for t in suite.tokenized[name]}
+        unique = sorted({i for i in ids if i in by_id})
+        n = max(1, int(round(sigma * len(unique))))
+        chosen += [by_id[unique[i]] for i in np.sort(rng.choice(len(unique), n, replace=False))]
+    return chosen
+
+
+def influence_round(
+    cfg, model_cfg, params, suite: Suite, mix: mixture.Mixture, mesh
+) -> dict[str, Any]:
+    """influence.json: the α matrix (rows "all" + capabilities, columns domains), Lemma 1.
+
+    Factors, EK-FAC correction and domain gradients use a σ-subsample of each domain; the
+    reference set is used whole (METHOD.md §1.2). Timings of each sub-stage are recorded.
+    """
+    from ideal_jax.curvature import ekfac, operators
+    from ideal_jax.curvature import kfac as kfac_lib
+    from ideal_jax.curvature import layers as layers_lib
+    from ideal_jax.influence import alpha as alpha_lib
+    from ideal_jax.influence import gradients
+
+    curv, infl = cfg.curvature, cfg.influence
+    pad_id = suite.tokenizer.pad_token_id or 0
+    layers = layers_lib.select_layers(params, curv.layers)
+    problem = kfac_lib.lm_problem(model_cfg, layers)
+    train_items = sigma_subsample(suite, mix, curv.sigma, cfg.seed)
+    rng = jax.random.key(cfg.seed)
+
+    def batches(items, names, batch_size):
+        for b in batching.iterate_batches(
+            items,
+            batch_size,
+            cfg.train.seq_len,
+            "pad",
+            cfg.seed,
+            0,
+            jax.process_index(),
+            jax.process_count(),
+            domain_names=names,
+            pad_id=pad_id,
+        ):
+            yield sharding.shard_batch(b, mesh)
+
+    train_batches = lambda: batches(train_items, suite.domain_names, curv.batch_size)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    curvature = state = None
+    if infl.operator in ("kfac", "ekfac"):
+        curvature = kfac_lib.KfacCurvature(problem, mode=curv.estimator)
+        state = kfac_lib.accumulate_factors(curvature, params, train_batches(), rng)
+        timings["factors"] = time.perf_counter() - t0
+        if infl.operator == "ekfac":
+            t0 = time.perf_counter()
+            unit = "example" if curv.correction == "per_example" else "batch"
+            state = ekfac.fit_eigen_correction(
+                curvature, state, params, train_batches(), jax.random.fold_in(rng, 1), unit=unit
+            )
+            timings["eigen_correction"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    operator = operators.build_operator(
+        infl.operator,
+        problem=problem,
+        params=params,
+        damping=curv.damping,
+        relative_damping=curv.relative_damping,
+        curvature=curvature,
+        state=state,
+        batches=list(train_batches()) if infl.operator == "exact" else None,
+        rng=jax.random.fold_in(rng, 2),
+    )
+    domain_grads = gradients.group_mean_gradients(
+        problem, params, train_batches(), suite.domain_names, what="training domains"
+    )
+    ref_grads = gradients.group_mean_gradients(
+        problem,
+        params,
+        batches(suite.reference_tokenized, suite.capabilities, infl.batch_size),
+        suite.capabilities,
+        what="reference set",
+    )
+    timings["gradients"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result = alpha_lib.compute_alpha(
+        ref_grads,
+        domain_grads,
+        operator,
+        layers=layers,
+        scaling=infl.scaling,
+        domain_sizes=[float(n) for n in mix.target_sizes],
+        sigma=curv.sigma,
+    )
+    timings["inverse_products"] = time.perf_counter() - t0
+    out = result.to_json()
+    out.update(
+        estimator=curv.estimator,
+        relative_damping=bool(curv.relative_damping),
+        correction=curv.correction if infl.operator == "ekfac" else None,
+        subsample_examples=len(train_items),
+        timings=timings,
+    )
+    return out

@@ -1,0 +1,143 @@
+"""summary.json and summary.png: one row per round, and a plot of volumes and scores across rounds.
+
+Also the aggregation of several seeds (mean ± std per round and capability) for the demo.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from ideal_jax.configlib import write_json_atomic
+from ideal_jax.utils.distributed import is_lead_host
+
+
+def mixture_row(mix) -> dict[str, Any]:
+    return {
+        name: {"source": int(src), "target": int(tgt)}
+        for name, src, tgt in zip(mix.domain_names, mix.source_sizes, mix.target_sizes)
+    }
+
+
+def round_scores(row: dict[str, Any]) -> dict[str, float]:
+    """Per-capability accuracy of a round (demo task, or each benchmark's primary metric)."""
+    tasks = row["eval"].get("tasks", {})
+    if "demo" in tasks and "per_capability" in tasks["demo"]:
+        scores = dict(tasks["demo"]["per_capability"])
+        scores["average"] = float(np.mean(list(scores.values()))) if scores else float("nan")
+        return scores
+    scores = {name: t["primary"] for name, t in tasks.items() if "primary" in t}
+    if row["eval"].get("average") is not None:
+        scores["average"] = row["eval"]["average"]
+    return scores
+
+
+def write_summary(workdir: str, cfg, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    result = {
+        "rounds": rows,
+        "scores": [round_scores(r) for r in rows],
+        "reference_loss": [r["eval"].get("reference_loss", {}) for r in rows],
+        "settings": {
+            "operator": cfg.influence.operator,
+            "scaling": cfg.influence.scaling,
+            "update_rule": cfg.reweight.rule,
+            "step_size": cfg.reweight.step_size,
+            "keep_total": cfg.reweight.keep_total,
+            "sigma": cfg.curvature.sigma,
+            "layers": cfg.curvature.layers,
+            "damping": cfg.curvature.damping,
+            "relative_damping": cfg.curvature.relative_damping,
+            "seed": cfg.seed,
+            "warm_start": cfg.train.warm_start,
+        },
+    }
+    if is_lead_host():
+        write_json_atomic(os.path.join(workdir, "summary.json"), result)
+        plot_rounds(result, os.path.join(workdir, "summary.png"))
+    return result
+
+
+def plot_rounds(result: dict[str, Any], path: str, title: str = "IDEAL rounds") -> None:
+    """Three panels: domain volumes, per-capability scores, and α, across rounds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rounds"]
+    rounds = [r["round"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    domains = list(rows[0]["mixture"])
+    bottom = np.zeros(len(rows))
+    for name in domains:
+        vols = np.array([r["mixture"][name]["target"] for r in rows], float)
+        axes[0].bar(rounds, vols, bottom=bottom, label=name)
+        bottom += vols
+    axes[0].set(
+        title="training volume per domain", xlabel="round (D_k)", ylabel="examples", xticks=rounds
+    )
+    axes[0].legend(fontsize=8)
+    scores = result["scores"]
+    for cap in scores[0]:
+        ys = [s.get(cap, np.nan) for s in scores]
+        style = dict(lw=3, color="black") if cap == "average" else {}
+        axes[1].plot(rounds, ys, marker="o", label=cap, **style)
+    axes[1].set(
+        title="score per capability", xlabel="round (D_k)", ylabel="accuracy", xticks=rounds
+    )
+    axes[1].legend(fontsize=8)
+    with_alpha = [r for r in rows if "alpha" in r]
+    width = 0.8 / max(len(with_alpha), 1)
+    for i, r in enumerate(with_alpha):
+        axes[2].bar(
+            np.arange(len(domains)) + i * width,
+            [r["alpha"][d] for d in domains],
+            width=width,
+            label=f"α round {r['round']}",
+        )
+    axes[2].axhline(0, color="gray", lw=0.8)
+    axes[2].set_xticks(
+        np.arange(len(domains)) + width * (len(with_alpha) - 1) / 2, domains, rotation=20
+    )
+    axes[2].set(title="α = ∂Q/∂β (negative: add data)")
+    axes[2].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def aggregate_seeds(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean ± std over seeds of every round's per-capability scores."""
+    n_rounds = len(results[0]["scores"])
+    table = []
+    for k in range(n_rounds):
+        caps = results[0]["scores"][k].keys()
+        table.append(
+            {
+                cap: {
+                    "mean": float(np.mean([r["scores"][k][cap] for r in results])),
+                    "std": float(np.std([r["scores"][k][cap] for r in results])),
+                    "values": [r["scores"][k][cap] for r in results],
+                }
+                for cap in caps
+            }
+        )
+    return {"seeds": len(results), "scores": table}
+
+
+def format_table(scores: list[dict[str, Any]]) -> str:
+    """A plain-text table: rows = rounds, columns = capabilities (mean ± std when aggregated)."""
+    caps = list(scores[0])
+    lines = ["round  " + "  ".join(f"{c:>14}" for c in caps)]
+    for k, row in enumerate(scores):
+        cells = []
+        for c in caps:
+            v = row[c]
+            cells.append(f"{v['mean']:.3f} ± {v['std']:.3f}" if isinstance(v, dict) else f"{v:.3f}")
+        lines.append(f"D{k:<5} " + "  ".join(f"{x:>14}" for x in cells))
+    return "\n".join(lines)

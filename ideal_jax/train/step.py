@@ -1,0 +1,227 @@
+"""The pure training and evaluation steps (jitted once by the loop, with shardings and donation).
+
+Loss = sum(token_loss * weights) / sum(weights) over the whole global batch: a mean over response
+tokens, the same whatever the mesh (sums over sharded arrays are global). Gradient accumulation
+scans over `grad_accum` microbatches inside the step, accumulating *sums* of losses and gradients
+and dividing once by the batch's total weight, so k microbatches give exactly one big batch's
+update (up to float summation order). Microbatch j takes rows j, j+k, j+2k, ...: every device's
+contiguous block of rows then holds its share of every microbatch, and no data moves.
+
+Parameters stay float32 (master weights); `model_cfg.dtype` sets the compute dtype of the forward.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ideal_jax import sharding
+from ideal_jax.model.config import ModelConfig
+from ideal_jax.model.transformer import forward, token_losses
+from ideal_jax.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+def weighted_token_losses(model_cfg: ModelConfig, params: Any, batch: Batch) -> jax.Array:
+    """token_loss * weights, [B, T] float32 (zero off the response tokens)."""
+    logits_btv = forward(
+        model_cfg, params, batch["tokens"], batch["positions"], batch["segment_ids"]
+    )
+    return token_losses(logits_btv, batch["targets"]) * batch["weights"]
+
+
+def group_sums(values_bt: jax.Array, group_ids_bt: jax.Array, num_groups: int) -> jax.Array:
+    """[num_groups] sums of values by group id; ids outside [0, num_groups) (-1 = pad) dropped."""
+    ids = jnp.where((group_ids_bt >= 0) & (group_ids_bt < num_groups), group_ids_bt, num_groups)
+    sums = jax.ops.segment_sum(values_bt.reshape(-1), ids.reshape(-1), num_segments=num_groups + 1)
+    return sums[:num_groups]
+
+
+def _microbatch_sums(model_cfg, num_domains, params, batch):
+    """Loss sum, its gradient, and the statistics the metrics need, for one microbatch."""
+
+    def loss_sum(p):
+        weighted_bt = weighted_token_losses(model_cfg, p, batch)
+        return jnp.sum(weighted_bt), weighted_bt
+
+    (total, weighted_bt), grads = jax.value_and_grad(loss_sum, has_aux=True)(params)
+    stats = {
+        "loss_sum": total,
+        "tokens": jnp.sum(batch["weights"]),
+        # Segments are numbered 1..n in each row, so the row max counts its packed examples.
+        "examples": jnp.sum(jnp.max(batch["segment_ids"], axis=1)).astype(jnp.float32),
+        "domain_loss_sums": group_sums(weighted_bt, batch["domain_ids"], num_domains),
+        "domain_tokens": group_sums(batch["weights"], batch["domain_ids"], num_domains),
+    }
+    return grads, stats
+
+
+def _split_microbatches(batch: Batch, grad_accum: int, mesh: Mesh | None) -> Batch:
+    """[B, T] -> [k, B/k, T] with microbatch j = rows j, j+k, ... (no cross-device movement)."""
+
+    def split(x_bt):
+        b = x_bt.shape[0]
+        x_kbt = jnp.swapaxes(x_bt.reshape(b // grad_accum, grad_accum, *x_bt.shape[1:]), 0, 1)
+        if mesh is not None:
+            spec = PartitionSpec(None, ("data", "fsdp"), *([None] * (x_bt.ndim - 1)))
+            x_kbt = jax.lax.with_sharding_constraint(x_kbt, NamedSharding(mesh, spec))
+        return x_kbt
+
+    return jax.tree.map(split, batch)
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    model_cfg: ModelConfig,
+    optimizer: optax.GradientTransformation,
+    num_domains: int,
+    grad_accum: int = 1,
+    mesh: Mesh | None = None,
+) -> tuple[TrainState, Metrics]:
+    """One optimizer update on a global batch of [B, T] arrays.
+
+    Metrics (all on device): loss, grad_norm (before clipping), lr (the rate this update used),
+    tokens (response tokens), examples, domain_loss_sums / domain_tokens ([num_domains]; the loop
+    divides them), is_finite. A non-finite loss or gradient leaves params and optimizer state
+    untouched and records the step in `state.nonfinite_step`; later updates are then skipped too.
+    """
+    if grad_accum == 1:
+        grads, stats = _microbatch_sums(model_cfg, num_domains, state.params, batch)
+    else:
+        micro = _split_microbatches(batch, grad_accum, mesh)
+
+        def body(carry, mb):
+            grads_acc, stats_acc = carry
+            grads, stats = _microbatch_sums(model_cfg, num_domains, state.params, mb)
+            grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+            return (grads_acc, jax.tree.map(jnp.add, stats_acc, stats)), None
+
+        zero_stats = jax.eval_shape(
+            lambda: _microbatch_sums(
+                model_cfg, num_domains, state.params, jax.tree.map(lambda x: x[0], micro)
+            )[1]
+        )
+        init = (
+            jax.tree.map(jnp.zeros_like, state.params),
+            jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_stats),
+        )
+        (grads, stats), _ = jax.lax.scan(body, init, micro)
+
+    # A batch with no response tokens would divide by zero; the data pipeline never makes one.
+    denominator = jnp.maximum(stats["tokens"], 1.0)
+    grads = jax.tree.map(lambda g: g / denominator, grads)
+    loss = stats["loss_sum"] / denominator
+    grad_norm = optax.global_norm(grads)
+    is_finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    apply = is_finite & (state.nonfinite_step < 0)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
+    new_state = state.replace(
+        step=state.step + apply.astype(jnp.int32),
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt_state, state.opt_state),
+        nonfinite_step=jnp.where(
+            (state.nonfinite_step < 0) & ~is_finite, state.step, state.nonfinite_step
+        ),
+    )
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "lr": current_learning_rate(new_opt_state),
+        "tokens": stats["tokens"],
+        "examples": stats["examples"],
+        "domain_loss_sums": stats["domain_loss_sums"],
+        "domain_tokens": stats["domain_tokens"],
+        "is_finite": is_finite,
+    }
+    return new_state, metrics
+
+
+def current_learning_rate(opt_state: Any) -> jax.Array:
+    """The injected learning rate (the schedule's value at the last update)."""
+    # The schedule's own state is also keyed "learning_rate": keep only the array.
+    lr = optax.tree_utils.tree_get(
+        opt_state, "learning_rate", filtering=lambda _path, value: isinstance(value, jax.Array)
+    )
+    return jnp.asarray(lr, jnp.float32)
+
+
+def jit_train_step(
+    step_fn: Callable,
+    shardings: TrainState,
+    mesh: Mesh,
+    *,
+    compiler_options: dict[str, Any] | None = None,
+) -> Callable:
+    """jit a bound train step with the state's shardings, a row-sharded batch and donated state.
+
+    compiler_options: XLA options for this step only (the tests lower the CPU backend's
+    optimisation level to compile about twice as fast; leave None for real runs).
+    """
+    return jax.jit(
+        step_fn,
+        in_shardings=(shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+        compiler_options=compiler_options,
+    )
+
+
+def make_train_step(
+    model_cfg: ModelConfig,
+    optimizer: optax.GradientTransformation,
+    shardings: TrainState,
+    mesh: Mesh,
+    *,
+    num_domains: int,
+    grad_accum: int = 1,
+    compiler_options: dict[str, Any] | None = None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """The module-level train_step, bound with functools.partial and jitted once."""
+    step_fn = functools.partial(
+        train_step,
+        model_cfg=model_cfg,
+        optimizer=optimizer,
+        num_domains=num_domains,
+        grad_accum=grad_accum,
+        mesh=mesh if grad_accum > 1 else None,
+    )
+    return jit_train_step(step_fn, shardings, mesh, compiler_options=compiler_options)
+
+
+def eval_step(
+    params: Any, batch: Batch, *, model_cfg: ModelConfig, num_groups: int
+) -> dict[str, jax.Array]:
+    """Per-group response-token loss sums and counts ([num_groups] each).
+
+    The group of a token is `batch["domain_ids"]` (for reference sets: the capability index).
+    Sum these over batches and divide to get each group's mean loss.
+    """
+    weighted_bt = weighted_token_losses(model_cfg, params, batch)
+    return {
+        "loss_sums": group_sums(weighted_bt, batch["domain_ids"], num_groups),
+        "token_counts": group_sums(batch["weights"], batch["domain_ids"], num_groups),
+    }
+
+
+def make_eval_step(
+    model_cfg: ModelConfig, param_shardings: Any, mesh: Mesh, *, num_groups: int
+) -> Callable[[Any, Batch], dict[str, jax.Array]]:
+    """eval_step bound and jitted once (params not donated: training goes on with them)."""
+    return jax.jit(
+        functools.partial(eval_step, model_cfg=model_cfg, num_groups=num_groups),
+        in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
+        out_shardings=sharding.replicated(mesh),
+    )
