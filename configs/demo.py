@@ -26,15 +26,15 @@ def get_config(arg: str | None = None):
     cfg.data.max_len = 96
     cfg.data.batching = "pack"
     cfg.model.preset = "tiny"
-    cfg.train.epochs = 3
-    cfg.train.batch_size = 32
+    cfg.train.epochs = 4
+    cfg.train.batch_size = 16
     cfg.train.seq_len = 128
-    cfg.train.learning_rate = 3e-3
+    cfg.train.learning_rate = 1e-2
     cfg.train.warmup_steps = 20
     cfg.train.log_every = 20
     cfg.train.checkpoint_every = 100
     cfg.curvature.batch_size = 32
     cfg.influence.batch_size = 32
-    cfg.eval.max_new_tokens = 24
+    cfg.eval.max_new_tokens = 12
     common.apply_overrides(cfg, arg)
     return cfg.lock()

@@ -92,15 +92,15 @@ def load_suite(cfg, workdir: str) -> Suite:
         tokenizer = hf_io.load_tokenizer(os.path.join(demo_dir, "tokenizer"))
         if cfg.eval.demo:
             test_records = []
-            for cap in train_paths:
+            for cap in train_paths:  # eval.limit applies per capability
                 with open(os.path.join(demo_dir, "test", f"{cap}.jsonl")) as f:
-                    test_records += [json.loads(line) for line in f if line.strip()]
+                    lines = [json.loads(line) for line in f if line.strip()]
+                test_records += lines[: cfg.eval.limit or None]
             eval_tasks["demo"] = {
                 "type": "exact_match",
                 "records": test_records,
                 "max_new_tokens": cfg.eval.max_new_tokens,
                 "batch_size": cfg.eval.batch_size,
-                "limit": cfg.eval.limit or None,
             }
     else:
         sources = dict(data.domains) or data.source

@@ -54,25 +54,27 @@ class EvalItem:
     answer: str
 
 
+# Sizes are kept small on purpose: the demo must learn every capability in about a minute of CPU
+# training with a tiny model, so that changes in the mixture show up in the scores.
 def _arithmetic(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    a, b = rng.randint(0, 29), rng.randint(0, 9)
     if rng.random() < 0.5:
         return f"calc {a}+{b}", str(a + b)
     return f"calc {a}-{b}", str(a - b)
 
 
 def _reverse(rng: random.Random) -> tuple[str, str]:
-    word = "".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 8)))
+    word = "".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 3)))
     return f"reverse: {word}", word[::-1]
 
 
 def _sort(rng: random.Random) -> tuple[str, str]:
-    items = rng.choices(string.digits, k=rng.randint(3, 7))
+    items = rng.choices(string.digits, k=rng.randint(2, 4))
     return f"sort: {' '.join(items)}", " ".join(sorted(items))
 
 
 def _lookup(rng: random.Random) -> tuple[str, str]:
-    keys = rng.sample(string.ascii_lowercase, k=rng.randint(3, 5))
+    keys = rng.sample(string.ascii_lowercase, k=rng.randint(2, 3))
     values = [str(rng.randint(0, 9)) for _ in keys]
     query = rng.randrange(len(keys))
     table = " ".join(f"{k}={v}" for k, v in zip(keys, values))
@@ -80,7 +82,7 @@ def _lookup(rng: random.Random) -> tuple[str, str]:
 
 
 def _uppercase(rng: random.Random) -> tuple[str, str]:
-    word = "".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 8)))
+    word = "".join(rng.choices(string.ascii_lowercase, k=rng.randint(1, 3)))
     return f"upper: {word}", word.upper()
 
 
