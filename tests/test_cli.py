@@ -44,7 +44,7 @@ def test_full_loop_writes_every_artifact(finished_run):
     assert influence["rows"][0] == "all" and len(influence["domains"]) == 5
     assert influence["operator"] == "ekfac" and influence["scaling"] == "paper"
     assert all(
-        l.split(".")[-1] in ("gate_proj", "up_proj", "down_proj") for l in influence["layers"]
+        p.split(".")[-1] in ("gate_proj", "up_proj", "down_proj") for p in influence["layers"]
     )
     # The paper's step: the domain with the largest |α| moves by exactly m = 0.15.
     beta = result["rounds"][0]["beta"]
