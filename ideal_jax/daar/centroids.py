@@ -14,6 +14,7 @@ every mean and push all cosine similarities towards 1.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -166,3 +167,39 @@ def cosine_similarity(a_nd: np.ndarray, b_md: np.ndarray) -> np.ndarray:
     a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
     b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
     return a @ b.T
+
+
+@dataclasses.dataclass(frozen=True)
+class Embedder:
+    """The two DaaR representations of texts / examples with one model and one set of settings."""
+
+    model_cfg: ModelConfig
+    params: Params
+    tokenizer: Any
+    mesh: Mesh | None = None
+    max_len: int = 256
+    batch_size: int = 64
+    centroid_source: str = "input"  # METHOD.md §2.1: input embeddings
+    centroid_layer: int = 0  # for centroid_source="hidden"
+    feature_layer: int = 3  # probe features: hidden state after this many decoder layers
+
+    def texts(self, texts: Sequence[str], source: str, layer: int) -> np.ndarray:
+        return embed_texts(
+            self.model_cfg,
+            self.params,
+            self.tokenizer,
+            texts,
+            source=source,
+            layer=layer,
+            max_len=self.max_len,
+            batch_size=self.batch_size,
+            mesh=self.mesh,
+        )
+
+    def centroid_space(self, texts: Sequence[str]) -> np.ndarray:
+        """[N, D] embeddings used for centroids, pair similarity and k-means."""
+        return self.texts(texts, self.centroid_source, self.centroid_layer)
+
+    def features(self, examples: Sequence[Example]) -> np.ndarray:
+        """[N, D] probe features f(x) of examples."""
+        return self.texts([example_text(ex) for ex in examples], "hidden", self.feature_layer)

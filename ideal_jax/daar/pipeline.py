@@ -21,7 +21,8 @@ Config fields read from cfg.daar (see `DaarConfig` for the defaults and meaning 
   centroid_source ("input" | "hidden"), centroid_layer, feature_layer, max_len, embed_batch_size,
   kmeans_metric, kmeans_max_iters,
   probe_lr, probe_epochs, probe_batch_size, probe_hidden (None: the paper's 2d, d, d/2, 256),
-  probe_val_fraction, select_fraction, customized_target (None or a domain name),
+  probe_val_fraction, select_fraction, select_method ("top_fraction" | "per_domain"),
+  customized_target (None or a domain name; overrides select_method),
   customized_fractions (target, other), seed.
 
 `pseudo_domains` labels any examples with the trained ψ_dom, so IDEAL can run on an unlabeled pool
@@ -87,6 +88,7 @@ class DaarConfig:
     probe_hidden: tuple[int, ...] | None = None
     probe_val_fraction: float = 0.1
     select_fraction: float = 0.2
+    select_method: str = "top_fraction"  # paper; "per_domain" = top fraction within each domain
     customized_target: str | None = None
     customized_fractions: tuple[float, float] = (0.5, 0.1)
     seed: int = 0
@@ -129,6 +131,11 @@ class DaarConfig:
                 f"customized_target {cfg.customized_target!r} is not one of {cfg.domain_names}",
                 field="daar.customized_target",
             )
+        if cfg.select_method not in ("top_fraction", "per_domain"):
+            raise InputError(
+                f"must be 'top_fraction' or 'per_domain', got {cfg.select_method!r}",
+                field="daar.select_method",
+            )
         if not 0.0 < cfg.select_fraction <= 1.0:
             raise InputError("must be in (0, 1]", field="daar.select_fraction")
         if not 1 <= cfg.min_per_domain <= cfg.target_per_domain:
@@ -139,6 +146,19 @@ class DaarConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def generation_kwargs(self) -> dict[str, Any]:
+        """Arguments of `generation.generate_domain_pairs` besides the domain itself."""
+        names = ("counter_examples", "seed_temperature", "augment_temperature", "top_p")
+        return dict(
+            seeds=self.seeds_per_domain,
+            target=self.target_per_domain,
+            min_accepted=self.min_per_domain,
+            max_attempts=self.max_attempts_per_domain,
+            max_new_tokens=self.max_new_tokens,
+            seed=self.seed,
+            **{name: getattr(self, name) for name in names},
+        )
 
 
 @dataclasses.dataclass
@@ -167,17 +187,11 @@ def _fingerprint(examples: Sequence[Example]) -> str:
 
 
 def _save_npz(path: str, **arrays: np.ndarray) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    sel.atomic_write(path, arrays)  # atomic: a stage output on disk is always complete
 
 
 def _save_json(path: str, value: Any) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1)
-    os.replace(tmp, path)
+    sel.atomic_write(path, json.dumps(value, indent=1))
 
 
 def _load_json(path: str) -> Any:
@@ -202,38 +216,18 @@ def _check_workdir(
         _save_json(path, identity)
 
 
-class _Embedder:
-    """Embeds examples / texts with the base model, as configured."""
-
-    def __init__(self, cfg, model_cfg, params, tokenizer, mesh):
-        self.cfg, self.model_cfg, self.params, self.tokenizer, self.mesh = (
-            cfg,
-            model_cfg,
-            params,
-            tokenizer,
-            mesh,
-        )
-
-    def texts(self, texts: Sequence[str], source: str, layer: int) -> np.ndarray:
-        return cen.embed_texts(
-            self.model_cfg,
-            self.params,
-            self.tokenizer,
-            texts,
-            source=source,
-            layer=layer,
-            max_len=self.cfg.max_len,
-            batch_size=self.cfg.embed_batch_size,
-            mesh=self.mesh,
-        )
-
-    def centroid_space(self, texts: Sequence[str]) -> np.ndarray:
-        return self.texts(texts, self.cfg.centroid_source, self.cfg.centroid_layer)
-
-    def features(self, examples: Sequence[Example]) -> np.ndarray:
-        return self.texts(
-            [cen.example_text(ex) for ex in examples], "hidden", self.cfg.feature_layer
-        )
+def _embedder(cfg: DaarConfig, model_cfg, params, tokenizer, mesh) -> cen.Embedder:
+    return cen.Embedder(
+        model_cfg,
+        params,
+        tokenizer,
+        mesh,
+        cfg.max_len,
+        cfg.embed_batch_size,
+        cfg.centroid_source,
+        cfg.centroid_layer,
+        cfg.feature_layer,
+    )
 
 
 def run_daar(
@@ -259,7 +253,7 @@ def run_daar(
     workdir = os.fspath(workdir)
     _check_workdir(workdir, cfg, pool_examples, probe_examples)
     path = lambda name: os.path.join(workdir, name)
-    emb = _Embedder(cfg, model_cfg, params, tokenizer, mesh)
+    emb = _embedder(cfg, model_cfg, params, tokenizer, mesh)
     names, k = cfg.domain_names, len(cfg.domains)
     run: list[str] = []
 
@@ -268,30 +262,13 @@ def run_daar(
     # 1. Model-aware synthetic pairs per domain.
     if not os.path.exists(path("generation.json")):
         generator = generator or gen.ModelGenerator(model_cfg, params, tokenizer)
+        domains = [dataclasses.asdict(d) for d in cfg.domains]
         pairs, _, stats = gen.generate_all_domains(
-            generator,
-            emb.centroid_space,
-            [dataclasses.asdict(d) for d in cfg.domains],
-            seeds=cfg.seeds_per_domain,
-            target=cfg.target_per_domain,
-            min_accepted=cfg.min_per_domain,
-            max_attempts=cfg.max_attempts_per_domain,
-            counter_examples=cfg.counter_examples,
-            seed_temperature=cfg.seed_temperature,
-            augment_temperature=cfg.augment_temperature,
-            top_p=cfg.top_p,
-            max_new_tokens=cfg.max_new_tokens,
-            seed=cfg.seed,
+            generator, emb.centroid_space, domains, **cfg.generation_kwargs()
         )
-        _save_json(
-            path("generation.json"),
-            {
-                "pairs": {
-                    d: [{"instruction": i, "response": r} for i, r in ps] for d, ps in pairs.items()
-                },
-                "stats": {d: s.to_dict() for d, s in stats.items()},
-            },
-        )
+        as_json = {d: [{"instruction": i, "response": r} for i, r in ps] for d, ps in pairs.items()}
+        stats_json = {d: s.to_dict() for d, s in stats.items()}
+        _save_json(path("generation.json"), {"pairs": as_json, "stats": stats_json})
         run.append("generate")
     generated = _load_json(path("generation.json"))
 
@@ -310,26 +287,19 @@ def run_daar(
     # 3. Pseudo-labels: k-means on the probe set, initialized at the centroids.
     if not os.path.exists(path("pseudo_labels.npz")):
         probe_emb_nd = emb.centroid_space([cen.example_text(ex) for ex in probe_examples])
-        result = km.kmeans(
+        res = km.kmeans(
             probe_emb_nd,
             centroids_kd,
             metric=cfg.kmeans_metric,
             max_iters=cfg.kmeans_max_iters,
             mesh=mesh,
         )
+        info = dict(iterations=res.iterations, converged=res.converged, inertia=res.inertia)
         _save_npz(
             path("pseudo_labels.npz"),
-            labels_n=result.labels_n,
-            centers_kd=result.centers_kd,
-            info=np.array(
-                json.dumps(
-                    {
-                        "iterations": result.iterations,
-                        "converged": result.converged,
-                        "inertia": result.inertia,
-                    }
-                )
-            ),
+            labels_n=res.labels_n,
+            centers_kd=res.centers_kd,
+            info=np.array(json.dumps(info)),
         )
         run.append("pseudo_labels")
     pseudo = np.load(path("pseudo_labels.npz"))
@@ -338,15 +308,9 @@ def run_daar(
     # 4. ψ_dom on the pseudo-labels, then ψ_div on ψ_dom's entropy.
     if not os.path.exists(path("probe_stats.json")):
         probe_feat_nd = emb.features(probe_examples)
-        common = dict(
-            hidden=cfg.probe_hidden,
-            lr=cfg.probe_lr,
-            epochs=cfg.probe_epochs,
-            batch_size=cfg.probe_batch_size,
-            val_fraction=cfg.probe_val_fraction,
-            seed=cfg.seed,
-            mesh=mesh,
-        )
+        common = dict(hidden=cfg.probe_hidden, lr=cfg.probe_lr, epochs=cfg.probe_epochs)
+        common |= dict(batch_size=cfg.probe_batch_size, val_fraction=cfg.probe_val_fraction)
+        common |= dict(seed=cfg.seed, mesh=mesh)
         dom, dom_stats = pr.train_probe(
             probe_feat_nd, probe_labels_n, kind="classify", out=k, **common
         )
@@ -354,15 +318,8 @@ def run_daar(
         div, div_stats = pr.train_probe(probe_feat_nd, entropy_n, kind="regress", out=1, **common)
         _save_npz(path("probe_domain.npz"), **pr.probe_to_arrays(dom))
         _save_npz(path("probe_diversity.npz"), **pr.probe_to_arrays(div))
-        kmeans_info = json.loads(str(pseudo["info"]))
-        _save_json(
-            path("probe_stats.json"),
-            {
-                "domain": dom_stats.to_dict(),
-                "diversity": div_stats.to_dict(),
-                "kmeans": kmeans_info,
-            },
-        )
+        stats = dict(domain=dom_stats.to_dict(), diversity=div_stats.to_dict())
+        _save_json(path("probe_stats.json"), stats | {"kmeans": json.loads(str(pseudo["info"]))})
         run.append("probes")
     probe_stats = _load_json(path("probe_stats.json"))
 
@@ -386,20 +343,15 @@ def run_daar(
     sel_dir = path("selection")
     manifest_path = os.path.join(sel_dir, "manifest.json")
     if not os.path.exists(manifest_path):
-        if cfg.customized_target is None:
-            selected_n = sel.select_top_fraction(scores_n, cfg.select_fraction)
-            method, fractions = "top_fraction", {"all": cfg.select_fraction}
-        else:
-            target_fraction, other_fraction = cfg.customized_fractions
-            selected_n = sel.select_customized(
-                scores_n,
-                labels_n,
-                names.index(cfg.customized_target),
-                target_fraction=target_fraction,
-                other_fraction=other_fraction,
-            )
-            method = "customized"
-            fractions = {cfg.customized_target: target_fraction, "other": other_fraction}
+        selected_n, method, fractions = sel.choose(
+            scores_n,
+            labels_n,
+            names,
+            method=cfg.select_method,
+            fraction=cfg.select_fraction,
+            customized_target=cfg.customized_target,
+            customized_fractions=cfg.customized_fractions,
+        )
         sel.write_selection(
             sel_dir,
             pool_examples,
@@ -447,7 +399,7 @@ def pseudo_domains(
     if not os.path.exists(probe_path):
         raise InputError("no trained domain probe: run run_daar first", path=probe_path)
     dom = pr.probe_from_arrays(dict(np.load(probe_path)))
-    feats_nd = _Embedder(cfg, model_cfg, params, tokenizer, mesh).features(examples)
+    feats_nd = _embedder(cfg, model_cfg, params, tokenizer, mesh).features(examples)
     return [cfg.domain_names[int(k)] for k in pr.predict(dom, feats_nd).argmax(-1)]
 
 

@@ -6,10 +6,13 @@ through an MLP d -> 2d -> d -> d/2 -> 256 -> out with ReLU:
   ψ_dom: out = K, cross-entropy on the k-means pseudo-labels;
   ψ_div: out = 1, MSE on H(x), the entropy of softmax(ψ_dom(f(x))).
 
-A probe is a pure dict {"mean": [D], "std": [D], "mlp": [{"w", "b"}, ...]}. Features are
-standardized with the training split's statistics first: raw hidden states of an LM have a tiny
-overall scale (random init) or a few huge-magnitude dimensions (trained models), either of which
-stalls Adam at the small learning rates the paper used.
+A probe is a pure dict {"mean": [D], "std": [D], "mlp": [{"w", "b"}, ...], "out_shift": [],
+"out_scale": []}. Features are standardized with the training split's statistics first: raw hidden
+states of an LM have a tiny overall scale (random init) or a few huge-magnitude dimensions (trained
+models), either of which stalls Adam at the small learning rates the paper used. ψ_div's target is
+standardized too (prediction = mlp * out_scale + out_shift): entropies of a confident ψ_dom are
+~0.01 nats, far below the O(1) output of a freshly initialized MLP, which MSE then spends its
+whole budget shrinking.
 
 The public code trained with batch 1, Adam 1e-5, 1 epoch; here lr / epochs / batch size are
 arguments (cfg.daar.probe_*). Steps are jitted; batches are sharded over the mesh's batch axes, the
@@ -54,7 +57,13 @@ def init_probe(seed: int, d: int, out: int, hidden: Sequence[int] | None = None)
         }
         for d_in, d_out in zip(dims[:-1], dims[1:])
     ]
-    return {"mean": np.zeros((d,), np.float32), "std": np.ones((d,), np.float32), "mlp": layers}
+    return {
+        "mean": np.zeros((d,), np.float32),
+        "std": np.ones((d,), np.float32),
+        "mlp": layers,
+        "out_shift": np.float32(0.0),
+        "out_scale": np.float32(1.0),
+    }
 
 
 def apply_mlp(mlp: list[dict[str, jax.Array]], x_nd: jax.Array) -> jax.Array:
@@ -68,8 +77,9 @@ def apply_mlp(mlp: list[dict[str, jax.Array]], x_nd: jax.Array) -> jax.Array:
 
 @jax.jit
 def apply_probe(probe: Probe, features_nd: jax.Array) -> jax.Array:
-    """[N, out] raw outputs (logits for ψ_dom, [N, 1] predicted entropy for ψ_div)."""
-    return apply_mlp(probe["mlp"], (features_nd - probe["mean"]) / probe["std"])
+    """[N, out] outputs (logits for ψ_dom, [N, 1] predicted entropy for ψ_div)."""
+    out_no = apply_mlp(probe["mlp"], (features_nd - probe["mean"]) / probe["std"])
+    return out_no * probe["out_scale"] + probe["out_shift"]
 
 
 def log_softmax(logits_nc: np.ndarray) -> np.ndarray:
@@ -172,6 +182,12 @@ def train_probe(
     y_dtype = np.int32 if kind == "classify" else np.float32
     x_std = (features_nd - mean_d) / std_d
     y_n = np.asarray(targets_n).astype(y_dtype)
+    y_fit_n = y_n
+    if kind == "regress":
+        shift = float(y_n[train_idx].mean())
+        scale = float(max(y_n[train_idx].std(), 1e-6))
+        probe["out_shift"], probe["out_scale"] = np.float32(shift), np.float32(scale)
+        y_fit_n = ((y_n - shift) / scale).astype(np.float32)
 
     divisor = sharding.batch_divisor(mesh) if mesh is not None else 1
     rows = -(-max(1, min(batch_size, len(train_idx))) // divisor) * divisor
@@ -190,7 +206,7 @@ def train_probe(
                 "w": np.zeros((rows, 1), np.float32),
             }
             batch["x"][: len(idx)] = x_std[idx]
-            batch["y"][: len(idx), 0] = y_n[idx]
+            batch["y"][: len(idx), 0] = y_fit_n[idx]
             batch["w"][: len(idx)] = 1.0
             if mesh is not None:
                 batch = sharding.shard_batch(batch, mesh)
@@ -230,7 +246,7 @@ def _evaluate(probe: Probe, x_nd: np.ndarray, y_n: np.ndarray, kind: str) -> dic
 
 def probe_to_arrays(probe: Probe) -> dict[str, np.ndarray]:
     """Flat {name: array} (for np.savez); inverse of `probe_from_arrays`."""
-    flat = {"mean": np.asarray(probe["mean"]), "std": np.asarray(probe["std"])}
+    flat = {key: np.asarray(probe[key]) for key in ("mean", "std", "out_shift", "out_scale")}
     for i, layer in enumerate(probe["mlp"]):
         flat[f"mlp_{i}_w"] = np.asarray(layer["w"])
         flat[f"mlp_{i}_b"] = np.asarray(layer["b"])
@@ -240,8 +256,7 @@ def probe_to_arrays(probe: Probe) -> dict[str, np.ndarray]:
 def probe_from_arrays(flat: dict[str, np.ndarray]) -> Probe:
     n_layers = sum(1 for key in flat if key.startswith("mlp_") and key.endswith("_w"))
     return {
-        "mean": np.asarray(flat["mean"]),
-        "std": np.asarray(flat["std"]),
+        **{key: np.asarray(flat[key]) for key in ("mean", "std", "out_shift", "out_scale")},
         "mlp": [
             {"w": np.asarray(flat[f"mlp_{i}_w"]), "b": np.asarray(flat[f"mlp_{i}_b"])}
             for i in range(n_layers)

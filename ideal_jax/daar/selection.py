@@ -3,6 +3,11 @@
 `select_top_fraction`: the top `fraction` (default 20%) of the pool by ψ_div score.
 `select_customized`: per pseudo-domain, the top `target_fraction` (50%) of a target domain and the
 top `other_fraction` (10%) of every other domain, for a user who wants one capability emphasized.
+`select_per_domain`: the top `fraction` within every pseudo-domain (not in the paper). On a pool
+whose domains are cleanly separated, the global top-p% concentrates on the most ambiguous
+pseudo-domain (measured on the demo suite: 133 of 150 selected from one of 5 capabilities), which
+is the opposite of a balanced mix; the stratified variant keeps the pool's domain proportions and
+ranks by diversity only within each domain.
 Ties are broken by pool index, so a selection is a pure function of (scores, labels, fractions).
 
 `write_selection` writes a JSON manifest (method, fractions, counts per pseudo-domain, seed,
@@ -66,6 +71,39 @@ def select_customized(
     return np.concatenate(chosen) if chosen else np.zeros((0,), np.int64)
 
 
+def select_per_domain(scores_n: np.ndarray, labels_n: np.ndarray, fraction: float) -> np.ndarray:
+    """Pool indices: the top `fraction` of every pseudo-domain (grouped, best first in each)."""
+    return select_customized(
+        scores_n, labels_n, target=-1, target_fraction=fraction, other_fraction=fraction
+    )
+
+
+def choose(
+    scores_n: np.ndarray,
+    labels_n: np.ndarray,
+    domain_names: Sequence[str],
+    *,
+    method: str = "top_fraction",
+    fraction: float = 0.2,
+    customized_target: str | None = None,
+    customized_fractions: tuple[float, float] = (0.5, 0.1),
+) -> tuple[np.ndarray, str, dict[str, float]]:
+    """(selected pool indices, method name, fractions) as configured; a target means customized."""
+    if customized_target is not None:
+        target_fraction, other_fraction = customized_fractions
+        picked = select_customized(
+            scores_n,
+            labels_n,
+            list(domain_names).index(customized_target),
+            target_fraction=target_fraction,
+            other_fraction=other_fraction,
+        )
+        return picked, "customized", {customized_target: target_fraction, "other": other_fraction}
+    if method == "per_domain":
+        return select_per_domain(scores_n, labels_n, fraction), method, {"each": fraction}
+    return select_top_fraction(scores_n, fraction), "top_fraction", {"all": fraction}
+
+
 def histogram(labels_n: np.ndarray, k: int) -> np.ndarray:
     """[K] normalized histogram of labels 0..K-1."""
     counts = np.bincount(np.asarray(labels_n, np.int64), minlength=k).astype(np.float64)
@@ -79,11 +117,16 @@ def kl_to_uniform(labels_n: np.ndarray, k: int) -> float:
     return float(np.sum(p[nz] * np.log(p[nz] * k)))
 
 
-def _atomic_write(path: str, text: str) -> None:
+def atomic_write(path: str, content: str | dict[str, np.ndarray]) -> None:
+    """Writes text, or a dict of arrays as .npz, via a temporary file and os.replace."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
+    if isinstance(content, str):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(content)
+    else:
+        with open(tmp, "wb") as f:
+            np.savez(f, **content)
     os.replace(tmp, path)  # readers see the old file or the new one, never half of one
 
 
@@ -148,6 +191,6 @@ def write_selection(
         for i in selected_n
     ]
     # Records first, manifest last: a manifest on disk means the selection is complete.
-    _atomic_write(records_path, "".join(line + "\n" for line in lines))
-    _atomic_write(manifest_path, json.dumps(manifest, indent=1) + "\n")
+    atomic_write(records_path, "".join(line + "\n" for line in lines))
+    atomic_write(manifest_path, json.dumps(manifest, indent=1) + "\n")
     return manifest_path, records_path
