@@ -19,7 +19,7 @@ import numpy as np
 from ideal_jax import sharding
 from ideal_jax.configlib import write_json_atomic
 from ideal_jax.data import batching, demo_suite, formatting, mixture, records
-from ideal_jax.model import hf_io
+from ideal_jax.model import decoding, hf_io
 from ideal_jax.model.config import ModelConfig, preset
 from ideal_jax.model.transformer import abstract_params, init_params, logical_axes
 from ideal_jax.utils.distributed import is_lead_host
@@ -349,11 +349,20 @@ def influence_round(
     train_items = sigma_subsample(suite, mix, curv.sigma, cfg.seed)
     rng = jax.random.key(cfg.seed)
 
+    # Pad mode, one example per row (EK-FAC's "per example" is a row); rows are as long as the
+    # longest example (bucketed), never truncated and never padded to the training length.
+    longest = max(len(t.input_ids) for t in train_items + suite.reference_tokenized)
+    seq_len = (
+        max(cfg.train.seq_len, longest)
+        if longest > cfg.train.seq_len
+        else min(cfg.train.seq_len, decoding.bucket(longest))
+    )
+
     def batches(items, names, batch_size):
         for b in batching.iterate_batches(
             items,
             batch_size,
-            cfg.train.seq_len,
+            seq_len,
             "pad",
             cfg.seed,
             0,
@@ -363,6 +372,12 @@ def influence_round(
             pad_id=pad_id,
         ):
             yield sharding.shard_batch(b, mesh)
+
+    def grouped(items, names, batch_size):
+        """(group index, batch) with every batch drawn from one group only."""
+        for g, name in enumerate(names):
+            for b in batches([t for t in items if t.domain == name], names, batch_size):
+                yield g, b
 
     train_batches = lambda: batches(train_items, suite.domain_names, curv.batch_size)
     timings: dict[str, float] = {}
@@ -388,16 +403,20 @@ def influence_round(
         relative_damping=curv.relative_damping,
         curvature=curvature,
         state=state,
-        batches=list(train_batches()) if infl.operator == "exact" else None,
+        batches=list(train_batches()) if infl.operator in ("exact", "cg") else None,
         rng=jax.random.fold_in(rng, 2),
     )
-    domain_grads = gradients.group_mean_gradients(
-        problem, params, train_batches(), suite.domain_names, what="training domains"
-    )
-    ref_grads = gradients.group_mean_gradients(
+    domain_grads = gradients.single_group_mean_gradients(
         problem,
         params,
-        batches(suite.reference_tokenized, suite.capabilities, infl.batch_size),
+        grouped(train_items, suite.domain_names, curv.batch_size),
+        suite.domain_names,
+        what="training domains",
+    )
+    ref_grads = gradients.single_group_mean_gradients(
+        problem,
+        params,
+        grouped(suite.reference_tokenized, suite.capabilities, infl.batch_size),
         suite.capabilities,
         what="reference set",
     )
@@ -419,6 +438,7 @@ def influence_round(
         relative_damping=bool(curv.relative_damping),
         correction=curv.correction if infl.operator == "ekfac" else None,
         subsample_examples=len(train_items),
+        seq_len=seq_len,
         timings=timings,
     )
     return out

@@ -6,6 +6,10 @@ index for training data; −1 for padding) is g. One streamed pass computes all 
 jitted step adds Σ_t [id_t = g] w_t ∇ℓ_t for every g (vmapped over groups) into an on-device
 accumulator; the only host work in the loop is fetching the next batch.
 
+When every batch holds rows of one group only (the influence stage batches each domain and each
+capability separately), `single_group_mean_gradients` needs one backward pass per batch instead
+of one per group: the batch's gradient is added into row g of the accumulator.
+
 σ-subsampling (METHOD §1.2, cost saving): `sigma_subsample` picks a random σ fraction of each
 domain's examples (seeded) — the caller batches those examples for the gradient and factor passes.
 """
@@ -85,6 +89,60 @@ def group_mean_gradients(
     if empty:
         raise InputError(
             f"{what}: groups {empty} have no response tokens (weights all 0)", field=group_key
+        )
+    total = float(weights.sum())
+    grads = jax.tree.map(
+        lambda x: x / jnp.asarray(weights, jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1)), acc
+    )
+    overall = jax.tree.map(lambda x: jnp.sum(x, axis=0) / total, acc)
+    return GroupGradients(names, grads, weights, overall, total)
+
+
+def _single_group_step(
+    problem: CurvatureProblem,
+    acc: dict,
+    acc_w: jax.Array,
+    group: jax.Array,
+    params: Params,
+    batch: Batch,
+):
+    selected, rest = layers_lib.split_params(params, problem.layers)
+    fn = lambda s: weighted_loss_sum(problem, layers_lib.merge_params(s, rest), batch)
+    grad, w = jax.grad(fn, has_aux=True)(selected)
+    acc = jax.tree.map(lambda a, g: a.at[group].add(g), acc, grad)
+    return acc, acc_w.at[group].add(w)
+
+
+def single_group_mean_gradients(
+    problem: CurvatureProblem,
+    params: Params,
+    batches: Iterable[tuple[int, Batch]],
+    names: Sequence[str],
+    *,
+    what: str = "data",
+) -> GroupGradients:
+    """Like `group_mean_gradients` for batches that each hold one group: (group index, batch).
+
+    One backward pass per batch (not one per group), and one compilation for all groups.
+    """
+    names = tuple(names)
+    selected, _ = layers_lib.split_params(params, problem.layers)
+    acc = jax.tree.map(lambda x: jnp.zeros((len(names), *x.shape), jnp.float32), selected)
+    acc_w = jnp.zeros((len(names),), jnp.float32)
+    step = jax.jit(
+        lambda a, w, g, p, b: _single_group_step(problem, a, w, g, p, b), donate_argnums=(0, 1)
+    )
+    for group, batch in batches:
+        acc, acc_w = step(acc, acc_w, jnp.int32(group), params, batch)
+    return _finish(names, acc, acc_w, what, "group")
+
+
+def _finish(names, acc, acc_w, what: str, field: str) -> GroupGradients:
+    weights = np.asarray(acc_w, np.float64)
+    empty = [n for n, w in zip(names, weights) if w <= 0]
+    if empty:
+        raise InputError(
+            f"{what}: groups {empty} have no response tokens (weights all 0)", field=field
         )
     total = float(weights.sum())
     grads = jax.tree.map(
