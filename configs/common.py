@@ -98,22 +98,28 @@ def base_config() -> ml_collections.ConfigDict:
     # --- mesh (ideal_jax/sharding.py): -1 = all remaining devices ---
     cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
-    # --- daar: diversity-as-reward selection (ideal_jax/daar) ---
+    # --- daar: diversity-as-reward selection (ideal_jax/daar; field meanings: DaarConfig) ---
     cfg.daar = ml_collections.ConfigDict()
-    cfg.daar.enabled_for_ideal = False  # True: IDEAL's domains are DaaR pseudo-domains
+    cfg.daar.pool = ""  # unlabeled pool file (any record form; domain labels, if any, ignored)
+    cfg.daar.probe = ""  # probe set file (same distribution as the pool, disjoint)
     cfg.daar.domains = ml_collections.ConfigDict()  # name -> one-sentence description
-    cfg.daar.tau = ml_collections.ConfigDict()  # name -> similarity threshold (default 0.85)
+    cfg.daar.tau = ml_collections.ConfigDict()  # name -> similarity threshold (0.85; 0.9 math)
+    cfg.daar.generator = "model"  # model: the base model writes the pairs | file: seed_pairs
+    cfg.daar.seed_pairs = ""  # JSONL of {domain, prompt, response} pairs for generator=file
     cfg.daar.seeds_per_domain = 5
     cfg.daar.target_per_domain = 10
-    cfg.daar.max_attempts_per_domain = 60
-    cfg.daar.feature_layer = 3
+    cfg.daar.min_per_domain = 3
+    cfg.daar.max_attempts_per_domain = 100
+    cfg.daar.max_new_tokens = 256
+    cfg.daar.feature_layer = 3  # probe features: hidden state after this many decoder layers
     cfg.daar.probe_lr = 1e-3
-    cfg.daar.probe_epochs = 5
+    cfg.daar.probe_epochs = 20
     cfg.daar.probe_batch_size = 32
     cfg.daar.select_fraction = 0.2
-    cfg.daar.customized_target = ""
-    cfg.daar.pool = ""  # unlabeled pool file
-    cfg.daar.probe = ""  # probe set file (same distribution, disjoint)
+    cfg.daar.select_method = "top_fraction"  # top_fraction (paper) | per_domain
+    cfg.daar.customized_target = ""  # a domain name: the paper's "customized" variant
+    cfg.daar.seed = 0
+    cfg.daar.use_for_ideal = False  # True: IDEAL's domains are DaaR pseudo-domains of the pool
     return cfg
 
 

@@ -43,6 +43,11 @@ def run_ideal(
     mesh = sharding.make_mesh(dict(cfg.mesh))
     suite = stages.load_suite(cfg, workdir)
     model_cfg, base_params = stages.load_model(cfg, mesh, suite.tokenizer)
+    if cfg.daar.use_for_ideal:  # unlabeled pool: DaaR's pseudo-domains become IDEAL's domains
+        from ideal_jax.daar import job as daar_job
+
+        domains = daar_job.pseudo_domain_examples(cfg, workdir, suite, model_cfg, base_params, mesh)
+        suite = stages.with_domains(suite, domains, cfg.data)
     reweight_cfg = reweight.ReweightConfig.from_config_dict(cfg.reweight)
     source_ids = {name: [t.example_id for t in items] for name, items in suite.tokenized.items()}
     mix = mixture_lib.build_mixture(

@@ -63,9 +63,9 @@ def run(cfg, workdir: str) -> dict:
         return ideal.run_ideal(cfg, workdir, rounds=0, train=False, influence_last=True)
     if cfg.mode == "eval":
         return ideal.run_eval_only(cfg, workdir)
-    from ideal_jax.daar import pipeline as daar_pipeline
+    from ideal_jax.daar import job as daar_job
 
-    return daar_pipeline.run_from_config(cfg, workdir)
+    return daar_job.run_from_config(cfg, workdir)
 
 
 def main(argv):

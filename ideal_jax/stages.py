@@ -130,10 +130,7 @@ def load_suite(cfg, workdir: str) -> Suite:
         max_len=data.max_len,
         truncate=data.truncate,
     )
-    tokenized, stats = {}, {}
-    for name, examples in domains.items():
-        tokenized[name], domain_stats = tokenize(examples)
-        stats[name] = domain_stats.to_dict()
+    tokenized, stats = tokenize_domains(domains, tokenize)
     # Reference examples are grouped by capability: the capability is their "domain" in batches.
     ref_examples = [
         dataclasses.replace(ex, domain=cap) for cap, exs in reference.items() for ex in exs
@@ -145,6 +142,28 @@ def load_suite(cfg, workdir: str) -> Suite:
             "the reference set has no example with response tokens", field="data.reference"
         )
     return Suite(domains, reference, tokenizer, tokenized, ref_tokenized, stats, eval_tasks)
+
+
+def tokenize_domains(domains, tokenize) -> tuple[dict, dict]:
+    tokenized, stats = {}, {}
+    for name, examples in domains.items():
+        tokenized[name], domain_stats = tokenize(examples)
+        stats[name] = domain_stats.to_dict()
+    return tokenized, stats
+
+
+def with_domains(suite: Suite, domains: dict[str, list[records.Example]], data_cfg) -> Suite:
+    """The suite with other training domains (e.g. DaaR pseudo-domains of an unlabeled pool)."""
+    tokenize = functools.partial(
+        formatting.tokenize_examples,
+        tokenizer=suite.tokenizer,
+        max_len=data_cfg.max_len,
+        truncate=data_cfg.truncate,
+    )
+    tokenized, stats = tokenize_domains(domains, tokenize)
+    return dataclasses.replace(
+        suite, domains=domains, tokenized=tokenized, format_stats={**suite.format_stats, **stats}
+    )
 
 
 def load_model(cfg, mesh, tokenizer) -> tuple[ModelConfig, Any]:

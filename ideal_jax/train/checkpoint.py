@@ -13,6 +13,7 @@ shape against the model config: a mismatch is an InputError naming the checkpoin
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -21,6 +22,9 @@ import orbax.checkpoint as ocp
 
 from ideal_jax.train.state import TrainState
 from ideal_jax.utils.errors import InputError
+
+# Orbax names an unfinished save "<step>.orbax-checkpoint-tmp" (then renames it to "<step>").
+TMP_MARKER = ".orbax-checkpoint-tmp"
 
 
 def _abstract_with_shardings(abstract_state: TrainState, shardings: TrainState) -> TrainState:
@@ -42,17 +46,14 @@ class Checkpointer:
     ):
         self.directory = os.path.abspath(os.fspath(directory))
         self.save_every = int(save_every)
+        _remove_unfinished_saves(self.directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=int(keep) if keep else None,
             create=True,
-            # Leftovers of a save that a killed process never finished are removed on start.
-            cleanup_tmp_directories=True,
             enable_async_checkpointing=async_save,
         )
         self.manager = ocp.CheckpointManager(
-            self.directory,
-            item_names=("state", "meta"),
-            options=options,
+            self.directory, item_handlers=_handlers(), options=options
         )
 
     def latest_step(self) -> int | None:
@@ -140,6 +141,27 @@ class Checkpointer:
         self.manager.close()
 
 
+def _remove_unfinished_saves(directory: str) -> None:
+    """Delete the temporary directories of saves a killed process never finished.
+
+    Done here, synchronously, rather than with orbax's `cleanup_tmp_directories`, whose background
+    deletion can race with a new save of the same step (it reuses the same temporary name).
+    """
+    if jax.process_index() == 0 and os.path.isdir(directory):
+        for name in os.listdir(directory):
+            if TMP_MARKER in name:
+                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("ideal_jax.checkpoint.cleanup")
+
+
+def _handlers() -> dict[str, ocp.CheckpointHandler]:
+    # Named up front so that a fresh manager (a resumed process) can read metadata and restore.
+    return {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+
+
 def _get(tree: Any, key: str) -> Any:
     """Orbax metadata trees are dicts or objects depending on the version: read either."""
     if tree is None:
@@ -151,7 +173,7 @@ def _get(tree: Any, key: str) -> Any:
 
 def restore_params_only(directory: str, step: int | None = None) -> Any:
     """Parameters from a checkpoint as host numpy arrays (no model config or mesh needed)."""
-    manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=("state", "meta"))
+    manager = ocp.CheckpointManager(os.path.abspath(directory), item_handlers=_handlers())
     step = manager.latest_step() if step is None else step
     if step is None:
         raise InputError("no checkpoint found", path=directory)

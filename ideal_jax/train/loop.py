@@ -96,6 +96,7 @@ def run_sft(
     eval_fn: Callable[[Any], dict[str, Any]] | None = None,
     domain_names: Sequence[str] = (),
     progress: bool = True,
+    compiler_options: dict[str, Any] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Train for `train_cfg.epochs` epochs of `steps_per_epoch` updates; returns (params, summary).
 
@@ -103,7 +104,7 @@ def run_sft(
     the same epoch (B = this host's rows). init_params: starting parameters (e.g. a Hugging Face
     base model), else random ones from train.seed. eval_fn(params) -> dict runs once at the end;
     its result goes into the summary. Checkpoints go to workdir/checkpoints, metrics to
-    workdir/metrics.jsonl and workdir/tb.
+    workdir/metrics.jsonl and workdir/tb. compiler_options: XLA options for the step (tests only).
     """
     workdir = os.fspath(workdir)
     batch_size, seq_len, accum = _check_batch_geometry(train_cfg, mesh)
@@ -135,7 +136,13 @@ def run_sft(
         )
     writer = MetricsWriter(workdir, resume_step=start_step, enabled=jax.process_index() == 0)
     step_fn = make_train_step(
-        model_cfg, optimizer, shardings, mesh, num_domains=num_domains, grad_accum=accum
+        model_cfg,
+        optimizer,
+        shardings,
+        mesh,
+        num_domains=num_domains,
+        grad_accum=accum,
+        compiler_options=compiler_options,
     )
     names = list(domain_names) or ["all"]
     bar = tqdm(

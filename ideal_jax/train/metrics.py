@@ -108,8 +108,9 @@ class MetricsWriter:
         from tensorboardX import SummaryWriter  # heavy import, only where metrics are written
 
         # purge_step hides events a killed run wrote beyond the checkpoint we resume from.
-        purge_step = resume_step + 1 if resume_step else None
-        self._tb = SummaryWriter(os.path.join(os.fspath(workdir), "tb"), purge_step=purge_step)
+        self._tb = SummaryWriter(
+            os.path.join(os.fspath(workdir), "tb"), purge_step=int(resume_step) + 1
+        )
 
     def write(self, entry: dict[str, Any]) -> None:
         if not self.enabled:
