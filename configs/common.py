@@ -69,6 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.curvature.correction = "per_example"  # EK-FAC eigenvalue fit: per_example | per_batch
     cfg.curvature.damping = 0.1
     cfg.curvature.relative_damping = True  # damping × mean eigenvalue of each block (Kronfluence)
+    # Accelerator memory for planning layer groups (0: ask the runtime; CPU: one group).
+    cfg.curvature.device_memory_gib = 0.0
 
     # --- influence: α = −g_refᵀ H⁻¹ g_j (ideal_jax/influence) ---
     cfg.influence = ml_collections.ConfigDict()

@@ -19,7 +19,7 @@ import numpy as np
 from ideal_jax import sharding
 from ideal_jax.configlib import write_json_atomic
 from ideal_jax.data import batching, demo_suite, formatting, mixture, records
-from ideal_jax.model import decoding, hf_io
+from ideal_jax.model import hf_io
 from ideal_jax.model.config import ModelConfig, preset
 from ideal_jax.model.transformer import abstract_params, init_params, logical_axes
 from ideal_jax.utils.distributed import is_lead_host
@@ -335,129 +335,8 @@ def evaluate_round(cfg, model_cfg, params, suite: Suite, mesh) -> dict[str, Any]
     return results
 
 
-def sigma_subsample(suite: Suite, mix: mixture.Mixture, sigma: float, seed: int):
-    """A random σ fraction (≥ 1) of each domain's distinct examples in the round's mixture."""
-    rng = np.random.default_rng([seed, 1729])
-    chosen = []
-    for name, ids in zip(mix.domain_names, mix.example_ids):
-        by_id = {t.example_id: t for t in suite.tokenized[name]}
-        unique = sorted({i for i in ids if i in by_id})
-        n = max(1, int(round(sigma * len(unique))))
-        chosen += [by_id[unique[i]] for i in np.sort(rng.choice(len(unique), n, replace=False))]
-    return chosen
+def influence_round(cfg, model_cfg, params, suite: Suite, mix: mixture.Mixture, mesh):
+    """influence.json for the round (ideal_jax/influence/stage.py)."""
+    from ideal_jax.influence.stage import influence_for_round
 
-
-def influence_round(
-    cfg, model_cfg, params, suite: Suite, mix: mixture.Mixture, mesh
-) -> dict[str, Any]:
-    """influence.json: the α matrix (rows "all" + capabilities, columns domains), Lemma 1.
-
-    Factors, EK-FAC correction and domain gradients use a σ-subsample of each domain; the
-    reference set is used whole (METHOD.md §1.2). Timings of each sub-stage are recorded.
-    """
-    from ideal_jax.curvature import ekfac, operators
-    from ideal_jax.curvature import kfac as kfac_lib
-    from ideal_jax.curvature import layers as layers_lib
-    from ideal_jax.influence import alpha as alpha_lib
-    from ideal_jax.influence import gradients
-
-    curv, infl = cfg.curvature, cfg.influence
-    pad_id = suite.tokenizer.pad_token_id or 0
-    layers = layers_lib.select_layers(params, curv.layers)
-    problem = kfac_lib.lm_problem(model_cfg, layers)
-    train_items = sigma_subsample(suite, mix, curv.sigma, cfg.seed)
-    rng = jax.random.key(cfg.seed)
-
-    # Pad mode, one example per row (EK-FAC's "per example" is a row); rows are as long as the
-    # longest example (bucketed), never truncated and never padded to the training length.
-    longest = max(len(t.input_ids) for t in train_items + suite.reference_tokenized)
-    seq_len = (
-        max(cfg.train.seq_len, longest)
-        if longest > cfg.train.seq_len
-        else min(cfg.train.seq_len, decoding.bucket(longest))
-    )
-
-    def batches(items, names, batch_size):
-        for b in batching.iterate_batches(
-            items,
-            batch_size,
-            seq_len,
-            "pad",
-            cfg.seed,
-            0,
-            jax.process_index(),
-            jax.process_count(),
-            domain_names=names,
-            pad_id=pad_id,
-        ):
-            yield sharding.shard_batch(b, mesh)
-
-    def grouped(items, names, batch_size):
-        """(group index, batch) with every batch drawn from one group only."""
-        for g, name in enumerate(names):
-            for b in batches([t for t in items if t.domain == name], names, batch_size):
-                yield g, b
-
-    train_batches = lambda: batches(train_items, suite.domain_names, curv.batch_size)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    curvature = state = None
-    if infl.operator in ("kfac", "ekfac"):
-        curvature = kfac_lib.KfacCurvature(problem, mode=curv.estimator)
-        state = kfac_lib.accumulate_factors(curvature, params, train_batches(), rng)
-        timings["factors"] = time.perf_counter() - t0
-        if infl.operator == "ekfac":
-            t0 = time.perf_counter()
-            unit = "example" if curv.correction == "per_example" else "batch"
-            state = ekfac.fit_eigen_correction(
-                curvature, state, params, train_batches(), jax.random.fold_in(rng, 1), unit=unit
-            )
-            timings["eigen_correction"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    operator = operators.build_operator(
-        infl.operator,
-        problem=problem,
-        params=params,
-        damping=curv.damping,
-        relative_damping=curv.relative_damping,
-        curvature=curvature,
-        state=state,
-        batches=list(train_batches()) if infl.operator in ("exact", "cg") else None,
-        rng=jax.random.fold_in(rng, 2),
-    )
-    domain_grads = gradients.single_group_mean_gradients(
-        problem,
-        params,
-        grouped(train_items, suite.domain_names, curv.batch_size),
-        suite.domain_names,
-        what="training domains",
-    )
-    ref_grads = gradients.single_group_mean_gradients(
-        problem,
-        params,
-        grouped(suite.reference_tokenized, suite.capabilities, infl.batch_size),
-        suite.capabilities,
-        what="reference set",
-    )
-    timings["gradients"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    result = alpha_lib.compute_alpha(
-        ref_grads,
-        domain_grads,
-        operator,
-        layers=layers,
-        scaling=infl.scaling,
-        domain_sizes=[float(n) for n in mix.target_sizes],
-        sigma=curv.sigma,
-    )
-    timings["inverse_products"] = time.perf_counter() - t0
-    out = result.to_json()
-    out.update(
-        estimator=curv.estimator,
-        relative_damping=bool(curv.relative_damping),
-        correction=curv.correction if infl.operator == "ekfac" else None,
-        subsample_examples=len(train_items),
-        seq_len=seq_len,
-        timings=timings,
-    )
-    return out
+    return influence_for_round(cfg, model_cfg, params, suite, mix, mesh)

@@ -1,0 +1,169 @@
+"""The influence stage of an IDEAL round: curvature → gradients → α (Lemma 1), with timings.
+
+Factors, EK-FAC correction and domain gradients use a σ-subsample of each domain's distinct
+examples in the round's mixture; the reference set is used whole (METHOD.md §1.2). When the
+curvature factors of all selected layers would not fit one device (ideal_jax/memory_plan.py), the
+layers are processed in groups, one after the other: H is block-diagonal over layers, so α is the
+sum of the groups' contributions.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from ideal_jax import sharding
+from ideal_jax.curvature import ekfac, operators
+from ideal_jax.curvature import kfac as kfac_lib
+from ideal_jax.curvature import layers as layers_lib
+from ideal_jax.data import batching
+from ideal_jax.influence import alpha as alpha_lib
+from ideal_jax.influence import gradients
+from ideal_jax.model import decoding
+
+
+def sigma_subsample(suite, mix, sigma: float, seed: int) -> list:
+    """A random σ fraction (≥ 1) of each domain's distinct examples in the round's mixture."""
+    rng = np.random.default_rng([seed, 1729])
+    chosen = []
+    for name, ids in zip(mix.domain_names, mix.example_ids):
+        by_id = {t.example_id: t for t in suite.tokenized[name]}
+        unique = sorted({i for i in ids if i in by_id})
+        n = max(1, int(round(sigma * len(unique))))
+        chosen += [by_id[unique[i]] for i in np.sort(rng.choice(len(unique), n, replace=False))]
+    return chosen
+
+
+def device_memory_bytes(curv_cfg) -> int | None:
+    """Memory of one accelerator (config override, else what the runtime reports; CPU: None)."""
+    if curv_cfg.get("device_memory_gib"):
+        return int(curv_cfg.device_memory_gib * 2**30)
+    stats = jax.devices()[0].memory_stats() if jax.devices()[0].platform != "cpu" else None
+    return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+
+
+def layer_groups(cfg, model_cfg, layers: tuple[str, ...], mesh) -> list[tuple[str, ...]]:
+    memory = device_memory_bytes(cfg.curvature)
+    if memory is None:
+        return [layers]
+    from ideal_jax.memory_plan import plan_curvature_layer_groups
+
+    groups = plan_curvature_layer_groups(
+        model_cfg, list(layers), mesh, memory, ekfac=cfg.influence.operator == "ekfac"
+    )
+    return [tuple(g) for g in groups]
+
+
+def influence_for_round(cfg, model_cfg, params, suite, mix, mesh) -> dict[str, Any]:
+    curv, infl = cfg.curvature, cfg.influence
+    pad_id = suite.tokenizer.pad_token_id or 0
+    layers = layers_lib.select_layers(params, curv.layers)
+    train_items = sigma_subsample(suite, mix, curv.sigma, cfg.seed)
+    rng = jax.random.key(cfg.seed)
+    # Pad mode, one example per row (EK-FAC's "per example" is a row); rows are as long as the
+    # longest example (bucketed): never truncated, never padded to the training length.
+    longest = max(len(t.input_ids) for t in train_items + suite.reference_tokenized)
+    seq_len = (
+        longest if longest > cfg.train.seq_len else min(cfg.train.seq_len, decoding.bucket(longest))
+    )
+
+    def batches(items, names, batch_size):
+        for b in batching.iterate_batches(
+            items,
+            batch_size,
+            seq_len,
+            "pad",
+            cfg.seed,
+            0,
+            jax.process_index(),
+            jax.process_count(),
+            domain_names=names,
+            pad_id=pad_id,
+        ):
+            yield sharding.shard_batch(b, mesh)
+
+    def grouped(items, names, batch_size):
+        """(group index, batch) with every batch drawn from one group only."""
+        for g, name in enumerate(names):
+            for b in batches([t for t in items if t.domain == name], names, batch_size):
+                yield g, b
+
+    train_batches = lambda: batches(train_items, suite.domain_names, curv.batch_size)
+    timings = {"factors": 0.0, "eigen_correction": 0.0, "gradients": 0.0, "inverse_products": 0.0}
+    groups = layer_groups(cfg, model_cfg, layers, mesh)
+    total, last = None, None
+    for group in groups:
+        problem = kfac_lib.lm_problem(model_cfg, group)
+        t0 = time.perf_counter()
+        curvature = state = None
+        if infl.operator in ("kfac", "ekfac"):
+            curvature = kfac_lib.KfacCurvature(problem, mode=curv.estimator)
+            state = kfac_lib.accumulate_factors(curvature, params, train_batches(), rng)
+            timings["factors"] += time.perf_counter() - t0
+            if infl.operator == "ekfac":
+                t0 = time.perf_counter()
+                unit = "example" if curv.correction == "per_example" else "batch"
+                state = ekfac.fit_eigen_correction(
+                    curvature, state, params, train_batches(), jax.random.fold_in(rng, 1), unit=unit
+                )
+                timings["eigen_correction"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        operator = operators.build_operator(
+            infl.operator,
+            problem=problem,
+            params=params,
+            damping=curv.damping,
+            relative_damping=curv.relative_damping,
+            curvature=curvature,
+            state=state,
+            batches=list(train_batches()) if infl.operator in ("exact", "cg") else None,
+            rng=jax.random.fold_in(rng, 2),
+        )
+        domain_grads = gradients.single_group_mean_gradients(
+            problem,
+            params,
+            grouped(train_items, suite.domain_names, curv.batch_size),
+            suite.domain_names,
+            what="training domains",
+        )
+        ref_grads = gradients.single_group_mean_gradients(
+            problem,
+            params,
+            grouped(suite.reference_tokenized, suite.capabilities, infl.batch_size),
+            suite.capabilities,
+            what="reference set",
+        )
+        timings["gradients"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        last = alpha_lib.compute_alpha(
+            ref_grads,
+            domain_grads,
+            operator,
+            layers=group,
+            scaling=infl.scaling,
+            domain_sizes=[float(n) for n in mix.target_sizes],
+            sigma=curv.sigma,
+        )
+        timings["inverse_products"] += time.perf_counter() - t0
+        # H is block-diagonal over layers: each group adds its layers' share of every dot product.
+        total = last.to_json() if total is None else _add(total, last.to_json())
+    total.update(
+        layers=list(layers),
+        layer_groups=[list(g) for g in groups],
+        estimator=curv.estimator,
+        relative_damping=bool(curv.relative_damping),
+        correction=curv.correction if infl.operator == "ekfac" else None,
+        subsample_examples=len(train_items),
+        seq_len=seq_len,
+        timings=timings,
+    )
+    return total
+
+
+def _add(total: dict, part: dict) -> dict:
+    total["matrix"] = (np.asarray(total["matrix"]) + np.asarray(part["matrix"])).tolist()
+    total["damping"] = {**total["damping"], **part["damping"]}
+    return total

@@ -1,0 +1,26 @@
+"""Curvature in layer groups (when factors would not fit a device) gives the same α as one pass."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs import tiny
+from ideal_jax import main
+
+
+@pytest.mark.slow
+def test_layer_groups_give_the_same_alpha(tmp_path):
+    alphas, groups = [], []
+    for memory_gib in (0.0, 0.003):  # 0: one group; 3 MB: one layer per group
+        cfg = tiny.get_config()
+        cfg.mode, cfg.progress = "influence", False
+        cfg.curvature.device_memory_gib = memory_gib
+        workdir = str(tmp_path / f"m{memory_gib}")
+        main.run(cfg, workdir)
+        out = json.load(open(os.path.join(workdir, "round_0", "influence.json")))
+        alphas.append(np.asarray(out["matrix"]))
+        groups.append(len(out["layer_groups"]))
+    assert groups == [1, 6]
+    np.testing.assert_allclose(alphas[1], alphas[0], rtol=1e-4, atol=1e-6)
