@@ -6,6 +6,7 @@ a multi-process job, and does nothing on a single machine:
     IDEAL_JAX_PROCESS_ID
   - SLURM: SLURM_NTASKS > 1 (jax reads the coordinator from the SLURM environment)
   - TPU pods: TPU_WORKER_HOSTNAMES lists more than one worker (jax detects the slice itself)
+  - anything else jax can auto-detect (e.g. a GCE TPU VM slice): IDEAL_JAX_DISTRIBUTED=1
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ def launched_multiprocess(env: dict[str, str] | None = None) -> str | None:
         return "slurm"
     if len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
         return "tpu"
+    if env.get("IDEAL_JAX_DISTRIBUTED") == "1":
+        return "auto"
     return None
 
 
