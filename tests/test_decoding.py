@@ -71,3 +71,16 @@ def test_left_pad_layout():
     tokens, mask = decoding.left_pad([[1, 2], [3]], 4, pad_id=0)
     np.testing.assert_array_equal(tokens, [[0, 0, 1, 2], [0, 0, 0, 3]])
     np.testing.assert_array_equal(mask, [[0, 0, 1, 1], [0, 0, 0, 1]])
+
+
+def test_nucleus_threshold_matches_sorting():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(6, 50)) * 3, jnp.float32)
+    for top_p in (0.1, 0.5, 0.9, 0.99):
+        threshold = decoding._nucleus_threshold(logits, top_p)
+        kept = np.asarray(logits >= threshold)
+        probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+        for row in range(6):
+            order = np.argsort(-probs[row])
+            size = int(np.searchsorted(np.cumsum(probs[row][order]), top_p) + 1)
+            assert set(np.flatnonzero(kept[row])) == set(order[:size]), (top_p, row)
