@@ -17,6 +17,7 @@ Inverse product (textbook — divide by the eigenvalues, untransposed bases; MET
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -92,6 +93,14 @@ def _correction_step(curvature, unit, chunk_size, acc, weight, params, batch, ba
     return acc, weight
 
 
+@functools.lru_cache(maxsize=32)
+def _correction_jit(curvature: KfacCurvature, unit: str, chunk_size: int):
+    """The correction step, jitted once per (curvature, unit, chunk size) for the process."""
+    return jax.jit(
+        lambda a, w, p, b, bs, r: _correction_step(curvature, unit, chunk_size, a, w, p, b, bs, r)
+    )
+
+
 def fit_eigen_correction(
     curvature: KfacCurvature,
     state: CurvatureState,
@@ -108,9 +117,7 @@ def fit_eigen_correction(
     if curvature.mode not in ("empirical", "fisher"):
         raise InputError("EK-FAC needs mode 'empirical' or 'fisher'", field="curvature.mode")
     bases = curvature.eigenbases(state)
-    step = jax.jit(
-        lambda a, w, p, b, bs, r: _correction_step(curvature, unit, chunk_size, a, w, p, b, bs, r)
-    )
+    step = _correction_jit(curvature, unit, chunk_size)
     acc = {
         path: jnp.zeros((qa.shape[0], qg.shape[0]), jnp.float32)
         for path, (qa, _, qg, _) in bases.items()

@@ -14,6 +14,7 @@ scalar (`kron_scale`) in the state instead of rescaling kfac-jax's factors.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -60,8 +61,13 @@ class CurvatureProblem:
             raise InputError(f"unknown loss {self.loss!r}; one of {LOSSES}", field="curvature.loss")
 
 
+@functools.lru_cache(maxsize=32)
 def lm_problem(model_cfg: Any, layers: tuple[str, ...]) -> CurvatureProblem:
-    """The decoder LM of `ideal_jax.model.transformer` with response-token cross-entropy."""
+    """The decoder LM of `ideal_jax.model.transformer` with response-token cross-entropy.
+
+    Cached: the same (model, layers) gives the same object, so every jitted pass built on it is
+    compiled once per process (IDEAL's rounds reuse them).
+    """
     from ideal_jax.model import transformer
 
     def outputs_fn(params: Params, batch: Batch, tagged: frozenset) -> jax.Array:
@@ -317,3 +323,9 @@ def accumulate_factors(
     if state is None:
         raise InputError("no batches for the curvature pass", field="data")
     return curvature.finalize(state)
+
+
+@functools.lru_cache(maxsize=32)
+def curvature_for(problem: CurvatureProblem, mode: str = "empirical") -> KfacCurvature:
+    """One KfacCurvature (and its jitted passes) per (problem, mode) for the whole process."""
+    return KfacCurvature(problem, mode=mode)

@@ -17,6 +17,7 @@ domain's examples (seeded) — the caller batches those examples for the gradien
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable, Sequence
 
 import jax
@@ -113,6 +114,14 @@ def _single_group_step(
     return acc, acc_w.at[group].add(w)
 
 
+@functools.lru_cache(maxsize=32)
+def _single_group_jit(problem: CurvatureProblem):
+    """Jitted once per problem for the process (IDEAL's rounds reuse the compilation)."""
+    return jax.jit(
+        lambda a, w, g, p, b: _single_group_step(problem, a, w, g, p, b), donate_argnums=(0, 1)
+    )
+
+
 def single_group_mean_gradients(
     problem: CurvatureProblem,
     params: Params,
@@ -129,9 +138,7 @@ def single_group_mean_gradients(
     selected, _ = layers_lib.split_params(params, problem.layers)
     acc = jax.tree.map(lambda x: jnp.zeros((len(names), *x.shape), jnp.float32), selected)
     acc_w = jnp.zeros((len(names),), jnp.float32)
-    step = jax.jit(
-        lambda a, w, g, p, b: _single_group_step(problem, a, w, g, p, b), donate_argnums=(0, 1)
-    )
+    step = _single_group_jit(problem)
     for group, batch in batches:
         acc, acc_w = step(acc, acc_w, jnp.int32(group), params, batch)
     return _finish(names, acc, acc_w, what, "group")

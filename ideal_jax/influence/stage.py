@@ -94,13 +94,18 @@ def influence_for_round(cfg, model_cfg, params, suite, mix, mesh) -> dict[str, A
     train_batches = lambda: batches(train_items, suite.domain_names, curv.batch_size)
     timings = {"factors": 0.0, "eigen_correction": 0.0, "gradients": 0.0, "inverse_products": 0.0}
     groups = layer_groups(cfg, model_cfg, layers, mesh)
+    # "exact" scaling needs |D_j| in the unit of the loss: response tokens of domain j in the mix.
+    tokens_j = [
+        float(_response_tokens(suite.tokenized[name], ids))
+        for name, ids in zip(mix.domain_names, mix.example_ids)
+    ]
     total, last = None, None
     for group in groups:
         problem = kfac_lib.lm_problem(model_cfg, group)
         t0 = time.perf_counter()
         curvature = state = None
         if infl.operator in ("kfac", "ekfac"):
-            curvature = kfac_lib.KfacCurvature(problem, mode=curv.estimator)
+            curvature = kfac_lib.curvature_for(problem, curv.estimator)
             state = kfac_lib.accumulate_factors(curvature, params, train_batches(), rng)
             timings["factors"] += time.perf_counter() - t0
             if infl.operator == "ekfac":
@@ -144,7 +149,7 @@ def influence_for_round(cfg, model_cfg, params, suite, mix, mesh) -> dict[str, A
             operator,
             layers=group,
             scaling=infl.scaling,
-            domain_sizes=[float(n) for n in mix.target_sizes],
+            domain_sizes=tokens_j,
             sigma=curv.sigma,
         )
         timings["inverse_products"] += time.perf_counter() - t0
@@ -167,3 +172,8 @@ def _add(total: dict, part: dict) -> dict:
     total["matrix"] = (np.asarray(total["matrix"]) + np.asarray(part["matrix"])).tolist()
     total["damping"] = {**total["damping"], **part["damping"]}
     return total
+
+
+def _response_tokens(tokenized, ids) -> int:
+    counts = {t.example_id: int(np.sum(t.loss_mask)) for t in tokenized}
+    return sum(counts.get(i, 0) for i in ids)
