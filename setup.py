@@ -32,7 +32,7 @@ setup(
             "pytest>=8",
             "chex>=0.1.87",
             "torch",  # CPU build; .ci/run installs torch==2.13.0 first (see README)
-            "ruff>=0.6",
+            "ruff==0.17.6",  # pinned: format checks must not change with a release
             "jupytext>=1.16",
             "nbclient>=0.10",
             "nbformat>=5.9",
