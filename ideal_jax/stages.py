@@ -211,8 +211,13 @@ def mixture_batches(suite: Suite, mix: mixture.Mixture, train_cfg, data_cfg, pad
             pad_id=pad_id,
         )
 
-    steps = batching.steps_per_epoch(
-        items, train_cfg.batch_size, train_cfg.seq_len, data_cfg.batching, seed
+    # Packing makes the row count depend on each epoch's shuffle; the trainer needs one
+    # steps-per-epoch, so take the smallest (an epoch with more rows skips its last partial batch).
+    steps = min(
+        batching.steps_per_epoch(
+            items, train_cfg.batch_size, train_cfg.seq_len, data_cfg.batching, seed, epoch
+        )
+        for epoch in range(max(int(train_cfg.epochs), 1))
     )
     return batches_for_epoch, steps
 

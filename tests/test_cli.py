@@ -102,3 +102,19 @@ def test_bad_data_exits_2_with_file_and_line(tmp_path):
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "math.jsonl" in proc.stderr and "line 2" in proc.stderr
+
+
+def test_packed_epochs_of_different_lengths_train(tmp_path):
+    """Packing gives each epoch its own row count; training must not trip over the shortest."""
+    from ideal_jax import stages
+    from ideal_jax.data import batching, mixture
+
+    cfg = _config(**{"train.epochs": 6, "train.batch_size": 8})
+    suite = stages.load_suite(cfg, str(tmp_path))
+    ids = {n: [t.example_id for t in items] for n, items in suite.tokenized.items()}
+    mix = mixture.build_mixture(ids, None, seed=0)
+    batches_for_epoch, steps = stages.mixture_batches(suite, mix, cfg.train, cfg.data, 0)
+    items = mixture.materialize(mix, suite.tokenized)
+    counts = [batching.steps_per_epoch(items, 8, cfg.train.seq_len, "pack", 0, e) for e in range(6)]
+    assert steps == min(counts)
+    assert all(sum(1 for _ in batches_for_epoch(e)) >= steps for e in range(6))
