@@ -32,14 +32,10 @@ MODES = ("ideal", "sft", "influence", "eval", "daar")
 
 def run(cfg, workdir: str) -> dict:
     """Run the job `cfg.mode` in `workdir` (the function behind the command line)."""
-    import jax
-
     from ideal_jax import configlib, ideal, stages, summary
 
     if cfg.mode not in MODES:
         raise InputError(f"unknown mode {cfg.mode!r}; one of {', '.join(MODES)}", field="mode")
-    # Catch accidental device->host copies of whole arrays inside the stages' hot loops.
-    jax.config.update("jax_transfer_guard_device_to_host", "allow")
     if cfg.mode == "ideal" and cfg.seeds > 1:
         configlib.prepare_workdir(cfg, workdir)
         results = []
