@@ -74,17 +74,7 @@ def run_ideal(
                 init,
                 record=not stages.train_done(rdir),
             )
-        scores = stages.cached(
-            os.path.join(rdir, "eval.json"),
-            timer,
-            "eval",
-            stages.evaluate_round,
-            cfg,
-            model_cfg,
-            params,
-            suite,
-            mesh,
-        )
+        scores = _evaluate(rdir, timer, cfg, model_cfg, params, suite, mesh)
         row = {
             "round": k,
             "mixture": summary.mixture_row(mix),
@@ -145,9 +135,21 @@ def run_eval_only(cfg, workdir: str) -> dict[str, Any]:
     mesh = sharding.make_mesh(dict(cfg.mesh))
     suite = stages.load_suite(cfg, workdir)
     model_cfg, params = stages.load_model(cfg, mesh, suite.tokenizer)
-    timer = stages.Timer(os.path.join(workdir, "timings.json"))
+    return _evaluate(
+        workdir,
+        stages.Timer(os.path.join(workdir, "timings.json")),
+        cfg,
+        model_cfg,
+        params,
+        suite,
+        mesh,
+    )
+
+
+def _evaluate(directory: str, timer, cfg, model_cfg, params, suite, mesh) -> dict[str, Any]:
+    """DIRECTORY/eval.json (computed once; a rerun reads it back)."""
     return stages.cached(
-        os.path.join(workdir, "eval.json"),
+        os.path.join(directory, "eval.json"),
         timer,
         "eval",
         stages.evaluate_round,

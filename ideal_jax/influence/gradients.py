@@ -85,18 +85,7 @@ def group_mean_gradients(
     step = jax.jit(lambda a, w, p, b: _group_step(problem, len(names), group_key, a, w, p, b))
     for batch in batches:
         acc, acc_w = step(acc, acc_w, params, batch)
-    weights = np.asarray(acc_w, np.float64)
-    empty = [n for n, w in zip(names, weights) if w <= 0]
-    if empty:
-        raise InputError(
-            f"{what}: groups {empty} have no response tokens (weights all 0)", field=group_key
-        )
-    total = float(weights.sum())
-    grads = jax.tree.map(
-        lambda x: x / jnp.asarray(weights, jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1)), acc
-    )
-    overall = jax.tree.map(lambda x: jnp.sum(x, axis=0) / total, acc)
-    return GroupGradients(names, grads, weights, overall, total)
+    return _finish(names, acc, acc_w, what, group_key)
 
 
 def _single_group_step(
