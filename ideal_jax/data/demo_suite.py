@@ -23,6 +23,8 @@ import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from ideal_jax.utils.errors import InputError
+
 CAPABILITIES = ("arithmetic", "reverse", "sort", "lookup", "uppercase")
 # Imbalanced on purpose: reverse = 5x arithmetic; arithmetic (needed by the reference set) is rare.
 DEFAULT_TRAIN_SIZES = {
@@ -106,7 +108,11 @@ def generate_items(capability: str, n: int, seed: int) -> list[tuple[str, str]]:
         items.setdefault(prompt, answer)
         attempts += 1
         if attempts > 50 * n + 1000:
-            raise ValueError(f"cannot draw {n} distinct {capability!r} items")
+            raise InputError(
+                f"cannot draw {n} distinct {capability!r} items (train + test + reference); "
+                f"the generator has fewer distinct prompts — lower the size",
+                field=f"data.demo_train_sizes.{capability}",
+            )
     return list(items.items())
 
 
