@@ -102,7 +102,8 @@ def plot_rounds(result: dict[str, Any], path: str, title: str = "IDEAL rounds") 
         np.arange(len(domains)) + width * (len(with_alpha) - 1) / 2, domains, rotation=20
     )
     axes[2].set(title="α = ∂Q/∂β (negative: add data)")
-    axes[2].legend(fontsize=8)
+    if with_alpha:  # mode=sft has no influence rounds
+        axes[2].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     tmp = path + ".tmp.png"
