@@ -13,7 +13,7 @@ from ideal_jax import main
 @pytest.mark.slow
 def test_layer_groups_give_the_same_alpha(tmp_path):
     alphas, groups = [], []
-    for memory_gib in (0.0, 0.003):  # 0: one group; 3 MB: one layer per group
+    for memory_gib in (0.0, 0.003):  # 0: one group; 3 MB: several groups (how many: mesh size)
         cfg = tiny.get_config()
         cfg.mode, cfg.progress = "influence", False
         cfg.curvature.device_memory_gib = memory_gib
@@ -22,5 +22,5 @@ def test_layer_groups_give_the_same_alpha(tmp_path):
         out = json.load(open(os.path.join(workdir, "round_0", "influence.json")))
         alphas.append(np.asarray(out["matrix"]))
         groups.append(len(out["layer_groups"]))
-    assert groups == [1, 6]
+    assert groups[0] == 1 and groups[1] > 1, groups
     np.testing.assert_allclose(alphas[1], alphas[0], rtol=1e-4, atol=1e-6)
