@@ -30,17 +30,6 @@ import time
 
 MODELS = {"tiny": ("tiny", 256), "1b": ("1b", 32000), "8b": ("llama3_8b", 128256)}
 DEFAULT_MESHES = {1: "1,1,1", 8: "1,8,1", 64: "1,16,4"}
-# Optimizer hyper-parameters do not change memory; these only make `make_optimizer` build AdamW.
-TRAIN_CFG = dict(
-    learning_rate=1e-5,
-    warmup_steps=10,
-    schedule="cosine",
-    end_lr_fraction=0.1,
-    weight_decay=0.0,
-    b1=0.9,
-    b2=0.95,
-    grad_clip=1.0,
-)
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -69,8 +58,8 @@ def _mesh_shape(args: argparse.Namespace, devices: int) -> tuple[int, ...]:
 def _worker(args: argparse.Namespace) -> None:
     """Runs in the subprocess: every target of one device count; one JSON line per program."""
     import jax
-    import ml_collections
 
+    from configs import common
     from ideal_jax import memory_plan, sharding
     from ideal_jax.model.config import preset
 
@@ -79,7 +68,8 @@ def _worker(args: argparse.Namespace) -> None:
     ]
     skip = set(filter(None, args.skip.split(",")))
     mesh = sharding.make_mesh(_mesh_shape(args, args.devices))
-    train_cfg = ml_collections.ConfigDict(TRAIN_CFG)
+    # Optimizer hyper-parameters do not change memory: the common settings build AdamW.
+    train_cfg = common.base_config().train
     device_memory = int(args.device_memory_gib * memory_plan.GiB)
     for name in models:
         preset_name, vocab = MODELS[name]

@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
 import jax
-import ml_collections
 import numpy as np
 
-from ideal_jax import sharding
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import common  # noqa: E402
+from ideal_jax import sharding  # noqa: E402
 from ideal_jax.model.config import preset
 from ideal_jax.train.state import init_train_state, make_optimizer
 from ideal_jax.train.step import make_train_step
@@ -80,18 +84,7 @@ def main() -> None:
 
     model_cfg = preset(args.preset, args.vocab).replace(dtype=args.dtype, remat=args.remat)
     mesh = sharding.make_mesh([int(s) for s in args.mesh.split(",")])
-    train_cfg = ml_collections.ConfigDict(
-        dict(
-            learning_rate=1e-4,
-            warmup_steps=10,
-            schedule="cosine",
-            end_lr_fraction=0.1,
-            weight_decay=0.0,
-            b1=0.9,
-            b2=0.95,
-            grad_clip=1.0,
-        )
-    )
+    train_cfg = common.base_config().train  # the optimizer settings every config starts from
     optimizer = make_optimizer(train_cfg, total_steps=1000)
     state, shardings = init_train_state(model_cfg, optimizer, mesh, jax.random.key(0))
     step_fn = make_train_step(

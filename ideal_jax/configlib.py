@@ -65,8 +65,8 @@ def _json_default(obj: Any) -> Any:
 
     if isinstance(obj, np.generic):
         return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
+    if isinstance(obj, np.ndarray) or hasattr(obj, "__array__"):  # numpy and jax arrays
+        return np.asarray(obj).tolist()
     if hasattr(obj, "to_dict"):
         return obj.to_dict()
     return str(obj)

@@ -114,7 +114,7 @@ def run_ideal(
         rows.append(row)
     result = summary.write_summary(workdir, cfg, rows)
     if distributed.is_lead_host():
-        final = stages.read_mixture(os.path.join(workdir, f"round_{rounds}", "mixture.json"))
+        final = mixture_lib.read_manifest(os.path.join(workdir, f"round_{rounds}", "mixture.json"))
         mixture_lib.export_jsonl(final, suite.domains, os.path.join(workdir, "final_mixture.jsonl"))
     return result
 

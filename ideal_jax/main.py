@@ -40,8 +40,7 @@ def run(cfg, workdir: str) -> dict:
         configlib.prepare_workdir(cfg, workdir)
         results = []
         for s in range(cfg.seeds):
-            with cfg.unlocked():
-                seed_cfg = type(cfg)(cfg.to_dict())
+            seed_cfg = type(cfg)(cfg.to_dict())  # an unlocked copy
             seed_cfg.seed, seed_cfg.seeds, seed_cfg.train.seed = cfg.seed + s, 1, cfg.train.seed + s
             results.append(run(seed_cfg.lock(), os.path.join(workdir, f"seed_{cfg.seed + s}")))
         agg = summary.aggregate_seeds(results)

@@ -222,15 +222,21 @@ def mixture_batches(suite: Suite, mix: mixture.Mixture, train_cfg, data_cfg, pad
     return batches_for_epoch, steps
 
 
+@functools.lru_cache(maxsize=8)
+def _eval_step(model_cfg: ModelConfig, mesh, num_groups: int):
+    """The jitted per-group loss step, built once per process (every round evaluates with it)."""
+    from ideal_jax.train.step import make_eval_step
+
+    shardings = sharding.param_shardings(abstract_params(model_cfg), logical_axes(model_cfg), mesh)
+    return make_eval_step(model_cfg, shardings, mesh, num_groups=num_groups)
+
+
 def reference_losses(
     model_cfg, params, suite: Suite, mesh, batch_size: int, seq_len: int, pad_id: int
 ) -> dict[str, float]:
     """Mean response-token loss of the model on each reference capability and on all of it."""
-    from ideal_jax.train.step import make_eval_step
-
     caps = suite.capabilities
-    shardings = sharding.param_shardings(abstract_params(model_cfg), logical_axes(model_cfg), mesh)
-    step = make_eval_step(model_cfg, shardings, mesh, num_groups=len(caps))
+    step = _eval_step(model_cfg, mesh, len(caps))
     sums, counts = np.zeros(len(caps)), np.zeros(len(caps))
     for batch in batching.iterate_batches(
         suite.reference_tokenized,
@@ -280,14 +286,10 @@ def cached(path: str, timer: Timer, name: str, fn, *args) -> Any:
 def fix_mixture(path: str, mix: mixture.Mixture) -> mixture.Mixture:
     """The round's mixture: the one on disk when resuming, else `mix`, written to mixture.json."""
     if os.path.exists(path):
-        return read_mixture(path)
+        return mixture.read_manifest(path)
     if is_lead_host():
         mixture.write_manifest(mix, path)
     return mix
-
-
-def read_mixture(path: str) -> mixture.Mixture:
-    return mixture.read_manifest(path)
 
 
 def train_done(rdir: str) -> bool:

@@ -1,28 +1,17 @@
 """Memory planning: AOT memory of the sharded train step / curvature pass, and layer groups."""
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
 
+from configs import common
 from ideal_jax import memory_plan, sharding
 from ideal_jax.model.config import preset
 from ideal_jax.utils.errors import InputError
 
 TINY = preset("tiny", 256).replace(num_layers=1)  # one layer: same programs, half the compile
-TRAIN_CFG = ml_collections.ConfigDict(
-    dict(
-        learning_rate=1e-3,
-        warmup_steps=2,
-        schedule="cosine",
-        end_lr_fraction=0.1,
-        weight_decay=0.0,
-        b1=0.9,
-        b2=0.95,
-        grad_clip=1.0,
-    )
-)
+TRAIN_CFG = common.base_config().train
 LLAMA_8B = preset("llama3_8b", 128256)
 MLP_8B = memory_plan.layer_shapes(LLAMA_8B, "mlp")
 

@@ -20,14 +20,12 @@ missing loglik_fn) becomes ``{"error": ...}`` in the results and the remaining t
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
+from ideal_jax.configlib import write_json_atomic
 from ideal_jax.evaluate import answers, code_exec, ifeval, multiple_choice
 from ideal_jax.evaluate.loaders import load_benchmark, normalize_records
 from ideal_jax.utils.errors import InputError
@@ -214,24 +212,5 @@ def paper_average(tasks: Mapping[str, dict]) -> dict:
 
 
 def write_eval_json(results: dict, path: str) -> None:
-    """Write results as JSON atomically: a temporary file in the same directory, then os.replace."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".eval_", suffix=".json.tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            # numpy / jax scalars that slipped into the metrics become plain numbers
-            json.dump(results, f, indent=2, sort_keys=True, default=_to_builtin)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _to_builtin(obj):
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+    """Write results as JSON atomically (numpy / jax scalars become plain numbers)."""
+    write_json_atomic(path, results)

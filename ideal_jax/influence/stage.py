@@ -27,14 +27,12 @@ from ideal_jax.model import decoding
 
 def sigma_subsample(suite, mix, sigma: float, seed: int) -> list:
     """A random σ fraction (≥ 1) of each domain's distinct examples in the round's mixture."""
-    rng = np.random.default_rng([seed, 1729])
-    chosen = []
+    distinct = []
     for name, ids in zip(mix.domain_names, mix.example_ids):
         by_id = {t.example_id: t for t in suite.tokenized[name]}
-        unique = sorted({i for i in ids if i in by_id})
-        n = max(1, int(round(sigma * len(unique))))
-        chosen += [by_id[unique[i]] for i in np.sort(rng.choice(len(unique), n, replace=False))]
-    return chosen
+        distinct += [by_id[i] for i in sorted({i for i in ids if i in by_id})]
+    keep = gradients.sigma_subsample([t.domain for t in distinct], sigma, seed)
+    return [distinct[i] for i in keep]
 
 
 def device_memory_bytes(curv_cfg) -> int | None:

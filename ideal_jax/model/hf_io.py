@@ -17,6 +17,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from ideal_jax.configlib import write_json_atomic
 from ideal_jax.model.config import ModelConfig, RopeScaling
 from ideal_jax.model.transformer import Params, abstract_params
 from ideal_jax.utils.errors import InputError
@@ -260,7 +261,7 @@ def save_hf(
     tmp = os.path.join(model_dir, "model.safetensors.tmp")
     save_file(tensors, tmp, metadata={"format": "pt"})
     os.replace(tmp, os.path.join(model_dir, "model.safetensors"))
-    _write_json(os.path.join(model_dir, "config.json"), hf_config_dict(cfg, dtype))
+    write_json_atomic(os.path.join(model_dir, "config.json"), hf_config_dict(cfg, dtype))
     if tokenizer is not None:
         tokenizer.save_pretrained(model_dir)
 
@@ -310,13 +311,6 @@ def hf_config_dict(cfg: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
             use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window
         )
     return out
-
-
-def _write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def load_tokenizer(path: str) -> Callable:
