@@ -109,3 +109,40 @@ def test_lm_single_token_all_operators_agree():
     exact = _build("exact_block", problem, params, [batch])(v)
     for name in ("kfac", "ekfac"):
         assert _rel_err(_build(name, problem, params, [batch], curvature, state)(v), exact) < 1e-4
+
+
+def test_kfac_bias_factor_counts_real_tokens_only():
+    """Biased layer, padded rows (x = 0, weight 0): K-FAC (ggn_exact) is still the exact Hessian.
+
+    kfac-jax appends a 1 to every row's input, padding included; without the real-token correction
+    A[bias, bias] is 1 instead of the real-token share and the inverse is off by 0.4–0.7 (relative).
+    """
+    rng = np.random.default_rng(3)
+    params = {
+        "fc0": {
+            "kernel": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
+            "bias": jnp.asarray(rng.normal(size=3), jnp.float32),
+        }
+    }
+    batches = []
+    for real in (3, 1, 2):  # of 12 rows each: mostly padding, as in short answers
+        mask = (np.arange(12) < real).astype(np.float32)
+        batches.append(
+            {
+                "inputs": jnp.asarray(
+                    rng.normal(size=(12, 4)) * mask[:, None] + 1.0 * mask[:, None], jnp.float32
+                ),
+                "targets": jnp.asarray(rng.normal(size=(12, 3)), jnp.float32),
+                "weights": jnp.asarray(mask),
+                "segment_ids": jnp.asarray(mask.astype(np.int32)),
+            }
+        )
+    layers = layers_lib.select_layers(params, r"fc\d+")
+    problem = kfac_lib.CurvatureProblem(
+        mlp_problem(params).outputs_fn, layers, loss="squared_error", token_mask_key="segment_ids"
+    )
+    curvature = kfac_lib.KfacCurvature(problem, "ggn_exact")
+    state = kfac_lib.accumulate_factors(curvature, params, batches, jax.random.key(0))
+    v = _random_like(layers_lib.split_params(params, problem.layers)[0])
+    exact = _build("exact", problem, params, batches, kind="hessian")(v)
+    assert _rel_err(_build("kfac", problem, params, batches, curvature, state)(v), exact) < 1e-4

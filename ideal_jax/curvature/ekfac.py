@@ -115,7 +115,7 @@ def fit_eigen_correction(
     if unit not in UNITS:
         raise InputError(f"unknown unit {unit!r}; one of {UNITS}", field="curvature.ekfac_unit")
     if curvature.mode not in ("empirical", "fisher"):
-        raise InputError("EK-FAC needs mode 'empirical' or 'fisher'", field="curvature.mode")
+        raise InputError("EK-FAC needs mode 'empirical' or 'fisher'", field="curvature.estimator")
     bases = curvature.eigenbases(state)
     step = _correction_jit(curvature, unit, chunk_size)
     acc = {

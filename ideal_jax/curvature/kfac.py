@@ -9,6 +9,11 @@ included) and we weight batches by R_b (`ema_old=1, ema_new=R_b`), so its factor
 A = Σ x xᵀ / R and G = Σ δ δᵀ / R over all rows. The K-FAC ("expand") estimate of H for the
 weighted-mean loss is then  H ≈ (R/M)(R/W) · A ⊗ G,  M = non-padding tokens, W = Σ w. We keep that
 scalar (`kron_scale`) in the state instead of rescaling kfac-jax's factors.
+
+Biased layers. kfac-jax appends a constant 1 to every row's input for the bias, padding rows
+included, so its A[bias, bias] = Σ_rows 1 / R = 1 whatever the padding (the x part is right: tagged
+inputs are zero on padding rows). The bias entry of the real-token factor is Σ_real 1 / R = M / R;
+`finalize` sets it before the eigendecomposition, so that after `kron_scale` it is exactly 1.
 """
 
 from __future__ import annotations
@@ -143,10 +148,11 @@ class CurvatureState:
 class KfacCurvature:
     """Holds the kfac-jax estimator and jitted passes; all state is passed in and returned."""
 
-    def __init__(self, problem: CurvatureProblem, mode: str = "empirical"):
+    def __init__(self, problem: CurvatureProblem, mode: str = "fisher"):
         if mode not in ESTIMATION_MODES:
             raise InputError(
-                f"unknown mode {mode!r}; one of {sorted(ESTIMATION_MODES)}", field="curvature.mode"
+                f"unknown mode {mode!r}; one of {sorted(ESTIMATION_MODES)}",
+                field="curvature.estimator",
             )
         self.problem, self.mode = problem, mode
         self.estimator = kfac_jax.BlockDiagonalCurvature(
@@ -249,9 +255,22 @@ class KfacCurvature:
             raise InputError(
                 "curvature pass saw no response tokens (all weights are 0)", field="weights"
             )
-        state = self._cache(state)
+        state = self._cache(self._real_token_bias(state))
         check_finite(state)
         return state
+
+    def _real_token_bias(self, state: CurvatureState) -> CurvatureState:
+        """A[bias, bias] := M / R on every biased block (see module docstring)."""
+        index = self.estimator.params_block_index
+        share = state.tokens / jnp.maximum(state.rows, 1.0)
+        blocks = list(state.kfac.blocks_states)
+        for i, path in enumerate(self.block_paths()):
+            if "bias" not in index[path]:
+                continue
+            a = blocks[i].factors[0]
+            a = dataclasses.replace(a, value=a.value.at[-1, -1].set(share.astype(a.value.dtype)))
+            blocks[i] = dataclasses.replace(blocks[i], factors=(a, *blocks[i].factors[1:]))
+        return state.replace(kfac=dataclasses.replace(state.kfac, blocks_states=tuple(blocks)))
 
     def eigenbases(self, state: CurvatureState) -> dict[str, tuple[jax.Array, ...]]:
         """path → (Q_A, λ_A, Q_G, λ_G) from kfac-jax's cache (A: input, G: output factor)."""
@@ -326,6 +345,6 @@ def accumulate_factors(
 
 
 @functools.lru_cache(maxsize=32)
-def curvature_for(problem: CurvatureProblem, mode: str = "empirical") -> KfacCurvature:
+def curvature_for(problem: CurvatureProblem, mode: str = "fisher") -> KfacCurvature:
     """One KfacCurvature (and its jitted passes) per (problem, mode) for the whole process."""
     return KfacCurvature(problem, mode=mode)
