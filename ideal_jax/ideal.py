@@ -6,8 +6,9 @@
         score θ_k on the evaluation tasks and reference losses
         if k == rounds: break
         α_k  = −∇L(D_ref, θ_k)ᵀ H⁻¹ ∇L(D_j, θ_k)           # Lemma 1, H ≈ K-FAC / EK-FAC
-        β_k  = −(m / max_j |α_kj|) · α_k                   # ideal_jax/reweight.py
-        D_k+1: |D_j'| = floor((1 + β_kj) |D_j|), resampled  # keep-total optional
+        d_k  = −(α_k − Σ_j p_j α_kj)  (keep-total; else −α_k)  # ideal_jax/reweight.py
+        β_k  = m · d_k / max_j |d_kj|                       # largest realised |β| = m
+        D_k+1 = (1 + β_k)·D_k: entries of D_k dropped or duplicated (nested resampling)
     final_mixture.jsonl = D_rounds
 
 Every stage writes its artifact under WORKDIR/round_K/ and is skipped when that artifact exists,
@@ -24,6 +25,7 @@ import numpy as np
 from ideal_jax import reweight, sharding, stages, summary
 from ideal_jax.data import mixture as mixture_lib
 from ideal_jax.utils import distributed
+from ideal_jax.utils.errors import InputError
 
 
 def run_ideal(
@@ -95,21 +97,29 @@ def run_ideal(
                 mesh,
             )
             alpha_j = np.asarray(influence["matrix"][influence["rows"].index("all")])
-            # β is relative to this round's volumes (β = 0 is the current mixture, where α was
-            # measured); an optax rule keeps its optimizer state across rounds.
-            beta_j, opt_state = reweight.compute_beta(
-                alpha_j, mix.target_sizes, reweight_cfg, None, opt_state
-            )
+            if list(influence["domains"]) != list(mix.domain_names):
+                raise InputError(
+                    f"influence.json columns {influence['domains']} are not the mixture's "
+                    f"domains {list(mix.domain_names)}",
+                    path=os.path.join(rdir, "influence.json"),
+                    field="domains",
+                )
+            # β is relative to this round's volumes (β = 0 is D_k, where α was measured); the
+            # optax rule continues from the previous round's optimizer state.
+            step = _reweight(rdir, alpha_j, mix, reweight_cfg, opt_state)
+            opt_state = step.optimizer_state
             row.update(
-                alpha=dict(zip(influence["domains"], alpha_j.tolist())),
-                beta=dict(zip(mix.domain_names, beta_j.tolist())),
+                alpha=dict(zip(mix.domain_names, alpha_j.tolist())),
+                beta=dict(zip(mix.domain_names, step.beta_applied.tolist())),
+                beta_nominal=dict(zip(mix.domain_names, step.beta_nominal.tolist())),
                 timings=dict(timer.times),
             )
             if k == rounds:
                 rows.append(row)
                 break
-            mix = next_mixture(
-                mix, beta_j, source_ids, seed=cfg.seed + k + 1, keep_total=reweight_cfg.keep_total
+            # D_k+1 = (1 + β)·D_k: nested resampling of D_k itself (β = 0 keeps D_k).
+            mix = mixture_lib.resample_from(
+                mix, step.volumes_after, seed=cfg.seed + k + 1, beta_nominal=step.beta_nominal
             )
         rows.append(row)
     result = summary.write_summary(workdir, cfg, rows)
@@ -119,15 +129,15 @@ def run_ideal(
     return result
 
 
-def next_mixture(
-    mix: mixture_lib.Mixture, beta_j: np.ndarray, source_ids, *, seed: int, keep_total: bool
-) -> mixture_lib.Mixture:
-    """D_k+1 from D_k and β_k: volumes (1 + β)·|D_k,j|, expressed relative to the sources."""
-    sizes_j = np.asarray(mix.source_sizes, np.float64)
-    beta_source_j = (1.0 + np.asarray(beta_j)) * np.asarray(mix.target_sizes) / sizes_j - 1.0
-    return mixture_lib.build_mixture(
-        source_ids, beta_source_j.tolist(), seed=seed, keep_total=keep_total
-    )
+def _reweight(rdir: str, alpha_j, mix, reweight_cfg, opt_state) -> reweight.Step:
+    """round_K/reweight.json: the step from D_k's volumes (computed once; a rerun reads it back)."""
+    path = os.path.join(rdir, "reweight.json")
+    if os.path.exists(path):
+        return reweight.Step.from_json(stages.read_json(path), mix.domain_names, path=path)
+    step = reweight.compute_step(alpha_j, mix.target_sizes, reweight_cfg, opt_state)
+    if distributed.is_lead_host():
+        stages.write_json(path, step.to_json(mix.domain_names))
+    return step
 
 
 def run_eval_only(cfg, workdir: str) -> dict[str, Any]:

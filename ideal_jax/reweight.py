@@ -1,24 +1,49 @@
-"""β: the new domain volumes, computed from the hypergradient α (METHOD.md §1.2).
+"""β: the step from this round's volumes to the next round's, computed from α (METHOD.md §1.2).
 
-Domain i enters the next round's training with weight (1 + β_i), i.e. (1 + β_i)·|D_i| examples
-(the resampling itself lives in ideal_jax.data.mixture). Three update rules:
+Domain j enters the next round with (1 + β_j)·n_j examples, n_j its volume in the round's mixture
+D_k (resampling from D_k itself lives in ideal_jax.data.mixture). Everything here is a pure
+function of arrays: no I/O.
 
-  "paper"       β = −(m / max_j |α_j|) · α          the domain with the largest |α| moves by ±m
-  "optax"       β ← project(β − optax_update(α))   any optax optimizer on the outer objective
-  (keep-total is a property of the mixture, applied after either rule: all volumes are rescaled so
-   the total stays N; the manifest records which was used.)
+The direction d. α_j = ∂Q/∂β_j (Lemma 1), so moving against α lowers the reference loss.
+  keep_total=False   d = −α                  (the paper's rule; the total volume may change)
+  keep_total=True    d = −(α − Σ_j p_j α_j)  p_j = n_j / N, so Σ_j n_j d_j = 0: the total stays N
+The keep-total direction is the constraint itself, not a rescale applied after the step: with
+"paper" scaling α^exact_j = p_j (α_j − Σ_k p_k α_k), so d_j = −α^exact_j / p_j, a descent direction
+of the exact objective; with "exact" scaling α already sums to zero (Q depends only on
+proportions) and shifting β by a constant is first-order neutral, so the same formula applies.
 
-Both respect bounds on β and a minimum volume per domain. Pure functions of arrays: no I/O.
+The rules.
+  "paper"  β = m · d / max_j |d_j|: the domain with the largest |d| moves by exactly ±m.
+  "optax"  any optax optimizer fed the scale-free gradient g = −d / max|d| (max |g| = 1); its update
+           is projected onto the constraint (keep_total) and bounded so that max |β| ≤ m. The
+           optimizer state and the cumulative position carry over from round to round and are saved
+           with the round (reweight.json), so a resumed run continues them.
+
+Bounds: β ∈ [beta_min, beta_max] and at least `min_volume` examples per domain; under keep_total the
+clipped domains are held and the others shifted so that Σ n_j β_j = 0 still holds.
+
+Realisation: integer volumes floor((1 + β_j) n_j) (keep_total: largest-remainder rounding to the
+exact total N, so every volume is within one example of (1 + β_j) n_j). The β recorded as *applied*
+is n'_j / n_j − 1, what the resampling actually did; the continuous β is recorded as *nominal*.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
+from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from ideal_jax.utils.errors import InputError
+
+RULES = ("paper", "optax")
+# floor((1 + β) n) must not lose an example to float error: (1 - 0.9) * 10 = 0.9999999999999998.
+_FLOOR_EPS = 1e-9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,8 +54,8 @@ class ReweightConfig:
     beta_max: float = 3.0
     min_volume: int = 1  # examples a domain keeps at least
     optimizer: str = "sgd"  # for rule="optax": an optax constructor name
-    learning_rate: float = 1.0
-    keep_total: bool = True  # rescale volumes so the total stays N (equal training tokens)
+    learning_rate: float = 0.15  # for rule="optax"; the gradient it sees has max |g| = 1
+    keep_total: bool = True  # the total volume stays N (equal training tokens across rounds)
 
     @classmethod
     def from_config_dict(cls, section) -> ReweightConfig:
@@ -38,59 +63,195 @@ class ReweightConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
 
+    def __post_init__(self):
+        if self.rule not in RULES:
+            raise InputError(
+                f"unknown rule {self.rule!r}; allowed: {', '.join(RULES)}", field="reweight.rule"
+            )
+        if not self.step_size > 0:
+            raise InputError(f"must be > 0, got {self.step_size}", field="reweight.step_size")
+        if self.rule == "optax" and not callable(getattr(optax, self.optimizer, None)):
+            raise InputError(
+                f"{self.optimizer!r} is not an optax optimizer (e.g. sgd, adam)",
+                field="reweight.optimizer",
+            )
 
-def max_normalized_step(alpha_j: np.ndarray, step_size: float) -> np.ndarray:
-    """The paper's update: β = −(m / max_j |α_j|) · α (all zeros when α is zero)."""
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One round's reweighting: what the rule asked for and what the volumes became."""
+
+    rule: str
+    keep_total: bool
+    alpha: np.ndarray  # the α row the step used
+    direction: np.ndarray  # d (before normalisation)
+    beta_nominal: np.ndarray  # continuous β after bounds
+    volumes_before: np.ndarray  # n_j (int)
+    volumes_after: np.ndarray  # n'_j (int)
+    optimizer_state: dict | None = None  # rule="optax": {"leaves": [...], "position": [...]}
+
+    @property
+    def beta_applied(self) -> np.ndarray:
+        """n'_j / n_j − 1: the step the resampling realised."""
+        before = np.maximum(self.volumes_before, 1).astype(np.float64)
+        return self.volumes_after / before - 1.0
+
+    def to_json(self, domains: Sequence[str]) -> dict[str, Any]:
+        per = lambda x: {d: float(v) for d, v in zip(domains, x)}
+        return {
+            "rule": self.rule,
+            "keep_total": self.keep_total,
+            "alpha": per(self.alpha),
+            "direction": per(self.direction),
+            "beta_nominal": per(self.beta_nominal),
+            "beta_applied": per(self.beta_applied),
+            "volumes_before": {d: int(v) for d, v in zip(domains, self.volumes_before)},
+            "volumes_after": {d: int(v) for d, v in zip(domains, self.volumes_after)},
+            "optimizer_state": self.optimizer_state,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any], domains: Sequence[str], path: str | None = None):
+        try:
+            arr = lambda key, dtype=np.float64: np.asarray([obj[key][d] for d in domains], dtype)
+            return cls(
+                rule=obj["rule"],
+                keep_total=bool(obj["keep_total"]),
+                alpha=arr("alpha"),
+                direction=arr("direction"),
+                beta_nominal=arr("beta_nominal"),
+                volumes_before=arr("volumes_before", np.int64),
+                volumes_after=arr("volumes_after", np.int64),
+                optimizer_state=obj.get("optimizer_state"),
+            )
+        except (KeyError, TypeError) as e:
+            raise InputError(f"malformed reweight record ({e!r})", path=path) from None
+
+
+def direction(alpha_j: np.ndarray, sizes_j: Sequence[int], keep_total: bool) -> np.ndarray:
+    """d = −α, or with keep_total −(α − Σ p_j α_j) so that Σ_j n_j d_j = 0 (module docstring)."""
     alpha_j = np.asarray(alpha_j, np.float64)
     if not np.all(np.isfinite(alpha_j)):
-        raise ValueError(f"α has non-finite entries: {alpha_j.tolist()}")
-    scale = np.max(np.abs(alpha_j)) if alpha_j.size else 0.0
-    if scale == 0.0:
-        return np.zeros_like(alpha_j)
-    # α_j = ∂Q/∂β_j (Lemma 1): moving against it lowers the reference loss.
-    return -(step_size / scale) * alpha_j
-
-
-def project_beta(beta_j: np.ndarray, sizes_j: Sequence[int], cfg: ReweightConfig) -> np.ndarray:
-    """Clip β to [beta_min, beta_max] and keep at least `min_volume` examples per domain."""
+        raise InputError(f"α has non-finite entries: {alpha_j.tolist()}", field="alpha")
+    if not keep_total:
+        return -alpha_j
     sizes_j = np.asarray(sizes_j, np.float64)
-    floor_j = np.maximum(cfg.beta_min, cfg.min_volume / np.maximum(sizes_j, 1.0) - 1.0)
-    return np.clip(np.asarray(beta_j, np.float64), floor_j, cfg.beta_max)
+    d_j = -(alpha_j - np.dot(sizes_j, alpha_j) / sizes_j.sum())
+    # Equal α: the projection is zero up to rounding, and normalising rounding noise is no step.
+    if np.max(np.abs(d_j)) <= 1e-12 * np.max(np.abs(alpha_j)):
+        return np.zeros_like(d_j)
+    return d_j
 
 
-def optax_step(alpha_j: np.ndarray, beta_j: np.ndarray, opt_state, optimizer):
-    """One optax update of β along the outer gradient α; returns (β, opt_state)."""
-    grads = jnp.asarray(alpha_j, jnp.float32)
-    params = jnp.asarray(beta_j, jnp.float32)
-    if opt_state is None:
-        opt_state = optimizer.init(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return np.asarray(optax.apply_updates(params, updates), np.float64), opt_state
+def max_normalized(d_j: np.ndarray, step_size: float) -> np.ndarray:
+    """m · d / max_j |d_j| (zeros when d is zero): the largest entry moves by exactly m."""
+    d_j = np.asarray(d_j, np.float64)
+    scale = np.max(np.abs(d_j)) if d_j.size else 0.0
+    if scale == 0.0:
+        return np.zeros_like(d_j)
+    return (step_size / scale) * d_j
+
+
+def bound(beta_j: np.ndarray, sizes_j: Sequence[int], cfg: ReweightConfig) -> np.ndarray:
+    """Clip β to [beta_min, beta_max] and ≥ min_volume examples, keeping Σ n β = 0 if keep_total."""
+    sizes_j = np.asarray(sizes_j, np.float64)
+    lo = np.maximum(cfg.beta_min, cfg.min_volume / np.maximum(sizes_j, 1.0) - 1.0)
+    hi = np.full_like(lo, cfg.beta_max)
+    beta_j = np.clip(np.asarray(beta_j, np.float64), lo, hi)
+    if not cfg.keep_total:
+        return beta_j
+    free = np.ones(beta_j.shape, bool)
+    for _ in range(len(beta_j) + 1):  # each pass fixes at least one more domain at its bound
+        excess = np.dot(sizes_j, beta_j)
+        if abs(excess) <= 1e-12 * sizes_j.sum() or not free.any():
+            break
+        beta_j[free] -= excess / sizes_j[free].sum()
+        clipped = np.clip(beta_j, lo, hi)
+        free &= clipped == beta_j
+        beta_j = clipped
+    return beta_j
+
+
+def realise(sizes_j: Sequence[int], beta_j: np.ndarray, keep_total: bool) -> np.ndarray:
+    """Integer volumes for (1 + β) n: floor, or largest remainder to the exact total N."""
+    sizes = np.asarray(sizes_j, np.float64)
+    raw = (1.0 + np.asarray(beta_j, np.float64)) * sizes
+    if np.any(raw < 0) or not np.all(np.isfinite(raw)):
+        raise InputError(f"volumes must be finite and ≥ 0, got {raw.tolist()}", field="beta")
+    if not keep_total:
+        return np.asarray([math.floor(x + _FLOOR_EPS) for x in raw], np.int64)
+    total = int(round(sizes.sum()))
+    raw = raw * total / raw.sum() if raw.sum() > 0 else raw  # exact when Σ n β = 0 already
+    floors = np.floor(raw + _FLOOR_EPS).astype(np.int64)
+    missing = total - int(floors.sum())
+    order = np.argsort(-(raw - floors), kind="stable")  # largest fractional parts first
+    if missing >= 0:
+        floors[order[:missing]] += 1
+    else:
+        floors[order[missing:]] -= 1
+    return floors
 
 
 def make_optimizer(cfg: ReweightConfig) -> optax.GradientTransformation:
-    if not hasattr(optax, cfg.optimizer):
-        raise ValueError(f"reweight.optimizer={cfg.optimizer!r} is not an optax optimizer")
     return getattr(optax, cfg.optimizer)(cfg.learning_rate)
 
 
-def compute_beta(
+def _optax_update(g_j: np.ndarray, cfg: ReweightConfig, saved: dict | None):
+    """(update, saved state) of the optax rule; `saved` is the JSON form of the previous state."""
+    optimizer = make_optimizer(cfg)
+    n = len(g_j)
+    position = jnp.zeros((n,), jnp.float32)
+    state = optimizer.init(position)
+    if saved is not None:
+        treedef = jax.tree.structure(state)
+        leaves = [
+            jnp.asarray(x, leaf.dtype) for x, leaf in zip(saved["leaves"], jax.tree.leaves(state))
+        ]
+        if len(leaves) != treedef.num_leaves:
+            raise InputError(
+                "saved optimizer state does not match reweight.optimizer", field="optimizer_state"
+            )
+        state = jax.tree.unflatten(treedef, leaves)
+        position = jnp.asarray(saved["position"], jnp.float32)
+    updates, state = optimizer.update(jnp.asarray(g_j, jnp.float32), state, position)
+    update = np.asarray(updates, np.float64)
+    new_saved = {
+        "leaves": [np.asarray(x).tolist() for x in jax.tree.leaves(state)],
+        "position": (np.asarray(position, np.float64) + update).tolist(),
+    }
+    return update, new_saved
+
+
+def compute_step(
     alpha_j: np.ndarray,
     sizes_j: Sequence[int],
     cfg: ReweightConfig,
-    previous_beta_j: np.ndarray | None = None,
-    opt_state=None,
-):
-    """β for the next round from the α row of the reference set; returns (β, opt_state).
-
-    The "paper" rule is memoryless (each round starts from the current mixture, β = 0); the
-    "optax" rule continues from the previous round's β and optimizer state.
-    """
+    optimizer_state: dict | None = None,
+) -> Step:
+    """The next round's volumes from this round's α row and volumes n_j (module docstring)."""
+    sizes = np.asarray(sizes_j, np.int64)
+    if sizes.shape != np.shape(alpha_j):
+        raise InputError(f"{len(sizes)} volumes for {np.size(alpha_j)} α values", field="alpha")
+    d = direction(alpha_j, sizes, cfg.keep_total)
+    saved = None
     if cfg.rule == "paper":
-        beta_j = max_normalized_step(alpha_j, cfg.step_size)
-    elif cfg.rule == "optax":
-        start = np.zeros(len(sizes_j)) if previous_beta_j is None else previous_beta_j
-        beta_j, opt_state = optax_step(alpha_j, start, opt_state, make_optimizer(cfg))
+        beta = max_normalized(d, cfg.step_size)
     else:
-        raise ValueError(f"reweight.rule must be 'paper' or 'optax', got {cfg.rule!r}")
-    return project_beta(beta_j, sizes_j, cfg), opt_state
+        scale = np.max(np.abs(d)) if d.size else 0.0
+        g = -d / scale if scale > 0 else np.zeros_like(d)
+        update, saved = _optax_update(g, cfg, optimizer_state)
+        if cfg.keep_total:
+            update = update - np.dot(sizes, update) / sizes.sum()
+        largest = np.max(np.abs(update)) if update.size else 0.0
+        beta = update * (cfg.step_size / largest) if largest > cfg.step_size else update
+    beta = bound(beta, sizes, cfg)
+    return Step(
+        rule=cfg.rule,
+        keep_total=cfg.keep_total,
+        alpha=np.asarray(alpha_j, np.float64),
+        direction=d,
+        beta_nominal=beta,
+        volumes_before=sizes,
+        volumes_after=realise(sizes, beta, cfg.keep_total),
+        optimizer_state=saved,
+    )

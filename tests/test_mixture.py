@@ -143,3 +143,54 @@ def test_materialize_and_export_jsonl(tmp_path):
     missing = {d: v[:1] for d, v in examples.items()}
     with pytest.raises(InputError, match="not among the loaded examples"):
         mx.export_jsonl(mixture, missing, tmp_path / "x.jsonl")
+
+
+def _d1():
+    """A D_k with repeats: math upsampled (×2 + 3), code downsampled."""
+    return mx.build_mixture(IDS, {"math": 1.3, "code": -0.5, "chat": 0.0}, seed=11)
+
+
+def test_nested_resampling_same_volume_is_d_k():
+    d1 = _d1()
+    d2 = mx.resample_from(d1, d1.target_sizes, seed=99)
+    assert d2.example_ids == d1.example_ids
+    assert d2.step_beta == (0.0, 0.0, 0.0)
+
+
+def test_nested_resampling_drops_and_duplicates_entries_of_d_k():
+    d1 = _d1()
+    volumes = [d1.target_sizes[0] - 5, d1.target_sizes[1] + 30, d1.target_sizes[2]]
+    d2 = mx.resample_from(d1, volumes, seed=7, beta_nominal=[-0.2, 1.6, 0.0])
+    before = [Counter(ids) for ids in d1.example_ids]
+    after = [Counter(ids) for ids in d2.example_ids]
+    # Shrinking: a sub-multiset of D_k (entries dropped, nothing new, repeats never exceed D_k's).
+    assert sum(after[0].values()) == volumes[0] and not after[0] - before[0]
+    # Growing: D_k whole plus duplicates of D_k's own entries; never an id D_k did not hold.
+    assert not before[1] - after[1] and set(after[1]) <= set(before[1])
+    assert sum(after[1].values()) == volumes[1]
+    assert d2.example_ids[2] == d1.example_ids[2]  # β = 0 domain untouched
+    assert d2.step_beta[0] == pytest.approx(volumes[0] / d1.target_sizes[0] - 1)
+    assert d2.step_beta_nominal == (-0.2, 1.6, 0.0)
+    assert d2.beta[1] == pytest.approx(volumes[1] / SIZES["code"] - 1)  # cumulative vs source
+    again = mx.resample_from(d1, volumes, seed=7)
+    assert again.example_ids == d2.example_ids  # deterministic per seed
+    back = mx.Mixture.from_manifest(json.loads(json.dumps(d2.to_manifest())))
+    assert back.step_beta == d2.step_beta and back.example_ids == d2.example_ids
+
+
+def test_sigma_subsample_follows_the_mixture_multiplicities():
+    """β = (+1, −0.5): mixture shares 0.8 / 0.2; the σ-subsample must have the same shares."""
+    from types import SimpleNamespace
+
+    from ideal_jax.data.formatting import TokenizedExample
+    from ideal_jax.influence.stage import sigma_subsample
+
+    ids = {"a": [f"a{i}" for i in range(100)], "b": [f"b{i}" for i in range(100)]}
+    tok = lambda d, i: TokenizedExample(np.ones(4, np.int32), np.ones(4, bool), i, d)
+    suite = SimpleNamespace(tokenized={d: [tok(d, i) for i in v] for d, v in ids.items()})
+    mix = mx.build_mixture(ids, {"a": 1.0, "b": -0.5}, seed=0)
+    sub = sigma_subsample(suite, mix, 0.5, seed=0)
+    counts = Counter(t.domain for t in sub)
+    assert counts["a"] / len(sub) == pytest.approx(0.8, abs=0.01)
+    # Within a domain, repeats of the mixture can be drawn more than once (with multiplicity).
+    assert max(Counter(t.example_id for t in sub if t.domain == "a").values()) == 2

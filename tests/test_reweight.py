@@ -1,45 +1,136 @@
-"""β update rules: the paper's max-normalised step, bounds, minimum volume, optax."""
+"""β from α: the keep-total step as a constraint, realised volumes, bounds, the optax rule."""
 
 import numpy as np
 import pytest
 
 from ideal_jax import reweight
+from ideal_jax.utils.errors import InputError
+
+# Measured on the demo, round 0 (issue 11): every α < 0, so the paper's β is positive everywhere.
+DEMO_ALPHA = np.array([-7.19, -2.19, -10.34, -2.42, -16.84])
+DEMO_SIZES = [400, 800, 2000, 1000, 1600]
 
 
-def test_max_normalized_step_moves_largest_by_m():
-    alpha = np.array([0.02, -0.5, 0.1, 0.0])
-    beta = reweight.max_normalized_step(alpha, 0.15)
-    np.testing.assert_allclose(beta, [-0.006, 0.15, -0.03, 0.0])
-    assert np.all(reweight.max_normalized_step(np.zeros(3), 0.15) == 0)
+def _paper(**kw):
+    return reweight.ReweightConfig(**{"rule": "paper", "step_size": 0.15, **kw})
 
 
-def test_non_finite_alpha_is_an_error():
-    with pytest.raises(ValueError, match="non-finite"):
-        reweight.max_normalized_step(np.array([1.0, np.nan]), 0.15)
+def test_keep_total_step_is_projected_and_reaches_m():
+    step = reweight.compute_step(DEMO_ALPHA, DEMO_SIZES, _paper())
+    sizes = np.asarray(DEMO_SIZES, float)
+    mean = np.dot(sizes, DEMO_ALPHA) / sizes.sum()
+    d = -(DEMO_ALPHA - mean)
+    np.testing.assert_allclose(step.direction, d, rtol=1e-12)
+    np.testing.assert_allclose(step.beta_nominal, 0.15 * d / np.abs(d).max(), rtol=1e-12)
+    # The constraint holds before rounding, and the total exactly after it.
+    assert abs(np.dot(sizes, step.beta_nominal)) < 1e-9 * sizes.sum()
+    assert step.volumes_after.sum() == sizes.sum()
+    # Realised: every volume within one example of (1 + β) n, largest |β| = m (±1 example).
+    assert np.all(np.abs(step.volumes_after - (1 + step.beta_nominal) * sizes) < 1.0)
+    applied = step.beta_applied
+    j = np.argmax(np.abs(d))
+    assert abs(abs(applied[j]) - 0.15) <= 1.0 / sizes[j]
+    # Every domain moves in the direction of −(projected α); here all five move.
+    assert np.all(np.sign(applied) == np.sign(d))
+    # On the demo numbers (size-weighted mean α = −9.43): the signs issue 11 saw realised.
+    assert list(np.sign(applied)) == [-1, -1, 1, -1, 1]
 
 
-def test_bounds_and_minimum_volume():
-    cfg = reweight.ReweightConfig(beta_min=-0.5, beta_max=0.2, min_volume=8)
-    beta = reweight.project_beta(np.array([-0.9, 0.9, -0.3]), [100, 100, 10], cfg)
-    np.testing.assert_allclose(beta, [-0.5, 0.2, -0.2])
+def test_old_rescale_after_the_paper_step_is_not_what_we_do():
+    """The paper step then a keep-total rescale realises only ~40% of m and can flip signs."""
+    sizes = np.asarray(DEMO_SIZES, float)
+    paper_beta = -0.15 * DEMO_ALPHA / np.abs(DEMO_ALPHA).max()
+    rescaled = (1 + paper_beta) * sizes * sizes.sum() / ((1 + paper_beta) * sizes).sum()
+    old_applied = rescaled / sizes - 1
+    assert np.abs(old_applied).max() < 0.07  # what issue 11 measured
+    step = reweight.compute_step(DEMO_ALPHA, DEMO_SIZES, _paper())
+    assert np.abs(step.beta_applied).max() > 0.149
 
 
-def test_optax_rule_descends_along_alpha_and_keeps_state():
-    cfg = reweight.ReweightConfig(rule="optax", optimizer="sgd", learning_rate=2.0)
-    alpha = np.array([0.1, -0.05])
-    beta, state = reweight.compute_beta(alpha, [50, 50], cfg)
-    np.testing.assert_allclose(beta, [-0.2, 0.1], rtol=1e-6)
-    beta2, _ = reweight.compute_beta(alpha, [50, 50], cfg, previous_beta_j=beta, opt_state=state)
-    np.testing.assert_allclose(beta2, [-0.4, 0.2], rtol=1e-6)
-    adam = reweight.ReweightConfig(rule="optax", optimizer="adam", learning_rate=0.1)
-    beta, _ = reweight.compute_beta(alpha, [50, 50], adam)
-    assert beta[0] < 0 < beta[1]
+def test_without_keep_total_the_paper_rule():
+    step = reweight.compute_step(DEMO_ALPHA, DEMO_SIZES, _paper(keep_total=False))
+    np.testing.assert_allclose(step.beta_nominal, -0.15 * DEMO_ALPHA / 16.84, rtol=1e-12)
+    expected = np.floor((1 - 0.15 * DEMO_ALPHA / 16.84) * DEMO_SIZES + 1e-9)
+    np.testing.assert_array_equal(step.volumes_after, expected)
 
 
-def test_unknown_rule_and_optimizer():
-    with pytest.raises(ValueError, match="rule"):
-        reweight.compute_beta(np.ones(2), [1, 1], reweight.ReweightConfig(rule="doremi"))
-    with pytest.raises(ValueError, match="optax optimizer"):
-        reweight.compute_beta(
-            np.ones(2), [1, 1], reweight.ReweightConfig(rule="optax", optimizer="nope")
-        )
+def test_exact_scaling_alpha_summing_to_zero_keeps_direction():
+    """With α Σ = 0 ("exact" scaling), the keep-total direction is −α shifted by a constant."""
+    alpha = np.array([0.3, -0.1, -0.2])
+    sizes = [100, 300, 600]
+    step = reweight.compute_step(alpha, sizes, _paper())
+    shift = step.direction + alpha
+    np.testing.assert_allclose(shift, shift[0], atol=1e-12)  # a constant shift of −α
+    assert abs(np.dot(sizes, step.direction)) < 1e-9
+
+
+def test_equal_alpha_is_no_step():
+    step = reweight.compute_step(np.full(3, -2.5), [10, 20, 30], _paper())
+    np.testing.assert_array_equal(step.volumes_after, [10, 20, 30])
+    np.testing.assert_array_equal(step.beta_applied, 0.0)
+
+
+def test_bounds_keep_the_total():
+    cfg = _paper(step_size=0.8, beta_min=-0.5, beta_max=0.2, min_volume=8)
+    alpha = np.array([5.0, -5.0, 1.0, -1.0])
+    sizes = np.array([100, 100, 10, 400])
+    step = reweight.compute_step(alpha, sizes, cfg)
+    beta = step.beta_nominal
+    assert np.all(beta >= -0.5 - 1e-12) and np.all(beta <= 0.2 + 1e-12)
+    assert np.all((1 + beta) * sizes >= 8 - 1e-9)
+    assert abs(np.dot(sizes, beta)) < 1e-9 * sizes.sum()
+    assert step.volumes_after.sum() == sizes.sum()
+
+
+def test_non_finite_alpha_and_bad_rule_are_input_errors():
+    with pytest.raises(InputError, match="non-finite"):
+        reweight.compute_step(np.array([1.0, np.nan]), [1, 1], _paper())
+    with pytest.raises(InputError, match="reweight.rule"):
+        reweight.ReweightConfig(rule="doremi")
+    with pytest.raises(InputError, match="reweight.optimizer"):
+        reweight.ReweightConfig(rule="optax", optimizer="nope")
+
+
+def test_optax_sgd_at_lr_m_is_the_paper_step():
+    optax_cfg = reweight.ReweightConfig(rule="optax", optimizer="sgd", learning_rate=0.15)
+    a = reweight.compute_step(DEMO_ALPHA, DEMO_SIZES, optax_cfg)
+    b = reweight.compute_step(DEMO_ALPHA, DEMO_SIZES, _paper())
+    np.testing.assert_allclose(a.beta_nominal, b.beta_nominal, rtol=1e-5)
+
+
+def test_optax_is_scale_free_and_bounded_by_m():
+    cfg = reweight.ReweightConfig(rule="optax", optimizer="sgd", learning_rate=1.0)
+    small = reweight.compute_step(DEMO_ALPHA * 1e-6, DEMO_SIZES, cfg)
+    large = reweight.compute_step(DEMO_ALPHA * 1e6, DEMO_SIZES, cfg)
+    np.testing.assert_allclose(small.beta_nominal, large.beta_nominal, rtol=1e-5)
+    np.testing.assert_allclose(np.abs(large.beta_nominal).max(), 0.15, rtol=1e-6)
+
+
+def test_optax_adam_first_step_moves_and_state_continues():
+    cfg = reweight.ReweightConfig(rule="optax", optimizer="adam", learning_rate=0.05)
+    first = reweight.compute_step(DEMO_ALPHA, DEMO_SIZES, cfg)
+    assert np.any(first.volumes_after != np.asarray(DEMO_SIZES))
+    assert np.all(np.sign(first.beta_nominal) == np.sign(first.direction))
+    # Continuing from the saved state differs from starting afresh (Adam's moments carry over),
+    # and a JSON round trip of the state (what reweight.json holds) continues identically.
+    sizes2 = first.volumes_after
+    cont = reweight.compute_step(DEMO_ALPHA, sizes2, cfg, first.optimizer_state)
+    fresh = reweight.compute_step(DEMO_ALPHA, sizes2, cfg, None)
+    assert not np.allclose(cont.beta_nominal, fresh.beta_nominal)
+    domains = [f"d{i}" for i in range(5)]
+    restored = reweight.Step.from_json(first.to_json(domains), domains)
+    again = reweight.compute_step(DEMO_ALPHA, sizes2, cfg, restored.optimizer_state)
+    np.testing.assert_allclose(again.beta_nominal, cont.beta_nominal, rtol=1e-6)
+    count = first.optimizer_state["leaves"][0]
+    assert count == 1 and cont.optimizer_state["leaves"][0] == 2
+
+
+def test_step_json_round_trip_records_applied_beta():
+    step = reweight.compute_step(DEMO_ALPHA, DEMO_SIZES, _paper())
+    domains = ["arithmetic", "lookup", "reverse", "sort", "uppercase"]
+    obj = step.to_json(domains)
+    for d, n, after in zip(domains, DEMO_SIZES, step.volumes_after):
+        assert obj["beta_applied"][d] == pytest.approx(after / n - 1)
+    back = reweight.Step.from_json(obj, domains)
+    np.testing.assert_array_equal(back.volumes_after, step.volumes_after)
+    np.testing.assert_allclose(back.beta_applied, step.beta_applied)

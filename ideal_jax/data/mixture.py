@@ -1,9 +1,13 @@
 """From volume parameters β to a resampled training mixture (METHOD.md §1.2).
 
-Domain i gets |D_i'| = floor((1 + β_i) |D_i|) examples by random resampling: downsampling draws
-without replacement; upsampling keeps whole copies of the domain plus a remainder drawn without
-replacement. With `keep_total` all targets are rescaled so the total stays N = Σ|D_i| (largest-
-remainder rounding, the unrounded targets are recorded). β = 0 is exactly the identity.
+D_0 (`build_mixture`): domain i gets |D_i'| = floor((1 + β_i) |D_i|) examples of its source by
+random resampling: downsampling draws without replacement; upsampling keeps whole copies of the
+domain plus a remainder drawn without replacement. With `keep_total` all targets are rescaled so the
+total stays N = Σ|D_i| (largest-remainder rounding, the unrounded targets are recorded).
+
+D_k+1 (`resample_from`): nested — the new volumes are drawn from D_k itself, not from the sources:
+a smaller volume drops entries of D_k, a larger one keeps D_k whole and duplicates entries of D_k.
+β = 0 (same volume) reproduces D_k exactly, so the mixture only changes where the step says so.
 
 Resampling depends only on (seed, domain name), never on the number of hosts; hosts then take
 interleaved slices of one global, seeded order (`host_shard`).
@@ -43,6 +47,9 @@ class Mixture:
     keep_total: bool
     example_ids: tuple[tuple[str, ...], ...]
     unrounded_targets: tuple[float, ...]  # before flooring / largest-remainder rounding
+    # The step that produced this mixture from the previous round's (zeros for D_0):
+    step_beta: tuple[float, ...] = ()  # applied: volume / previous volume − 1
+    step_beta_nominal: tuple[float, ...] = ()  # what the reweight rule asked for (continuous)
 
     @property
     def total(self) -> int:
@@ -60,6 +67,8 @@ class Mixture:
                 "target_unrounded": self.unrounded_targets[k],
                 "beta": self.beta[k],
                 "weight": 1.0 + self.beta[k],
+                "step_beta": self.step_beta[k] if self.step_beta else 0.0,
+                "step_beta_nominal": self.step_beta_nominal[k] if self.step_beta_nominal else 0.0,
                 "repeat_counts": {str(r): repeats[r] for r in sorted(repeats)},
             }
         return {
@@ -88,6 +97,10 @@ class Mixture:
                 keep_total=bool(manifest["keep_total"]),
                 example_ids=ids,
                 unrounded_targets=tuple(float(domains[n]["target_unrounded"]) for n in names),
+                step_beta=tuple(float(domains[n].get("step_beta", 0.0)) for n in names),
+                step_beta_nominal=tuple(
+                    float(domains[n].get("step_beta_nominal", 0.0)) for n in names
+                ),
             )
         except KeyError as e:
             raise InputError("missing field in mixture manifest", path=path, field=e.args[0]) from e
@@ -180,6 +193,56 @@ def build_mixture(
         keep_total=keep_total,
         example_ids=tuple(chosen),
         unrounded_targets=tuple(unrounded),
+        step_beta=(0.0,) * len(names),  # a first mixture has no previous round
+        step_beta_nominal=(0.0,) * len(names),
+    )
+
+
+def resample_from(
+    mixture: Mixture,
+    volumes: Sequence[int],
+    *,
+    seed: int,
+    beta_nominal: Sequence[float] | None = None,
+) -> Mixture:
+    """D_k+1 from D_k = `mixture`: each domain's entries (with their repeats) dropped or duplicated.
+
+    volume < |D_k,j|: drops |D_k,j| − volume entries of D_k,j, chosen at random;
+    volume > |D_k,j|: keeps D_k,j whole `copies` times plus a random remainder of its entries;
+    volume = |D_k,j|: D_k,j unchanged. Deterministic in (seed, domain name).
+    The recorded β is cumulative relative to the sources (weight = volume / source size); the
+    step's applied β (volume / |D_k,j| − 1) and the rule's nominal β are recorded beside it.
+    """
+    volumes = [int(v) for v in volumes]
+    if len(volumes) != len(mixture.domain_names) or min(volumes, default=0) < 0:
+        raise InputError(
+            f"need {len(mixture.domain_names)} volumes ≥ 0, got {volumes}", field="volumes"
+        )
+    chosen, applied = [], []
+    for name, ids, volume in zip(mixture.domain_names, mixture.example_ids, volumes):
+        n = len(ids)
+        if n == 0 and volume > 0:
+            raise InputError(f"domain {name!r} is empty and cannot grow", record=name)
+        if volume <= n:
+            keep = np.sort(_domain_rng(seed, name).choice(n, size=volume, replace=False))
+        else:
+            copies, remainder = divmod(volume, n)
+            extra = _domain_rng(seed, name).choice(n, size=remainder, replace=False)
+            keep = np.sort(np.concatenate([np.tile(np.arange(n), copies), extra]), kind="stable")
+        chosen.append(tuple(ids[i] for i in keep))
+        applied.append(volume / max(n, 1) - 1.0)
+    nominal = applied if beta_nominal is None else [float(b) for b in beta_nominal]
+    return Mixture(
+        domain_names=mixture.domain_names,
+        source_sizes=mixture.source_sizes,
+        target_sizes=tuple(volumes),
+        beta=tuple(v / max(s, 1) - 1.0 for v, s in zip(volumes, mixture.source_sizes)),
+        seed=seed,
+        keep_total=mixture.keep_total,
+        example_ids=tuple(chosen),
+        unrounded_targets=tuple((1.0 + b) * n for b, n in zip(nominal, mixture.target_sizes)),
+        step_beta=tuple(applied),
+        step_beta_nominal=tuple(nominal),
     )
 
 

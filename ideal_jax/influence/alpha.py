@@ -7,6 +7,11 @@ per reference row, v_r = H⁻¹ g_ref,r (H is symmetric), then dot products with
 with n_j the domain's size and ∇L̄_tr = Σ n_j ∇L̄_j / N (METHOD §1.1). n_j defaults to the domain's
 response-token weight (the unit of our token-weighted loss); pass example counts to override. At an
 exact stationary point ∇L̄_tr = 0 and "exact" = (n_j/N) × "paper".
+
+The "all" row (the one that sets β) is the reference loss the mixture is optimised for:
+  "capability"  (default) the mean over capabilities of each capability's mean loss, so every
+                capability counts equally however long its answers are: g_all = mean_c ∇L̄_c
+  "token"       the token-weighted mean over the whole reference set (long answers weigh more)
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from ideal_jax.influence.gradients import GroupGradients
 from ideal_jax.utils.errors import InputError
 
 SCALINGS = ("paper", "exact")
+REFERENCE_WEIGHTINGS = ("capability", "token")
 
 
 def tree_dot(a: dict, b: dict) -> jax.Array:
@@ -46,6 +52,7 @@ class InfluenceResult:
     scaling: str
     sigma: float | None
     domain_sizes: tuple[float, ...]
+    reference_weighting: str = "capability"
 
     def row(self, name: str = "all") -> np.ndarray:
         return self.matrix[self.rows.index(name)]
@@ -56,6 +63,7 @@ class InfluenceResult:
             "damping": {k: float(v) for k, v in self.damping.items()},
             "layers": list(self.layers),
             "scaling": self.scaling,
+            "reference_weighting": self.reference_weighting,
             "sigma": self.sigma,
             "rows": list(self.rows),
             "domains": list(self.domains),
@@ -73,6 +81,7 @@ def compute_alpha(
     scaling: str = "paper",
     domain_sizes: Sequence[float] | None = None,
     sigma: float | None = None,
+    reference_weighting: str = "capability",
 ) -> InfluenceResult:
     """α for rows ("all", *reference.names) × columns domains.names (Lemma 1)."""
     if scaling not in SCALINGS:
@@ -85,7 +94,16 @@ def compute_alpha(
             f"domain_sizes must be {len(domains.names)} positive numbers",
             field="influence.domain_sizes",
         )
-    ref_rows = [("all", reference.overall)]
+    if reference_weighting not in REFERENCE_WEIGHTINGS:
+        raise InputError(
+            f"unknown reference weighting {reference_weighting!r}; one of {REFERENCE_WEIGHTINGS}",
+            field="influence.reference_weighting",
+        )
+    if reference_weighting == "capability":
+        g_all = jax.tree.map(lambda x: jnp.mean(x, axis=0), reference.grads)
+    else:
+        g_all = reference.overall
+    ref_rows = [("all", g_all)]
     if len(reference.names) > 1 or reference.names[0] != "all":
         ref_rows += [(n, reference.row(g)) for g, n in enumerate(reference.names)]
     domain_grads = [domains.row(j) for j in range(len(domains.names))]
@@ -118,4 +136,5 @@ def compute_alpha(
         scaling=scaling,
         sigma=sigma,
         domain_sizes=tuple(sizes),
+        reference_weighting=reference_weighting,
     )

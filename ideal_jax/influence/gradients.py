@@ -162,7 +162,7 @@ def sigma_subsample(
 ) -> np.ndarray:
     """Sorted indices of a random σ fraction (≥ 1) of each domain's examples (METHOD §1.2)."""
     if not 0 < sigma <= 1:
-        raise InputError(f"sigma must be in (0, 1], got {sigma}", field="influence.sigma")
+        raise InputError(f"sigma must be in (0, 1], got {sigma}", field="curvature.sigma")
     domains_n = np.asarray(example_domains)
     rng = np.random.default_rng(seed)
     keep = []

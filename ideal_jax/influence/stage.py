@@ -1,7 +1,9 @@
 """The influence stage of an IDEAL round: curvature → gradients → α (Lemma 1), with timings.
 
-Factors, EK-FAC correction and domain gradients use a σ-subsample of each domain's distinct
-examples in the round's mixture; the reference set is used whole (METHOD.md §1.2). When the
+Factors, EK-FAC correction and domain gradients use a σ-subsample of each domain's entries in the
+round's mixture, repeats included (an example the mixture holds twice is twice as likely to be
+drawn, and may be drawn twice), so they estimate the curvature and gradients of the loss that was
+trained; the reference set is used whole (METHOD.md §1.2). When the
 curvature factors of all selected layers would not fit one device (ideal_jax/memory_plan.py), the
 layers are processed in groups, one after the other: H is block-diagonal over layers, so α is the
 sum of the groups' contributions.
@@ -20,19 +22,22 @@ from ideal_jax.curvature import ekfac, operators
 from ideal_jax.curvature import kfac as kfac_lib
 from ideal_jax.curvature import layers as layers_lib
 from ideal_jax.data import batching
+from ideal_jax.data import mixture as mixture_lib
 from ideal_jax.influence import alpha as alpha_lib
 from ideal_jax.influence import gradients
 from ideal_jax.model import decoding
 
 
 def sigma_subsample(suite, mix, sigma: float, seed: int) -> list:
-    """A random σ fraction (≥ 1) of each domain's distinct examples in the round's mixture."""
-    distinct = []
-    for name, ids in zip(mix.domain_names, mix.example_ids):
-        by_id = {t.example_id: t for t in suite.tokenized[name]}
-        distinct += [by_id[i] for i in sorted({i for i in ids if i in by_id})]
-    keep = gradients.sigma_subsample([t.domain for t in distinct], sigma, seed)
-    return [distinct[i] for i in keep]
+    """A random σ fraction (≥ 1) of each domain's entries in the round's mixture, with repeats.
+
+    Entries are drawn without replacement from the mixture *with its multiplicities*, so each
+    domain's share of the subsample is its share of the mixture, and within a domain an example
+    appears in proportion to its count in the mixture.
+    """
+    entries = mixture_lib.materialize(mix, suite.tokenized)
+    keep = gradients.sigma_subsample([t.domain for t in entries], sigma, seed)
+    return [entries[i] for i in keep]
 
 
 def device_memory_bytes(curv_cfg) -> int | None:
@@ -149,6 +154,7 @@ def influence_for_round(cfg, model_cfg, params, suite, mix, mesh) -> dict[str, A
             scaling=infl.scaling,
             domain_sizes=tokens_j,
             sigma=curv.sigma,
+            reference_weighting=infl.get("reference_weighting", "capability"),
         )
         timings["inverse_products"] += time.perf_counter() - t0
         # H is block-diagonal over layers: each group adds its layers' share of every dot product.
