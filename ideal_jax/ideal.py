@@ -55,7 +55,7 @@ def run_ideal(
     mix = mixture_lib.build_mixture(
         source_ids, None, seed=cfg.seed, keep_total=reweight_cfg.keep_total
     )  # D_0
-    params, rows, opt_state = base_params, [], None
+    params, rows = base_params, []
     for k in range(rounds + 1):
         rdir = os.path.join(workdir, f"round_{k}")
         os.makedirs(rdir, exist_ok=True)
@@ -106,8 +106,7 @@ def run_ideal(
                 )
             # β is relative to this round's volumes (β = 0 is D_k, where α was measured); the
             # optax rule continues from the previous round's optimizer state.
-            step = _reweight(rdir, alpha_j, mix, reweight_cfg, opt_state)
-            opt_state = step.optimizer_state
+            step = reweight_round(workdir, k, alpha_j, mix, reweight_cfg)
             row.update(
                 alpha=dict(zip(mix.domain_names, alpha_j.tolist())),
                 beta=dict(zip(mix.domain_names, step.beta_applied.tolist())),
@@ -129,12 +128,22 @@ def run_ideal(
     return result
 
 
-def _reweight(rdir: str, alpha_j, mix, reweight_cfg, opt_state) -> reweight.Step:
-    """round_K/reweight.json: the step from D_k's volumes (computed once; a rerun reads it back)."""
-    path = os.path.join(rdir, "reweight.json")
+def reweight_round(
+    workdir: str, k: int, alpha_j, mix: mixture_lib.Mixture, reweight_cfg
+) -> reweight.Step:
+    """round_K/reweight.json: the step from D_k's volumes (computed once; a rerun reads it back).
+
+    A stateful rule (optax) continues from the state saved in round_{K-1}/reweight.json, so a
+    resumed run continues it exactly as an uninterrupted one would.
+    """
+    path = os.path.join(workdir, f"round_{k}", "reweight.json")
     if os.path.exists(path):
         return reweight.Step.from_json(stages.read_json(path), mix.domain_names, path=path)
-    step = reweight.compute_step(alpha_j, mix.target_sizes, reweight_cfg, opt_state)
+    state = None
+    previous = os.path.join(workdir, f"round_{k - 1}", "reweight.json")
+    if k > 0 and os.path.exists(previous):
+        state = stages.read_json(previous).get("optimizer_state")
+    step = reweight.compute_step(alpha_j, mix.target_sizes, reweight_cfg, state)
     if distributed.is_lead_host():
         stages.write_json(path, step.to_json(mix.domain_names))
     return step
