@@ -1,0 +1,214 @@
+"""Mutation check: break the method on purpose and confirm a default-suite test fails.
+
+    python tests/mutation_check.py            # every mutation
+    python tests/mutation_check.py --only ekfac_multiplies,identity_operator
+
+Each mutation replaces one exact piece of source (it must be found, or the check itself fails) in
+a fresh copy of the committed tree (HEAD), runs the listed tests there
+(`-m 'not slow'`: the default suite) and reports whether they caught it. The working tree is never
+modified. Not collected by pytest (no test_ prefix). Last line: one JSON object name → caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (name, what it breaks, file, old, new, tests that must catch it)
+MUTATIONS = [
+    (
+        "keep_total_rescale",
+        "(g) the paper step then a keep-total rescale (step below m)",
+        "ideal_jax/reweight.py",
+        "d = direction(alpha_j, sizes, cfg.keep_total)",
+        "d = direction(alpha_j, sizes, False)",
+        ["tests/test_reweight.py"],
+    ),
+    (
+        "nominal_beta_recorded",
+        "(g) the nominal β recorded instead of the applied one",
+        "ideal_jax/reweight.py",
+        "return self.volumes_after / before - 1.0",
+        "return self.beta_nominal",
+        ["tests/test_reweight.py"],
+    ),
+    (
+        "summary_records_nominal",
+        "summary.json rows[K].beta is the nominal β",
+        "ideal_jax/ideal.py",
+        "beta=dict(zip(mix.domain_names, step.beta_applied.tolist())),",
+        "beta=dict(zip(mix.domain_names, step.beta_nominal.tolist())),",
+        ["tests/test_cli.py::test_each_step_is_applied_as_computed_and_recorded_as_applied"],
+    ),
+    (
+        "redraw_from_source",
+        "D_k+1 redrawn from the sources with a new seed (not nested in D_k)",
+        "ideal_jax/ideal.py",
+        "mix = mixture_lib.resample_from(\n"
+        "                mix, step.volumes_after, seed=cfg.seed + k + 1, "
+        "beta_nominal=step.beta_nominal\n"
+        "            )",
+        "mix = mixture_lib.build_mixture(source_ids, list(step.volumes_after / np.asarray("
+        "mix.source_sizes) - 1), seed=cfg.seed + k + 1, keep_total=True)",
+        ["tests/test_cli.py::test_each_step_is_applied_as_computed_and_recorded_as_applied"],
+    ),
+    (
+        "ignore_multiplicity",
+        "(f) σ-subsample over distinct examples, ignoring the mixture's repeats",
+        "ideal_jax/influence/stage.py",
+        "entries = mixture_lib.materialize(mix, suite.tokenized)",
+        "entries = list({t.example_id: t for t in mixture_lib.materialize(mix, suite.tokenized)}"
+        ".values())",
+        ["tests/test_mixture.py"],
+    ),
+    (
+        "bias_counts_padding",
+        "K-FAC bias entry of the input factor counts padding rows",
+        "ideal_jax/curvature/kfac.py",
+        "state = self._cache(self._real_token_bias(state))",
+        "state = self._cache(state)",
+        ["tests/test_curvature_exactness.py"],
+    ),
+    (
+        "token_weighted_all_row",
+        "the 'all' reference row token-weighted by default",
+        "ideal_jax/influence/alpha.py",
+        'if reference_weighting == "capability":',
+        'if reference_weighting == "never":',
+        ["tests/test_alpha_rows.py"],
+    ),
+    (
+        "optax_raw_alpha",
+        "the optax rule fed raw α (not scale-free)",
+        "ideal_jax/reweight.py",
+        "g = -d / scale if scale > 0 else np.zeros_like(d)",
+        "g = -d",
+        ["tests/test_reweight.py"],
+    ),
+    (
+        "optax_state_restarts",
+        "the optax state restarts every round",
+        "ideal_jax/ideal.py",
+        'state = stages.read_json(previous).get("optimizer_state")',
+        "state = None",
+        ["tests/test_reweight.py"],
+    ),
+    (
+        "ekfac_multiplies",
+        "(a) EK-FAC multiplies by the eigenvalues instead of dividing",
+        "ideal_jax/curvature/ekfac.py",
+        "rotated / (correction[path] + damping[path])",
+        "rotated * (correction[path] + damping[path])",
+        ["tests/test_curvature_exactness.py", "tests/test_known_answer_preconditioning.py"],
+    ),
+    (
+        "ekfac_transposed_bases",
+        "(b) transposed eigenbases in the EK-FAC inverse",
+        "ideal_jax/curvature/ekfac.py",
+        "rotated = qa.T @ v_ao @ qg\n",
+        "rotated = qa @ v_ao @ qg.T\n",
+        ["tests/test_curvature_exactness.py", "tests/test_known_answer_preconditioning.py"],
+    ),
+    (
+        "identity_operator",
+        "(c) the identity operator where the Hessian matters",
+        "ideal_jax/curvature/operators.py",
+        'if name == "identity":',
+        'if name in ("identity", "kfac", "ekfac"):',
+        ["tests/test_known_answer_preconditioning.py"],
+    ),
+    (
+        "drop_training_gradient",
+        "(d) 'exact' scaling without the −∇L̄_tr term",
+        "ideal_jax/influence/alpha.py",
+        "domain_grads = [jax.tree.map(jnp.subtract, g, g_tr) for g in domain_grads]",
+        "domain_grads = list(domain_grads)",
+        ["tests/test_alpha_rows.py"],
+    ),
+    (
+        "wrong_kfac_scale",
+        "(e) a wrong K-FAC scale factor (real-token ratio dropped)",
+        "ideal_jax/curvature/kfac.py",
+        "return (self.rows / jnp.maximum(self.tokens, 1.0)) * (",
+        "return 1.0 * (",
+        ["tests/test_curvature_exactness.py"],
+    ),
+    (
+        "default_estimator_empirical",
+        "default estimator = empirical Fisher (the one the accuracy tests do not pass)",
+        "configs/common.py",
+        'cfg.curvature.estimator = "fisher"',
+        'cfg.curvature.estimator = "empirical"',
+        ["tests/test_influence_accuracy.py"],
+    ),
+]
+
+
+def _copy_tree(dest: str) -> None:
+    """The committed tree (HEAD), extracted to `dest`: uncommitted edits never leak in."""
+    archive = subprocess.run(["git", "archive", "HEAD"], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", dest], input=archive.stdout, check=True)
+
+
+def run_one(mutation, keep: bool = False) -> dict:
+    name, what, rel, old, new, tests = mutation
+    tmp = tempfile.mkdtemp(prefix=f"mut_{name}_")
+    try:
+        _copy_tree(tmp)
+        path = os.path.join(tmp, rel)
+        text = open(path, encoding="utf-8").read()
+        if text.count(old) != 1:
+            raise SystemExit(f"{name}: the text to mutate occurs {text.count(old)}× in {rel}")
+        open(path, "w", encoding="utf-8").write(text.replace(old, new))
+        env = {**os.environ, "PYTHONPATH": tmp}
+        start = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider"]
+            + tests,
+            cwd=tmp,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        failed = [
+            line.split(" ")[1]
+            for line in proc.stdout.splitlines()
+            if line.startswith("FAILED ") or line.startswith("ERROR ")
+        ]
+        return {
+            "name": name,
+            "what": what,
+            "caught": proc.returncode != 0,
+            "failed": failed,
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+    finally:
+        if not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="comma-separated mutation names")
+    args = parser.parse_args()
+    chosen = [m for m in MUTATIONS if not args.only or m[0] in args.only.split(",")]
+    results = []
+    for mutation in chosen:
+        r = run_one(mutation)
+        results.append(r)
+        mark = "caught" if r["caught"] else "NOT CAUGHT"
+        print(f"{r['name']:<28} {mark:<10} {r['seconds']:>6.1f}s  {', '.join(r['failed'][:2])}")
+        print(f"    {r['what']}", flush=True)
+    print(json.dumps({r["name"]: r["caught"] for r in results}))
+
+
+if __name__ == "__main__":
+    main()
