@@ -126,23 +126,46 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def apply_overrides(cfg: ml_collections.ConfigDict, arg: str | None) -> None:
-    """Apply `--config FILE.py:key=value,key=value` arguments (dotted keys allowed)."""
+    """Apply `--config FILE.py:key=value,key=value` arguments (dotted keys allowed).
+
+    Raises InputError naming the key for an item that is not key=value, an unknown key or a value
+    that does not parse as the field's type.
+    """
+    from ideal_jax.utils.errors import InputError
+
     if not arg:
         return
     for item in arg.split(","):
         if "=" not in item:
-            raise ValueError(f"config argument {item!r} is not key=value")
+            raise InputError(f"config argument {item!r} is not key=value", field=item.strip())
         key, value = item.split("=", 1)
+        key = key.strip()
         node = cfg
-        *parents, leaf = key.strip().split(".")
-        for name in parents:
+        *parents, leaf = key.split(".")
+        for i, name in enumerate(parents):
+            if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+                raise InputError(
+                    f"config argument names an unknown section {'.'.join(parents[: i + 1])!r}",
+                    field=key,
+                )
             node = node[name]
-        if leaf not in node:
-            raise ValueError(f"config argument names an unknown field {key!r}")
+        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+            known = ", ".join(sorted(node)) if isinstance(node, ml_collections.ConfigDict) else ""
+            raise InputError(
+                "config argument names an unknown field" + (f"; allowed: {known}" if known else ""),
+                field=key,
+            )
         current = node[leaf]
         if isinstance(current, bool):
+            if value.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                raise InputError(f"expected a bool (true | false), got {value!r}", field=key)
             node[leaf] = value.lower() in ("1", "true", "yes")
-        elif isinstance(current, int | float) and not isinstance(current, bool):
-            node[leaf] = type(current)(value)
+        elif isinstance(current, int | float):
+            try:
+                node[leaf] = type(current)(value)
+            except ValueError:
+                raise InputError(
+                    f"expected a value of type {type(current).__name__}, got {value!r}", field=key
+                ) from None
         else:
             node[leaf] = value

@@ -15,6 +15,7 @@ Mesh: FSDP over all devices (an 8B model's SFT state does not fit one accelerato
 import ml_collections
 
 from configs import common
+from ideal_jax.utils.errors import InputError
 
 DOMAINS = ("math", "code", "reasoning", "instruction")
 
@@ -23,9 +24,11 @@ def get_config(arg: str | None = None):
     args = dict(model="/path/to/Llama-3.1-8B", data="/path/to/ideal_data")
     for item in (arg or "").split(","):
         if item:
-            key, value = item.split("=", 1)
-            if key not in args:
-                raise ValueError(f"unknown argument {key!r}; expected model=..., data=...")
+            key, _, value = item.partition("=")
+            if key not in args or not value:
+                raise InputError(
+                    f"unknown argument {item!r}; expected model=..., data=...", field=key
+                )
             args[key] = value
     cfg = common.base_config()
     cfg.rounds = 2

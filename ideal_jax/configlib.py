@@ -1,4 +1,4 @@
-"""ml_collections helpers: resolve, serialise and fingerprint configs; guard workdirs.
+"""ml_collections helpers: validate, resolve, serialise and fingerprint configs; guard workdirs.
 
 A run writes its resolved config to DIR/config.json. Rerunning on the same DIR resumes, but only if
 the config is the same one (fields that do not change results, such as logging cadence, may differ);
@@ -25,6 +25,80 @@ RESUMABLE_FIELDS = (
     "eval.batch_size",
     "progress",
 )
+
+
+# Enumerated fields and every value the code accepts (the modules named check them again, later).
+# `validate_config` checks them when a config is loaded, before any work or any file is written;
+# tests/test_configs.py keeps this table equal to the modules' own lists.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "mode": ("ideal", "sft", "influence", "eval", "daar"),  # ideal_jax/main.py
+    "data.truncate": ("left_prompt", "right", "drop"),  # data/formatting.py
+    "data.batching": ("pack", "pad"),  # data/batching.py
+    "model.dtype": ("float32", "bfloat16"),  # model/config.py
+    "train.schedule": ("cosine", "linear", "constant"),  # train/state.py
+    "curvature.estimator": ("empirical", "fisher", "ggn_exact"),  # curvature/kfac.py
+    "curvature.correction": ("per_example", "per_batch"),  # influence/stage.py
+    "influence.operator": ("identity", "kfac", "ekfac", "exact", "exact_block", "cg"),
+    "influence.scaling": ("paper", "exact"),  # influence/alpha.py
+    "influence.reference_weighting": ("capability", "token"),  # influence/alpha.py
+    "reweight.rule": ("paper", "optax"),  # reweight.py
+    "daar.generator": ("model", "file"),  # daar/job.py
+    "daar.select_method": ("top_fraction", "per_domain"),  # daar/pipeline.py
+}
+
+# Numeric fields with an obvious valid range: field -> (check, what it must be).
+RANGES: dict[str, tuple[Any, str]] = {
+    "rounds": (lambda v: v >= 0, ">= 0"),
+    "seeds": (lambda v: v >= 1, ">= 1"),
+    "curvature.sigma": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "curvature.damping": (lambda v: v >= 0, ">= 0"),
+    "reweight.step_size": (lambda v: v > 0, "> 0"),
+    "reweight.learning_rate": (lambda v: v > 0, "> 0"),
+    "reweight.beta_min": (lambda v: -1 <= v <= 0, "in [-1, 0] (β = -1 empties a domain)"),
+    "reweight.beta_max": (lambda v: v >= 0, ">= 0"),
+    "daar.select_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+}
+
+_MISSING = object()
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    node = cfg
+    for name in dotted.split("."):
+        try:
+            node = node[name]
+        except (KeyError, TypeError, AttributeError):
+            return _MISSING
+    return node
+
+
+def validate_config(cfg: ml_collections.ConfigDict | dict) -> None:
+    """Check enumerated and numeric fields; raise InputError naming the field and what it allows.
+
+    Fields a config does not have are skipped (library users may pass partial configs).
+    """
+    for field, allowed in CHOICES.items():
+        value = _get(cfg, field)
+        if value is not _MISSING and value not in allowed:
+            raise InputError(
+                f"{value!r} is not allowed; allowed: {', '.join(allowed)}", field=field
+            )
+    optimizer = _get(cfg, "reweight.optimizer")
+    if optimizer is not _MISSING:
+        import optax
+
+        if not (isinstance(optimizer, str) and callable(getattr(optax, optimizer, None))):
+            raise InputError(
+                f"{optimizer!r} is not an optax optimizer; allowed: the name of one, "
+                "e.g. sgd, adam, adamw",
+                field="reweight.optimizer",
+            )
+    for field, (check, what) in RANGES.items():
+        value = _get(cfg, field)
+        if value is _MISSING:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not check(value):
+            raise InputError(f"must be {what}, got {value!r}", field=field)
 
 
 def to_dict(cfg: ml_collections.ConfigDict | dict) -> dict[str, Any]:

@@ -8,13 +8,18 @@ The config's `mode` picks the job:
   eval       evaluate cfg.model on cfg.eval's tasks → DIR/eval.json
   daar       diversity-as-reward selection from an unlabeled pool (cfg.daar)
 Rerunning the same command on an existing DIR resumes where it stopped. Bad input exits with
-status 2 and a message naming the file, record and field; nothing already written is touched.
+status 2 and a one-line message naming the file, record and field; nothing already written is
+touched. A bad config (unknown field, ill-typed or disallowed value) is refused before DIR is
+created. `--config configs/NAME.py` also works outside the repository: a path that does not exist
+relative to the current directory is looked up in the installed `configs` package.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -32,10 +37,11 @@ MODES = ("ideal", "sft", "influence", "eval", "daar")
 
 def run(cfg, workdir: str) -> dict:
     """Run the job `cfg.mode` in `workdir` (the function behind the command line)."""
-    from ideal_jax import configlib, ideal, stages, summary
+    from ideal_jax import configlib
 
-    if cfg.mode not in MODES:
-        raise InputError(f"unknown mode {cfg.mode!r}; one of {', '.join(MODES)}", field="mode")
+    configlib.validate_config(cfg)  # before anything is written
+    from ideal_jax import ideal, stages, summary
+
     if cfg.mode == "ideal" and cfg.seeds > 1:
         configlib.prepare_workdir(cfg, workdir)
         results = []
@@ -63,22 +69,141 @@ def run(cfg, workdir: str) -> dict:
     return daar_job.run_from_config(cfg, workdir)
 
 
+def _bad_input(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        _bad_input(f"unexpected arguments: {' '.join(argv[1:])}")
+    from ideal_jax import configlib
     from ideal_jax.utils import distributed
 
     # Progress bars carry the run's story; library INFO logs (orbax, XLA) drown them.
     logging.set_verbosity(logging.WARNING)
-    distributed.maybe_initialize()
     try:
+        configlib.validate_config(_CONFIG.value)  # before any work, before DIR exists
+        distributed.maybe_initialize()
         run(_CONFIG.value, _WORKDIR.value)
     except InputError as e:
-        logging.error("bad input: %s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _bad_input(str(e))
     print(json.dumps({"workdir": _WORKDIR.value, "status": "done"}))
 
 
+# --- flag parsing: config paths from any directory; bad config input as one line, exit 2 ---
+
+_OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=\s]+)")
+
+
+def _config_argument(argv: list[str]) -> tuple[int, str] | None:
+    """(index in argv, value) of the --config flag's value, or None."""
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-config") and i + 1 < len(argv):
+            return i + 1, argv[i + 1]
+        for prefix in ("--config=", "-config="):
+            if arg.startswith(prefix):
+                return i, arg[len(prefix) :]
+    return None
+
+
+def resolve_config_path(value: str) -> str:
+    """`configs/NAME.py[:ARG]` relative to the current directory or, failing that, to the
+    installed `configs` package (so the README's command works from any directory)."""
+    path, sep, arg = value.partition(":")
+    if not path or os.path.isabs(path) or os.path.exists(path):
+        return value
+    import importlib.util
+
+    spec = importlib.util.find_spec("configs")
+    if spec is None or not spec.submodule_search_locations:
+        return value
+    package_dir = list(spec.submodule_search_locations)[0]
+    for candidate in (
+        os.path.join(os.path.dirname(package_dir), path),  # configs/NAME.py
+        os.path.join(package_dir, path),  # NAME.py
+    ):
+        if os.path.isfile(candidate):
+            return candidate + sep + arg
+    return value
+
+
+def _error_chain(error: BaseException) -> list[BaseException]:
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        chain.append(error)
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def _unknown_field(cfg, path: str) -> str | None:
+    """A message if the dotted `path` names no field of `cfg`, else None."""
+    node, parents = cfg, []
+    for name in path.split("."):
+        keys = list(node.keys()) if hasattr(node, "keys") else None
+        if keys is None or name not in keys:
+            if keys is None:
+                return f"{'.'.join(parents)} is a {type(node).__name__}, not a section"
+            section = f"{'.'.join(parents)}.*" if parents else "top-level"
+            near = difflib.get_close_matches(name, keys, n=1)
+            hint = f" (did you mean {'.'.join([*parents, near[0]])}?)" if near else ""
+            allowed = ", ".join(sorted(keys)) or "none (set them in the config file)"
+            return f"unknown field{hint}; {section} fields: {allowed}"
+        node, parents = node[name], [*parents, name]
+    return None
+
+
+def describe_flag_error(error: Exception, argv: list[str]) -> str:
+    """One line for an error raised while parsing the command line's flags."""
+    chain = _error_chain(error)
+    input_errors = [e for e in chain if isinstance(e, InputError)]
+    if input_errors:  # raised by the config file (e.g. configs/common.py apply_overrides)
+        return str(input_errors[-1])
+    overrides = [m.group(1) for a in argv if (m := _OVERRIDE.match(a))]
+    found = _config_argument(argv)
+    cfg = None
+    if overrides and found is not None:
+        try:
+            cfg = flags.FLAGS["config"].parser.parse(found[1])
+        except Exception:  # the config itself does not load: report the original error below
+            cfg = None
+    if cfg is not None:
+        for path in overrides:
+            if (problem := _unknown_field(cfg, path)) is not None:
+                return str(InputError(problem, field=path))
+        message = str(error)
+        for path in overrides:
+            if message.startswith(f"flag --config.{path}="):
+                value = message[len(f"flag --config.{path}=") :].split(": ", 1)[0]
+                current = cfg
+                for name in path.split("."):
+                    current = current[name]
+                expected = type(current).__name__
+                return str(InputError(f"expected a {expected}, got {value!r}", field=path))
+    root = chain[-1]
+    if isinstance(root, OSError) and root.strerror and found is not None:
+        return f"--config: cannot load {found[1].partition(':')[0]}: {root.strerror}"
+    if root is not error and not isinstance(root, flags.Error):
+        return f"--config: {type(root).__name__}: {' '.join(str(root).split())}"
+    return " ".join(str(error).strip().splitlines()[0].split())
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with bad input reported as `error: ...` (exit status 2)."""
+    argv = list(argv)
+    found = _config_argument(argv)
+    if found is not None:
+        index, value = found
+        resolved = resolve_config_path(value)
+        argv[index] = argv[index][: len(argv[index]) - len(value)] + resolved
+    try:
+        rest = flags.FLAGS(argv)
+        _ = _CONFIG.value.to_dict()  # a config file that failed to load raises here
+    except Exception as e:
+        _bad_input(describe_flag_error(e, argv))
+    return rest
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

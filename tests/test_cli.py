@@ -118,3 +118,104 @@ def test_packed_epochs_of_different_lengths_train(tmp_path):
     counts = [batching.steps_per_epoch(items, 8, cfg.train.seq_len, "pack", 0, e) for e in range(6)]
     assert steps == min(counts)
     assert all(sum(1 for _ in batches_for_epoch(e)) >= steps for e in range(6))
+
+
+def _cli(*args, cwd=ROOT, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "ideal_jax.main", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _assert_clean_exit_2(proc, workdir, *expected):
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    for text in expected:
+        assert text in lines[0], (text, lines[0])
+    assert not os.path.exists(workdir)
+
+
+BAD_CONFIGS = {
+    # unknown field: named, with the section's fields
+    "unknown_field": (["--config.train.lr=0.1"], ["'train.lr'", "train.* fields", "learning_rate"]),
+    "unknown_section": (["--config.trian.epochs=1"], ["'trian.epochs'", "top-level fields"]),
+    # ill-typed value: the field and the type it needs
+    "bad_float": (["--config.train.learning_rate=abc"], ["'train.learning_rate'", "float"]),
+    "bad_int": (["--config.train.epochs=1.5"], ["'train.epochs'", "int"]),
+    # enumerated fields and obvious ranges, checked before the workdir exists
+    "mode": (["--config.mode=train"], ["'mode'", "ideal, sft, influence, eval, daar"]),
+    "rule": (["--config.reweight.rule=bogus"], ["'reweight.rule'", "paper, optax"]),
+    "estimator": (["--config.curvature.estimator=sampled"], ["'curvature.estimator'", "fisher"]),
+    "scaling": (["--config.influence.scaling=wrong"], ["'influence.scaling'", "paper, exact"]),
+    "optimizer": (["--config.reweight.optimizer=adamx"], ["'reweight.optimizer'", "optax"]),
+    "sigma": (["--config.curvature.sigma=1.5"], ["'curvature.sigma'", "(0, 1]"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_bad_config_flag_exits_2_in_one_line(tmp_path, case):
+    flags, expected = BAD_CONFIGS[case]
+    workdir = str(tmp_path / "run")
+    proc = _cli("--config", "configs/tiny.py", "--workdir", workdir, *flags)
+    _assert_clean_exit_2(proc, workdir, *expected)
+
+
+@pytest.mark.parametrize(
+    "arg, expected",
+    [
+        ("bogus=1", ["'bogus'", "unknown field", "train"]),
+        ("train.epochs=x", ["'train.epochs'", "int"]),
+        ("seeds", ["'seeds'", "key=value"]),
+    ],
+)
+def test_bad_config_argument_exits_2_in_one_line(tmp_path, arg, expected):
+    workdir = str(tmp_path / "run")
+    proc = _cli("--config", f"configs/tiny.py:{arg}", "--workdir", workdir)
+    _assert_clean_exit_2(proc, workdir, *expected)
+
+
+def test_missing_config_file_exits_2(tmp_path):
+    workdir = str(tmp_path / "run")
+    proc = _cli("--config", "configs/nope.py", "--workdir", workdir)
+    _assert_clean_exit_2(proc, workdir, "configs/nope.py")
+
+
+def test_library_run_validates_before_writing(tmp_path):
+    workdir = str(tmp_path / "run")
+    with pytest.raises(InputError, match=r"'influence.operator'.*identity, kfac, ekfac"):
+        main.run(_config(**{"influence.operator": "lissa"}), workdir)
+    assert not os.path.exists(workdir)
+
+
+def test_config_path_resolves_outside_the_repository(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tiny_py = os.path.join(ROOT, "configs", "tiny.py")
+    assert os.path.samefile(main.resolve_config_path("configs/tiny.py"), tiny_py)
+    path, _, arg = main.resolve_config_path("configs/tiny.py:rounds=2").partition(":")
+    assert os.path.samefile(path, tiny_py) and arg == "rounds=2"
+    assert main.resolve_config_path("configs/nope.py") == "configs/nope.py"
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "tiny.py").write_text("")
+    assert main.resolve_config_path("configs/tiny.py") == "configs/tiny.py"  # cwd's file wins
+
+
+@pytest.mark.parametrize("where", ["relative", "absolute"])
+def test_cli_runs_outside_the_repository(tmp_path, where):
+    """From another directory the config loads (with its :ARG) and the run starts: it reaches the
+    workdir check, which refuses a workdir made by another config."""
+    config = "configs/tiny.py" if where == "relative" else os.path.join(ROOT, "configs/tiny.py")
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text('{"mode": "sft"}')
+    proc = _cli("--config", f"{config}:rounds=3", "--workdir", str(workdir), cwd=str(cwd))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "different config" in proc.stderr, proc.stderr
+    assert (workdir / "config.json").read_text() == '{"mode": "sft"}'
+    assert os.listdir(workdir) == ["config.json"]

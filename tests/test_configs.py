@@ -4,11 +4,14 @@ holds the command that runs it."""
 import glob
 import importlib
 import os
+import re
 
 import pytest
 
+from ideal_jax import configlib
 from ideal_jax.main import MODES
 from ideal_jax.model.config import ModelConfig, preset
+from ideal_jax.utils.errors import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = sorted(
@@ -32,6 +35,7 @@ def test_config_builds(name):
         model = preset(cfg.model.preset, vocab_size=128).replace(dtype=cfg.model.dtype)
         assert isinstance(model, ModelConfig)
     assert cfg.train.checkpoint_every % cfg.train.log_every == 0  # exact resume needs it
+    configlib.validate_config(cfg)
 
 
 def test_paper_setting():
@@ -51,5 +55,63 @@ def test_config_arguments_are_checked():
     from configs import demo
 
     assert demo.get_config("seeds=3,rounds=1").seeds == 3
-    with pytest.raises(ValueError, match="unknown field"):
+    with pytest.raises(InputError, match="unknown field") as e:
         demo.get_config("sedes=3")
+    assert e.value.field == "sedes"
+    with pytest.raises(InputError, match="float") as e:
+        demo.get_config("train.learning_rate=fast")
+    assert e.value.field == "train.learning_rate"
+
+
+def test_enumerated_fields_match_the_code():
+    """configlib.CHOICES lists exactly what the consuming modules accept."""
+    from ideal_jax.curvature import kfac, operators
+    from ideal_jax.data import batching, formatting
+    from ideal_jax.influence import alpha
+    from ideal_jax.train import state
+
+    choices = {k: set(v) for k, v in configlib.CHOICES.items()}
+    assert choices["mode"] == set(MODES)
+    assert choices["data.truncate"] == set(formatting.TRUNCATE_POLICIES)
+    assert choices["data.batching"] == set(batching.MODES)
+    assert choices["train.schedule"] == set(state.SCHEDULES)
+    assert choices["curvature.estimator"] == set(kfac.ESTIMATION_MODES)
+    assert choices["influence.operator"] == set(operators.OPERATORS)
+    assert choices["influence.scaling"] == set(alpha.SCALINGS)
+    if hasattr(alpha, "REFERENCE_WEIGHTINGS"):
+        assert choices["influence.reference_weighting"] == set(alpha.REFERENCE_WEIGHTINGS)
+    from ideal_jax import reweight
+
+    assert choices["reweight.rule"] == set(reweight.RULES)
+    for dtype in configlib.CHOICES["model.dtype"]:
+        preset("tiny", vocab_size=128).replace(dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("reweight.rule", "bogus", "paper, optax"),
+        ("curvature.correction", "per_token", "per_example, per_batch"),
+        ("daar.generator", "llm", "model, file"),
+        ("model.dtype", "float16", "float32, bfloat16"),
+        ("reweight.optimizer", "adamx", "optax"),
+        ("reweight.step_size", 0.0, "> 0"),
+        ("reweight.beta_min", -1.5, "[-1, 0]"),
+        ("curvature.sigma", 0.0, "(0, 1]"),
+    ],
+)
+def test_validate_config_names_field_and_allowed_values(field, value, message):
+    from configs import tiny
+
+    cfg = tiny.get_config().unlock()
+    section, leaf = field.split(".")
+    cfg[section][leaf] = value
+    with pytest.raises(InputError, match=re.escape(message)) as e:
+        configlib.validate_config(cfg)
+    assert e.value.field == field
+
+
+def test_validate_config_skips_absent_fields():
+    configlib.validate_config({"mode": "eval", "train": {"schedule": "linear"}})
+    with pytest.raises(InputError, match="'influence.reference_weighting'"):
+        configlib.validate_config({"influence": {"reference_weighting": "example"}})
