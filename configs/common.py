@@ -100,6 +100,9 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.eval.max_new_tokens = 32
     cfg.eval.batch_size = 64
     cfg.eval.limit = 0  # 0 = all test items
+    # How HumanEval/MBPP completions run (docs/sandbox.md): bwrap = bubblewrap namespaces, refuse
+    # without it; inprocess = the weaker in-process guard; auto = bwrap, else inprocess + warning.
+    cfg.eval.code_sandbox = "bwrap"
 
     # --- mesh (ideal_jax/sharding.py): -1 = all remaining devices ---
     cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -44,6 +44,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "reweight.rule": ("paper", "optax"),  # reweight.py
     "daar.generator": ("model", "file"),  # daar/job.py
     "daar.select_method": ("top_fraction", "per_domain"),  # daar/pipeline.py
+    "eval.code_sandbox": ("bwrap", "inprocess", "auto"),  # evaluate/code_exec.py
 }
 
 # Numeric fields with an obvious valid range: field -> (check, what it must be).
