@@ -329,7 +329,10 @@ def evaluate_round(cfg, model_cfg, params, suite: Suite, mesh) -> dict[str, Any]
     loglik_fn = model_adapter.make_loglik_fn(
         model_cfg, params, suite.tokenizer, batch_size=cfg.eval.batch_size
     )
-    results = evaluate_tasks(suite.eval_tasks, generate_fn, loglik_fn, progress=cfg.progress)
+    sandbox = cfg.eval.get("code_sandbox", "bwrap")  # docs/sandbox.md
+    results = evaluate_tasks(
+        suite.eval_tasks, generate_fn, loglik_fn, progress=cfg.progress, code_sandbox=sandbox
+    )
     results["reference_loss"] = reference_losses(
         model_cfg,
         params,

@@ -1,27 +1,36 @@
-"""Execute generated code against unit tests (HumanEval, MBPP) in a sandboxed subprocess.
+"""Execute generated code against unit tests (HumanEval, MBPP) in a sandbox.
 
-Every program runs in its own ``python -I`` process, in a fresh temporary directory, with:
-  * a wall-clock timeout, after which the whole process *group* is SIGKILLed (so children die too);
-  * rlimits set in the child before any generated code runs: RLIMIT_AS (memory), RLIMIT_CPU,
-    RLIMIT_FSIZE (also bounds the captured stdout/stderr), RLIMIT_NPROC, RLIMIT_NOFILE, no cores;
-  * an emptied environment, HOME/TMPDIR pointing at the temporary directory;
-  * a guard preamble that disables sockets, process creation (fork/exec/spawn/subprocess/kill),
-    ctypes, and any file write, delete, rename or chmod outside the temporary directory;
-  * a per-run random nonce the harness writes only after the program (and so its asserts) finished,
-    so ``sys.exit(0)`` or ``os._exit(0)`` in a completion does not count as passing (this stops
-    accidental early exits; code that inspects the harness's frames could still forge it).
-This is defense in depth against buggy or hostile completions, not a security boundary: run
-untrusted models' code inside a container as well. (RLIMIT_NPROC is not enforced for root, hence
-the guards.)
+Two backends (docs/sandbox.md has the threat model and what each contains):
+
+``bwrap`` (the default; ``eval.code_sandbox``): every program runs under bubblewrap in its own PID,
+network, mount, IPC and UTS namespaces, with a read-only view of only the Python installation
+(``/usr``, the interpreter's prefix and the evaluator's virtual environment), fresh size-capped
+tmpfs for its scratch directory, ``/tmp`` and ``/dev/shm``, a new ``/proc`` and minimal ``/dev``,
+an empty environment, no capabilities and (when the evaluator is root) a fresh random uid, with
+rlimits on memory, CPU time, file size, processes (threads count) and open files. The wall-clock
+timeout SIGKILLs bubblewrap, whose namespace init then dies and takes every process of the PID
+namespace with it: nothing outlives the run. Output comes back through a pipe read with a byte
+budget; the verdict through a second pipe. No secret exists inside the sandbox: a program passes iff
+the harness, after the program's code object ran to its end, wrote the verdict and exited 0.
+
+``inprocess`` (only if the config asks for it): the earlier guard, a ``python -I`` subprocess of the
+evaluator that monkeypatches dangerous functions. It stops accidents, not a hostile program.
+
+``auto`` uses bwrap when it works here and falls back to inprocess with a warning. With ``bwrap``
+and no usable bubblewrap, nothing runs: ``resolve_sandbox`` raises InputError.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import math
 import os
 import re
 import secrets
+import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,11 +39,14 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from ideal_jax.utils.errors import InputError
+
 HUMANEVAL_STOPS = ("\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint(", "\n```")
 MBPP_STOPS = ("[DONE]", "\n```", "\nassert ")
 
-# Runs in the child as `python -I -c _HARNESS mem cpu fsize nproc nofile nonce`; cwd = sandbox dir.
-_HARNESS = r"""
+# The inprocess backend: runs as `python -I -c _INPROCESS_HARNESS mem cpu fsize nproc nofile nonce`
+# with cwd = a temporary directory.
+_INPROCESS_HARNESS = r"""
 import sys, os, resource, builtins, io, _io
 def _setup():
     mem, cpu, fsize, nproc, nofile = map(int, sys.argv[1:6])
@@ -112,9 +124,47 @@ _run()
 """
 
 
+# Runs inside bubblewrap as `python -I -c _BWRAP_HARNESS mem cpu fsize nproc nofile uid src res`
+# (as the namespace's root with only CAP_SETUID/SETGID until it drops to `uid`, or as the caller's
+# uid when uid is 0). It holds no secret: the verdict is that this code reached the write on res_fd.
+_BWRAP_HARNESS = r"""
+import os, sys, resource
+def _setup():
+    mem, cpu, fsize, nproc, nofile, uid, src_fd, res_fd = map(int, sys.argv[1:9])
+    sys.argv = ["prog.py"]
+    with open(src_fd, "rb", closefd=True) as f:
+        src = f.read()
+    for lim, val in ((resource.RLIMIT_AS, mem), (resource.RLIMIT_CPU, cpu),
+                     (resource.RLIMIT_FSIZE, fsize), (resource.RLIMIT_NPROC, nproc),
+                     (resource.RLIMIT_NOFILE, nofile), (resource.RLIMIT_CORE, 0)):
+        resource.setrlimit(lim, (val, val))
+    if uid:  # an unused uid: no capabilities left, no other process to signal, NPROC enforced
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+        if os.getresuid() != (uid, uid, uid):
+            os._exit(97)
+    return compile(src, "prog.py", "exec"), res_fd
+def _main():
+    code, res_fd = _setup()
+    exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os.write(res_fd, b"PASS\n")
+    os._exit(0)
+_main()
+"""
+_VERDICT = b"PASS\n"
+SANDBOXES = ("bwrap", "inprocess", "auto")
+_SANDBOX_FIELD = "eval.code_sandbox"
+
+
 @dataclasses.dataclass(frozen=True)
 class SandboxLimits:
-    """Resource limits of one sandboxed program."""
+    """Resource limits of one sandboxed program (fsize_bytes also caps output and each tmpfs)."""
 
     timeout_s: float = 10.0
     memory_bytes: int = 1 << 30
@@ -131,10 +181,192 @@ class ExecResult:
     status: str
     detail: str
     duration_s: float
+    sandbox: str = ""
 
 
-def run_program(program: str, limits: SandboxLimits = SandboxLimits()) -> ExecResult:
+@functools.lru_cache(maxsize=1)
+def bwrap_status() -> tuple[bool, str]:
+    """(usable, why not): bwrap is installed and a trivial program passes under the real flags."""
+    if shutil.which("bwrap") is None:
+        return False, "bwrap (the bubblewrap package) is not installed"
+    try:
+        r = _run_bwrap("pass", SandboxLimits(timeout_s=30.0))
+    except OSError as e:
+        return False, f"bwrap failed to start: {e}"
+    if not r.passed:
+        return False, f"bwrap cannot run a trivial program here: {r.detail.strip()[-300:]}"
+    return True, ""
+
+
+def resolve_sandbox(sandbox: str) -> str:
+    """'bwrap' or 'inprocess' for a config value of eval.code_sandbox; InputError if unusable."""
+    if sandbox not in SANDBOXES:
+        raise InputError(
+            f"{sandbox!r} is not allowed; allowed: {', '.join(SANDBOXES)}", field=_SANDBOX_FIELD
+        )
+    if sandbox == "inprocess":
+        return "inprocess"
+    ok, why = bwrap_status()
+    if ok:
+        return "bwrap"
+    if sandbox == "auto":
+        logging.warning(
+            "code sandbox: %s; eval.code_sandbox='auto' falls back to the weaker in-process guard "
+            "(not a security boundary, see docs/sandbox.md)",
+            why,
+        )
+        return "inprocess"
+    raise InputError(
+        f"{why}; generated code is not run without OS isolation. Install bubblewrap "
+        "(apt-get install bubblewrap) or set eval.code_sandbox='inprocess' to accept the weaker "
+        "in-process guard (docs/sandbox.md)",
+        field=_SANDBOX_FIELD,
+    )
+
+
+def run_program(
+    program: str, limits: SandboxLimits = SandboxLimits(), sandbox: str = "bwrap"
+) -> ExecResult:
     """Run one Python program in the sandbox; it passes iff it runs to the end without error."""
+    if resolve_sandbox(sandbox) == "bwrap":
+        return _run_bwrap(program, limits)
+    return _run_inprocess(program, limits)
+
+
+def _bwrap_argv(limits: SandboxLimits, uid: int, src_fd: int, res_fd: int) -> list[str]:
+    size = str(max(limits.fsize_bytes, 1 << 20))
+    argv = ["bwrap", "--die-with-parent", "--new-session", "--hostname", "sbx"]
+    if uid:  # the evaluator is root: no user namespace; the harness drops to `uid` itself
+        argv += ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts"]
+        argv += ["--unshare-cgroup-try", "--cap-drop", "ALL"]
+        argv += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    else:  # unprivileged: a user namespace too, and bwrap leaves no capabilities
+        argv += ["--unshare-all"]
+    argv += ["--ro-bind", "/usr", "/usr"]
+    for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        path = os.path.join("/", name)
+        if os.path.islink(path):
+            argv += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            argv += ["--ro-bind", path, path]
+    if os.path.exists("/etc/ld.so.cache"):
+        argv += ["--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+    made = {"/"}
+    for prefix in dict.fromkeys((sys.base_prefix, sys.prefix)):  # interpreter and its venv
+        if os.path.realpath(prefix).startswith("/usr/"):
+            continue
+        parents = []  # created searchable (bwrap would copy a 0700 /root's mode)
+        parent = os.path.dirname(prefix)
+        while parent not in made:
+            parents.append(parent)
+            made.add(parent)
+            parent = os.path.dirname(parent)
+        for parent in reversed(parents):
+            argv += ["--perms", "0755", "--dir", parent]
+        argv += ["--ro-bind", os.path.realpath(prefix), prefix]
+    argv += ["--proc", "/proc", "--dev", "/dev"]
+    for path in ("/dev/shm", "/tmp", "/sandbox"):
+        argv += ["--perms", "1777", "--size", size, "--tmpfs", path]
+    argv += ["--remount-ro", "/", "--chdir", "/sandbox", "--clearenv"]
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/sandbox", "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
+    env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")  # threads count against nproc
+    for key, value in env.items():
+        argv += ["--setenv", key, value]
+    cpu = int(math.ceil(limits.timeout_s)) + 1
+    argv += ["--", sys.executable, "-I", "-c", _BWRAP_HARNESS, str(limits.memory_bytes), str(cpu)]
+    argv += [str(limits.fsize_bytes), str(limits.nproc), str(limits.nofile), str(uid)]
+    return argv + [str(src_fd), str(res_fd)]
+
+
+def _run_bwrap(program: str, limits: SandboxLimits) -> ExecResult:
+    """Run under bubblewrap; output and verdict come back through pipes, each read with a budget."""
+    start = time.monotonic()
+    deadline = start + limits.timeout_s
+    # root: a random unused uid per run (RLIMIT_NPROC counts per uid; root is exempt from it)
+    uid = (1 << 24) + secrets.randbelow(1 << 29) if os.geteuid() == 0 else 0
+    src_fd = os.memfd_create("prog.py", 0)  # the harness reads the program from it, then closes it
+    out_r, out_w = os.pipe()
+    res_r, res_w = os.pipe()
+    try:
+        os.write(src_fd, program.encode("utf-8", errors="surrogateescape"))
+        os.lseek(src_fd, 0, os.SEEK_SET)
+        proc = subprocess.Popen(
+            _bwrap_argv(limits, uid, src_fd, res_w),
+            stdin=subprocess.DEVNULL,
+            stdout=out_w,
+            stderr=out_w,
+            pass_fds=(src_fd, res_w),
+            close_fds=True,
+            env={"PATH": "/usr/bin:/bin"},  # bwrap's own environment: nothing of the evaluator's
+        )
+    except BaseException:
+        for fd in (out_r, res_r):
+            os.close(fd)
+        raise
+    finally:
+        for fd in (src_fd, out_w, res_w):
+            os.close(fd)
+    tail, verdict = bytearray(), bytearray()
+    try:
+        timed_out = _drain(proc, out_r, res_r, deadline, limits.fsize_bytes, tail, verdict)
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # the namespace's init dies with bwrap (--die-with-parent): all of it goes
+        proc.wait()
+        for fd in (out_r, res_r):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    duration = time.monotonic() - start
+    detail = bytes(tail).decode("utf-8", errors="replace")
+    if timed_out:
+        return ExecResult(False, "timeout", detail, duration, "bwrap")
+    ok = proc.returncode == 0 and bytes(verdict) == _VERDICT
+    return ExecResult(ok, "passed" if ok else "failed", detail, duration, "bwrap")
+
+
+def _drain(proc, out_r, res_r, deadline, out_budget, tail, verdict, keep=2000) -> bool:
+    """Read both pipes until EOF and the process exit, or the deadline; True if it timed out.
+
+    Output beyond `out_budget` bytes closes the pipe (the program gets EPIPE); only the last `keep`
+    bytes are kept. The verdict pipe is read to at most 64 bytes. Reads never block.
+    """
+    sel = selectors.DefaultSelector()
+    sel.register(out_r, selectors.EVENT_READ)
+    sel.register(res_r, selectors.EVENT_READ)
+    seen = 0
+    try:
+        while sel.get_map():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return True
+            for key, _ in sel.select(min(remaining, 1.0)):
+                data = os.read(key.fd, 65536)
+                if key.fd == out_r:
+                    seen += len(data)
+                    tail += data
+                    del tail[:-keep]
+                    if data and seen > out_budget:
+                        tail += b"\n[output limit reached]"
+                        sel.unregister(out_r)
+                        os.close(out_r)
+                        continue
+                else:
+                    verdict += data[: max(0, 65 - len(verdict))]
+                if not data or (key.fd == res_r and len(verdict) > 64):
+                    sel.unregister(key.fd)
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            return True
+        return False
+    finally:
+        sel.close()
+
+
+def _run_inprocess(program: str, limits: SandboxLimits) -> ExecResult:
+    """The weaker guard: a `python -I` subprocess that monkeypatches dangerous functions."""
     nonce = secrets.token_hex(16)
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="ideal_sbx_", ignore_cleanup_errors=True) as tmp:
@@ -142,7 +374,7 @@ def run_program(program: str, limits: SandboxLimits = SandboxLimits()) -> ExecRe
             f.write(program)
         env = {"PATH": os.defpath, "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8"}
         cpu = int(math.ceil(limits.timeout_s)) + 1
-        argv = [sys.executable, "-I", "-c", _HARNESS, str(limits.memory_bytes), str(cpu)]
+        argv = [sys.executable, "-I", "-c", _INPROCESS_HARNESS, str(limits.memory_bytes), str(cpu)]
         argv += [str(limits.fsize_bytes), str(limits.nproc), str(limits.nofile), nonce]
         log_path = os.path.join(tmp, "output.log")
         with open(log_path, "wb") as log:
@@ -166,10 +398,10 @@ def run_program(program: str, limits: SandboxLimits = SandboxLimits()) -> ExecRe
         duration = time.monotonic() - start
         detail = _tail(log_path)
         if timed_out:
-            return ExecResult(False, "timeout", detail, duration)
+            return ExecResult(False, "timeout", detail, duration, "inprocess")
         result_path = os.path.join(tmp, "result.txt")
         ok = proc.returncode == 0 and _read_small(result_path) == nonce
-        return ExecResult(ok, "passed" if ok else "failed", detail, duration)
+        return ExecResult(ok, "passed" if ok else "failed", detail, duration, "inprocess")
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -203,12 +435,14 @@ def run_programs(
     limits: SandboxLimits = SandboxLimits(),
     max_workers: int | None = None,
     progress: Callable[[int], None] | None = None,
+    sandbox: str = "bwrap",
 ) -> list[ExecResult]:
     """Run many programs with a small thread pool (each thread just waits on its subprocess)."""
+    run = _run_bwrap if resolve_sandbox(sandbox) == "bwrap" else _run_inprocess
     workers = max_workers or max(1, min(4, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = []
-        for r in pool.map(lambda p: run_program(p, limits), programs):
+        for r in pool.map(lambda p: run(p, limits), programs):
             results.append(r)
             if progress is not None:
                 progress(1)
@@ -279,14 +513,19 @@ def score_code(
     limits: SandboxLimits = SandboxLimits(),
     max_workers: int | None = None,
     progress: Callable[[int], None] | None = None,
+    sandbox: str = "bwrap",
 ) -> dict:
-    """pass@k (for each k <= samples per problem) of completions[i] (n samples) for problems[i]."""
+    """pass@k (for each k <= samples per problem) of completions[i] (n samples) for problems[i].
+
+    The result names the sandbox backend the programs ran under ("bwrap" or "inprocess").
+    """
+    backend = resolve_sandbox(sandbox)
     programs, owner = [], []
     for i, (prob, samples) in enumerate(zip(problems, completions, strict=True)):
         for s in samples:
             programs.append(build(prob, s))
             owner.append(i)
-    results = run_programs(programs, limits, max_workers, progress)
+    results = run_programs(programs, limits, max_workers, progress, backend)
     n = [len(s) for s in completions]
     c = [0] * len(problems)
     statuses: dict[str, int] = {}
@@ -294,6 +533,7 @@ def score_code(
         c[i] += int(r.passed)
         statuses[r.status] = statuses.get(r.status, 0) + 1
     out: dict = {"n_examples": len(problems), "statuses": statuses, "num_correct": c}
+    out["sandbox"] = backend
     for k in ks:
         vals = [pass_at_k(ni, ci, k) for ni, ci in zip(n, c) if ni >= k]
         if vals:

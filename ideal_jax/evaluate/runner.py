@@ -12,6 +12,8 @@ continuation's summed log-probability. A task config (a dict or ConfigDict) hold
   max_new_tokens, temperature, n, ks         generation; pass@k for code tasks
   batch_size    prompts (or loglik requests) per call of the model callables
   timeout_s, memory_mb, max_workers           code sandbox
+  sandbox       code tasks: "bwrap" | "inprocess" | "auto" (default: evaluate_tasks' code_sandbox,
+                which stages.py takes from eval.code_sandbox; docs/sandbox.md)
   match         exact_match type only: "strict" (default) or "normalized" (SQuAD normalization)
 
 Missing keys fall back to TASK_DEFAULTS[type]. A task that fails (bad file, malformed record,
@@ -165,7 +167,9 @@ def _run_generative(kind: str, cfg: dict, recs: list[dict], shots, generate_fn, 
             timeout_s=float(cfg["timeout_s"]), memory_bytes=int(cfg["memory_mb"]) << 20
         )
         ks = [int(x) for x in cfg["ks"]]
-        return code_exec.score_code(recs, gens, build, ks, limits, cfg["max_workers"])
+        return code_exec.score_code(
+            recs, gens, build, ks, limits, cfg["max_workers"], sandbox=cfg["sandbox"]
+        )
     raise InputError(f"unknown task type {kind!r}; known: {TASK_TYPES}", field="type")
 
 
@@ -174,18 +178,26 @@ def evaluate_tasks(
     generate_fn: GenerateFn | None,
     loglik_fn: multiple_choice.LoglikFn | None,
     progress: bool = True,
+    code_sandbox: str = "bwrap",
 ) -> dict:
     """Evaluate every task; returns a JSON-serializable dict of per-task metrics and the average.
 
-    ``task_cfgs`` is a list of task configs, or a mapping name -> task config.
+    ``task_cfgs`` is a list of task configs, or a mapping name -> task config. Code tasks run
+    under ``code_sandbox`` (a task's own ``sandbox`` key wins); if that backend is unusable here,
+    InputError before any generation (code_exec.resolve_sandbox).
     """
     items = task_cfgs.items() if isinstance(task_cfgs, Mapping) else [(None, c) for c in task_cfgs]
+    for _, raw_cfg in items:
+        user = _as_dict(raw_cfg)
+        if user.get("type") in ("humaneval", "mbpp"):
+            code_exec.resolve_sandbox(user.get("sandbox", code_sandbox))
     tasks: dict[str, dict] = {}
     for name, raw_cfg in tqdm(list(items), desc="eval tasks", disable=not progress):
         user = _as_dict(raw_cfg)
         kind = user.get("type")
         name = name or user.get("name") or kind or f"task{len(tasks)}"
-        cfg = {**_CODE_DEFAULTS, **TASK_DEFAULTS.get(kind, {}), **user, "name": name}
+        defaults = {**_CODE_DEFAULTS, "sandbox": code_sandbox, **TASK_DEFAULTS.get(kind, {})}
+        cfg = {**defaults, **user, "name": name}
         entry: dict = {"type": kind}
         try:
             if kind not in TASK_DEFAULTS:
