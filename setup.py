@@ -35,6 +35,8 @@ setup(
         "jinja2>=3.1",
     ],
     extras_require={
+        # Optional features: each module that needs one says so (InputError naming the extra).
+        "gguf": ["gguf>=0.10"],  # model.path = a llama.cpp .gguf file (ideal_jax/model/gguf_io.py)
         "test": [
             "pytest>=8",
             "chex>=0.1.87",
@@ -48,6 +50,7 @@ setup(
             "scipy>=1.11",  # tests/ and benchmarks/ (reference solutions, rank correlations)
             "jupyter-client>=8",  # tests/test_notebook.py drives the kernel directly
             "ipython>=8",  # notebooks/quickstart.py (run by tests/test_notebook.py)
+            "gguf>=0.10",  # tests/test_gguf_import.py writes tiny GGUF files
         ],
     },
 )

@@ -1,7 +1,8 @@
 """Every third-party module the code imports is declared in setup.py (a fresh install runs).
 
-The package (`ideal_jax/`, `configs/`) must run on `install_requires` alone; tests, benchmarks and
-the notebook may also use the `test` extra. Imports are read with `ast` (all absolute imports,
+The package (`ideal_jax/`, `configs/`) must run on `install_requires` alone, except for optional
+features declared as their own extra (e.g. `gguf`); tests, benchmarks and the notebook may also use
+the `test` extra. Imports are read with `ast` (all absolute imports,
 including those inside functions, plus `pytest.importorskip("name")`), mapped to distributions with
 `importlib.metadata.packages_distributions()`, and compared with the lists parsed from setup.py.
 """
@@ -40,8 +41,8 @@ def _requirement_name(spec: str) -> str:
     return _normalise(re.split(r"[\s<>=!~;\[@]", spec.strip(), maxsplit=1)[0])
 
 
-def _setup_requirements() -> tuple[set[str], set[str]]:
-    """(install_requires, extras_require["test"]) of setup.py, as normalised names."""
+def _setup_requirements() -> tuple[set[str], set[str], set[str]]:
+    """(install_requires, extras_require["test"], the other extras) of setup.py, normalised."""
     tree = ast.parse(open(os.path.join(ROOT, "setup.py")).read())
     call = next(
         n
@@ -54,8 +55,10 @@ def _setup_requirements() -> tuple[set[str], set[str]]:
         if k.arg in ("install_requires", "extras_require")
     }
     install = {_requirement_name(s) for s in kwargs["install_requires"]}
-    test = {_requirement_name(s) for s in kwargs.get("extras_require", {}).get("test", [])}
-    return install, test
+    extras = kwargs.get("extras_require", {})
+    test = {_requirement_name(s) for s in extras.get("test", [])}
+    optional = {_requirement_name(s) for k, v in extras.items() if k != "test" for s in v}
+    return install, test, optional
 
 
 def _python_files(*dirs: str):
@@ -107,15 +110,15 @@ def _undeclared(modules: dict[str, str], declared: set[str]) -> list[str]:
 
 
 def test_package_imports_are_install_requires():
-    install, _ = _setup_requirements()
+    install, _, optional = _setup_requirements()
     modules = _imported_modules("ideal_jax", "configs")
     assert {"jax", "transformers", "pyarrow", "ml_dtypes", "tokenizers"} <= set(modules)
-    problems = _undeclared(modules, install)
+    problems = _undeclared(modules, install | optional)
     assert not problems, "imported but not in setup.py install_requires: " + "; ".join(problems)
 
 
 def test_test_and_benchmark_imports_are_declared():
-    install, test = _setup_requirements()
+    install, test, _ = _setup_requirements()
     modules = _imported_modules("tests", "benchmarks", "notebooks")
     if importlib.util.find_spec("torch") is None:  # gated by importorskip; declared below
         modules.pop("torch", None)
@@ -127,5 +130,5 @@ def test_test_and_benchmark_imports_are_declared():
 
 @pytest.mark.parametrize("dist, where", sorted(RUNTIME_EXTRAS.items()))
 def test_runtime_only_dependencies_are_declared(dist, where):
-    install, test = _setup_requirements()
+    install, test, _ = _setup_requirements()
     assert _normalise(dist) in (install if where == "install_requires" else test), dist

@@ -18,6 +18,7 @@ import ml_dtypes
 import numpy as np
 
 from ideal_jax.configlib import write_json_atomic
+from ideal_jax.model import gguf_io
 from ideal_jax.model.config import ModelConfig, RopeScaling
 from ideal_jax.model.transformer import Params, abstract_params
 from ideal_jax.utils.errors import InputError
@@ -36,7 +37,12 @@ _SAFETENSORS_DTYPES = {
 
 
 def load_hf_config(model_dir: str, **overrides: Any) -> ModelConfig:
-    """Read `config.json` into a ModelConfig; missing fields and unknown architectures are named."""
+    """Read `config.json` into a ModelConfig; missing fields and unknown architectures are named.
+
+    `model_dir` may also name a llama.cpp `.gguf` file (ideal_jax.model.gguf_io).
+    """
+    if gguf_io.is_gguf(model_dir):
+        return gguf_io.load_gguf_config(model_dir, **overrides)
     path = os.path.join(model_dir, "config.json")
     if not os.path.exists(path):
         raise InputError("no config.json in the checkpoint directory", path=path)
@@ -198,8 +204,10 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, shardings: Params | None = 
     """Parameters from safetensors, float32, each placed directly with its sharding.
 
     shardings: a pytree of `jax.sharding.Sharding` matching the params (see ideal_jax.sharding);
-      None places everything on the default device.
+      None places everything on the default device. A `.gguf` file is de-quantized (gguf_io).
     """
+    if gguf_io.is_gguf(model_dir):
+        return gguf_io.load_gguf_params(model_dir, cfg, shardings)
     files = _open_checkpoint(model_dir)
     shapes = abstract_params(cfg)
     params = jax.tree.map(lambda _: None, shapes)
@@ -314,8 +322,11 @@ def hf_config_dict(cfg: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
 
 
 def load_tokenizer(path: str) -> Callable:
-    """`transformers.AutoTokenizer` from a local directory (never the hub)."""
+    """`transformers.AutoTokenizer` from a local directory or `.gguf` file (never the hub)."""
     from transformers import AutoTokenizer
+
+    if gguf_io.is_gguf(path):
+        return gguf_io.load_gguf_tokenizer(path)
 
     if not os.path.isdir(path):
         raise InputError("tokenizer directory does not exist", path=path)
