@@ -65,7 +65,8 @@ def test_mbpp_program_runs_asserts():
     assert ok.passed and not bad.passed
 
 
-def test_hostile_completions_fail_without_harm(tmp_path):
+@pytest.mark.parametrize("sandbox", ["bwrap", "inprocess"])
+def test_hostile_completions_fail_without_harm(tmp_path, sandbox):
     outside = tmp_path / "outside"
     outside.mkdir()
     keep = outside / "keep.txt"
@@ -98,10 +99,11 @@ def test_hostile_completions_fail_without_harm(tmp_path):
     }
     programs = list(hostile.values()) + ["assert sum([1, 2]) == 3"]
     limits = code_exec.SandboxLimits(timeout_s=3.0, memory_bytes=512 << 20, fsize_bytes=1 << 20)
-    results = code_exec.run_programs(programs, limits)
+    results = code_exec.run_programs(programs, limits, sandbox=sandbox)
     failed = {name for name, r in zip(hostile, results) if not r.passed}
     assert failed == set(hostile)
     assert results[-1].passed  # the run went on and still scores a correct program
+    assert {r.sandbox for r in results} == {sandbox}
     assert results[list(hostile).index("infinite_loop")].status == "timeout"
     assert not target.exists()
     assert keep.read_text() == "original"
