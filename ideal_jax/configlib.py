@@ -174,8 +174,11 @@ def prepare_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> bool:
                 path=path,
                 field=differ[0] if differ else None,
             )
-        write_json_atomic(path, current)  # resumable fields (e.g. rounds) may have changed
+        if previous != current:  # resumable fields (e.g. rounds) changed; else write nothing
+            write_json_atomic(path, current)
         return True
-    os.makedirs(workdir, exist_ok=True)
+    from ideal_jax.utils.workdir_lock import check_workdir
+
+    check_workdir(workdir)  # InputError if DIR is a file or cannot be created
     write_json_atomic(path, current)
     return False

@@ -17,6 +17,8 @@ relative to the current directory is looked up in the installed `configs` packag
 from __future__ import annotations
 
 import difflib
+import errno
+import functools
 import json
 import os
 import re
@@ -25,6 +27,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from ideal_jax.utils import workdir_lock
 from ideal_jax.utils.errors import InputError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -35,6 +38,18 @@ flags.mark_flags_as_required(["config", "workdir"])
 MODES = ("ideal", "sft", "influence", "eval", "daar")
 
 
+def _holding_workdir_lock(fn):
+    """One run per workdir: a second one exits 2 naming the holder (utils/workdir_lock.py)."""
+
+    @functools.wraps(fn)
+    def wrapper(cfg, workdir: str) -> dict:
+        with workdir_lock.hold(workdir):
+            return fn(cfg, workdir)
+
+    return wrapper
+
+
+@_holding_workdir_lock
 def run(cfg, workdir: str) -> dict:
     """Run the job `cfg.mode` in `workdir` (the function behind the command line)."""
     from ideal_jax import configlib
@@ -88,6 +103,10 @@ def main(argv):
         run(_CONFIG.value, _WORKDIR.value)
     except InputError as e:
         _bad_input(str(e))
+    except OSError as e:  # a workdir we may not write (read-only, permissions): user error, exit 2
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or not e.filename:
+            raise
+        _bad_input(f"file {e.filename}: cannot write it ({e.strerror}); is the workdir read-only?")
     print(json.dumps({"workdir": _WORKDIR.value, "status": "done"}))
 
 

@@ -22,6 +22,7 @@ from ideal_jax.data import batching, demo_suite, formatting, mixture, records
 from ideal_jax.model import hf_io
 from ideal_jax.model.config import ModelConfig, preset
 from ideal_jax.model.transformer import abstract_params, init_params, logical_axes
+from ideal_jax.utils import workdir_lock
 from ideal_jax.utils.distributed import is_lead_host
 from ideal_jax.utils.errors import InputError
 
@@ -71,7 +72,7 @@ def load_suite(cfg, workdir: str) -> Suite:
         demo_dir = os.path.join(workdir, "demo_data")
         if not os.path.exists(os.path.join(demo_dir, "tokenizer", "tokenizer.json")):
             # Built into a temporary directory and renamed: a crash leaves no half-built suite.
-            tmp = f"{demo_dir}.tmp"
+            tmp = workdir_lock.unique_tmp(demo_dir)  # unique per process
             demo_suite.build_demo_suite(
                 tmp,
                 seed=cfg.seed,

@@ -148,7 +148,7 @@ def build_tokenizer():
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")  # unique per process
     with open(tmp, "w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record) + "\n")
