@@ -104,6 +104,12 @@ def base_config() -> ml_collections.ConfigDict:
     # without it; inprocess = the weaker in-process guard; auto = bwrap, else inprocess + warning.
     cfg.eval.code_sandbox = "bwrap"
 
+    # --- export: the trained model as a Hugging Face directory (ideal_jax/export.py) ---
+    cfg.export = ml_collections.ConfigDict()
+    cfg.export.final_model = True  # ideal / sft runs write DIR/final_model/ when they end
+    cfg.export.round = -1  # mode=export: the round written to DIR/round_K/hf_model (-1: last)
+    cfg.export.dtype = "float32"  # safetensors dtype: float32 | bfloat16
+
     # --- mesh (ideal_jax/sharding.py): -1 = all remaining devices ---
     cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 

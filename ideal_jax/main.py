@@ -7,6 +7,8 @@ The config's `mode` picks the job:
   influence  α for the model in cfg.model as it is (no training) on the given mixture
   eval       evaluate cfg.model on cfg.eval's tasks → DIR/eval.json
   daar       diversity-as-reward selection from an unlabeled pool (cfg.daar)
+  export     round cfg.export.round's trained model → DIR/round_K/hf_model/ (Hugging Face format)
+ideal and sft runs also write the last round's model to DIR/final_model/ (cfg.export.final_model).
 Rerunning the same command on an existing DIR resumes where it stopped. Bad input exits with
 status 2 and a one-line message naming the file, record and field; nothing already written is
 touched. A bad config (unknown field, ill-typed or disallowed value) is refused before DIR is
@@ -52,9 +54,12 @@ def _holding_workdir_lock(fn):
 @_holding_workdir_lock
 def run(cfg, workdir: str) -> dict:
     """Run the job `cfg.mode` in `workdir` (the function behind the command line)."""
-    from ideal_jax import configlib
+    from ideal_jax import configlib, export
 
+    if cfg.mode == "export":  # reads the run's own config.json; writes only DIR/round_K/hf_model
+        return export.run_export(cfg, workdir)
     configlib.validate_config(cfg)  # before anything is written
+    export.export_settings(cfg)
     from ideal_jax import ideal, stages, summary
 
     if cfg.mode == "ideal" and cfg.seeds > 1:
@@ -71,10 +76,13 @@ def run(cfg, workdir: str) -> dict:
     configlib.prepare_workdir(cfg, workdir)
     if cfg.mode == "ideal":
         result = ideal.run_ideal(cfg, workdir)
+        export.export_final(cfg, workdir)
         print(summary.format_table(result["scores"]))
         return result
     if cfg.mode == "sft":
-        return ideal.run_ideal(cfg, workdir, rounds=0)
+        result = ideal.run_ideal(cfg, workdir, rounds=0)
+        export.export_final(cfg, workdir)
+        return result
     if cfg.mode == "influence":
         return ideal.run_ideal(cfg, workdir, rounds=0, train=False, influence_last=True)
     if cfg.mode == "eval":
@@ -98,7 +106,8 @@ def main(argv):
     # Progress bars carry the run's story; library INFO logs (orbax, XLA) drown them.
     logging.set_verbosity(logging.WARNING)
     try:
-        configlib.validate_config(_CONFIG.value)  # before any work, before DIR exists
+        if _CONFIG.value.mode != "export":  # export checks the run's config instead
+            configlib.validate_config(_CONFIG.value)  # before any work, before DIR exists
         distributed.maybe_initialize()
         run(_CONFIG.value, _WORKDIR.value)
     except InputError as e:

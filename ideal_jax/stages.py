@@ -90,7 +90,7 @@ def load_suite(cfg, workdir: str) -> Suite:
         reference = records.load_reference(
             os.path.join(demo_dir, "ref.jsonl"), capability_names=tuple(train_paths)
         )
-        tokenizer = hf_io.load_tokenizer(os.path.join(demo_dir, "tokenizer"))
+        tokenizer = load_run_tokenizer(cfg, workdir)
         if cfg.eval.demo:
             test_records = []
             for cap in train_paths:  # eval.limit applies per capability
@@ -119,12 +119,7 @@ def load_suite(cfg, workdir: str) -> Suite:
         reference = records.load_reference(
             dict(data.reference) or data.reference_source, field_map=field_map
         )
-        tok_dir = data.tokenizer or cfg.model.path
-        if not tok_dir:
-            raise InputError(
-                "no tokenizer: set data.tokenizer or model.path", field="data.tokenizer"
-            )
-        tokenizer = hf_io.load_tokenizer(tok_dir)
+        tokenizer = load_run_tokenizer(cfg, workdir)
     tokenize = functools.partial(
         formatting.tokenize_examples,
         tokenizer=tokenizer,
@@ -167,22 +162,40 @@ def with_domains(suite: Suite, domains: dict[str, list[records.Example]], data_c
     )
 
 
-def load_model(cfg, mesh, tokenizer) -> tuple[ModelConfig, Any]:
-    """The base model: a local HF checkpoint (loaded sharded) or a random preset (init sharded)."""
+def load_run_tokenizer(cfg, workdir: str):
+    """The run's tokenizer: the demo suite's, else data.tokenizer or model.path (dir or .gguf)."""
+    if cfg.data.demo:
+        return hf_io.load_tokenizer(os.path.join(workdir, "demo_data", "tokenizer"))
+    tok_dir = cfg.data.tokenizer or cfg.model.path
+    if not tok_dir:
+        raise InputError("no tokenizer: set data.tokenizer or model.path", field="data.tokenizer")
+    return hf_io.load_tokenizer(tok_dir)
+
+
+def model_config(cfg, tokenizer) -> ModelConfig:
+    """The architecture: read from model.path (HF dir or .gguf), else the preset sized to the
+    tokenizer."""
     section = cfg.model
     extra = dict(dtype=section.dtype, remat=section.remat)
     if section.path:
-        model_cfg = hf_io.load_hf_config(section.path, **extra)
-        shardings = sharding.param_shardings(
-            abstract_params(model_cfg), logical_axes(model_cfg), mesh
-        )
-        return model_cfg, hf_io.load_hf_params(section.path, model_cfg, shardings)
-    model_cfg = preset(section.preset, vocab_size=len(tokenizer)).replace(
+        return hf_io.load_hf_config(section.path, **extra)
+    return preset(section.preset, vocab_size=len(tokenizer)).replace(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         **extra,
     )
+
+
+def load_model(cfg, mesh, tokenizer) -> tuple[ModelConfig, Any]:
+    """The base model: a local HF checkpoint or .gguf file (loaded sharded) or a random preset
+    (init sharded)."""
+    model_cfg = model_config(cfg, tokenizer)
+    if cfg.model.path:
+        shardings = sharding.param_shardings(
+            abstract_params(model_cfg), logical_axes(model_cfg), mesh
+        )
+        return model_cfg, hf_io.load_hf_params(cfg.model.path, model_cfg, shardings)
     params, _ = sharding.sharded_init(
         functools.partial(init_params, model_cfg),
         abstract_params(model_cfg),
