@@ -84,7 +84,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     # --- reweight: β from α (ideal_jax/reweight.py) ---
     cfg.reweight = ml_collections.ConfigDict()
-    cfg.reweight.rule = "paper"  # paper (largest |β| = m) | optax (state kept across rounds)
+    # paper (largest |β| = m) | optax (state kept across rounds) | outer (steps on Q, trust m)
+    cfg.reweight.rule = "paper"
     cfg.reweight.step_size = 0.15  # m
     cfg.reweight.keep_total = True  # equal training tokens across rounds
     cfg.reweight.beta_min = -0.9
@@ -92,6 +93,11 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.reweight.min_volume = 1
     cfg.reweight.optimizer = "sgd"
     cfg.reweight.learning_rate = 0.15  # optax: the gradient it sees is scale-free (max |g| = 1)
+    # rule = outer: optax steps on the outer objective Q(w) in the trust region |β| <= step_size;
+    # sgd = projected gradient on the logits (Adam stalled at the box's faces on the known answer)
+    cfg.reweight.outer_optimizer = "sgd"
+    cfg.reweight.outer_learning_rate = 0.05  # log-proportion per step (gradients are scale-free)
+    cfg.reweight.outer_steps = 20
 
     # --- eval (ideal_jax/evaluate) ---
     cfg.eval = ml_collections.ConfigDict()

@@ -41,7 +41,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "influence.operator": ("identity", "kfac", "ekfac", "exact", "exact_block", "cg"),
     "influence.scaling": ("paper", "exact"),  # influence/alpha.py
     "influence.reference_weighting": ("capability", "token"),  # influence/alpha.py
-    "reweight.rule": ("paper", "optax"),  # reweight.py
+    "reweight.rule": ("paper", "optax", "outer"),  # reweight.py
     "daar.generator": ("model", "file"),  # daar/job.py
     "daar.select_method": ("top_fraction", "per_domain"),  # daar/pipeline.py
     "eval.code_sandbox": ("bwrap", "inprocess", "auto"),  # evaluate/code_exec.py
@@ -55,6 +55,8 @@ RANGES: dict[str, tuple[Any, str]] = {
     "curvature.damping": (lambda v: v >= 0, ">= 0"),
     "reweight.step_size": (lambda v: v > 0, "> 0"),
     "reweight.learning_rate": (lambda v: v > 0, "> 0"),
+    "reweight.outer_learning_rate": (lambda v: v > 0, "> 0"),
+    "reweight.outer_steps": (lambda v: v >= 1, ">= 1"),
     "reweight.beta_min": (lambda v: -1 <= v <= 0, "in [-1, 0] (β = -1 empties a domain)"),
     "reweight.beta_max": (lambda v: v >= 0, ">= 0"),
     "daar.select_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -84,15 +86,17 @@ def validate_config(cfg: ml_collections.ConfigDict | dict) -> None:
             raise InputError(
                 f"{value!r} is not allowed; allowed: {', '.join(allowed)}", field=field
             )
-    optimizer = _get(cfg, "reweight.optimizer")
-    if optimizer is not _MISSING:
+    for field in ("reweight.optimizer", "reweight.outer_optimizer"):
+        optimizer = _get(cfg, field)
+        if optimizer is _MISSING:
+            continue
         import optax
 
         if not (isinstance(optimizer, str) and callable(getattr(optax, optimizer, None))):
             raise InputError(
                 f"{optimizer!r} is not an optax optimizer; allowed: the name of one, "
                 "e.g. sgd, adam, adamw",
-                field="reweight.optimizer",
+                field=field,
             )
     for field, (check, what) in RANGES.items():
         value = _get(cfg, field)

@@ -55,7 +55,7 @@ def run_ideal(
     mix = mixture_lib.build_mixture(
         source_ids, None, seed=cfg.seed, keep_total=reweight_cfg.keep_total
     )  # D_0
-    params, rows = base_params, []
+    params, rows, predicted = base_params, [], None
     for k in range(rounds + 1):
         rdir = os.path.join(workdir, f"round_{k}")
         os.makedirs(rdir, exist_ok=True)
@@ -83,19 +83,47 @@ def run_ideal(
             "eval": scores,
             "timings": dict(timer.times),
         }
+        if (
+            predicted is not None
+        ):  # rule "outer": Q's prediction for this round vs the retrained model
+            row["reference_loss_predicted"] = predicted
+            row["reference_loss_measured"] = _reference_objective(scores, cfg)
         if k < rounds or influence_last:
-            influence = stages.cached(
-                os.path.join(rdir, "influence.json"),
-                timer,
-                "influence",
-                stages.influence_round,
-                cfg,
-                model_cfg,
-                params,
-                suite,
-                mix,
-                mesh,
-            )
+            influence_path = os.path.join(rdir, "influence.json")
+            outer_problem = None
+            if reweight_cfg.rule == "outer" and not os.path.exists(
+                os.path.join(rdir, "reweight.json")
+            ):
+                # Q needs the stage's operator and gradients, not only α: (re)run the stage.
+                influence, outer_problem = timer.run(
+                    "influence",
+                    stages.influence_round,
+                    cfg,
+                    model_cfg,
+                    params,
+                    suite,
+                    mix,
+                    mesh,
+                    True,
+                    record=not os.path.exists(influence_path),
+                )
+                if os.path.exists(influence_path):  # resumed: the recorded α is the one used
+                    influence = stages.read_json(influence_path)
+                elif distributed.is_lead_host():
+                    stages.write_json(influence_path, influence)
+            else:
+                influence = stages.cached(
+                    influence_path,
+                    timer,
+                    "influence",
+                    stages.influence_round,
+                    cfg,
+                    model_cfg,
+                    params,
+                    suite,
+                    mix,
+                    mesh,
+                )
             alpha_j = np.asarray(influence["matrix"][influence["rows"].index("all")])
             if list(influence["domains"]) != list(mix.domain_names):
                 raise InputError(
@@ -106,7 +134,12 @@ def run_ideal(
                 )
             # β is relative to this round's volumes (β = 0 is D_k, where α was measured); the
             # optax rule continues from the previous round's optimizer state.
-            step = reweight_round(workdir, k, alpha_j, mix, reweight_cfg)
+            step = reweight_round(workdir, k, alpha_j, mix, reweight_cfg, outer_problem)
+            if step.objective:
+                predicted = step.objective["predicted_reference_loss"]
+                row["objective"] = {
+                    key: step.objective[key] for key in ("q_before", "q_after", "steps")
+                }
             row.update(
                 alpha=dict(zip(mix.domain_names, alpha_j.tolist())),
                 beta=dict(zip(mix.domain_names, step.beta_applied.tolist())),
@@ -129,7 +162,7 @@ def run_ideal(
 
 
 def reweight_round(
-    workdir: str, k: int, alpha_j, mix: mixture_lib.Mixture, reweight_cfg
+    workdir: str, k: int, alpha_j, mix: mixture_lib.Mixture, reweight_cfg, outer_problem=None
 ) -> reweight.Step:
     """round_K/reweight.json: the step from D_k's volumes (computed once; a rerun reads it back).
 
@@ -143,10 +176,19 @@ def reweight_round(
     previous = os.path.join(workdir, f"round_{k - 1}", "reweight.json")
     if k > 0 and os.path.exists(previous):
         state = stages.read_json(previous).get("optimizer_state")
-    step = reweight.compute_step(alpha_j, mix.target_sizes, reweight_cfg, state)
+    step = reweight.compute_step(alpha_j, mix.target_sizes, reweight_cfg, state, outer_problem)
     if distributed.is_lead_host():
         stages.write_json(path, step.to_json(mix.domain_names))
     return step
+
+
+def _reference_objective(scores: dict, cfg) -> float | None:
+    """The measured reference loss in Q's weighting (capability mean, or the token-weighted all)."""
+    losses = scores.get("reference_loss") or {}
+    if cfg.influence.get("reference_weighting", "capability") == "token":
+        return losses.get("all")
+    caps = [v for key, v in losses.items() if key != "all"]
+    return float(np.mean(caps)) if caps else None
 
 
 def run_eval_only(cfg, workdir: str) -> dict[str, Any]:

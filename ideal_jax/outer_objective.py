@@ -1,31 +1,48 @@
-"""The outer objective Q(β) = L(D_ref, θ*(β)) as a differentiable JAX function (Eq. 2).
+"""The outer objective Q over domain proportions, differentiable in JAX (Eq. 2 of the paper).
 
-θ*(β) is the minimiser of the inner problem (Eq. 1). Its derivative comes from the implicit
-function theorem: at a stationary point ∇_θ F(θ*, β) = 0, so
+With mean losses the inner problem (Eq. 1) depends on the volumes only through the proportions
+w_j = (1 + β_j) n_j / Σ_k (1 + β_k) n_k on the simplex:  θ*(w) = argmin_θ Σ_j w_j L̄_j(θ).
+The trained model θ* minimises it at the current proportions p (the round's mixture D_k). Around
+it, one Newton step of the inner problem gives θ's first-order response to new proportions:
 
-    dθ*/dβ = −H⁻¹ ∂_β ∇_θ F(θ*, β),        H = ∇²_θ F(θ*, β),
+    θ(w) = θ* − H⁻¹ Σ_j (w_j − p_j) ∇L̄_j(θ*) = θ* − Σ_j (w_j − p_j) u_j,     u_j = H⁻¹ ∇L̄_j
 
-and for any cotangent v on θ*:  v ∘ dθ*/dβ = −(∂_β ∇_θ F)ᵀ H⁻¹ v. `implicit_solution` wraps an inner
-solver in a `jax.custom_vjp` whose backward pass is exactly that, with H⁻¹ supplied by the caller
-(the same curvature operator the influence stage uses: identity / kfac / ekfac / exact). Then
+with H and ∇L̄_j the influence stage's curvature operator and domain gradients. Then
 
-    Q = lambda beta: ref_loss(solution(beta))
+    Q(w) = L_ref(θ(w))                      (L_ref: the reference loss the "all" row of α uses)
 
-composes with jax.grad, optax and other JAX transformations, and jax.grad(Q)(0) is IDEAL's α
-(Lemma 1). Two inner objectives, matching the two scalings of METHOD.md §1.1:
+is a JAX function of w that really changes with w (L_ref is evaluated at θ(w), not at θ*), and
+  ∂Q/∂w_j at w = p  =  −∇L_refᵀ H⁻¹ ∇L̄_j  =  α_j with "paper" scaling,
+  ∂Q/∂β_j at β = 0  =  p_j (α_j − Σ_k p_k α_k)  =  α_j with "exact" scaling.
+Away from p, jax.grad(Q) is the exact derivative of this Q (tests compare it with finite
+differences). Q does not depend on the total volume (mean losses); the total is the caller's
+separate choice (keep it: `keep_total`, or let it drift).
 
-  "paper":  ∇_θ F = ∇L̄_tr + Σ_j β_j ∇L̄_j                        → α_j = −g_refᵀ H⁻¹ ∇L̄_j
-  "exact":  ∇_θ F = (N ∇L̄_tr + Σ_j β_j |D_j| ∇L̄_j) / (N + Σ_j β_j |D_j|)   (Eq. 1 with mean losses)
-            → at β = 0:  α_j = −(|D_j|/N) g_refᵀ H⁻¹ (∇L̄_j − ∇L̄_tr)
+`optimise` takes several optax steps on Q inside a trust region: the proportions are softmax logits
+(gradients divided by the largest logit gradient at p, so the learning rate is in log-proportion),
+and after each step w is projected onto {w ∈ simplex : |w_j / p_j − 1| ≤ m}, so that with the total
+kept no domain's volume moves by more than m in a round. It returns the best point it saw: far from
+p the first-order response overshoots (on an under-trained model H⁻¹∇L̄_j is large) and Q rises
+again. The loop is one jitted `lax.scan`.
+
+`implicit_solution` is the general form for an inner solver that really re-solves θ*(β) (closed
+forms, small models): a custom VJP from the implicit function theorem.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ideal_jax.utils.errors import InputError
 
 PyTree = Any
 
@@ -37,8 +54,8 @@ def implicit_solution(
 ) -> Callable[[jax.Array], PyTree]:
     """θ*(β) with a custom VJP from the implicit function theorem.
 
-    inner_solver(β) -> θ*: any solver (closed form, a training run, or the parameters trained at the
-      current mixture); it is never differentiated.
+    inner_solver(β) -> θ*: a solver that really re-solves the inner problem (closed form, Newton);
+      it is never differentiated.
     inner_grad(θ, β) -> ∇_θ F(θ, β): differentiated with respect to β only.
     inverse_hvp(θ, β, v) -> H(θ, β)⁻¹ v: the curvature operator.
     """
@@ -62,73 +79,138 @@ def implicit_solution(
     return solution
 
 
-def linear_inner_grad(
-    train_grad: PyTree,
-    domain_grads: Sequence[PyTree],
-    domain_sizes: Sequence[int] | None = None,
-    scaling: str = "paper",
-):
-    """∇_θ F(θ*, β) from precomputed mean gradients at θ* (what the influence stage has).
+@flax.struct.dataclass
+class OuterProblem:
+    """What Q needs from a round: θ*, the directions u_j = H⁻¹ ∇L̄_j, p, and L_ref.
 
-    The gradients are fixed at θ*, so this is exact for derivatives at θ* — all IDEAL needs.
+    A pytree (jit arguments, never baked-in constants), with the reference loss as static code:
+    theta_star: the curvature-covered parameters trained on D_k ({path: {kernel, ...}}).
+    directions: the same tree with a leading [J] axis: u_j for every domain j.
+    proportions: p_j, D_k's share of each domain's loss weight (sums to 1).
+    ref_args: the reference loss's data (the other parameters, the reference batches).
+    ref_loss(θ, ref_args) -> the reference loss, a JAX function.
     """
-    stacked = jax.tree.map(lambda *g: jnp.stack(g), *domain_grads)  # leading axis J
-    if scaling == "paper":
 
-        def inner_grad(theta, beta_j):
-            del theta
-            return jax.tree.map(
-                lambda tr, g_j: tr + jnp.tensordot(beta_j, g_j, axes=1), train_grad, stacked
-            )
-
-    elif scaling == "exact":
-        if domain_sizes is None:
-            raise ValueError("scaling='exact' needs domain_sizes")
-        sizes_j = jnp.asarray(domain_sizes, jnp.float32)
-        total = jnp.sum(sizes_j)
-
-        def inner_grad(theta, beta_j):
-            del theta
-            denom = total + jnp.dot(beta_j, sizes_j)
-            return jax.tree.map(
-                lambda tr, g_j: (total * tr + jnp.tensordot(beta_j * sizes_j, g_j, axes=1)) / denom,
-                train_grad,
-                stacked,
-            )
-
-    else:
-        raise ValueError(f"scaling must be 'paper' or 'exact', got {scaling!r}")
-    return inner_grad
+    theta_star: PyTree
+    directions: PyTree
+    proportions: jax.Array
+    ref_args: PyTree
+    ref_loss: Callable[[PyTree, PyTree], jax.Array] = flax.struct.field(pytree_node=False)
 
 
-def ideal_outer_objective(
-    theta_star: PyTree,
-    ref_loss: Callable[[PyTree], jax.Array],
-    train_grad: PyTree,
-    domain_grads: Sequence[PyTree],
-    inverse_hvp: Callable[[PyTree], PyTree],
-    *,
-    domain_sizes: Sequence[int] | None = None,
-    scaling: str = "paper",
-) -> Callable[[jax.Array], jax.Array]:
-    """Q(β) around a trained model: value L_ref(θ*), gradient the IDEAL hypergradient α.
-
-    theta_star: the parameters trained on the current mixture (the restricted subset of layers the
-      curvature covers); inverse_hvp(v) applies the influence stage's H⁻¹ to a pytree like theta.
-    Valid for derivatives at the trained mixture (β = 0), which is where IDEAL takes its step.
-    """
-    solution = implicit_solution(
-        inner_solver=lambda beta_j: theta_star,
-        inner_grad=linear_inner_grad(train_grad, domain_grads, domain_sizes, scaling),
-        inverse_hvp=lambda theta, beta_j, v: inverse_hvp(v),
+def response(problem: OuterProblem, w_j: jax.Array) -> PyTree:
+    """θ(w) = θ* − Σ_j (w_j − p_j) u_j (first-order response of the trained model)."""
+    dw_j = jnp.asarray(w_j, jnp.float32) - jnp.asarray(problem.proportions, jnp.float32)
+    return jax.tree.map(
+        lambda t, u: t - jnp.tensordot(dw_j, u, axes=1).astype(t.dtype),
+        problem.theta_star,
+        problem.directions,
     )
-    return lambda beta_j: ref_loss(solution(beta_j))
+
+
+def objective(problem: OuterProblem) -> Callable[[jax.Array], jax.Array]:
+    """Q(w) = L_ref(θ(w)) over proportions w (differentiable; jax.grad at p is α, paper scaling)."""
+    return lambda w_j: problem.ref_loss(response(problem, w_j), problem.ref_args)
+
+
+def proportions_from_beta(beta_j: jax.Array, sizes_j: Sequence[float]) -> jax.Array:
+    """w_j = (1 + β_j) n_j / Σ_k (1 + β_k) n_k."""
+    v_j = (1.0 + jnp.asarray(beta_j)) * jnp.asarray(sizes_j, jnp.asarray(beta_j).dtype)
+    return v_j / jnp.sum(v_j)
+
+
+def objective_of_beta(problem: OuterProblem, sizes_j: Sequence[float]):
+    """Q(β) = Q(w(β)); jax.grad at β = 0 is α with "exact" scaling."""
+    q = objective(problem)
+    return lambda beta_j: q(proportions_from_beta(beta_j, sizes_j))
 
 
 def beta_from_proportions(
     proportions_j: jax.Array, sizes_j: Sequence[int], total: float | None = None
 ) -> jax.Array:
-    """β such that domain j gets proportions_j · total examples (total defaults to N)."""
+    """β such that domain j gets proportions_j · total examples (total defaults to N = Σ n_j)."""
     sizes_j = jnp.asarray(sizes_j, jnp.float32)
     total = jnp.sum(sizes_j) if total is None else total
     return proportions_j * total / sizes_j - 1.0
+
+
+def project_trust_region(w_j: jax.Array, p_j: jax.Array, m: float, iters: int = 60) -> jax.Array:
+    """w mapped into {w ∈ simplex : |w_j / p_j − 1| ≤ m}: w_j / p_j − 1 shifted by one common
+    constant and clipped (bisection on the constant; jit-able)."""
+    b_j = w_j / p_j - 1.0
+
+    def excess(c):  # Σ_j p_j clip(b_j − c) is decreasing in c; its root keeps Σ w = 1
+        return jnp.sum(p_j * jnp.clip(b_j - c, -m, m))
+
+    def body(_, lo_hi):
+        lo, hi = lo_hi
+        mid = 0.5 * (lo + hi)
+        big = excess(mid) > 0
+        return jnp.where(big, mid, lo), jnp.where(big, hi, mid)
+
+    span = jnp.max(jnp.abs(b_j)) + m + 1.0
+    lo, hi = jax.lax.fori_loop(0, iters, body, (-span, span))
+    return p_j * (1.0 + jnp.clip(b_j - 0.5 * (lo + hi), -m, m))
+
+
+@dataclasses.dataclass(frozen=True)
+class OuterResult:
+    proportions: np.ndarray  # the w with the lowest Q seen (p itself if no step lowered Q)
+    values: np.ndarray  # Q before the first step, then after every step
+    grad_at_start: np.ndarray  # ∂Q/∂w at p (= α, paper scaling)
+    steps: int
+
+
+def optimise(
+    problem: OuterProblem,
+    *,
+    trust_region: float,
+    optimizer: optax.GradientTransformation,
+    steps: int,
+) -> OuterResult:
+    """`steps` optax steps on Q(softmax(z)) from z = log p, each followed by the trust-region
+    projection; one jitted scan. Returns the proportions with the lowest Q seen (p when no step
+    lowered it). Raises InputError if Q or its gradient is not finite."""
+    if not trust_region > 0:
+        raise InputError(f"must be > 0, got {trust_region}", field="reweight.step_size")
+    if steps < 1:
+        raise InputError(f"must be ≥ 1, got {steps}", field="reweight.outer_steps")
+    w, values, g0 = _optimise_jit(optimizer, int(steps), float(trust_region))(problem)
+    values, g0 = np.asarray(values, np.float64), np.asarray(g0, np.float64)
+    if not (np.all(np.isfinite(values)) and np.all(np.isfinite(g0))):
+        raise InputError(
+            f"the outer objective is not finite (Q along the steps: {values.tolist()})",
+            field="reweight.rule",
+        )
+    return OuterResult(np.asarray(w, np.float64), values, g0, steps)
+
+
+@functools.lru_cache(maxsize=8)
+def _optimise_jit(optimizer: optax.GradientTransformation, steps: int, m: float):
+    @jax.jit
+    def run(problem: OuterProblem):
+        q = objective(problem)
+        p = problem.proportions
+        z0 = jnp.log(p)
+        q0, g0 = jax.value_and_grad(q)(p)
+        q_of_z = lambda z: q(jax.nn.softmax(z))
+        # Scale-free: gradients in units of the largest logit gradient at p, so the learning rate
+        # is a change of log-proportion per step whatever the size of α.
+        scale = jnp.maximum(jnp.max(jnp.abs(jax.grad(q_of_z)(z0))), 1e-30)
+
+        def step(carry, _):
+            z, state, best_w, best_q = carry
+            g_z = jax.grad(q_of_z)(z) / scale
+            updates, state = optimizer.update(g_z, state, z)
+            w = project_trust_region(jax.nn.softmax(z + updates), p, m)
+            z = jnp.log(jnp.maximum(w, 1e-30))  # m ≥ 1 allows a domain to reach 0
+            q_w = q(w)
+            better = q_w < best_q  # the first-order model is not convex far from p: keep the best
+            best_w, best_q = jnp.where(better, w, best_w), jnp.where(better, q_w, best_q)
+            return (z, state, best_w, best_q), q_w
+
+        init = (z0, optimizer.init(z0), p, q0)
+        (_, _, best_w, _), values = jax.lax.scan(step, init, None, length=steps)
+        return best_w, jnp.concatenate([q0[None], values]), g0
+
+    return run

@@ -18,6 +18,10 @@ The rules.
            is projected onto the constraint (keep_total) and bounded so that max |β| ≤ m. The
            optimizer state and the cumulative position carry over from round to round and are saved
            with the round (reweight.json), so a resumed run continues them.
+  "outer"  several optax steps (outer_optimizer, outer_learning_rate, outer_steps) on the outer
+           objective Q(w) over proportions (ideal_jax/outer_objective.py) inside the trust region
+           |β_j| ≤ m; the total is kept. Q before and after, every step's value and the predicted
+           reference loss of the next round are recorded.
 
 Bounds: β ∈ [beta_min, beta_max] and at least `min_volume` examples per domain; under keep_total the
 clipped domains are held and the others shifted so that Σ n_j β_j = 0 still holds.
@@ -41,14 +45,14 @@ import optax
 
 from ideal_jax.utils.errors import InputError
 
-RULES = ("paper", "optax")
+RULES = ("paper", "optax", "outer")
 # floor((1 + β) n) must not lose an example to float error: (1 - 0.9) * 10 = 0.9999999999999998.
 _FLOOR_EPS = 1e-9
 
 
 @dataclasses.dataclass(frozen=True)
 class ReweightConfig:
-    rule: str = "paper"  # "paper" | "optax"
+    rule: str = "paper"  # "paper" | "optax" | "outer"
     step_size: float = 0.15  # m; the paper tried 0.1, 0.15, 0.3 and recommends 0.15
     beta_min: float = -0.9  # never drop more than 90% of a domain in one round
     beta_max: float = 3.0
@@ -56,6 +60,9 @@ class ReweightConfig:
     optimizer: str = "sgd"  # for rule="optax": an optax constructor name
     learning_rate: float = 0.15  # for rule="optax"; the gradient it sees has max |g| = 1
     keep_total: bool = True  # the total volume stays N (equal training tokens across rounds)
+    outer_optimizer: str = "sgd"  # rule="outer": optax optimizer on the proportions' logits
+    outer_learning_rate: float = 0.05  # log-proportion per step (the gradient is scale-free)
+    outer_steps: int = 20
 
     @classmethod
     def from_config_dict(cls, section) -> ReweightConfig:
@@ -70,11 +77,15 @@ class ReweightConfig:
             )
         if not self.step_size > 0:
             raise InputError(f"must be > 0, got {self.step_size}", field="reweight.step_size")
-        if self.rule == "optax" and not callable(getattr(optax, self.optimizer, None)):
-            raise InputError(
-                f"{self.optimizer!r} is not an optax optimizer (e.g. sgd, adam)",
-                field="reweight.optimizer",
-            )
+        for field, name in (
+            ("optimizer", self.optimizer),
+            ("outer_optimizer", self.outer_optimizer),
+        ):
+            if not callable(getattr(optax, name, None)):
+                raise InputError(
+                    f"{name!r} is not an optax optimizer (e.g. sgd, adam)",
+                    field=f"reweight.{field}",
+                )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +100,7 @@ class Step:
     volumes_before: np.ndarray  # n_j (int)
     volumes_after: np.ndarray  # n'_j (int)
     optimizer_state: dict | None = None  # rule="optax": {"leaves": [...], "position": [...]}
+    objective: dict | None = None  # rule="outer": Q before/after, values per step, proportions
 
     @property
     def beta_applied(self) -> np.ndarray:
@@ -108,6 +120,7 @@ class Step:
             "volumes_before": {d: int(v) for d, v in zip(domains, self.volumes_before)},
             "volumes_after": {d: int(v) for d, v in zip(domains, self.volumes_after)},
             "optimizer_state": self.optimizer_state,
+            "objective": self.objective,
         }
 
     @classmethod
@@ -123,6 +136,7 @@ class Step:
                 volumes_before=arr("volumes_before", np.int64),
                 volumes_after=arr("volumes_after", np.int64),
                 optimizer_state=obj.get("optimizer_state"),
+                objective=obj.get("objective"),
             )
         except (KeyError, TypeError) as e:
             raise InputError(f"malformed reweight record ({e!r})", path=path) from None
@@ -227,16 +241,20 @@ def compute_step(
     sizes_j: Sequence[int],
     cfg: ReweightConfig,
     optimizer_state: dict | None = None,
+    outer_problem=None,
 ) -> Step:
-    """The next round's volumes from this round's α row and volumes n_j (module docstring)."""
+    """The next round's volumes from this round's α row and volumes n_j (module docstring).
+
+    rule="outer" needs `outer_problem` (ideal_jax.outer_objective.OuterProblem of the round).
+    """
     sizes = np.asarray(sizes_j, np.int64)
     if sizes.shape != np.shape(alpha_j):
         raise InputError(f"{len(sizes)} volumes for {np.size(alpha_j)} α values", field="alpha")
     d = direction(alpha_j, sizes, cfg.keep_total)
-    saved = None
+    saved = record = None
     if cfg.rule == "paper":
         beta = max_normalized(d, cfg.step_size)
-    else:
+    elif cfg.rule == "optax":
         scale = np.max(np.abs(d)) if d.size else 0.0
         g = -d / scale if scale > 0 else np.zeros_like(d)
         update, saved = _optax_update(g, cfg, optimizer_state)
@@ -244,6 +262,15 @@ def compute_step(
             update = update - np.dot(sizes, update) / sizes.sum()
         largest = np.max(np.abs(update)) if update.size else 0.0
         beta = update * (cfg.step_size / largest) if largest > cfg.step_size else update
+    else:
+        beta, record = _outer_step(outer_problem, sizes, cfg)
+    if cfg.rule == "outer":  # the trust region: no domain moves by more than m
+        cfg = dataclasses.replace(
+            cfg,
+            beta_min=max(cfg.beta_min, -cfg.step_size),
+            beta_max=min(cfg.beta_max, cfg.step_size),
+            keep_total=True,
+        )
     beta = bound(beta, sizes, cfg)
     return Step(
         rule=cfg.rule,
@@ -254,4 +281,36 @@ def compute_step(
         volumes_before=sizes,
         volumes_after=realise(sizes, beta, cfg.keep_total),
         optimizer_state=saved,
+        objective=record,
     )
+
+
+def _outer_step(problem, sizes: np.ndarray, cfg: ReweightConfig):
+    """β from optax steps on Q(w); w are loss-weight (token) shares, β is per example."""
+    from ideal_jax import outer_objective
+
+    if problem is None:
+        raise InputError("rule 'outer' needs the round's outer objective", field="reweight.rule")
+    optimizer = getattr(optax, cfg.outer_optimizer)(cfg.outer_learning_rate)
+    result = outer_objective.optimise(
+        problem, trust_region=cfg.step_size, optimizer=optimizer, steps=cfg.outer_steps
+    )
+    p = np.asarray(problem.proportions, np.float64)
+    # Examples per domain at token share w: n_j · w_j / p_j, scaled to keep the total N.
+    volumes = sizes * result.proportions / p
+    volumes *= sizes.sum() / volumes.sum()
+    beta = volumes / sizes - 1.0
+    record = {
+        "q_before": float(result.values[0]),
+        "q_after": float(np.min(result.values)),
+        "predicted_reference_loss": float(np.min(result.values)),
+        "values": result.values.tolist(),
+        "steps": result.steps,
+        "optimizer": cfg.outer_optimizer,
+        "learning_rate": cfg.outer_learning_rate,
+        "trust_region": cfg.step_size,
+        "proportions_before": p.tolist(),
+        "proportions_after": result.proportions.tolist(),
+        "grad_at_start": result.grad_at_start.tolist(),
+    }
+    return beta, record

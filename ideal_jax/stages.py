@@ -359,8 +359,10 @@ def evaluate_round(cfg, model_cfg, params, suite: Suite, mesh) -> dict[str, Any]
     return results
 
 
-def influence_round(cfg, model_cfg, params, suite: Suite, mix: mixture.Mixture, mesh):
-    """influence.json for the round (ideal_jax/influence/stage.py)."""
+def influence_round(
+    cfg, model_cfg, params, suite: Suite, mix: mixture.Mixture, mesh, with_outer: bool = False
+):
+    """influence.json for the round (ideal_jax/influence/stage.py); with_outer: and Q's problem."""
     from ideal_jax.influence.stage import influence_for_round
 
-    return influence_for_round(cfg, model_cfg, params, suite, mix, mesh)
+    return influence_for_round(cfg, model_cfg, params, suite, mix, mesh, with_outer=with_outer)

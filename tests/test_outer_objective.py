@@ -1,7 +1,8 @@
-"""The differentiable outer objective: jax.grad(Q) equals finite differences of the exact Q(β).
+"""The differentiable outer objective.
 
-Least squares: the inner problem (Eq. 1) has a closed-form solution, so Q(β) is exact and its
-finite-difference derivative is the ground truth for the implicit-function custom VJP.
+- implicit_solution: least squares, where the inner problem (Eq. 1) has a closed-form solution, so
+  Q(β) is exact and its finite-difference derivative is the ground truth for the custom VJP;
+- Q over proportions from the influence stage's pieces (tests/test_outer_objective_lm.py).
 """
 
 import jax
@@ -77,29 +78,6 @@ def test_grad_matches_finite_differences_at_any_beta():
     batch = jnp.asarray([[0.0, 0.1, 0.0, 0.0], [0.2, 0.0, -0.1, 0.0]])
     grads = jax.jit(jax.vmap(jax.grad(q)))(batch)
     np.testing.assert_allclose(grads[1], jax.grad(q)(batch[1]), rtol=1e-10)
-
-
-def test_ideal_objective_from_mean_gradients_has_both_scalings():
-    solve, inner_grad, inverse_hvp, ref_loss, inner_objective, xs, ys, sizes_j = _setup(1)
-    theta = solve(jnp.zeros(4))
-    mean_grad = lambda x, y: jax.grad(lambda t: jnp.mean((x @ t - y) ** 2) / 2)(theta)
-    domain_grads = [mean_grad(x, y) for x, y in zip(xs, ys)]
-    train_grad = jax.grad(lambda t: inner_objective(t, jnp.zeros(4)))(theta)  # ≈ 0 at θ*
-    hess = jax.hessian(inner_objective)(theta, jnp.zeros(4))
-    inv = lambda v: jnp.linalg.solve(hess, v)
-    exact_q = lambda b: ref_loss(solve(b))
-    fd = _finite_difference(exact_q, jnp.zeros(4))
-
-    q_exact = oo.ideal_outer_objective(
-        theta, ref_loss, train_grad, domain_grads, inv, domain_sizes=sizes_j, scaling="exact"
-    )
-    np.testing.assert_allclose(jax.grad(q_exact)(jnp.zeros(4)), fd, rtol=1e-6, atol=1e-10)
-    assert float(q_exact(jnp.zeros(4))) == float(ref_loss(theta))
-
-    # Paper scaling drops |D_j|/N (and ∇L̄_tr, which is 0 at the exact optimum).
-    q_paper = oo.ideal_outer_objective(theta, ref_loss, train_grad, domain_grads, inv)
-    paper = jax.grad(q_paper)(jnp.zeros(4))
-    np.testing.assert_allclose(paper * sizes_j / jnp.sum(sizes_j), fd, rtol=1e-6, atol=1e-10)
 
 
 def test_beta_from_proportions():

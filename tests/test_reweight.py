@@ -155,3 +155,10 @@ def test_loop_continues_the_optax_state_from_the_previous_round(tmp_path):
     # A rerun reads the recorded step back instead of recomputing it.
     again = ideal.reweight_round(str(tmp_path), 1, DEMO_ALPHA * 5, mix, cfg)
     np.testing.assert_array_equal(again.volumes_after, second.volumes_after)
+
+
+def test_outer_rule_needs_the_round_objective():
+    with pytest.raises(InputError, match="outer objective"):
+        reweight.compute_step(DEMO_ALPHA, DEMO_SIZES, reweight.ReweightConfig(rule="outer"))
+    with pytest.raises(InputError, match="reweight.outer_optimizer"):
+        reweight.ReweightConfig(rule="outer", outer_optimizer="nope")

@@ -24,7 +24,7 @@ from ideal_jax.curvature import layers as layers_lib
 from ideal_jax.data import batching
 from ideal_jax.data import mixture as mixture_lib
 from ideal_jax.influence import alpha as alpha_lib
-from ideal_jax.influence import gradients
+from ideal_jax.influence import gradients, outer
 from ideal_jax.model import decoding
 
 
@@ -60,7 +60,11 @@ def layer_groups(cfg, model_cfg, layers: tuple[str, ...], mesh) -> list[tuple[st
     return [tuple(g) for g in groups]
 
 
-def influence_for_round(cfg, model_cfg, params, suite, mix, mesh) -> dict[str, Any]:
+def influence_for_round(
+    cfg, model_cfg, params, suite, mix, mesh, *, with_outer: bool = False
+) -> dict[str, Any] | tuple[dict[str, Any], Any]:
+    """influence.json's content; with_outer=True also the round's outer objective problem
+    (ideal_jax/influence/outer.py: θ*, u_j = H⁻¹ ∇L̄_j over all layer groups, p, L_ref)."""
     curv, infl = cfg.curvature, cfg.influence
     pad_id = suite.tokenizer.pad_token_id or 0
     layers = layers_lib.select_layers(params, curv.layers)
@@ -102,7 +106,7 @@ def influence_for_round(cfg, model_cfg, params, suite, mix, mesh) -> dict[str, A
         float(_response_tokens(suite.tokenized[name], ids))
         for name, ids in zip(mix.domain_names, mix.example_ids)
     ]
-    total, last = None, None
+    total, last, directions = None, None, {}
     for group in groups:
         problem = kfac_lib.lm_problem(model_cfg, group)
         t0 = time.perf_counter()
@@ -156,6 +160,8 @@ def influence_for_round(cfg, model_cfg, params, suite, mix, mesh) -> dict[str, A
             sigma=curv.sigma,
             reference_weighting=infl.get("reference_weighting", "capability"),
         )
+        if with_outer:  # u_j for this group's layers (H is block-diagonal over groups)
+            directions.update(outer.directions(operator, domain_grads))
         timings["inverse_products"] += time.perf_counter() - t0
         # H is block-diagonal over layers: each group adds its layers' share of every dot product.
         total = last.to_json() if total is None else _add(total, last.to_json())
@@ -169,7 +175,17 @@ def influence_for_round(cfg, model_cfg, params, suite, mix, mesh) -> dict[str, A
         seq_len=seq_len,
         timings=timings,
     )
-    return total
+    if not with_outer:
+        return total
+    ref_batches = list(batches(suite.reference_tokenized, suite.capabilities, infl.batch_size))
+    problem_all = kfac_lib.lm_problem(model_cfg, tuple(layers))
+    weighting = infl.get("reference_weighting", "capability")
+    ref_loss = outer.reference_loss_fn(
+        problem_all, params, ref_batches, len(suite.capabilities), weighting
+    )
+    # p_j: domain j's share of the training loss weight (response tokens), as in the inner problem.
+    shares = np.asarray(tokens_j) / np.sum(tokens_j)
+    return total, outer.outer_problem(problem_all, params, directions, shares, ref_loss)
 
 
 def _add(total: dict, part: dict) -> dict:
