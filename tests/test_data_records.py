@@ -105,7 +105,10 @@ def test_malformed_line_names_file_and_line(tmp_path):
         ({"prompt": "x", "response": 3}, "response"),
         ({"instruction": "x"}, "output"),
         ({"text": "x"}, "messages"),
-        ({"messages": [{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}]}, "role"),
+        (
+            {"messages": [{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}]},
+            "messages[1].role",
+        ),
         (
             {"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]},
             "messages",

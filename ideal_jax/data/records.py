@@ -5,12 +5,20 @@ with a "data" list), Parquet, and datasets saved with `datasets.Dataset.save_to_
 source per domain (`{"math": "math.jsonl", ...}`) or a single source whose records carry a `domain`
 field.
 
+Also a Hugging Face snapshot folder (`data/*.parquet`, `*.jsonl`, ...: its train split, or its only
+split) and, via `data.source`, a LLaMA-Factory `dataset_info.json` (ideal_jax/data/dataset_info.py).
+
 Accepted record forms, detected in this order:
   chat:             {"messages": [{"role": ..., "content": ...}, ...]}  (last turn = the response)
-  Alpaca:           {"instruction": ..., "input": ..., "output": ...}   ("input" optional)
+  ShareGPT:         {"conversations": [{"from": "human" | "gpt" | ..., "value": ...}, ...]}
+  Alpaca:           {"instruction": ..., "input": ..., "output": ..., "history": [[q, a], ...]}
+                    ("input" and "history" optional; history turns come before the instruction)
   prompt/response:  {"prompt": ..., "response": ...}
-Any other shape is read through a field mapping from these canonical names to the record's own field
-names, e.g. `{"prompt": "question", "response": "answer"}`.
+A top-level "system" string becomes the first turn (unless the conversation has its own). Any other
+shape is read through a field mapping from these canonical names to the record's own field names,
+e.g. `{"prompt": "question", "response": "answer"}`; chat turns whose keys or role names differ are
+read through `chat_tags` (LLaMA-Factory's names: role_tag, content_tag, user_tag, ...). A record or
+turn that cannot be mapped is an error, never dropped.
 
 Every problem with user data raises `InputError` naming the file, the record (JSONL: its line
 number) and the field, before anything is trained or written.
@@ -19,26 +27,49 @@ number) and the field, before anything is trained or written.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from ideal_jax.data.sources import RawRecord, read_records
 from ideal_jax.utils.errors import InputError
 
+# read_records and RawRecord live in sources.py; re-exported here for callers of this module.
+__all__ = ["Example", "RawRecord", "load_domains", "load_reference", "normalize_record"]
+__all__ += ["read_records"]
+
 ROLES = ("system", "user", "assistant", "tool")
+# Role names of chat turns -> ours: OpenAI / HF chat names and ShareGPT's (LLaMA-Factory's defaults:
+# a function call is an assistant turn, an observation the tool's answer).
+ROLE_NAMES = {
+    **{role: role for role in ROLES},
+    "human": "user",
+    "gpt": "assistant",
+    "function_call": "assistant",
+    "observation": "tool",
+}
+# LLaMA-Factory `tags` naming a role -> ours.
+_ROLE_TAGS = {
+    "user_tag": "user",
+    "assistant_tag": "assistant",
+    "system_tag": "system",
+    "observation_tag": "tool",
+    "function_tag": "assistant",
+}
 # Canonical field names a field mapping may redirect.
 CANONICAL_FIELDS = (
     "id",
     "domain",
     "capability",
     "messages",
+    "conversations",
     "instruction",
     "input",
     "output",
     "prompt",
     "response",
     "system",
+    "history",
 )
 
 
@@ -57,82 +88,6 @@ class Example:
         """The whole conversation in chat form, the response as the last assistant message."""
         turns = [{"role": role, "content": content} for role, content in self.messages]
         return turns + [{"role": "assistant", "content": self.response}]
-
-
-# (location label for error messages, raw record)
-RawRecord = tuple[str, dict[str, Any]]
-
-
-def read_records(path: str | os.PathLike) -> list[RawRecord]:
-    """Raw records of one local source, each with a location label ("line 7", "record 3")."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        return _read_saved_dataset(path)
-    if not os.path.exists(path):
-        raise InputError("no such file or directory", path=path)
-    lower = path.lower()
-    if lower.endswith((".jsonl", ".ndjson")):
-        return _read_jsonl(path)
-    if lower.endswith(".json"):
-        return _read_json(path)
-    if lower.endswith(".parquet"):
-        import datasets  # imported lazily: it is slow to import and only needed here
-
-        table = datasets.Dataset.from_parquet(path, keep_in_memory=True)
-        return [(f"record {i}", dict(row)) for i, row in enumerate(table)]
-    raise InputError(
-        "unknown file type (expected .jsonl, .json, .parquet or a dataset dir)", path=path
-    )
-
-
-def _read_jsonl(path: str) -> list[RawRecord]:
-    # Parsed line by line ourselves: the datasets JSON loader reports malformed lines without a line
-    # number and unifies schemas (missing fields silently become None).
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(
-                    f"malformed JSON: {e.msg}", path=path, record=f"line {lineno}"
-                ) from e
-            if not isinstance(value, dict):
-                raise InputError("expected a JSON object", path=path, record=f"line {lineno}")
-            records.append((f"line {lineno}", value))
-    return records
-
-
-def _read_json(path: str) -> list[RawRecord]:
-    with open(path, encoding="utf-8") as f:
-        try:
-            value = json.load(f)
-        except json.JSONDecodeError as e:
-            raise InputError(f"malformed JSON at line {e.lineno}: {e.msg}", path=path) from e
-    if isinstance(value, dict) and isinstance(value.get("data"), list):
-        value = value["data"]
-    if not isinstance(value, list):
-        raise InputError("expected a list of records or {'data': [...]}", path=path)
-    for i, item in enumerate(value):
-        if not isinstance(item, dict):
-            raise InputError("expected a JSON object", path=path, record=f"record {i}")
-    return [(f"record {i}", item) for i, item in enumerate(value)]
-
-
-def _read_saved_dataset(path: str) -> list[RawRecord]:
-    import datasets
-
-    try:
-        loaded = datasets.load_from_disk(path, keep_in_memory=True)
-    except FileNotFoundError as e:
-        raise InputError(f"not a saved dataset directory ({e})", path=path) from e
-    if isinstance(loaded, datasets.DatasetDict):
-        if "train" not in loaded and len(loaded) != 1:
-            raise InputError(f"DatasetDict with splits {list(loaded)}: expected 'train'", path=path)
-        loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
-    return [(f"record {i}", dict(row)) for i, row in enumerate(loaded)]
 
 
 def _get(record: dict[str, Any], name: str, field_map: Mapping[str, str]) -> Any:
@@ -156,23 +111,37 @@ def normalize_record(
     path: str,
     location: str,
     field_map: Mapping[str, str] | None = None,
+    chat_tags: Mapping[str, str] | None = None,
 ) -> Example:
-    """Turns one raw record into an `Example`; `index` is its position within its domain."""
+    """Turns one raw record into an `Example`; `index` is its position within its domain.
+
+    chat_tags: LLaMA-Factory-style names for chat turns (role_tag, content_tag, user_tag,
+    assistant_tag, system_tag, observation_tag, function_tag); defaults read both OpenAI-style
+    turns (role/content) and ShareGPT turns (from/value).
+    """
     fm = dict(field_map or {})
     where = {"path": path, "record": location}
-    messages = _get(record, "messages", fm)
+    chat_field = fm.get("messages") or next(
+        (f for f in ("messages", "conversations") if record.get(f) is not None), None
+    )
+    messages = record.get(chat_field) if chat_field else None
     if messages is not None:
-        prompt, response = _chat_form(messages, where=where, field=fm.get("messages", "messages"))
+        prompt, response = _chat_form(messages, where=where, field=chat_field, tags=chat_tags)
     elif _get(record, "instruction", fm) is not None or _get(record, "output", fm) is not None:
         instruction = _string(
             _get(record, "instruction", fm), where=where, field=fm.get("instruction", "instruction")
         )
         extra = _get(record, "input", fm)
         extra = (
-            "" if extra is None else _string(extra, where=where, field="input", allow_empty=True)
+            ""
+            if extra is None
+            else _string(extra, where=where, field=fm.get("input", "input"), allow_empty=True)
         )
         text = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        prompt = [("user", text)]
+        history = _history(
+            _get(record, "history", fm), where=where, field=fm.get("history", "history")
+        )
+        prompt = history + [("user", text)]
         response = _string(
             _get(record, "output", fm), where=where, field=fm.get("output", "output")
         )
@@ -188,15 +157,17 @@ def normalize_record(
         )
     else:
         raise InputError(
-            "unrecognized record: expected 'messages', 'instruction'/'output' or "
-            "'prompt'/'response'"
-            f" (fields present: {sorted(record)}); pass a field mapping for other shapes",
+            "unrecognized record: expected 'messages', 'conversations', 'instruction'/'output' "
+            f"or 'prompt'/'response' (fields present: {sorted(record)}); pass a field mapping "
+            "for other shapes",
             field="messages",
             **where,
         )
     system = _get(record, "system", fm)
-    if system is not None and messages is None:
-        prompt = [("system", _string(system, where=where, field="system"))] + prompt
+    if system is not None and not (prompt and prompt[0][0] == "system"):
+        system = _string(system, where=where, field=fm.get("system", "system"), allow_empty=True)
+        if system.strip():
+            prompt = [("system", system)] + prompt
     raw_id = _get(record, "id", fm)
     example_id = str(raw_id) if raw_id is not None else f"{domain}:{index}"
     capability = _get(record, "capability", fm)
@@ -212,22 +183,55 @@ def normalize_record(
     )
 
 
-def _chat_form(messages: Any, *, where: dict[str, Any], field: str) -> tuple[list, str]:
+def _history(history: Any, *, where: dict[str, Any], field: str) -> list[tuple[str, str]]:
+    """Alpaca `history`: [[instruction, response], ...] → the turns before the instruction."""
+    if history is None:
+        return []
+    if not isinstance(history, list):
+        raise InputError("expected a list of [instruction, response] pairs", field=field, **where)
+    turns = []
+    for k, pair in enumerate(history):
+        if not isinstance(pair, list | tuple) or len(pair) != 2:
+            raise InputError(
+                "expected an [instruction, response] pair", field=f"{field}[{k}]", **where
+            )
+        turns.append(("user", _string(pair[0], where=where, field=f"{field}[{k}][0]")))
+        turns.append(("assistant", _string(pair[1], where=where, field=f"{field}[{k}][1]")))
+    return turns
+
+
+def _chat_form(
+    messages: Any,
+    *,
+    where: dict[str, Any],
+    field: str,
+    tags: Mapping[str, str] | None = None,
+) -> tuple[list, str]:
+    tags = dict(tags or {})
+    names = dict(ROLE_NAMES)
+    names.update({tags[t]: role for t, role in _ROLE_TAGS.items() if t in tags})
     if not isinstance(messages, list) or len(messages) < 2:
         raise InputError("expected a list of at least 2 messages", field=field, **where)
     turns = []
     for k, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise InputError(f"message {k} is not an object", field=field, **where)
-        role = message.get("role")
-        if role not in ROLES:
+            raise InputError(f"message {k} is not an object", field=f"{field}[{k}]", **where)
+        sharegpt = "from" in message and "role" not in message
+        role_key = tags.get("role_tag", "from" if sharegpt else "role")
+        content_key = tags.get("content_tag", "value" if sharegpt else "content")
+        raw_role = message.get(role_key)
+        role = names.get(raw_role) if isinstance(raw_role, str) else None
+        if role is None:
             raise InputError(
-                f"message {k} has role {role!r}; expected {ROLES}", field="role", **where
+                f"message {k} has unknown role {raw_role!r}; expected one of "
+                f"{sorted(names)} (map others with chat tags)",
+                field=f"{field}[{k}].{role_key}",
+                **where,
             )
         content = _string(
-            message.get("content"),
+            message.get(content_key),
             where=where,
-            field=f"{field}[{k}].content",
+            field=f"{field}[{k}].{content_key}",
             allow_empty=role != "assistant" or k != len(messages) - 1,
         )
         turns.append((role, content))
@@ -237,13 +241,22 @@ def _chat_form(messages: Any, *, where: dict[str, Any], field: str) -> tuple[lis
 
 
 def _normalize_all(
-    raw: Iterable[tuple[str, RawRecord]], path: str, field_map: Mapping[str, str] | None
+    raw: Iterable[tuple[str, RawRecord]],
+    path: str,
+    field_map: Mapping[str, str] | None,
+    chat_tags: Mapping[str, str] | None = None,
 ) -> list[Example]:
     examples: list[Example] = []
     seen: dict[str, str] = {}
     for index, (domain, (location, record)) in enumerate(raw):
         ex = normalize_record(
-            record, domain=domain, index=index, path=path, location=location, field_map=field_map
+            record,
+            domain=domain,
+            index=index,
+            path=path,
+            location=location,
+            field_map=field_map,
+            chat_tags=chat_tags,
         )
         if ex.id in seen:
             raise InputError(
@@ -286,6 +299,10 @@ def load_domains(
                 raise InputError(f"domain {name!r} is empty", path=path)
             result[name] = _normalize_all(((name, r) for r in raw), path, field_map)
         return result
+    from ideal_jax.data import dataset_info  # (it imports this module)
+
+    if dataset_info.is_dataset_info(sources):  # LLaMA-Factory: its entries are the domains
+        return dataset_info.load_entries(sources, domain_names, field_map=field_map)
     return _load_grouped(os.fspath(sources), domain_names, field_map, group_field, "domain")
 
 
@@ -303,9 +320,16 @@ def load_reference(
             cap: [dataclasses.replace(ex, capability=cap) for ex in exs]
             for cap, exs in grouped.items()
         }
-    grouped = _load_grouped(
-        os.fspath(sources), capability_names, field_map, group_field, "capability"
-    )
+    from ideal_jax.data import dataset_info
+
+    if dataset_info.is_dataset_info(sources):
+        grouped = dataset_info.load_entries(
+            sources, capability_names, field_map=field_map, kind="capability"
+        )
+    else:
+        grouped = _load_grouped(
+            os.fspath(sources), capability_names, field_map, group_field, "capability"
+        )
     return {
         cap: [dataclasses.replace(ex, capability=cap) for ex in exs] for cap, exs in grouped.items()
     }
