@@ -166,6 +166,26 @@ MUTATIONS = [
         ["tests/test_cli.py", "tests/test_configs.py"],
     ),
     (
+        "checkpoint_not_verified",
+        "checkpoint digests not checked on restore (a bit flip restores silently)",
+        "ideal_jax/train/checkpoint.py",
+        "            problem = self.verify(step)\n",
+        "            problem = None\n",
+        [
+            "tests/test_train_loop.py::test_damaged_latest_checkpoint_falls_back_to_the_newest_valid_one"
+        ],
+    ),
+    (
+        "checkpoint_no_fallback",
+        "an unreadable latest checkpoint is not set aside (raw orbax error)",
+        "ideal_jax/train/checkpoint.py",
+        "            except Exception as e:  # orbax: truncated, unreadable or inconsistent files",
+        "            except KeyboardInterrupt as e:  # mutated",
+        [
+            "tests/test_train_loop.py::test_damaged_latest_checkpoint_falls_back_to_the_newest_valid_one"
+        ],
+    ),
+    (
         "default_estimator_empirical",
         "default estimator = empirical Fisher (the one the accuracy tests do not pass)",
         "configs/common.py",

@@ -2,6 +2,7 @@
 
 import functools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -239,3 +240,51 @@ def test_checkpoint_of_another_model_is_an_input_error(reference):
     with pytest.raises(InputError, match=r"checkpoints/10.*layers\.0\.mlp\.down_proj\.kernel"):
         _train(workdir, cfg=wider)
     assert [e["step"] for e in read_metrics(workdir / "metrics.jsonl")][-1] == 10
+
+
+def _largest_state_file(step_dir):
+    files = [
+        os.path.join(d, n)
+        for d, _, names in os.walk(os.path.join(step_dir, "state"))
+        for n in names
+    ]
+    return max(files, key=os.path.getsize)
+
+
+@pytest.mark.parametrize("damage", ["flip_bits", "truncate", "delete"])
+def test_damaged_latest_checkpoint_falls_back_to_the_newest_valid_one(reference, tmp_path, damage):
+    ref_dir, _, _ = reference
+    workdir = tmp_path / "run"
+    shutil.copytree(ref_dir, workdir)
+    ckpt = Checkpointer(workdir / "checkpoints", save_every=3, keep=2)
+    steps = ckpt.all_steps()
+    assert len(steps) == 2 and all(ckpt.verify(s) is None for s in steps)  # digests recorded
+    ckpt.close()
+    latest = workdir / "checkpoints" / str(steps[-1])
+    target = _largest_state_file(latest)
+    if damage == "flip_bits":
+        data = bytearray(open(target, "rb").read())
+        for i in range(5):
+            data[len(data) // 2 + 7 * i] ^= 0x10
+        open(target, "wb").write(bytes(data))
+    elif damage == "truncate":
+        os.truncate(target, os.path.getsize(target) // 2)
+    else:
+        os.remove(target)
+    params, summary = _train(workdir)
+    assert summary["start_step"] == steps[0]  # the older, valid step
+    _assert_same_run(workdir, params, reference)  # and the redone steps are exact
+    damaged = os.listdir(str(workdir / "checkpoints") + ".damaged")
+    assert len(damaged) == 1 and damaged[0].startswith(f"{steps[-1]}-")  # set aside, not deleted
+
+
+def test_every_checkpoint_damaged_is_an_input_error_naming_the_directory(reference, tmp_path):
+    ref_dir, _, _ = reference
+    workdir = tmp_path / "run"
+    shutil.copytree(ref_dir, workdir)
+    for step_dir in (workdir / "checkpoints").iterdir():
+        if step_dir.name.isdigit():
+            os.remove(_largest_state_file(step_dir))
+    with pytest.raises(InputError, match=r"none of the 2 checkpoints is valid") as err:
+        _train(workdir)
+    assert str(workdir / "checkpoints") in str(err.value)

@@ -8,17 +8,30 @@ device-to-host copy happens before `save` returns, so the caller may donate the 
 
 Restoring goes onto the shardings of an abstract target, after checking every parameter's stored
 shape against the model config: a mismatch is an InputError naming the checkpoint and parameter.
+
+Verification. Once a save is committed, the SHA-256 of every file of the step is recorded in
+`<directory>.digests/<step>.json` (by process 0; at the next save, `wait` or `close`).
+`restore_latest` checks a step's files against it before restoring; a step whose files changed,
+went missing or fail to restore is moved aside to `<directory>.damaged/` (never deleted) with a
+warning, and the next older step is tried. When steps exist but none is valid, an InputError
+names the directory.
+A step killed after its commit but before its digest was written has no digest and is restored
+unverified (a warning says so).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
+import time
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from ideal_jax.train.state import TrainState
 from ideal_jax.utils.errors import InputError
@@ -56,6 +69,94 @@ class Checkpointer:
             self.directory, item_handlers=_handlers(), options=options
         )
 
+    # -- verification ------------------------------------------------------------------------
+    @property
+    def digest_dir(self) -> str:
+        return self.directory + ".digests"
+
+    def _digest_path(self, step: int) -> str:
+        return os.path.join(self.digest_dir, f"{step}.json")
+
+    def record_digests(self) -> None:
+        """Digest every committed step that has none yet; forget digests of deleted steps."""
+        if jax.process_index() != 0:
+            return
+        steps = set(self.manager.all_steps())
+        os.makedirs(self.digest_dir, exist_ok=True)
+        for step in steps:
+            committed = os.path.isdir(self.step_path(step))
+            if committed and not os.path.exists(self._digest_path(step)):
+                _write_json_atomic(self._digest_path(step), file_digests(self.step_path(step)))
+        for name in os.listdir(self.digest_dir):
+            stem = name.removesuffix(".json")
+            if stem.isdigit() and int(stem) not in steps:
+                os.remove(os.path.join(self.digest_dir, name))
+
+    def verify(self, step: int) -> str | None:
+        """None if the step's files match their digest, else what is wrong ("unverified": none)."""
+        path = self._digest_path(step)
+        if not os.path.exists(path):
+            return "unverified"
+        try:
+            with open(path) as f:
+                want = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            return f"digest file unreadable ({e})"
+        got = file_digests(self.step_path(step))
+        missing = sorted(set(want) - set(got))
+        if missing:
+            return f"file {missing[0]} is missing"
+        changed = sorted(k for k in want if want[k] != got.get(k))
+        if changed:
+            return f"file {changed[0]} does not match its digest"
+        return None
+
+    def _set_aside(self, step: int, why: str) -> None:
+        dest = os.path.join(self.directory + ".damaged", f"{step}-{int(time.time())}")
+        logging.warning(
+            "checkpoint %s is damaged (%s); moved to %s", self.step_path(step), why, dest
+        )
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            shutil.move(self.step_path(step), dest)
+            if os.path.exists(self._digest_path(step)):
+                os.remove(self._digest_path(step))
+        self.manager.reload()
+
+    def restore_latest(
+        self, abstract_state: TrainState, shardings: TrainState
+    ) -> tuple[int, TrainState | None, dict[str, Any]]:
+        """(step, state, meta) of the newest valid checkpoint; (0, None, {}) when there is none.
+
+        Damaged steps are set aside (module docstring); InputError if every step is damaged.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for step in steps:
+            problem = self.verify(step)
+            if problem == "unverified":
+                logging.warning(
+                    "checkpoint %s has no digest; restoring it unverified", self.step_path(step)
+                )
+            elif problem is not None:
+                self._set_aside(step, problem)
+                continue
+            self.check_shapes(step, abstract_state)  # a model mismatch is an error, not damage
+            try:
+                state, meta = self.restore(step, abstract_state, shardings)
+            except InputError:
+                raise
+            except Exception as e:  # orbax: truncated, unreadable or inconsistent files
+                self._set_aside(step, f"restore failed: {type(e).__name__}: {e}"[:300])
+                continue
+            return step, state, meta
+        if steps:
+            raise InputError(
+                f"none of the {len(steps)} checkpoints is valid (damaged ones were moved to "
+                f"{self.directory}.damaged); delete the directory to train from the start",
+                path=self.directory,
+            )
+        return 0, None, {}
+
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
         return self.manager.latest_step()
@@ -70,6 +171,10 @@ class Checkpointer:
         """Save (asynchronously) unless a checkpoint of this step already exists."""
         if step in self.manager.all_steps():
             return
+        # Orbax waits for the previous save before starting this one anyway: wait here, so the
+        # previous step is committed, and digest it.
+        self.manager.wait_until_finished()
+        self.record_digests()
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -133,12 +238,35 @@ class Checkpointer:
         return restored["state"], dict(restored["meta"] or {})
 
     def wait(self) -> None:
-        """Block until pending asynchronous saves are committed."""
+        """Block until pending asynchronous saves are committed (and digest them)."""
         self.manager.wait_until_finished()
+        self.record_digests()
 
     def close(self) -> None:
         self.manager.wait_until_finished()
+        self.record_digests()
         self.manager.close()
+
+
+def file_digests(root: str) -> dict[str, str]:
+    """{relative path: SHA-256} of every file under `root`."""
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            out[os.path.relpath(path, root)] = h.hexdigest()
+    return out
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
 
 
 def _remove_unfinished_saves(directory: str) -> None:

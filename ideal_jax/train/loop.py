@@ -119,9 +119,8 @@ def run_sft(
         save_every=int(train_cfg.checkpoint_every),
         keep=int(train_cfg.keep_checkpoints),
     )
-    start_step = ckpt.latest_step() or 0
+    start_step, state, meta = ckpt.restore_latest(abstract, shardings)
     if start_step:
-        state, meta = ckpt.restore(start_step, abstract, shardings)
         if int(meta.get("steps_per_epoch", steps_per_epoch)) != int(steps_per_epoch):
             raise InputError(
                 f"checkpoint was written with steps_per_epoch={meta['steps_per_epoch']}, this run "
