@@ -26,10 +26,10 @@ import os
 import re
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from ideal_jax.utils import workdir_lock
+from ideal_jax.utils import progress, workdir_lock
 from ideal_jax.utils.errors import InputError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -56,6 +56,7 @@ def run(cfg, workdir: str) -> dict:
     """Run the job `cfg.mode` in `workdir` (the function behind the command line)."""
     from ideal_jax import configlib, export
 
+    progress.configure(enabled=cfg.get("progress", True))
     if cfg.mode == "export":  # reads the run's own config.json; writes only DIR/round_K/hf_model
         return export.run_export(cfg, workdir)
     configlib.validate_config(cfg)  # before anything is written
@@ -103,8 +104,9 @@ def main(argv):
     from ideal_jax import configlib
     from ideal_jax.utils import distributed
 
-    # Progress bars carry the run's story; library INFO logs (orbax, XLA) drown them.
-    logging.set_verbosity(logging.WARNING)
+    # Stage start/end lines (ideal_jax's own INFO logs) and progress bars carry the run's story;
+    # other libraries' INFO logs (orbax, XLA) would drown them.
+    progress.show_own_info_logs()
     try:
         if _CONFIG.value.mode != "export":  # export checks the run's config instead
             configlib.validate_config(_CONFIG.value)  # before any work, before DIR exists

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 
 from ideal_jax import sharding
 from ideal_jax.configlib import write_json_atomic
@@ -22,7 +23,7 @@ from ideal_jax.data import batching, demo_suite, formatting, mixture, records
 from ideal_jax.model import hf_io
 from ideal_jax.model.config import ModelConfig, preset
 from ideal_jax.model.transformer import abstract_params, init_params, logical_axes
-from ideal_jax.utils import workdir_lock
+from ideal_jax.utils import progress, workdir_lock
 from ideal_jax.utils.distributed import is_lead_host
 from ideal_jax.utils.errors import InputError
 
@@ -65,6 +66,11 @@ def read_json(path: str) -> Any:
 
 def load_suite(cfg, workdir: str) -> Suite:
     """Domains, reference set and tokenizer from cfg.data (building the demo suite if asked)."""
+    with progress.stage("load data"):
+        return _load_suite(cfg, workdir)
+
+
+def _load_suite(cfg, workdir: str) -> Suite:
     data = cfg.data
     field_map = dict(data.field_map) or None
     eval_tasks = {name: dict(task) for name, task in cfg.eval.tasks.items()}
@@ -131,7 +137,7 @@ def load_suite(cfg, workdir: str) -> Suite:
     ref_examples = [
         dataclasses.replace(ex, domain=cap) for cap, exs in reference.items() for ex in exs
     ]
-    ref_tokenized, ref_stats = tokenize(ref_examples)
+    ref_tokenized, ref_stats = tokenize(progress.bar(ref_examples, "tokenize reference", unit="ex"))
     stats["reference"] = ref_stats.to_dict()
     if not ref_tokenized:
         raise InputError(
@@ -142,9 +148,13 @@ def load_suite(cfg, workdir: str) -> Suite:
 
 def tokenize_domains(domains, tokenize) -> tuple[dict, dict]:
     tokenized, stats = {}, {}
+    bar = progress.bar(total=sum(len(exs) for exs in domains.values()), desc="tokenize", unit="ex")
     for name, examples in domains.items():
+        bar.set_postfix_str(name)
         tokenized[name], domain_stats = tokenize(examples)
+        bar.update(len(examples))
         stats[name] = domain_stats.to_dict()
+    bar.close()
     return tokenized, stats
 
 
@@ -190,12 +200,17 @@ def model_config(cfg, tokenizer) -> ModelConfig:
 def load_model(cfg, mesh, tokenizer) -> tuple[ModelConfig, Any]:
     """The base model: a local HF checkpoint or .gguf file (loaded sharded) or a random preset
     (init sharded)."""
-    model_cfg = model_config(cfg, tokenizer)
-    if cfg.model.path:
-        shardings = sharding.param_shardings(
-            abstract_params(model_cfg), logical_axes(model_cfg), mesh
-        )
-        return model_cfg, hf_io.load_hf_params(cfg.model.path, model_cfg, shardings)
+    with progress.stage("load model"):
+        model_cfg = model_config(cfg, tokenizer)
+        if cfg.model.path:
+            shardings = sharding.param_shardings(
+                abstract_params(model_cfg), logical_axes(model_cfg), mesh
+            )
+            return model_cfg, hf_io.load_hf_params(cfg.model.path, model_cfg, shardings)
+        return model_cfg, _init_preset(cfg, model_cfg, mesh)
+
+
+def _init_preset(cfg, model_cfg: ModelConfig, mesh):
     params, _ = sharding.sharded_init(
         functools.partial(init_params, model_cfg),
         abstract_params(model_cfg),
@@ -203,7 +218,7 @@ def load_model(cfg, mesh, tokenizer) -> tuple[ModelConfig, Any]:
         mesh,
         jax.random.key(cfg.seed),
     )
-    return model_cfg, params
+    return params
 
 
 def mixture_batches(suite: Suite, mix: mixture.Mixture, train_cfg, data_cfg, pad_id: int):
@@ -278,10 +293,14 @@ class Timer:
     def __init__(self, path: str):
         self.path = path
         self.times = read_json(path) if os.path.exists(path) else {}
+        # "round 2" for DIR/round_2/timings.json: the label of this round's log lines and bars.
+        directory = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        self.label = directory.replace("_", " ") if directory.startswith("round_") else ""
 
     def run(self, name: str, fn, *args, record: bool = True):
         start = time.perf_counter()
-        out = fn(*args)
+        with progress.stage(f"{self.label} {name}".strip()):
+            out = fn(*args)
         if record:
             self.times[name] = round(time.perf_counter() - start, 3)
             write_json(self.path, self.times)
@@ -291,6 +310,7 @@ class Timer:
 def cached(path: str, timer: Timer, name: str, fn, *args) -> Any:
     """The stage's artifact if it exists (resume), else run the stage and write it atomically."""
     if os.path.exists(path):
+        logging.info("%s: reusing %s", f"{timer.label} {name}".strip(), path)
         return read_json(path)
     out = timer.run(name, fn, *args)
     write_json(path, out)

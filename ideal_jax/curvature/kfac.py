@@ -30,6 +30,7 @@ import kfac_jax
 import numpy as np
 
 from ideal_jax.curvature import layers as layers_lib
+from ideal_jax.utils import progress
 from ideal_jax.utils.errors import InputError
 
 Batch = Mapping[str, jax.Array]
@@ -335,7 +336,7 @@ def accumulate_factors(
     state: CurvatureState | None = None,
 ) -> CurvatureState:
     """One streamed pass over `batches` → finalized (eigendecomposed) K-FAC state."""
-    for i, batch in enumerate(batches):
+    for i, batch in enumerate(progress.bar(batches, "curvature factors")):
         if state is None:
             state = curvature.init(params, batch, rng)
         state = curvature.update(state, params, batch, jax.random.fold_in(rng, i))

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ideal_jax.configlib import write_json_atomic
 from ideal_jax.evaluate import answers, code_exec, ifeval, multiple_choice
 from ideal_jax.evaluate.loaders import load_benchmark, normalize_records
+from ideal_jax.utils import progress as progress_lib
 from ideal_jax.utils.errors import InputError
 
 GenerateFn = Callable[[list[str], int, float, int], list[list[str]]]
@@ -63,6 +64,11 @@ def _as_dict(cfg) -> dict:
 def _shots(pool: Sequence[dict], k: int, exclude: int | None) -> list[dict]:
     """The first k pool records, skipping the evaluated example when the pool is the eval set."""
     return [r for i, r in enumerate(pool) if i != exclude][:k]
+
+
+def _desc(name: str) -> str:
+    """A bar's label with its stage's ("round 1 eval: demo")."""
+    return f"{progress_lib.label()}: {name}" if progress_lib.label() else name
 
 
 def _generate(generate_fn: GenerateFn, prompts: list[str], cfg: dict, bar: tqdm) -> list[list[str]]:
@@ -103,7 +109,7 @@ def _run_task(cfg: dict, generate_fn, loglik_fn, progress: bool) -> dict:
     def shots(i: int) -> list[dict]:
         return _shots(pool, k, i if own else None) if k else []
 
-    bar = tqdm(total=len(recs), desc=cfg["name"], disable=not progress, leave=False)
+    bar = tqdm(total=len(recs), desc=_desc(cfg["name"]), disable=not progress, leave=False)
     try:
         if kind in multiple_choice.ITEM_BUILDERS:
             if loglik_fn is None:
@@ -192,7 +198,7 @@ def evaluate_tasks(
         if user.get("type") in ("humaneval", "mbpp"):
             code_exec.resolve_sandbox(user.get("sandbox", code_sandbox))
     tasks: dict[str, dict] = {}
-    for name, raw_cfg in tqdm(list(items), desc="eval tasks", disable=not progress):
+    for name, raw_cfg in tqdm(list(items), desc=_desc("eval tasks"), disable=not progress):
         user = _as_dict(raw_cfg)
         kind = user.get("type")
         name = name or user.get("name") or kind or f"task{len(tasks)}"

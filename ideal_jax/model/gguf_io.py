@@ -21,6 +21,7 @@ import numpy as np
 
 from ideal_jax.model.config import ModelConfig
 from ideal_jax.model.transformer import Params, abstract_params
+from ideal_jax.utils import progress
 from ideal_jax.utils.errors import InputError
 
 # general.architecture -> ours. Mistral GGUFs declare "llama" (same tensors, same permutation).
@@ -214,7 +215,7 @@ def read_hf_tensors(path: str, cfg: ModelConfig, reader=None):
                 path=path,
                 field=tensor.name,
             )
-    for name in wanted:
+    for name in progress.bar(wanted, "load and de-quantize weights", unit="tensor"):
         tensor = by_hf_name[name]
         try:
             array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)

@@ -21,6 +21,7 @@ from ideal_jax.configlib import write_json_atomic
 from ideal_jax.model import gguf_io
 from ideal_jax.model.config import ModelConfig, RopeScaling
 from ideal_jax.model.transformer import Params, abstract_params
+from ideal_jax.utils import progress
 from ideal_jax.utils.errors import InputError
 
 _HF_ARCHITECTURES = {
@@ -211,7 +212,8 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, shardings: Params | None = 
     files = _open_checkpoint(model_dir)
     shapes = abstract_params(cfg)
     params = jax.tree.map(lambda _: None, shapes)
-    for name, (path, transpose) in hf_tensor_names(cfg).items():
+    names = hf_tensor_names(cfg)
+    for name, (path, transpose) in progress.bar(names.items(), "load weights", unit="tensor"):
         if name not in files:
             raise InputError("tensor missing from the checkpoint", path=model_dir, field=name)
         st = files[name]

@@ -43,6 +43,7 @@ from ideal_jax.train.metrics import MetricsWriter, read_metrics, summarize_windo
 from ideal_jax.train.state import abstract_train_state, init_train_state, make_optimizer
 from ideal_jax.train.state import state_shardings as make_state_shardings
 from ideal_jax.train.step import make_train_step
+from ideal_jax.utils import progress as progress_lib
 from ideal_jax.utils.errors import InputError
 
 BATCH_KEYS = ("tokens", "targets", "weights", "segment_ids", "positions", "domain_ids")
@@ -145,6 +146,7 @@ def run_sft(
     )
     names = list(domain_names) or ["all"]
     bar = tqdm(
+        desc=f"{progress_lib.label()}: steps" if progress_lib.label() else None,
         total=total_steps,
         initial=start_step,
         disable=not progress or jax.process_index() != 0,
