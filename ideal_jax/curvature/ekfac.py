@@ -6,10 +6,15 @@ second pass fits, per layer and per eigen-direction pair (i, o),
 the exact diagonal of H in that basis (George et al. 2018; Grosse et al. 2023; Kronfluence).
 With our
 [D_in(+1), D_out] kernel layout this is the transpose of the usual "Q_Gᵀ ∇W Q_A". A "unit" is one
-example (a batch row, vmapped in chunks) or one whole batch; "units" use the data's targets for the
+example (a batch row) or one whole batch; "units" use the data's targets for the
 empirical Fisher and targets sampled from the model for the true Fisher (√w weighting), matching the
 factor pass (kfac.py). W is the total token weight, so Λ* is the curvature of the
 weighted-mean loss.
+
+One pass per batch (implementation "captures", the default): a unit's gradient of a dense layer is
+X̃_nᵀ Δ_n (captures.py), so its projection is (X̃_n Q_A)ᵀ (Δ_n Q_G): one forward and one backward
+pass of the whole batch give every example's projected gradient, with no backward pass per example.
+"per_row" (vmap of a whole-model gradient per row) is the reference it is tested against.
 
 Inverse product (textbook — divide by the eigenvalues, untransposed bases; METHOD §1.4 defect 1):
     H⁻¹ V ≈ Q_A [ (Q_Aᵀ V Q_G) / (Λ* + λ) ] Q_Gᵀ.
@@ -26,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ideal_jax.curvature import captures
 from ideal_jax.curvature import layers as layers_lib
 from ideal_jax.curvature.kfac import (
     Batch,
@@ -39,6 +45,7 @@ from ideal_jax.curvature.kfac import (
 from ideal_jax.utils.errors import InputError
 
 UNITS = ("example", "batch")
+IMPLEMENTATIONS = ("captures", "per_row")
 
 
 def pseudo_loss(curvature: KfacCurvature, selected: dict, rest: Params, batch: Batch, rng):
@@ -93,11 +100,78 @@ def _correction_step(curvature, unit, chunk_size, acc, weight, params, batch, ba
     return acc, weight
 
 
+def _unit_targets(curvature: KfacCurvature, unit: str, outputs_rc, batch: Batch, rng):
+    """(targets, coefficient per row) of the pseudo-loss Σ_r c_r ℓ_r(outputs, targets) whose
+    gradient is the unit's Fisher gradient; per-example units draw with key split(rng, B)[n],
+    exactly as `pseudo_loss` does for one row."""
+    p = curvature.problem
+    _, targets, weights_r, _ = flat_rows(p, outputs_rc, batch)
+    if curvature.mode == "empirical":
+        return targets, weights_r
+    frozen_rc = jax.lax.stop_gradient(outputs_rc)
+
+    def draw(key, o):
+        if p.loss == "softmax_cross_entropy":
+            return jax.random.categorical(key, o, axis=-1)
+        return o + jax.random.normal(key, o.shape, o.dtype)
+
+    if unit == "batch":
+        sampled = draw(rng, frozen_rc)
+    else:
+        b = batch["weights"].shape[0]
+        keys = jax.random.split(rng, b)
+        sampled = jax.vmap(draw)(keys, frozen_rc.reshape(b, -1, frozen_rc.shape[-1]))
+        sampled = sampled.reshape(targets.shape)
+    return sampled, jnp.sqrt(weights_r)
+
+
+def _captured_correction_step(curvature, unit, chunk_size, acc, weight, params, batch, bases, rng):
+    """One forward + one backward pass of the batch → Σ_units (Q_Aᵀ ∇W_unit Q_G)² per layer."""
+    p = curvature.problem
+    selected, rest = layers_lib.split_params(params, p.layers)
+    weight = weight + jnp.sum(batch["weights"].astype(jnp.float32))
+
+    def cotangent(outputs_rc):
+        targets, coeff_r = _unit_targets(curvature, unit, outputs_rc, batch, rng)
+        return captures.loss_cotangent(p, batch, coeff_r, targets)(outputs_rc)
+
+    _, caught = captures.layer_captures(p, selected, rest, batch, cotangent)
+    acc = dict(acc)
+    for path, (x_bti, d_bto) in caught.items():
+        qa, _, qg, _ = bases[path]
+        xq_bta = jnp.einsum("BTI,IA->BTA", x_bti, qa)
+        dq_btg = jnp.einsum("BTO,OG->BTG", d_bto, qg)
+        if unit == "batch":
+            acc[path] = acc[path] + jnp.einsum("BTA,BTG->AG", xq_bta, dq_btg) ** 2
+            continue
+        # Examples in chunks: the [chunk, A, G] projected gradients are the only large temporary.
+        b = xq_bta.shape[0]
+        chunk = _largest_divisor(b, chunk_size)
+        xs = (
+            xq_bta.reshape(b // chunk, chunk, *xq_bta.shape[1:]),
+            dq_btg.reshape(b // chunk, chunk, *dq_btg.shape[1:]),
+        )
+
+        def body(carry, x_d):
+            g_cag = jnp.einsum("CTA,CTG->CAG", *x_d)
+            return carry + jnp.sum(g_cag**2, axis=0), None
+
+        acc[path], _ = jax.lax.scan(body, acc[path], xs)
+    return acc, weight
+
+
+_STEPS = {"captures": _captured_correction_step, "per_row": _correction_step}
+
+
 @functools.lru_cache(maxsize=32)
-def _correction_jit(curvature: KfacCurvature, unit: str, chunk_size: int):
-    """The correction step, jitted once per (curvature, unit, chunk size) for the process."""
+def _correction_jit(
+    curvature: KfacCurvature, unit: str, chunk_size: int, implementation: str = "captures"
+):
+    """The correction step, jitted once per (curvature, unit, chunk size, implementation)."""
+    step = _STEPS[implementation]
     return jax.jit(
-        lambda a, w, p, b, bs, r: _correction_step(curvature, unit, chunk_size, a, w, p, b, bs, r)
+        lambda a, w, p, b, bs, r: step(curvature, unit, chunk_size, a, w, p, b, bs, r),
+        donate_argnums=(0, 1),
     )
 
 
@@ -110,14 +184,23 @@ def fit_eigen_correction(
     *,
     unit: str = "example",
     chunk_size: int = 8,
+    implementation: str = "captures",
+    progress=None,
 ) -> CurvatureState:
-    """Second pass over `batches`: returns `state` with Λ* (global averages) filled in."""
+    """Second pass over `batches`: returns `state` with Λ* (global averages) filled in.
+
+    `progress(batch_index)` is called after each batch is dispatched (progress bars, logs).
+    """
     if unit not in UNITS:
         raise InputError(f"unknown unit {unit!r}; one of {UNITS}", field="curvature.ekfac_unit")
+    if implementation not in IMPLEMENTATIONS:
+        raise InputError(
+            f"unknown EK-FAC implementation {implementation!r}; one of {IMPLEMENTATIONS}"
+        )
     if curvature.mode not in ("empirical", "fisher"):
         raise InputError("EK-FAC needs mode 'empirical' or 'fisher'", field="curvature.estimator")
     bases = curvature.eigenbases(state)
-    step = _correction_jit(curvature, unit, chunk_size)
+    step = _correction_jit(curvature, unit, chunk_size, implementation)
     acc = {
         path: jnp.zeros((qa.shape[0], qg.shape[0]), jnp.float32)
         for path, (qa, _, qg, _) in bases.items()
@@ -125,6 +208,8 @@ def fit_eigen_correction(
     weight = jnp.zeros((), jnp.float32)
     for i, batch in enumerate(batches):
         acc, weight = step(acc, weight, params, batch, bases, jax.random.fold_in(rng, i))
+        if progress is not None:
+            progress(i)
     if float(weight) <= 0:
         raise InputError("eigenvalue-correction pass saw no response tokens", field="weights")
     correction = jax.tree.map(lambda a: a / weight, acc)
