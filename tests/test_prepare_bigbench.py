@@ -21,14 +21,14 @@ from ideal_jax.evaluate.loaders import load_benchmark
 def _task(i_task: int, name: str) -> dict:
     if name == "object_counting":
         examples = [
-            {"input": f"I have {k} cats. How many?", "target": ["x", str(k)]} for k in range(30)
+            {"input": f"I have {k} cats. How many?", "target": ["x", str(k)]} for k in range(60)
         ]
     elif name in ("word_sorting",) or name.startswith("arithmetic"):
-        examples = [{"input": f"{name} q{k}", "target": f"a{k}"} for k in range(30)]
+        examples = [{"input": f"{name} q{k}", "target": f"a{k}"} for k in range(60)]
     else:
         examples = [
             {"input": f"{name} q{k}", "target_scores": {f"yes{k}": 1, f"no{k}": 0}}
-            for k in range(30)
+            for k in range(60)
         ]
     return {"name": name, "task_prefix": f"Task {i_task}.", "examples": examples}
 
@@ -51,15 +51,15 @@ def _jsonl(path):
 def test_prepare_writes_disjoint_splits_and_the_small_variant(tmp_path):
     source = _fake_sdist(tmp_path / "bigbench-1.0.0.tar.gz")
     out = str(tmp_path / "bb")
-    manifest = prepare_bigbench.prepare(out, source, n_test=5, n_ref=3, max_train=0, seed=0)
+    manifest = prepare_bigbench.prepare(out, source, n_test=25, n_ref=10, max_train=0, seed=0)
     assert list(manifest["domains"]) == list(smollm2_bigbench.DOMAINS)
     for domain, sizes in manifest["domains"].items():
-        total = 30 * len(prepare_bigbench.DOMAINS[domain])
-        assert (sizes["test"], sizes["ref"], sizes["train"]) == (5, 3, total - 8)
+        total = 60 * len(prepare_bigbench.DOMAINS[domain])
+        assert (sizes["test"], sizes["ref"], sizes["train"]) == (25, 10, total - 35)
         train = {r["prompt"] for r in _jsonl(f"{out}/train/{domain}.jsonl")}
         ref = {r["prompt"] for r in _jsonl(f"{out}/ref.jsonl") if r["capability"] == domain}
         test = {r["prompt"] for r in _jsonl(f"{out}/test.jsonl") if r["capability"] == domain}
-        assert len(train) == sizes["train"] and len(ref) == 3 and len(test) == 5
+        assert len(train) == sizes["train"] and len(ref) == 10 and len(test) == 25
         assert not (train & ref or train & test or ref & test)
     counting = _jsonl(f"{out}/train/counting.jsonl")[0]
     assert counting["response"].isdigit()  # ["x", "7"]: the digits are trained
@@ -73,8 +73,8 @@ def test_prepare_writes_disjoint_splits_and_the_small_variant(tmp_path):
     small = {d: min(40, v["train"]) for d, v in manifest["domains"].items()}
     assert {d: len(v) for d, v in domains.items()} == small
     reference = records.load_reference(cfg.data.reference_source)
-    assert all(len(v) == 3 for v in reference.values())
-    assert len(_jsonl(cfg.eval.tasks.bigbench.path)) == 5 * 5
+    assert all(len(v) == prepare_bigbench.SMALL["ref"] for v in reference.values())
+    assert len(_jsonl(cfg.eval.tasks.bigbench.path)) == 5 * prepare_bigbench.SMALL["test"]
 
 
 def test_missing_task_and_bad_source_are_named(tmp_path):
