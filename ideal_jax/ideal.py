@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ideal_jax import reweight, sharding, stages, summary
+from ideal_jax import provenance, reweight, sharding, stages, summary
 from ideal_jax.data import mixture as mixture_lib
 from ideal_jax.utils import distributed
 from ideal_jax.utils.errors import InputError
@@ -56,14 +56,25 @@ def run_ideal(
         source_ids, None, seed=cfg.seed, keep_total=reweight_cfg.keep_total
     )  # D_0
     params, rows, predicted = base_params, [], None
+    # What every artifact depends on; each is reused only if produced from the same (provenance.py).
+    inputs = provenance.run_inputs(cfg, suite)
     for k in range(rounds + 1):
         rdir = os.path.join(workdir, f"round_{k}")
         os.makedirs(rdir, exist_ok=True)
         timer = stages.Timer(os.path.join(rdir, "timings.json"))
-        mix = stages.fix_mixture(os.path.join(rdir, "mixture.json"), mix)
+        previous_step = os.path.join(workdir, f"round_{k - 1}", "reweight.json")
+        mix_path = os.path.join(rdir, "mixture.json")
+        mix = stages.fix_mixture(
+            mix_path, mix, provenance.with_upstream(inputs, step=previous_step) if k else inputs
+        )
+        round_inputs = provenance.with_upstream(inputs, mixture=mix_path)
         init = params if (cfg.train.warm_start and k > 0) else base_params
         # Training resumes from its own checkpoints; a finished run just restores its parameters.
         if train:
+            train_dir = os.path.join(rdir, "train")
+            if not provenance.reuse(train_dir, round_inputs):
+                os.makedirs(train_dir, exist_ok=True)
+                provenance.record(train_dir, round_inputs)
             params = timer.run(
                 "train",
                 stages.train_round,
@@ -76,16 +87,14 @@ def run_ideal(
                 init,
                 record=not stages.train_done(rdir),
             )
-        scores = _evaluate(rdir, timer, cfg, model_cfg, params, suite, mesh)
+        scores = _evaluate(rdir, timer, cfg, model_cfg, params, suite, mesh, round_inputs)
         row = {
             "round": k,
             "mixture": summary.mixture_row(mix),
             "eval": scores,
             "timings": dict(timer.times),
         }
-        if (
-            predicted is not None
-        ):  # rule "outer": Q's prediction for this round vs the retrained model
+        if predicted is not None:  # rule "outer": Q's prediction vs the retrained model
             row["reference_loss_predicted"] = predicted
             row["reference_loss_measured"] = _reference_objective(scores, cfg)
         if k < rounds or influence_last:
@@ -107,10 +116,12 @@ def run_ideal(
                     True,
                     record=not os.path.exists(influence_path),
                 )
-                if os.path.exists(influence_path):  # resumed: the recorded α is the one used
+                if provenance.reuse(influence_path, round_inputs):  # resumed: α as recorded
                     influence = stages.read_json(influence_path)
-                elif distributed.is_lead_host():
-                    stages.write_json(influence_path, influence)
+                else:
+                    if distributed.is_lead_host():
+                        stages.write_json(influence_path, influence)
+                    provenance.record(influence_path, round_inputs)
             else:
                 influence = stages.cached(
                     influence_path,
@@ -123,6 +134,7 @@ def run_ideal(
                     suite,
                     mix,
                     mesh,
+                    inputs=round_inputs,
                 )
             alpha_j = np.asarray(influence["matrix"][influence["rows"].index("all")])
             if list(influence["domains"]) != list(mix.domain_names):
@@ -134,7 +146,15 @@ def run_ideal(
                 )
             # β is relative to this round's volumes (β = 0 is D_k, where α was measured); the
             # optax rule continues from the previous round's optimizer state.
-            step = reweight_round(workdir, k, alpha_j, mix, reweight_cfg, outer_problem)
+            step = reweight_round(
+                workdir,
+                k,
+                alpha_j,
+                mix,
+                reweight_cfg,
+                outer_problem,
+                inputs=provenance.with_upstream(round_inputs, influence=influence_path),
+            )
             if step.objective:
                 predicted = step.objective["predicted_reference_loss"]
                 row["objective"] = {
@@ -162,7 +182,14 @@ def run_ideal(
 
 
 def reweight_round(
-    workdir: str, k: int, alpha_j, mix: mixture_lib.Mixture, reweight_cfg, outer_problem=None
+    workdir: str,
+    k: int,
+    alpha_j,
+    mix: mixture_lib.Mixture,
+    reweight_cfg,
+    outer_problem=None,
+    *,
+    inputs=None,
 ) -> reweight.Step:
     """round_K/reweight.json: the step from D_k's volumes (computed once; a rerun reads it back).
 
@@ -171,6 +198,8 @@ def reweight_round(
     """
     path = os.path.join(workdir, f"round_{k}", "reweight.json")
     if os.path.exists(path):
+        if inputs is not None:
+            provenance.check(path, inputs)
         return reweight.Step.from_json(stages.read_json(path), mix.domain_names, path=path)
     state = None
     previous = os.path.join(workdir, f"round_{k - 1}", "reweight.json")
@@ -179,6 +208,8 @@ def reweight_round(
     step = reweight.compute_step(alpha_j, mix.target_sizes, reweight_cfg, state, outer_problem)
     if distributed.is_lead_host():
         stages.write_json(path, step.to_json(mix.domain_names))
+    if inputs is not None:
+        provenance.record(path, inputs)
     return step
 
 
@@ -204,11 +235,14 @@ def run_eval_only(cfg, workdir: str) -> dict[str, Any]:
         params,
         suite,
         mesh,
+        provenance.run_inputs(cfg, suite),
     )
 
 
-def _evaluate(directory: str, timer, cfg, model_cfg, params, suite, mesh) -> dict[str, Any]:
-    """DIRECTORY/eval.json (computed once; a rerun reads it back)."""
+def _evaluate(
+    directory: str, timer, cfg, model_cfg, params, suite, mesh, inputs=None
+) -> dict[str, Any]:
+    """DIRECTORY/eval.json (computed once; a rerun reads it back if its inputs match)."""
     return stages.cached(
         os.path.join(directory, "eval.json"),
         timer,
@@ -219,4 +253,5 @@ def _evaluate(directory: str, timer, cfg, model_cfg, params, suite, mesh) -> dic
         params,
         suite,
         mesh,
+        inputs=inputs,
     )

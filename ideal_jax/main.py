@@ -45,6 +45,9 @@ def _holding_workdir_lock(fn):
 
     @functools.wraps(fn)
     def wrapper(cfg, workdir: str) -> dict:
+        from ideal_jax import configlib
+
+        configlib.validate_config(cfg)  # a bad config writes nothing, not even the lock's DIR
         with workdir_lock.hold(workdir):
             return fn(cfg, workdir)
 

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from ideal_jax import sharding
+from ideal_jax import provenance, sharding
 from ideal_jax.configlib import write_json_atomic
 from ideal_jax.data import batching, demo_suite, formatting, mixture, records
 from ideal_jax.model import hf_io
@@ -307,22 +307,34 @@ class Timer:
         return out
 
 
-def cached(path: str, timer: Timer, name: str, fn, *args) -> Any:
-    """The stage's artifact if it exists (resume), else run the stage and write it atomically."""
+def cached(path: str, timer: Timer, name: str, fn, *args, inputs=None) -> Any:
+    """The stage's artifact if it exists (resume), else run the stage and write it atomically.
+
+    inputs: fingerprints of what the artifact depends on (ideal_jax/provenance.py); a cached
+    artifact produced from other inputs, or edited since, is an InputError, not reused.
+    """
     if os.path.exists(path):
+        if inputs is not None:
+            provenance.check(path, inputs)
         logging.info("%s: reusing %s", f"{timer.label} {name}".strip(), path)
         return read_json(path)
     out = timer.run(name, fn, *args)
     write_json(path, out)
+    if inputs is not None:
+        provenance.record(path, inputs)
     return out
 
 
-def fix_mixture(path: str, mix: mixture.Mixture) -> mixture.Mixture:
+def fix_mixture(path: str, mix: mixture.Mixture, inputs=None) -> mixture.Mixture:
     """The round's mixture: the one on disk when resuming, else `mix`, written to mixture.json."""
     if os.path.exists(path):
+        if inputs is not None:
+            provenance.check(path, inputs)
         return mixture.read_manifest(path)
     if is_lead_host():
         mixture.write_manifest(mix, path)
+    if inputs is not None:
+        provenance.record(path, inputs)
     return mix
 
 

@@ -186,6 +186,25 @@ MUTATIONS = [
         ],
     ),
     (
+        "provenance_sha_ignored",
+        "a hand-edited artifact is trusted (its content digest not checked)",
+        "ideal_jax/provenance.py",
+        'if entry.get("sha256") is not None and entry["sha256"] != _content_sha(path):',
+        "if False:",
+        ["tests/test_cli.py::test_hand_edited_artifact_is_not_trusted"],
+    ),
+    (
+        "provenance_inputs_ignored",
+        "artifacts reused whatever config and data produced them",
+        "ideal_jax/provenance.py",
+        "    if changed:\n        raise InputError(",
+        "    if False:\n        raise InputError(",
+        [
+            "tests/test_cli.py::test_deleting_config_json_does_not_let_another_config_reuse_artifacts",
+            "tests/test_cli.py::test_edited_training_data_is_detected",
+        ],
+    ),
+    (
         "default_estimator_empirical",
         "default estimator = empirical Fisher (the one the accuracy tests do not pass)",
         "configs/common.py",

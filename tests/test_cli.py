@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -265,3 +266,47 @@ def test_cli_runs_outside_the_repository(tmp_path, where):
     assert "Traceback" not in proc.stderr and "different config" in proc.stderr, proc.stderr
     assert (workdir / "config.json").read_text() == '{"mode": "sft"}'
     assert os.listdir(workdir) == ["config.json"]
+
+
+def _copy_run(finished_run, tmp_path):
+    workdir, _ = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns(".lock"))
+    return str(copy)
+
+
+def test_hand_edited_artifact_is_not_trusted(finished_run, tmp_path):
+    """influence.json with α negated (valid JSON): refused, named, and left as it is."""
+    workdir = _copy_run(finished_run, tmp_path)
+    path = os.path.join(workdir, "round_1", "influence.json")
+    influence = json.load(open(path))
+    influence["matrix"] = [[-x for x in row] for row in influence["matrix"]]
+    json.dump(influence, open(path, "w"))
+    edited = open(path).read()
+    with pytest.raises(InputError, match=r"influence.json was modified after it was written"):
+        main.run(_config(rounds=2), workdir)
+    assert open(path).read() == edited
+
+
+def test_deleting_config_json_does_not_let_another_config_reuse_artifacts(finished_run, tmp_path):
+    workdir = _copy_run(finished_run, tmp_path)
+    os.remove(os.path.join(workdir, "config.json"))
+    with pytest.raises(InputError, match=r"mixture.json was produced from other inputs: config"):
+        main.run(_config(rounds=2, **{"train.learning_rate": 0.5}), workdir)
+
+
+def test_edited_training_data_is_detected(finished_run, tmp_path):
+    """Same record count, one response changed in place: the data fingerprint differs."""
+    workdir = _copy_run(finished_run, tmp_path)
+    path = os.path.join(workdir, "demo_data", "train", "sort.jsonl")
+    lines = open(path).read().splitlines()
+    record = json.loads(lines[0])
+    key = "response" if "response" in record else "output"
+    if key in record:
+        record[key] = record[key] + " x"
+    else:
+        record["messages"][-1]["content"] += " x"
+    lines[0] = json.dumps(record)
+    open(path, "w").write("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=r"produced from other inputs: data"):
+        main.run(_config(rounds=2), workdir)

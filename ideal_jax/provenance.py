@@ -1,0 +1,135 @@
+"""Provenance of a run's artifacts: what produced each one, checked before it is reused.
+
+Every artifact the loop caches (mixture.json, influence.json, eval.json, reweight.json, and the
+train/ directory of each round) gets an entry in its directory's `provenance.json`:
+
+    {"influence.json": {"inputs": {"config": …, "data": …, "mixture": …}, "sha256": …}, …}
+
+`inputs` are fingerprints of what the artifact depends on: the config (the fields that change
+results, `configlib.fingerprint`), the training and reference data as tokenized (ids, tokens and
+loss masks of every example), and the artifacts upstream of it (the round's mixture.json, the
+influence.json a step was computed from). `sha256` is the artifact's own content. A cached artifact
+is reused only when both match: otherwise the run stops with exit 2, saying which input changed
+(or that the file was edited), and leaves everything as it is. So a workdir whose config.json was
+deleted cannot lend its artifacts to another config, edited data is noticed, and a hand-edited
+influence.json is not trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from ideal_jax import configlib
+from ideal_jax.utils import distributed
+from ideal_jax.utils.errors import InputError
+
+RECORD = "provenance.json"
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def data_fingerprint(suite) -> str:
+    """SHA-256 over every tokenized training and reference example (domain, id, tokens, mask)."""
+    h = hashlib.sha256()
+    groups = [(name, suite.tokenized[name]) for name in sorted(suite.tokenized)]
+    groups.append(("<reference>", suite.reference_tokenized))
+    for name, items in groups:
+        h.update(f"\0domain {name} {len(items)}\0".encode())
+        for t in items:
+            h.update(f"{t.domain}\0{t.example_id}\0".encode())
+            h.update(t.input_ids.astype("<i4").tobytes())
+            h.update(t.loss_mask.astype("u1").tobytes())
+    return h.hexdigest()[:16]
+
+
+def run_inputs(cfg, suite) -> dict[str, str]:
+    """The inputs every artifact of the run depends on."""
+    return {"config": configlib.fingerprint(cfg), "data": data_fingerprint(suite)}
+
+
+def _record_path(path: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(path)), RECORD)
+
+
+def _read_record(path: str) -> dict[str, Any]:
+    rpath = _record_path(path)
+    if not os.path.exists(rpath):
+        return {}
+    try:
+        with open(rpath) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"unreadable provenance record ({e})", path=rpath) from None
+
+
+def _content_sha(path: str) -> str | None:
+    return file_sha256(path) if os.path.isfile(path) else None
+
+
+def record(path: str, inputs: Mapping[str, str]) -> None:
+    """Note that `path` (a file, or a directory whose content is verified elsewhere) was produced
+    from `inputs`; written atomically by the lead host."""
+    if not distributed.is_lead_host():
+        return
+    entries = _read_record(path)
+    entries[os.path.basename(os.path.normpath(path))] = {
+        "inputs": dict(inputs),
+        "sha256": _content_sha(path),
+    }
+    configlib.write_json_atomic(_record_path(path), entries)
+
+
+def check(path: str, inputs: Mapping[str, str]) -> None:
+    """InputError unless `path` was produced from `inputs` and is unchanged since."""
+    name = os.path.basename(os.path.normpath(path))
+    entry = _read_record(path).get(name)
+    if entry is None:
+        raise InputError(
+            f"{name} has no provenance record (written by another version or by hand); "
+            "use a new --workdir",
+            path=path,
+        )
+    changed = sorted(
+        k
+        for k in set(inputs) | set(entry.get("inputs", {}))
+        if entry["inputs"].get(k) != inputs.get(k)
+    )
+    if changed:
+        raise InputError(
+            f"{name} was produced from other inputs: {', '.join(changed)} changed since it was "
+            "written; use a new --workdir (or delete it and what follows it to recompute)",
+            path=path,
+            field=changed[0],
+        )
+    if entry.get("sha256") is not None and entry["sha256"] != _content_sha(path):
+        raise InputError(
+            f"{name} was modified after it was written (its SHA-256 no longer matches "
+            f"{RECORD}); it is not trusted — restore it or use a new --workdir",
+            path=path,
+        )
+
+
+def reuse(path: str, inputs: Mapping[str, str]) -> bool:
+    """True when `path` exists and may be reused (checked); False when it does not exist."""
+    if not os.path.exists(path):
+        return False
+    check(path, inputs)
+    return True
+
+
+def with_upstream(inputs: Mapping[str, str], **artifacts: str) -> dict[str, str]:
+    """`inputs` plus the content fingerprint of each upstream artifact (name=path)."""
+    out = dict(inputs)
+    for name, path in artifacts.items():
+        out[name] = file_sha256(path)[:16] if os.path.isfile(path) else "absent"
+    return out
