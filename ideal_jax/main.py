@@ -47,7 +47,8 @@ def _holding_workdir_lock(fn):
     def wrapper(cfg, workdir: str) -> dict:
         from ideal_jax import configlib
 
-        configlib.validate_config(cfg)  # a bad config writes nothing, not even the lock's DIR
+        if cfg.mode != "export":  # export checks the run's own config.json instead
+            configlib.validate_config(cfg)  # a bad config writes nothing, not even the lock's DIR
         with workdir_lock.hold(workdir):
             return fn(cfg, workdir)
 
