@@ -67,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
     # default, and the estimator the accuracy tests measure) | empirical: gradients at the data
     cfg.curvature.estimator = "fisher"
     cfg.curvature.sigma = 0.5  # fraction of each domain used for factors and domain gradients
+    # Fixed number of mixture entries per domain for factors, correction and domain gradients
+    # (cost flat in the data size); 0: use sigma instead. See docs/method_choices.md.
+    cfg.curvature.examples_per_domain = 0
     cfg.curvature.batch_size = 32
     cfg.curvature.correction = "per_example"  # EK-FAC eigenvalue fit: per_example | per_batch
     cfg.curvature.damping = 0.1

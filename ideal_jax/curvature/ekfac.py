@@ -42,6 +42,7 @@ from ideal_jax.curvature.kfac import (
     flat_rows,
     row_losses,
 )
+from ideal_jax.utils import progress
 from ideal_jax.utils.errors import InputError
 
 UNITS = ("example", "batch")
@@ -185,12 +186,8 @@ def fit_eigen_correction(
     unit: str = "example",
     chunk_size: int = 8,
     implementation: str = "captures",
-    progress=None,
 ) -> CurvatureState:
-    """Second pass over `batches`: returns `state` with Λ* (global averages) filled in.
-
-    `progress(batch_index)` is called after each batch is dispatched (progress bars, logs).
-    """
+    """Second pass over `batches`: returns `state` with Λ* (global averages) filled in."""
     if unit not in UNITS:
         raise InputError(f"unknown unit {unit!r}; one of {UNITS}", field="curvature.ekfac_unit")
     if implementation not in IMPLEMENTATIONS:
@@ -206,10 +203,8 @@ def fit_eigen_correction(
         for path, (qa, _, qg, _) in bases.items()
     }
     weight = jnp.zeros((), jnp.float32)
-    for i, batch in enumerate(batches):
+    for i, batch in enumerate(progress.bar(batches, "eigenvalue correction")):
         acc, weight = step(acc, weight, params, batch, bases, jax.random.fold_in(rng, i))
-        if progress is not None:
-            progress(i)
     if float(weight) <= 0:
         raise InputError("eigenvalue-correction pass saw no response tokens", field="weights")
     correction = jax.tree.map(lambda a: a / weight, acc)

@@ -53,6 +53,7 @@ class InfluenceResult:
     sigma: float | None
     domain_sizes: tuple[float, ...]
     reference_weighting: str = "capability"
+    stderr: np.ndarray | None = None  # [rows, domains], see standard_errors
 
     def row(self, name: str = "all") -> np.ndarray:
         return self.matrix[self.rows.index(name)]
@@ -69,7 +70,68 @@ class InfluenceResult:
             "domains": list(self.domains),
             "domain_sizes": [float(x) for x in self.domain_sizes],
             "matrix": [[float(x) for x in r] for r in self.matrix],
+            **({} if self.stderr is None else {"stderr": _nested(self.stderr)}),
         }
+
+
+def _nested(m: np.ndarray) -> list:
+    return [[None if not np.isfinite(x) else float(x) for x in r] for r in np.asarray(m)]
+
+
+def reference_rows(reference: GroupGradients, weighting: str = "capability") -> list:
+    """[(row name, g_ref)]: "all" (capability- or token-weighted), then each capability."""
+    if weighting not in REFERENCE_WEIGHTINGS:
+        raise InputError(
+            f"unknown reference weighting {weighting!r}; one of {REFERENCE_WEIGHTINGS}",
+            field="influence.reference_weighting",
+        )
+    if weighting == "capability":
+        g_all = jax.tree.map(lambda x: jnp.mean(x, axis=0), reference.grads)
+    else:
+        g_all = reference.overall
+    rows = [("all", g_all)]
+    if len(reference.names) > 1 or reference.names[0] != "all":
+        rows += [(n, reference.row(g)) for g, n in enumerate(reference.names)]
+    return rows
+
+
+def standard_errors(
+    c_nr: np.ndarray,
+    w_n: np.ndarray,
+    group_n: np.ndarray,
+    num_domains: int,
+    *,
+    scaling: str = "paper",
+    domain_sizes: Sequence[float] | None = None,
+) -> np.ndarray:
+    """Standard errors [R, J] of α from the per-example terms of the subsample.
+
+    Paper scaling: α_rj = Σ_{n∈j} c_nr / Σ_{n∈j} w_n (c_nr = −v_r · Σ_t w_t ∇ℓ_t), a ratio of
+    sums over the domain's sampled examples; its delta-method variance is
+      n_j/(n_j − 1) · Σ_n (c_nr − α_rj w_n)² / (Σ_n w_n)².
+    Exact scaling: α_rj = −f_j (m_rj − Σ_k f_k m_rk) with m the paper-scaled means and f the size
+    shares; domains are sampled independently, so
+      Var = f_j² [(1 − f_j)² Var m_rj + Σ_{k≠j} f_k² Var m_rk].
+    The error is that of the subsample's examples (the reference set is used whole); a domain with
+    fewer than two examples gets NaN (null in JSON). No finite-population correction: this is the
+    error against the domain's distribution, not against the round's finite mixture.
+    """
+    c_nr, w_n, group_n = np.asarray(c_nr, np.float64), np.asarray(w_n, np.float64), group_n
+    var = np.full((c_nr.shape[1], num_domains), np.nan)
+    for j in range(num_domains):
+        mask = group_n == j
+        n, total = int(mask.sum()), float(w_n[mask].sum())
+        if n < 2 or total <= 0:
+            continue
+        a_r = c_nr[mask].sum(axis=0) / total
+        resid = c_nr[mask] - a_r[None] * w_n[mask, None]
+        var[:, j] = n / (n - 1) * np.sum(resid**2, axis=0) / total**2
+    if scaling == "exact":
+        sizes = np.asarray(domain_sizes, np.float64)
+        f = sizes / sizes.sum()
+        var_k = var * f[None] ** 2
+        var = f[None] ** 2 * ((1 - f[None]) ** 2 * var + (var_k.sum(axis=1, keepdims=True) - var_k))
+    return np.sqrt(var)
 
 
 def compute_alpha(
@@ -82,8 +144,12 @@ def compute_alpha(
     domain_sizes: Sequence[float] | None = None,
     sigma: float | None = None,
     reference_weighting: str = "capability",
+    inverse_vectors: Sequence[dict] | None = None,
 ) -> InfluenceResult:
-    """α for rows ("all", *reference.names) × columns domains.names (Lemma 1)."""
+    """α for rows ("all", *reference.names) × columns domains.names (Lemma 1).
+
+    `inverse_vectors`: H⁻¹ g_ref,r per row, when the caller already has them.
+    """
     if scaling not in SCALINGS:
         raise InputError(
             f"unknown scaling {scaling!r}; one of {SCALINGS}", field="influence.scaling"
@@ -94,18 +160,9 @@ def compute_alpha(
             f"domain_sizes must be {len(domains.names)} positive numbers",
             field="influence.domain_sizes",
         )
-    if reference_weighting not in REFERENCE_WEIGHTINGS:
-        raise InputError(
-            f"unknown reference weighting {reference_weighting!r}; one of {REFERENCE_WEIGHTINGS}",
-            field="influence.reference_weighting",
-        )
-    if reference_weighting == "capability":
-        g_all = jax.tree.map(lambda x: jnp.mean(x, axis=0), reference.grads)
-    else:
-        g_all = reference.overall
-    ref_rows = [("all", g_all)]
-    if len(reference.names) > 1 or reference.names[0] != "all":
-        ref_rows += [(n, reference.row(g)) for g, n in enumerate(reference.names)]
+    ref_rows = reference_rows(reference, reference_weighting)
+    if inverse_vectors is not None and len(inverse_vectors) != len(ref_rows):
+        raise ValueError(f"{len(inverse_vectors)} inverse vectors for {len(ref_rows)} rows")
     domain_grads = [domains.row(j) for j in range(len(domains.names))]
     if scaling == "exact":
         frac = sizes / sizes.sum()
@@ -118,7 +175,8 @@ def compute_alpha(
         factor = np.ones_like(sizes)
     matrix = np.zeros((len(ref_rows), len(domain_grads)))
     for r, (_, g_ref) in enumerate(ref_rows):
-        v = inverse(g_ref)  # one inverse product per reference row
+        # one inverse product per reference row (or the caller's, already computed)
+        v = inverse(g_ref) if inverse_vectors is None else inverse_vectors[r]
         dots = np.asarray([float(tree_dot(v, g)) for g in domain_grads])
         matrix[r] = -factor * dots
     if not np.all(np.isfinite(matrix)):

@@ -26,6 +26,8 @@ import numpy as np
 
 from ideal_jax.curvature import layers as layers_lib
 from ideal_jax.curvature.kfac import Batch, CurvatureProblem, Params, weighted_loss_sum
+from ideal_jax.influence import per_example
+from ideal_jax.utils import progress
 from ideal_jax.utils.errors import InputError
 
 
@@ -82,10 +84,18 @@ def group_mean_gradients(
     selected, _ = layers_lib.split_params(params, problem.layers)
     acc = jax.tree.map(lambda x: jnp.zeros((len(names), *x.shape), jnp.float32), selected)
     acc_w = jnp.zeros((len(names),), jnp.float32)
-    step = jax.jit(lambda a, w, p, b: _group_step(problem, len(names), group_key, a, w, p, b))
-    for batch in batches:
+    step = _group_jit(problem, len(names), group_key)
+    for batch in progress.bar(batches, f"gradients ({what})"):
         acc, acc_w = step(acc, acc_w, params, batch)
     return _finish(names, acc, acc_w, what, group_key)
+
+
+@functools.lru_cache(maxsize=32)
+def _group_jit(problem: CurvatureProblem, num_groups: int, group_key: str):
+    """Jitted once per (problem, number of groups, group key) for the process."""
+    return jax.jit(
+        functools.partial(_group_step, problem, num_groups, group_key), donate_argnums=(0, 1)
+    )
 
 
 def _single_group_step(
@@ -128,9 +138,75 @@ def single_group_mean_gradients(
     acc = jax.tree.map(lambda x: jnp.zeros((len(names), *x.shape), jnp.float32), selected)
     acc_w = jnp.zeros((len(names),), jnp.float32)
     step = _single_group_jit(problem)
-    for group, batch in batches:
+    for group, batch in progress.bar(batches, f"gradients ({what})"):
         acc, acc_w = step(acc, acc_w, jnp.int32(group), params, batch)
     return _finish(names, acc, acc_w, what, "group")
+
+
+def _contributions_step(problem, acc, acc_w, group, params, batch, vs):
+    c_br, w_b, grad = per_example.contributions_and_gradient(problem, params, batch, vs)
+    acc = jax.tree.map(lambda a, g: a.at[group].add(g), acc, grad)
+    return acc, acc_w.at[group].add(jnp.sum(w_b)), c_br, w_b
+
+
+@functools.lru_cache(maxsize=32)
+def _contributions_jit(problem: CurvatureProblem):
+    return jax.jit(functools.partial(_contributions_step, problem), donate_argnums=(0, 1))
+
+
+def _to_host(x) -> np.ndarray:
+    """A (possibly multi-host sharded) array, whole, on every host."""
+    if jax.process_count() > 1 and isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleContributions:
+    """Per-example terms of α (one entry per example of the pass, in batch order).
+
+    c [N, R] = −v_r · Σ_{t∈n} w_t ∇ℓ_t, w [N] the example's token weight, group [N] its group.
+    """
+
+    c: np.ndarray
+    w: np.ndarray
+    group: np.ndarray
+
+
+def single_group_gradients_and_contributions(
+    problem: CurvatureProblem,
+    params: Params,
+    batches: Iterable[tuple[int, Batch]],
+    names: Sequence[str],
+    inverse_vectors: Sequence[dict],
+    *,
+    what: str = "data",
+) -> tuple[GroupGradients, ExampleContributions]:
+    """`single_group_mean_gradients` fused with the per-example terms −v_r · ∇ℓ_n of α: the same
+    one forward + one backward pass per batch gives both (captured layer inputs/gradients)."""
+    names = tuple(names)
+    selected, _ = layers_lib.split_params(params, problem.layers)
+    acc = jax.tree.map(lambda x: jnp.zeros((len(names), *x.shape), jnp.float32), selected)
+    acc_w = jnp.zeros((len(names),), jnp.float32)
+    vs = per_example.stack_vectors(list(inverse_vectors))
+    step = _contributions_jit(problem)
+    cs, ws, gs = [], [], []
+    for group, batch in progress.bar(batches, f"gradients + example terms ({what})"):
+        acc, acc_w, c_br, w_b = step(acc, acc_w, jnp.int32(group), params, batch, vs)
+        cs.append(c_br)
+        ws.append(w_b)
+        gs.append(np.full(w_b.shape, group))
+    real = lambda parts: np.concatenate([_to_host(x) for x in parts]) if parts else None
+    w = real(ws)
+    keep = w > 0 if w is not None else None  # padding rows of a batch are not examples
+    terms = ExampleContributions(
+        c=real(cs)[keep] if w is not None else np.zeros((0, len(inverse_vectors))),
+        w=w[keep] if w is not None else np.zeros((0,)),
+        group=real(gs)[keep] if w is not None else np.zeros((0,), np.int64),
+    )
+    return _finish(names, acc, acc_w, what, "group"), terms
 
 
 def _finish(names, acc, acc_w, what: str, field: str) -> GroupGradients:
@@ -171,3 +247,30 @@ def sigma_subsample(
         k = max(1, int(round(sigma * len(idx))))
         keep.append(rng.choice(idx, size=k, replace=False))
     return np.sort(np.concatenate(keep)) if keep else np.zeros((0,), np.int64)
+
+
+def budget_subsample(
+    example_domains: Sequence[int], per_domain: int, seed: int = 0
+) -> tuple[np.ndarray, list]:
+    """(sorted indices, domains used whole): `per_domain` random entries of each domain.
+
+    Drawn without replacement from the entries (an example the mixture holds twice is two entries),
+    so the cost of the passes is flat in the data size. A domain with at most `per_domain` entries
+    is used whole and reported in the second value.
+    """
+    if int(per_domain) != per_domain or per_domain < 1:
+        raise InputError(
+            f"examples_per_domain must be a positive integer (0 = use sigma), got {per_domain}",
+            field="curvature.examples_per_domain",
+        )
+    domains_n = np.asarray(example_domains)
+    rng = np.random.default_rng(seed)
+    keep, whole = [], []
+    for d in np.unique(domains_n):
+        idx = np.flatnonzero(domains_n == d)
+        if len(idx) <= per_domain:
+            keep.append(idx)
+            whole.append(d)
+        else:
+            keep.append(rng.choice(idx, size=int(per_domain), replace=False))
+    return (np.sort(np.concatenate(keep)) if keep else np.zeros((0,), np.int64)), whole

@@ -1,48 +1,63 @@
-"""Per-example influence of training examples on the reference losses, streamed in chunks.
+"""Per-example influence of training examples on the reference losses, streamed batch by batch.
 
 score[n, r] = − ∇ℓ̄_n · H⁻¹ g_ref,r: the first-order change of reference loss r when example n's
 weight grows (Lemma 1 with a single example as the "domain", paper scaling), where ℓ̄_n is example
 n's token-weighted mean loss. An example is one batch row (use padded, unpacked batches here). The
-inverse products v_r = H⁻¹ g_ref,r are computed once; each batch then costs one vmapped backward
-pass in chunks of `chunk_size` rows, so memory does not grow with the dataset.
+inverse products v_r = H⁻¹ g_ref,r are computed once; each batch then costs ONE forward and ONE
+backward pass: a dense layer's per-example gradient is X̃_nᵀ Δ_n (curvature/captures.py), so
+v_r · ∇ℓ_n = Σ_t (x̃_t V_r) · δ_t without forming any per-example gradient.
+
+`example_contributions` returns the unnormalised −v_r · Σ_t w_t ∇ℓ_t with the example's token
+weight: their sums over a domain are the domain's α times its weight (alpha.standard_errors).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ideal_jax.curvature import captures
 from ideal_jax.curvature import layers as layers_lib
-from ideal_jax.curvature.kfac import Batch, CurvatureProblem, Params, weighted_loss_sum
+from ideal_jax.curvature.kfac import Batch, CurvatureProblem, Params
+from ideal_jax.utils import progress
 
 
-def _largest_divisor(n: int, at_most: int) -> int:
-    return max(d for d in range(1, min(n, max(at_most, 1)) + 1) if n % d == 0)
-
-
-def _scores_step(
-    problem: CurvatureProblem, chunk_size: int, params: Params, batch: Batch, vs: dict
-) -> jax.Array:
+def contributions_and_gradient(problem: CurvatureProblem, params: Params, batch: Batch, vs: dict):
+    """(c [B, R] = −v_r · Σ_{t∈n} w_t ∇ℓ_t, w [B] = Σ_{t∈n} w_t, Σ_n w_n ∇ℓ̄_n summed gradient)
+    from one forward + one backward pass of `batch` (vs: leading [R] axis on every leaf)."""
     selected, rest = layers_lib.split_params(params, problem.layers)
+    weights_r = batch["weights"].reshape(-1).astype(jnp.float32)
+    cotangent = captures.loss_cotangent(problem, batch, weights_r)
+    _, caught = captures.layer_captures(problem, selected, rest, batch, cotangent)
     b = batch["weights"].shape[0]
-    chunk = _largest_divisor(b, chunk_size)
-
-    def one(row):
-        row_batch = jax.tree.map(lambda x: x[None], row)
-        fn = lambda s: weighted_loss_sum(problem, layers_lib.merge_params(s, rest), row_batch)
-        grad, w = jax.grad(fn, has_aux=True)(selected)
-        dots_r = sum(
-            jnp.sum(g[None] * v, axis=tuple(range(1, v.ndim)))
-            for g, v in zip(jax.tree.leaves(grad), jax.tree.leaves(vs))
+    c_br = 0.0
+    grad = {}
+    for path, (x_bti, d_bto) in caught.items():
+        v_rio = vs[path]["kernel"]
+        if vs[path].get("bias") is not None:  # the bias row, as in layer_array, per r
+            v_rio = jnp.concatenate([v_rio, vs[path]["bias"][:, None, :]], axis=1)
+        xv_rbto = jnp.einsum("BTI,RIO->RBTO", x_bti, v_rio)
+        c_br = c_br - jnp.einsum("RBTO,BTO->BR", xv_rbto, d_bto)
+        grad[path] = layers_lib.layer_from_array(
+            jnp.einsum("BTI,BTO->IO", x_bti, d_bto), selected[path]
         )
-        return -dots_r / jnp.maximum(w, 1e-30)
+    w_b = jnp.sum(batch["weights"].reshape(b, -1).astype(jnp.float32), axis=1)
+    return c_br, w_b, grad
 
-    rows = jax.tree.map(lambda x: x.reshape(b // chunk, chunk, *x.shape[1:]), dict(batch))
-    out = jax.lax.map(jax.vmap(one), rows)
-    return out.reshape(b, -1)
+
+def _scores_step(problem: CurvatureProblem, params: Params, batch: Batch, vs: dict) -> jax.Array:
+    c_br, w_b, _ = contributions_and_gradient(problem, params, batch, vs)
+    return jnp.where(w_b[:, None] > 0, c_br / jnp.maximum(w_b[:, None], 1e-30), 0.0)
+
+
+@functools.lru_cache(maxsize=32)
+def _scores_jit(problem: CurvatureProblem):
+    """Jitted once per problem for the process (IDEAL's rounds reuse the compilation)."""
+    return jax.jit(functools.partial(_scores_step, problem))
 
 
 def stack_vectors(vectors: list[dict]) -> dict:
@@ -56,12 +71,16 @@ def iter_scores(
     batches: Iterable[Batch],
     inverse_ref_vectors: list[dict],
     *,
-    chunk_size: int = 8,
+    chunk_size: int | None = None,
 ) -> Iterator[np.ndarray]:
-    """Yields scores [B, R] per batch (rows with no response tokens score 0)."""
+    """Yields scores [B, R] per batch (rows with no response tokens score 0).
+
+    `chunk_size` is accepted for compatibility; one backward pass serves the whole batch.
+    """
+    del chunk_size
     vs = stack_vectors(inverse_ref_vectors)
-    step = jax.jit(lambda p, b, v: _scores_step(problem, chunk_size, p, b, v))
-    for batch in batches:
+    step = _scores_jit(problem)
+    for batch in progress.bar(batches, "per-example scores"):
         yield np.asarray(step(params, batch, vs))
 
 
@@ -71,10 +90,10 @@ def per_example_scores(
     batches: Iterable[Batch],
     inverse_ref_vectors: list[dict],
     *,
-    chunk_size: int = 8,
+    chunk_size: int | None = None,
 ) -> np.ndarray:
-    """All scores [N, R], built chunk-wise on the host."""
-    parts = list(iter_scores(problem, params, batches, inverse_ref_vectors, chunk_size=chunk_size))
+    """All scores [N, R], built batch-wise on the host."""
+    parts = list(iter_scores(problem, params, batches, inverse_ref_vectors))
     if not parts:
         return np.zeros((0, len(inverse_ref_vectors)))
     return np.concatenate(parts, axis=0)

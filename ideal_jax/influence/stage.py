@@ -1,9 +1,17 @@
 """The influence stage of an IDEAL round: curvature → gradients → α (Lemma 1), with timings.
 
-Factors, EK-FAC correction and domain gradients use a σ-subsample of each domain's entries in the
-round's mixture, repeats included (an example the mixture holds twice is twice as likely to be
-drawn, and may be drawn twice), so they estimate the curvature and gradients of the loss that was
-trained; the reference set is used whole (METHOD.md §1.2). When the
+Factors, EK-FAC correction and domain gradients use a subsample of each domain's entries in the
+round's mixture — a fixed number per domain (`curvature.examples_per_domain`, so the cost is flat
+in the data size) or a σ fraction (when that is 0) — repeats included (an example the mixture
+holds twice is twice as likely to be drawn, and may be drawn twice), so they estimate the curvature
+and gradients of the loss that was trained; the reference set is used whole (METHOD.md §1.2).
+
+Passes over the subsample per layer group (docs/method_choices.md): K-FAC factors (kfac-jax: one
+forward + one backward pass per batch), EK-FAC correction (one forward + one backward pass per
+batch, captured layer inputs and output gradients), domain gradients fused with the per-example
+terms of α (one forward + one backward). The reference set: one forward + one backward pass.
+The per-example terms give α's standard errors (alpha.standard_errors → influence.json "stderr").
+When the
 curvature factors of all selected layers would not fit one device (ideal_jax/memory_plan.py), the
 layers are processed in groups, one after the other: H is block-diagonal over layers, so α is the
 sum of the groups' contributions.
@@ -11,11 +19,13 @@ sum of the groups' contributions.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 
 from ideal_jax import sharding
 from ideal_jax.curvature import ekfac, operators
@@ -26,6 +36,31 @@ from ideal_jax.data import mixture as mixture_lib
 from ideal_jax.influence import alpha as alpha_lib
 from ideal_jax.influence import gradients, outer
 from ideal_jax.model import decoding
+from ideal_jax.utils import progress
+
+
+def subsample(suite, mix, curv_cfg, seed: int) -> tuple[list, dict]:
+    """The training subsample for the round's curvature and gradient passes, and what it is.
+
+    `curv_cfg.examples_per_domain` > 0: that many entries of each domain of the mixture (with
+    multiplicity; a smaller domain is used whole and named in the returned description); 0: σ.
+    """
+    per_domain = int(curv_cfg.get("examples_per_domain", 0) or 0)
+    if per_domain == 0:
+        return sigma_subsample(suite, mix, curv_cfg.sigma, seed), {"sigma": float(curv_cfg.sigma)}
+    entries = mixture_lib.materialize(mix, suite.tokenized)
+    keep, whole = gradients.budget_subsample([t.domain for t in entries], per_domain, seed)
+    if whole:
+        logging.warning(
+            "curvature.examples_per_domain=%d is at least the size of domain(s) %s in the mixture: "
+            "using them whole",
+            per_domain,
+            sorted(whole),
+        )
+    return [entries[i] for i in keep], {
+        "examples_per_domain": per_domain,
+        "domains_used_whole": sorted(str(w) for w in whole),
+    }
 
 
 def sigma_subsample(suite, mix, sigma: float, seed: int) -> list:
@@ -68,7 +103,7 @@ def influence_for_round(
     curv, infl = cfg.curvature, cfg.influence
     pad_id = suite.tokenizer.pad_token_id or 0
     layers = layers_lib.select_layers(params, curv.layers)
-    train_items = sigma_subsample(suite, mix, curv.sigma, cfg.seed)
+    train_items, subsample_info = subsample(suite, mix, curv, cfg.seed)
     rng = jax.random.key(cfg.seed)
     # Pad mode, one example per row (EK-FAC's "per example" is a row); rows are as long as the
     # longest example (bucketed): never truncated, never padded to the training length.
@@ -106,21 +141,29 @@ def influence_for_round(
         float(_response_tokens(suite.tokenized[name], ids))
         for name, ids in zip(mix.domain_names, mix.example_ids)
     ]
-    total, last, directions = None, None, {}
+    total, last, directions, terms = None, None, {}, None
+    weighting = infl.get("reference_weighting", "capability")
     for group in groups:
         problem = kfac_lib.lm_problem(model_cfg, group)
         t0 = time.perf_counter()
         curvature = state = None
         if infl.operator in ("kfac", "ekfac"):
             curvature = kfac_lib.curvature_for(problem, curv.estimator)
-            state = kfac_lib.accumulate_factors(curvature, params, train_batches(), rng)
+            with progress.stage("factors"):
+                state = kfac_lib.accumulate_factors(curvature, params, train_batches(), rng)
             timings["factors"] += time.perf_counter() - t0
             if infl.operator == "ekfac":
                 t0 = time.perf_counter()
                 unit = "example" if curv.correction == "per_example" else "batch"
-                state = ekfac.fit_eigen_correction(
-                    curvature, state, params, train_batches(), jax.random.fold_in(rng, 1), unit=unit
-                )
+                with progress.stage("eigenvalue correction"):
+                    state = ekfac.fit_eigen_correction(
+                        curvature,
+                        state,
+                        params,
+                        train_batches(),
+                        jax.random.fold_in(rng, 1),
+                        unit=unit,
+                    )
                 timings["eigen_correction"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         operator = operators.build_operator(
@@ -134,21 +177,35 @@ def influence_for_round(
             batches=list(train_batches()) if infl.operator in ("exact", "cg") else None,
             rng=jax.random.fold_in(rng, 2),
         )
-        domain_grads = gradients.single_group_mean_gradients(
-            problem,
-            params,
-            grouped(train_items, suite.domain_names, curv.batch_size),
-            suite.domain_names,
-            what="training domains",
-        )
-        ref_grads = gradients.single_group_mean_gradients(
-            problem,
-            params,
-            grouped(suite.reference_tokenized, suite.capabilities, infl.batch_size),
-            suite.capabilities,
-            what="reference set",
-        )
+        with progress.stage("reference gradients"):
+            ref_grads = gradients.single_group_mean_gradients(
+                problem,
+                params,
+                grouped(suite.reference_tokenized, suite.capabilities, infl.batch_size),
+                suite.capabilities,
+                what="reference set",
+            )
         timings["gradients"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with progress.stage("inverse products"):
+            # one inverse product per reference row: v_r = H⁻¹ g_ref,r (H symmetric)
+            inverse_vectors = [
+                operator(g) for _, g in alpha_lib.reference_rows(ref_grads, weighting)
+            ]
+        timings["inverse_products"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with progress.stage("domain gradients"):
+            domain_grads, part = gradients.single_group_gradients_and_contributions(
+                problem,
+                params,
+                grouped(train_items, suite.domain_names, curv.batch_size),
+                suite.domain_names,
+                inverse_vectors,
+                what="training domains",
+            )
+        timings["gradients"] += time.perf_counter() - t0
+        # H is block-diagonal over layers: the groups' per-example terms add up, example by example
+        terms = part if terms is None else dataclasses.replace(terms, c=terms.c + part.c)
         t0 = time.perf_counter()
         last = alpha_lib.compute_alpha(
             ref_grads,
@@ -158,13 +215,25 @@ def influence_for_round(
             scaling=infl.scaling,
             domain_sizes=tokens_j,
             sigma=curv.sigma,
-            reference_weighting=infl.get("reference_weighting", "capability"),
+            reference_weighting=weighting,
+            inverse_vectors=inverse_vectors,
         )
         if with_outer:  # u_j for this group's layers (H is block-diagonal over groups)
             directions.update(outer.directions(operator, domain_grads))
         timings["inverse_products"] += time.perf_counter() - t0
         # H is block-diagonal over layers: each group adds its layers' share of every dot product.
         total = last.to_json() if total is None else _add(total, last.to_json())
+    stderr = alpha_lib.standard_errors(
+        terms.c,
+        terms.w,
+        terms.group,
+        len(suite.domain_names),
+        scaling=infl.scaling,
+        domain_sizes=tokens_j,
+    )
+    total["stderr"] = alpha_lib._nested(stderr)
+    counts = np.bincount(terms.group, minlength=len(suite.domain_names))
+    subsample_info["examples"] = {n: int(c) for n, c in zip(suite.domain_names, counts)}
     total.update(
         layers=list(layers),
         layer_groups=[list(g) for g in groups],
@@ -172,6 +241,7 @@ def influence_for_round(
         relative_damping=bool(curv.relative_damping),
         correction=curv.correction if infl.operator == "ekfac" else None,
         subsample_examples=len(train_items),
+        subsample=subsample_info,
         seq_len=seq_len,
         timings=timings,
     )
@@ -179,7 +249,6 @@ def influence_for_round(
         return total
     ref_batches = list(batches(suite.reference_tokenized, suite.capabilities, infl.batch_size))
     problem_all = kfac_lib.lm_problem(model_cfg, tuple(layers))
-    weighting = infl.get("reference_weighting", "capability")
     ref_loss = outer.reference_loss_fn(
         problem_all, params, ref_batches, len(suite.capabilities), weighting
     )
