@@ -24,6 +24,9 @@ RESUMABLE_FIELDS = (
     "train.keep_checkpoints",
     "eval.batch_size",
     "progress",
+    "export.final_model",  # exports read finished artifacts; they never change them
+    "export.round",
+    "export.dtype",
 )
 
 
@@ -31,7 +34,7 @@ RESUMABLE_FIELDS = (
 # `validate_config` checks them when a config is loaded, before any work or any file is written;
 # tests/test_configs.py keeps this table equal to the modules' own lists.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "mode": ("ideal", "sft", "influence", "eval", "daar"),  # ideal_jax/main.py
+    "mode": ("ideal", "sft", "influence", "eval", "daar", "export"),  # ideal_jax/main.py
     "data.truncate": ("left_prompt", "right", "drop"),  # data/formatting.py
     "data.batching": ("pack", "pad"),  # data/batching.py
     "model.dtype": ("float32", "bfloat16"),  # model/config.py

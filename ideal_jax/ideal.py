@@ -17,6 +17,7 @@ so a rerun of the same command resumes after a crash at any stage.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -50,6 +51,7 @@ def run_ideal(
 
         domains = daar_job.pseudo_domain_examples(cfg, workdir, suite, model_cfg, base_params, mesh)
         suite = stages.with_domains(suite, domains, cfg.data)
+    _write_data_stats(workdir, suite)
     reweight_cfg = reweight.ReweightConfig.from_config_dict(cfg.reweight)
     source_ids = {name: [t.example_id for t in items] for name, items in suite.tokenized.items()}
     mix = mixture_lib.build_mixture(
@@ -211,6 +213,30 @@ def reweight_round(
     if inputs is not None:
         provenance.record(path, inputs)
     return step
+
+
+def _write_data_stats(workdir: str, suite) -> None:
+    """DIR/data_stats.json: per domain (and the reference set) examples read, kept, truncated and
+    dropped with the reason; rewritten only when it changes (a resumed run writes nothing)."""
+    stats = {"domains": {}, "reference": suite.format_stats.get("reference")}
+    for name, s in suite.format_stats.items():
+        if name != "reference":
+            stats["domains"][name] = {
+                "read": s["n_examples"],
+                "kept": s["n_kept"],
+                "truncated": s["n_truncated"],
+                "dropped": {
+                    "response_truncated_away": s["n_dropped_no_response"],
+                    "too_long": s["n_dropped_too_long"],
+                },
+                "prompt_tokens_cut": s["n_prompt_tokens_cut"],
+                "response_tokens_cut": s["n_response_tokens_cut"],
+            }
+    path = os.path.join(workdir, "data_stats.json")
+    if os.path.exists(path) and stages.read_json(path) == json.loads(json.dumps(stats)):
+        return
+    if distributed.is_lead_host():
+        stages.write_json(path, stats)
 
 
 def _reference_objective(scores: dict, cfg) -> float | None:

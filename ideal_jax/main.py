@@ -37,7 +37,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for all artifacts of the run.")
 flags.mark_flags_as_required(["config", "workdir"])
-MODES = ("ideal", "sft", "influence", "eval", "daar")
+MODES = ("ideal", "sft", "influence", "eval", "daar", "export")
 
 
 def _holding_workdir_lock(fn):
@@ -47,8 +47,7 @@ def _holding_workdir_lock(fn):
     def wrapper(cfg, workdir: str) -> dict:
         from ideal_jax import configlib
 
-        if cfg.mode != "export":  # export checks the run's own config.json instead
-            configlib.validate_config(cfg)  # a bad config writes nothing, not even the lock's DIR
+        configlib.validate_config(cfg)  # a bad config writes nothing, not even the lock's DIR
         with workdir_lock.hold(workdir):
             return fn(cfg, workdir)
 
@@ -112,8 +111,7 @@ def main(argv):
     # other libraries' INFO logs (orbax, XLA) would drown them.
     progress.show_own_info_logs()
     try:
-        if _CONFIG.value.mode != "export":  # export checks the run's config instead
-            configlib.validate_config(_CONFIG.value)  # before any work, before DIR exists
+        configlib.validate_config(_CONFIG.value)  # before any work, before DIR exists
         distributed.maybe_initialize()
         run(_CONFIG.value, _WORKDIR.value)
     except InputError as e:

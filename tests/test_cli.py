@@ -38,6 +38,8 @@ def finished_run(tmp_path_factory):
 
 def test_full_loop_writes_every_artifact(finished_run):
     workdir, result = finished_run
+    stats = json.load(open(os.path.join(workdir, "data_stats.json")))
+    assert stats["domains"]["sort"]["read"] == 60 and "dropped" in stats["domains"]["sort"]
     for name in ("config.json", "summary.json", "summary.png", "final_mixture.jsonl"):
         assert os.path.getsize(os.path.join(workdir, name)) > 0, name
     for k in (0, 1, 2):

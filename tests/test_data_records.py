@@ -164,3 +164,25 @@ def test_reference_grouped_by_capability(tmp_path):
     assert all(ex.capability == "math" for ex in per_file["math"])
     with pytest.raises(InputError, match="capability 'qa' is empty"):
         load_reference(path, capability_names=["math", "code", "qa"])
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_non_utf8_file_names_file_and_line(tmp_path, suffix):
+    from ideal_jax.data import records as records_lib
+
+    path = tmp_path / f"bad{suffix}"
+    good = b'{"prompt": "ok", "response": "b"}'
+    bad = b'{"prompt": "a\xff", "response": "b"}'
+    body = good + b"\n" + bad + b"\n" if suffix == ".jsonl" else b"[" + good + b",\n" + bad + b"]"
+    path.write_bytes(body)
+    with pytest.raises(InputError, match=r"bad\.json.*line 2.*not UTF-8"):
+        records_lib.load_domains({"x": str(path)})
+
+
+def test_duplicate_domain_names_are_rejected(tmp_path):
+    from ideal_jax.data import records as records_lib
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "p", "response": "r", "domain": "a"}\n')
+    with pytest.raises(InputError, match=r"data.domain_names.*more than once"):
+        records_lib.load_domains(str(path), domain_names=("a", "a"))

@@ -288,3 +288,21 @@ def test_every_checkpoint_damaged_is_an_input_error_naming_the_directory(referen
     with pytest.raises(InputError, match=r"none of the 2 checkpoints is valid") as err:
         _train(workdir)
     assert str(workdir / "checkpoints") in str(err.value)
+
+
+def test_divergence_is_named_at_training():
+    from ideal_jax.train.loop import DivergedError, check_divergence
+
+    ln_v = float(np.log(128))
+    good = [{"step": s, "loss": ln_v - 0.05 * s} for s in range(2, 42, 2)]
+    check_divergence(good, 128, "w")  # learning: fine
+    check_divergence(good[:3], 128, "w")  # too short to judge
+    slow = [{"step": s, "loss": 1.2 - 1e-4 * s} for s in range(2, 42, 2)]
+    check_divergence(slow, 128, "w")  # a pretrained model at a tiny learning rate: fine
+    # Measured: tiny config at lr 1e6 logs 4.645, 4.635, 4.635, 4.635 (ln V = 4.852).
+    collapsed = [{"step": s, "loss": v} for s, v in zip((2, 4, 6, 8), (4.645, 4.635, 4.635, 4.635))]
+    with pytest.raises(DivergedError, match=r"update 4.*learning_rate"):
+        check_divergence(collapsed, 128, "w")
+    blown = [{"step": s, "loss": 1.0 if s < 20 else 2.0 + ln_v * 0.2} for s in range(2, 42, 2)]
+    with pytest.raises(DivergedError, match=r"update 20"):
+        check_divergence(blown, 128, "w")

@@ -270,6 +270,30 @@ def _normalize_all(
     return examples
 
 
+def _warn_same_content(sources: Mapping[str, str | os.PathLike]) -> None:
+    """Warn when two domain names read the same file, or files with identical bytes."""
+    import hashlib
+
+    from absl import logging
+
+    seen: dict[str, str] = {}
+    for name, path in sources.items():
+        path = os.fspath(path)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                key = hashlib.sha256(f.read()).hexdigest()
+        else:
+            key = os.path.realpath(path)
+        if key in seen:
+            logging.warning(
+                "domains %r and %r have the same content (%s): the data counts twice",
+                seen[key],
+                name,
+                path,
+            )
+        seen.setdefault(key, name)
+
+
 def load_domains(
     sources: Mapping[str, str | os.PathLike] | str | os.PathLike,
     *,
@@ -282,7 +306,15 @@ def load_domains(
     `domain_names` (from the config) fixes the order of the result; with a single source every
     record's domain must be one of them, and each named domain must have records.
     """
+    if domain_names is not None:
+        repeated = sorted({d for d in domain_names if list(domain_names).count(d) > 1})
+        if repeated:
+            raise InputError(
+                f"domain names {repeated} appear more than once (they would merge into one domain)",
+                field="data.domain_names",
+            )
     if isinstance(sources, Mapping):
+        _warn_same_content(sources)
         if domain_names is not None:
             unknown = [d for d in domain_names if d not in sources]
             if unknown:

@@ -43,8 +43,9 @@ def _read_jsonl(path: str) -> list[RawRecord]:
     # Parsed line by line ourselves: the datasets JSON loader reports malformed lines without a line
     # number and unifies schemas (missing fields silently become None).
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            line = _decode(raw, path, f"line {lineno}")
             if not line.strip():
                 continue
             try:
@@ -59,7 +60,27 @@ def _read_jsonl(path: str) -> list[RawRecord]:
     return records
 
 
+def _decode(raw: bytes, path: str, where: str) -> str:
+    """UTF-8 text, or an InputError naming the file, the line and the byte offset."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(
+            f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); re-encode "
+            "the file as UTF-8",
+            path=path,
+            record=where,
+        ) from None
+
+
 def _read_json(path: str) -> list[RawRecord]:
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        _decode(raw.splitlines()[line - 1], path, f"line {line}")
     with open(path, encoding="utf-8") as f:
         try:
             value = json.load(f)

@@ -53,6 +53,48 @@ class NonFiniteLossError(InputError):
     """Training met a non-finite loss or gradient; names the step and the batch that caused it."""
 
 
+class DivergedError(InputError):
+    """Training ended at chance level (loss ≈ ln V) or above where it started: it diverged."""
+
+
+def check_divergence(entries: list[dict], vocab_size: int, workdir: str) -> None:
+    """DivergedError when the logged loss is stuck near chance level (≥ 0.9 ln V, flat over the
+    second half of the run and no better than its first value: a collapsed model) or ends well
+    above where it started (+0.1 ln V); names the update from which it stayed there. Fewer than
+    4 log lines pass unchecked."""
+    losses = [(e["step"], e["loss"]) for e in entries if e.get("loss") is not None]
+    if len(losses) < 4:
+        return
+    chance = float(np.log(vocab_size))
+    values = [v for _, v in losses]
+    first, last = values[0], values[-1]
+    tail = values[len(values) // 2 :]
+    stuck = (
+        last >= 0.9 * chance
+        and last >= first - 0.01 * chance
+        and max(tail) - min(tail) < 0.002 * chance
+    )
+    if not (stuck or last > first + 0.1 * chance):
+        return
+    if stuck:
+        bad = lambda v: abs(v - last) < 0.002 * chance
+    else:
+        bad = lambda v: v > first + 0.1 * chance
+    since = losses[-1][0]
+    for step, value in reversed(losses):
+        if not bad(value):
+            break
+        since = step
+    raise DivergedError(
+        f"training diverged: the loss is {last:.3f} at the end (chance level ln V = {chance:.3f}, "
+        f"first logged {first:.3f}) and stayed there from update {since}; lower "
+        "train.learning_rate (or raise warmup_steps) and use a new --workdir",
+        path=workdir,
+        record=f"update {since}",
+        field="train.learning_rate",
+    )
+
+
 def _check_batch_geometry(train_cfg: Any, mesh: Mesh) -> tuple[int, int, int]:
     batch_size, accum = int(train_cfg.batch_size), int(train_cfg.grad_accum)
     divisor = sharding.batch_divisor(mesh)
@@ -243,9 +285,10 @@ def run_sft(
         writer.close()
         ckpt.close()
 
+    logged = read_metrics(os.path.join(workdir, "metrics.jsonl"))
     if last_entry is None:  # already finished before this call: report the logged curve's end
-        logged = read_metrics(os.path.join(workdir, "metrics.jsonl"))
         last_entry = logged[-1] if logged else {}
+    check_divergence(logged, model_cfg.vocab_size, workdir)
     summary = {
         "start_step": start_step,
         "final_step": total_steps,
