@@ -21,9 +21,10 @@ separate choice (keep it: `keep_total`, or let it drift).
 `optimise` takes several optax steps on Q inside a trust region: the proportions are softmax logits
 (gradients divided by the largest logit gradient at p, so the learning rate is in log-proportion),
 and after each step w is projected onto {w ∈ simplex : |w_j / p_j − 1| ≤ m}, so that with the total
-kept no domain's volume moves by more than m in a round. It returns the best point it saw: far from
-p the first-order response overshoots (on an under-trained model H⁻¹∇L̄_j is large) and Q rises
-again. The loop is one jitted `lax.scan`.
+kept no domain's volume moves by more than m in a round. Far from p the first-order response
+overshoots (on an under-trained model H⁻¹∇L̄_j is large) and Q rises again, so a step that would
+raise Q is refused and the step length shrinks (×0.3), growing back (×1.5) after accepted steps:
+Q never increases along the way. The loop is one jitted `lax.scan`.
 
 `implicit_solution` is the general form for an inner solver that really re-solves θ*(β) (closed
 forms, small models): a custom VJP from the implicit function theorem.
@@ -155,8 +156,8 @@ def project_trust_region(w_j: jax.Array, p_j: jax.Array, m: float, iters: int = 
 
 @dataclasses.dataclass(frozen=True)
 class OuterResult:
-    proportions: np.ndarray  # the w with the lowest Q seen (p itself if no step lowered Q)
-    values: np.ndarray  # Q before the first step, then after every step
+    proportions: np.ndarray  # the last accepted w (p itself if no step lowered Q)
+    values: np.ndarray  # Q before the first step, then after every step (non-increasing)
     grad_at_start: np.ndarray  # ∂Q/∂w at p (= α, paper scaling)
     steps: int
 
@@ -169,8 +170,8 @@ def optimise(
     steps: int,
 ) -> OuterResult:
     """`steps` optax steps on Q(softmax(z)) from z = log p, each followed by the trust-region
-    projection; one jitted scan. Returns the proportions with the lowest Q seen (p when no step
-    lowered it). Raises InputError if Q or its gradient is not finite."""
+    projection, with step-length control (module docstring); one jitted scan. Raises InputError
+    if Q or its gradient is not finite."""
     if not trust_region > 0:
         raise InputError(f"must be > 0, got {trust_region}", field="reweight.step_size")
     if steps < 1:
@@ -199,18 +200,21 @@ def _optimise_jit(optimizer: optax.GradientTransformation, steps: int, m: float)
         scale = jnp.maximum(jnp.max(jnp.abs(jax.grad(q_of_z)(z0))), 1e-30)
 
         def step(carry, _):
-            z, state, best_w, best_q = carry
+            z, state, q_z, gain = carry
             g_z = jax.grad(q_of_z)(z) / scale
             updates, state = optimizer.update(g_z, state, z)
-            w = project_trust_region(jax.nn.softmax(z + updates), p, m)
-            z = jnp.log(jnp.maximum(w, 1e-30))  # m ≥ 1 allows a domain to reach 0
+            w = project_trust_region(jax.nn.softmax(z + gain * updates), p, m)
             q_w = q(w)
-            better = q_w < best_q  # the first-order model is not convex far from p: keep the best
-            best_w, best_q = jnp.where(better, w, best_w), jnp.where(better, q_w, best_q)
-            return (z, state, best_w, best_q), q_w
+            # The first-order model is not convex far from p: a step that raises Q is refused
+            # and the step shrinks (×0.3); an accepted one lets it grow back (×1.5, at most 1).
+            better = q_w < q_z
+            z = jnp.where(better, jnp.log(jnp.maximum(w, 1e-30)), z)  # m ≥ 1: a domain may reach 0
+            gain = jnp.where(better, jnp.minimum(gain * 1.5, 1.0), gain * 0.3)
+            q_z = jnp.where(better, q_w, q_z)
+            return (z, state, q_z, gain), q_z
 
-        init = (z0, optimizer.init(z0), p, q0)
-        (_, _, best_w, _), values = jax.lax.scan(step, init, None, length=steps)
-        return best_w, jnp.concatenate([q0[None], values]), g0
+        init = (z0, optimizer.init(z0), q0, jnp.ones((), jnp.float32))
+        (z, _, _, _), values = jax.lax.scan(step, init, None, length=steps)
+        return jax.nn.softmax(z), jnp.concatenate([q0[None], values]), g0
 
     return run

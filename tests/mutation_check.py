@@ -150,10 +150,10 @@ MUTATIONS = [
         ["tests/test_outer_objective_lm.py", "tests/test_outer_rule_known_answer.py"],
     ),
     (
-        "outer_last_iterate",
-        "the outer rule returns its last iterate even when Q rose again",
+        "outer_accepts_every_step",
+        "the outer rule accepts steps that raise Q (no step-length control)",
         "ideal_jax/outer_objective.py",
-        "better = q_w < best_q",
+        "better = q_w < q_z",
         "better = q_w == q_w",
         ["tests/test_outer_objective_lm.py", "tests/test_outer_rule_known_answer.py"],
     ),

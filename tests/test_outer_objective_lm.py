@@ -106,6 +106,7 @@ def test_optimise_lowers_q_within_the_trust_region(round_pieces):
     q = oo.objective(q_problem)
     result = oo.optimise(q_problem, trust_region=0.15, optimizer=optax.adam(0.05), steps=8)
     assert result.values.min() < result.values[0]
+    assert np.all(np.diff(result.values) <= 0)  # a step that would raise Q is refused
     assert np.all(np.abs(result.proportions / p - 1) <= 0.15 + 1e-5)
     assert abs(result.proportions.sum() - 1) < 1e-5
     # The returned point is the best one seen, and Q there is what was recorded.
