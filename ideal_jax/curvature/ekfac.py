@@ -140,21 +140,29 @@ def _captured_correction_step(curvature, unit, chunk_size, acc, weight, params, 
     acc = dict(acc)
     for path, (x_bti, d_bto) in caught.items():
         qa, _, qg, _ = bases[path]
-        xq_bta = jnp.einsum("BTI,IA->BTA", x_bti, qa)
-        dq_btg = jnp.einsum("BTO,OG->BTG", d_bto, qg)
         if unit == "batch":
-            acc[path] = acc[path] + jnp.einsum("BTA,BTG->AG", xq_bta, dq_btg) ** 2
+            g_io = jnp.einsum("BTI,BTO->IO", x_bti, d_bto)
+            acc[path] = acc[path] + (qa.T @ g_io @ qg) ** 2
             continue
         # Examples in chunks: the [chunk, A, G] projected gradients are the only large temporary.
-        b = xq_bta.shape[0]
+        b, t, i = x_bti.shape
+        o = d_bto.shape[-1]
         chunk = _largest_divisor(b, chunk_size)
         xs = (
-            xq_bta.reshape(b // chunk, chunk, *xq_bta.shape[1:]),
-            dq_btg.reshape(b // chunk, chunk, *dq_btg.shape[1:]),
+            x_bti.reshape(b // chunk, chunk, t, i),
+            d_bto.reshape(b // chunk, chunk, t, o),
         )
+        # The same numbers in the cheaper order (FLOPs per example): project the T rows first,
+        # 2T(I² + O² + IO), or form X̃ᵀΔ and project it, 2TIO + 2IO(I + O).
+        rows_first = t * (i * i + o * o + i * o) <= t * i * o + i * o * (i + o)
 
-        def body(carry, x_d):
-            g_cag = jnp.einsum("CTA,CTG->CAG", *x_d)
+        def body(carry, x_d, rows_first=rows_first, qa=qa, qg=qg):
+            x_cti, d_cto = x_d
+            if rows_first:
+                g_cag = jnp.einsum("CTA,CTG->CAG", x_cti @ qa, d_cto @ qg)
+            else:
+                g_cio = jnp.einsum("CTI,CTO->CIO", x_cti, d_cto)
+                g_cag = jnp.einsum("IA,CIO,OG->CAG", qa, g_cio, qg)
             return carry + jnp.sum(g_cag**2, axis=0), None
 
         acc[path], _ = jax.lax.scan(body, acc[path], xs)
