@@ -1,18 +1,18 @@
-"""Cost of IDEAL's influence stage relative to SFT, measured on the demo suite and projected.
+"""Influence stage cost relative to one SFT epoch, at demo scale and at ≥ 20,000 training examples.
 
-    PYTHONPATH=. python benchmarks/bench_influence.py --config tiny [--operator ekfac]
-        [--sigma 0.5] [--epochs 1]
+    PYTHONPATH=. python benchmarks/bench_influence.py            # both scales, defaults below
+    PYTHONPATH=. python benchmarks/bench_influence.py --scales demo --examples-per-domain 0
 
-Measures, for one model and one mixture (D_0 of the demo suite):
-  * SFT (stages.train_round, from the base model): XLA compile time and step time, separately
-    (run_sft's summary), plus the wall time of the whole call (data, checkpoints);
-  * the influence stage (stages.influence_round): its sub-stage timings and the wall time of two
-    identical calls, with the compile time inside each (JAX compile events). influence_round jits
-    new closures on every call, so the second call would recompile; a persistent XLA cache makes
-    it skip backend compilation, which brackets the steady-state cost;
-  * K-FAC factor memory per selected layer and in total (layers.factor_bytes);
-and projects factor memory and the influence / SFT FLOP ratio to Llama-3.1-8B (MLP gate/up/down,
-32 layers). Every time printed is measured; only the lines marked "model" are arithmetic.
+For each scale (one model, one mixture: D_0 of the demo suite; "large" is the demo suite grown
+to 27,400 examples, on the same tiny model):
+  * SFT (stages.train_round, one epoch from the base model): step time (compile excluded) and
+    compile time, from run_sft's summary;
+  * the influence stage (stages.influence_round) called twice in one process: the first call
+    includes compilation, the second is the steady state (its jitted passes are built once per
+    process); its sub-stage timings and α's standard errors relative to |α|;
+  * K-FAC factor memory and a FLOP model of the stage, projected to Llama-3.1-8B (lines "model").
+The last line is one JSON object {"scales": [...]}, each entry with examples, sft_epoch_s,
+influence_s (steady state), ratio (= influence_s / sft_epoch_s) and the first-call figures beside.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 from ideal_jax import sharding, stages  # noqa: E402
 from ideal_jax.curvature import layers as layers_lib  # noqa: E402
@@ -64,19 +65,12 @@ class CompileClock:
         return sum(d for t, d in self.events if start <= t <= end)
 
 
-def use_persistent_cache(path: str) -> None:
-    """XLA executables cached by HLO hash: the 2nd influence call skips backend compilation even
-    though influence_round builds new jitted closures (which defeats jit's in-memory cache)."""
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
 def stage_compile(clock: CompileClock, end: float, timings: dict[str, float]) -> dict:
     """Compile seconds inside each sub-stage of an influence call that ended at `end`.
 
     influence_round times its sub-stages back to back and returns right after the last, so the
-    windows are recovered backwards from the end of the call.
+    windows are recovered backwards from the end of the call (an approximation: the stage also
+    does untimed host work between them).
     """
     out = {}
     for name, seconds in reversed(list(timings.items())):
@@ -85,16 +79,27 @@ def stage_compile(clock: CompileClock, end: float, timings: dict[str, float]) ->
     return dict(reversed(list(out.items())))
 
 
-def make_config(name: str, operator: str | None, sigma: float | None, epochs: int):
-    """configs/NAME.py with the benchmark's overrides (no progress bars, one round)."""
-    cfg = importlib.import_module(f"configs.{name}").get_config()
+# Domain sizes per scale: demo = configs/demo.py (5,800 examples); large = 27,400 examples (the
+# arithmetic generator has too few distinct prompts to grow, the other domains ×5).
+SCALES = {
+    "demo": None,
+    "large": dict(arithmetic=400, reverse=10000, sort=5000, lookup=4000, uppercase=8000),
+}
+
+
+def make_config(scale: str, args):
+    """configs/demo.py with the benchmark's overrides (no progress bars, one round, one epoch)."""
+    cfg = importlib.import_module("configs.demo").get_config()
     with cfg.unlocked():
         cfg.progress = False
-        cfg.train.epochs = epochs
-        if operator:
-            cfg.influence.operator = operator
-        if sigma is not None:
-            cfg.curvature.sigma = sigma
+        cfg.train.epochs = 1
+        if SCALES[scale] is not None:
+            cfg.data.demo_train_sizes = dict(SCALES[scale])
+        if args.operator:
+            cfg.influence.operator = args.operator
+        if args.sigma is not None:
+            cfg.curvature.sigma = args.sigma
+        cfg.curvature.examples_per_domain = args.examples_per_domain
     return cfg
 
 
@@ -109,41 +114,44 @@ def layer_shapes(params, layers) -> dict[str, tuple[int, int]]:
 
 
 def influence_flops(model_cfg, shapes, *, positions, examples, ref_positions, caps):
-    """FLOP model of one influence stage (EK-FAC, per-example correction); see `main`'s notes.
+    """FLOP model of one influence stage (EK-FAC, per-example correction); see `run_scale`.
 
-    positions / examples: of the σ-subsample; ref_positions: of the reference set.
+    positions / examples: of the subsample; ref_positions: of the reference set.
     """
     per_token = model_cfg.flops_per_token(1)  # 6·P, fwd + bwd (attention term negligible here)
     out = {}
     # Factor pass: one fwd + bwd plus the outer products x xᵀ and δ δᵀ of every token.
     outer = sum(2 * (a * a + b * b) for a, b in shapes.values())
     out["factors"] = positions * (per_token + outer)
-    # Correction pass: fwd + bwd, per-example gradients Σ_t x_t δ_tᵀ and their projection
-    # Q_Aᵀ g Q_G (what ekfac._project_squared does per example).
-    per_example = sum(2 * (a * a * b + a * b * b) for a, b in shapes.values())
-    grad_outer = sum(2 * a * b for a, b in shapes.values())
-    out["eigen_correction"] = positions * (per_token + grad_outer) + examples * per_example
-    # Group gradients: batches hold one group each, one forward + backward per batch.
-    out["gradients"] = (positions + ref_positions) * per_token
+    # Correction pass: one fwd + bwd of the batch; per example the cheaper exact order of
+    # projecting its T rows (2T(I² + O² + IO)) or its gradient X̃ᵀΔ (2TIO + 2IO(I + O)).
+    t = positions / max(examples, 1)
+    per_example = sum(
+        min(2 * t * (a * a + b * b + a * b), 2 * t * a * b + 2 * a * b * (a + b))
+        for a, b in shapes.values()
+    )
+    out["eigen_correction"] = positions * per_token + examples * per_example
+    # Domain gradients fused with the per-example terms of α (one fwd + bwd, plus x̃ V_r for each
+    # of the 1 + caps reference rows), and the reference set (one fwd + bwd).
+    dot = sum(2 * a * b for a, b in shapes.values()) * (1 + caps)
+    out["gradients"] = positions * (per_token + dot) + ref_positions * per_token
     # Eigendecompositions (~9 d³ each) and one inverse product per reference row.
     eigh = sum(9 * (a**3 + b**3) for a, b in shapes.values())
-    out["eigh_and_inverse"] = eigh + (1 + caps) * per_example
+    out["eigh_and_inverse"] = eigh + (1 + caps) * sum(
+        2 * (a * a * b + a * b * b) for a, b in shapes.values()
+    )
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", choices=("tiny", "demo"), default="tiny")
-    parser.add_argument("--operator", default=None, help="identity|kfac|ekfac (config default)")
-    parser.add_argument("--sigma", type=float, default=None, help="σ (config default 0.5)")
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--json", default="", help="also write the numbers to this file")
-    args = parser.parse_args()
-    cfg = make_config(args.config, args.operator, args.sigma, args.epochs)
-    clock = CompileClock()
+def _rel_stderr(out: dict) -> float:
+    """Median over domains of stderr / |α| in the "all" row (how well α's signs are resolved)."""
+    a, se = np.asarray(out["matrix"][0]), np.asarray(out["stderr"][0], float)
+    return float(np.nanmedian(se / np.maximum(np.abs(a), 1e-30)))
 
+
+def run_scale(scale: str, args, clock: CompileClock) -> dict:
+    cfg = make_config(scale, args)
     with tempfile.TemporaryDirectory() as workdir:
-        use_persistent_cache(os.path.join(workdir, "xla_cache"))
         mesh = sharding.make_mesh(dict(cfg.mesh))
         suite = stages.load_suite(cfg, workdir)
         model_cfg, base = stages.load_model(cfg, mesh, suite.tokenizer)
@@ -156,70 +164,109 @@ def main() -> None:
         with open(os.path.join(rdir, "train", "summary.json")) as f:
             sft = json.load(f)
         calls = []
-        for _ in range(2):  # the same call twice; the second reuses cached XLA executables
+        for _ in range(2):  # first call (compiles) and steady state (jitted passes reused)
             t0 = time.perf_counter()
             out = stages.influence_round(cfg, model_cfg, params, suite, mix, mesh)
             end = time.perf_counter()
-            compile_s = stage_compile(clock, end, out["timings"])
-            calls.append((end - t0, clock.between(t0, end), out["timings"], compile_s))
+            calls.append(
+                {
+                    "wall_s": end - t0,
+                    "compile_s": clock.between(t0, end),
+                    "timings": out["timings"],
+                    "compile_by_stage": stage_compile(clock, end, out["timings"]),
+                }
+            )
 
-    epoch_s = sft["train_seconds"] / args.epochs
+    epoch_s = sft["train_seconds"]
     items = mixture_lib.materialize(mix, suite.tokenized)
-    sub = influence_stage.sigma_subsample(suite, mix, cfg.curvature.sigma, cfg.seed)
+    sub = out["subsample_examples"]
     print(
-        f"== {args.config}: {model_cfg.num_params():,} params, {len(items)} training examples, "
-        f"σ={cfg.curvature.sigma} subsample {len(sub)}, operator {cfg.influence.operator}, "
-        f"SFT epochs {args.epochs}, {jax.device_count()} {jax.default_backend()} device(s)"
+        f"== {scale}: {model_cfg.num_params():,} params, {len(items)} training examples, "
+        f"subsample {sub} ({out['subsample']}), operator {cfg.influence.operator}, "
+        f"{jax.device_count()} {jax.default_backend()} device(s)"
     )
     print(
         f"SFT        wall {sft_wall:7.2f} s = compile {sft['compile_seconds']:.2f} s + steps "
-        f"{sft['train_seconds']:.2f} s ({sft['total_steps']} steps, {epoch_s:.2f} s/epoch) "
-        "+ data and checkpoints"
+        f"{epoch_s:.2f} s ({sft['total_steps']} steps, 1 epoch) + data and checkpoints"
     )
-    for k, (wall, comp, timings, stage_comp) in enumerate(calls):
-        parts = ", ".join(f"{n} {t:.2f} (compile {stage_comp[n]:.2f})" for n, t in timings.items())
-        print(f"influence {k + 1}: wall {wall:7.2f} s, compile {comp:.2f} s; {parts}")
-    steady_hi, steady_lo = calls[1][0], calls[1][0] - calls[1][1]
+    for k, call in enumerate(calls):
+        parts = ", ".join(
+            f"{n} {t:.2f} (compile {call['compile_by_stage'][n]:.2f})"
+            for n, t in call["timings"].items()
+        )
+        print(
+            f"influence call {k + 1}: wall {call['wall_s']:7.2f} s, compile "
+            f"{call['compile_s']:.2f} s; {parts}"
+        )
     print(
-        f"influence steady state between {steady_lo:.2f} s (call 2 − its compile events) and "
-        f"{steady_hi:.2f} s (call 2, XLA cache hit; still re-traces); ratio to one SFT epoch "
-        f"(steps only) {steady_lo / epoch_s:.2f}–{steady_hi / epoch_s:.2f}; first-call walls "
-        f"ratio {calls[0][0] / (sft_wall / args.epochs):.2f}"
+        f"influence steady state {calls[1]['wall_s']:.2f} s = {calls[1]['wall_s'] / epoch_s:.3f} "
+        f"× one SFT epoch (steps only); α 'all' row: median stderr/|α| {_rel_stderr(out):.3f}"
     )
-
     layers = layers_lib.select_layers(params, cfg.curvature.layers)
     shapes = layer_shapes(params, layers)
-    per_layer = {p: layers_lib.factor_bytes(a, b) for p, (a, b) in shapes.items()}
+    total = sum(layers_lib.factor_bytes(a, b) for a, b in shapes.values())
     correction = sum(4 * a * b for a, b in shapes.values())  # EK-FAC: one eigenvalue per weight
-    print("factor memory per layer (A, G and their eigenbases, f32):")
-    for path, nbytes in per_layer.items():
-        print(f"  {path:<26} {str(shapes[path]):>11} {nbytes / 2**10:9.1f} KiB")
-    total = sum(per_layer.values())
-    print(f"  total {total / 2**20:.3f} MiB, + EK-FAC correction {correction / 2**20:.3f} MiB")
-
-    # FLOP model of the measured problem (influence_round: one example per row, rows of seq_len).
+    print(f"factor memory {total / 2**20:.3f} MiB + EK-FAC correction {correction / 2**20:.3f} MiB")
     seq_len = out["seq_len"]
-    pos = padded_positions(sub, cfg.curvature.batch_size, seq_len, "pad")
+    sub_items = influence_stage.subsample(suite, mix, cfg.curvature, cfg.seed)[0]
+    pos = padded_positions(sub_items, cfg.curvature.batch_size, seq_len, "pad")
     ref_pos = padded_positions(suite.reference_tokenized, cfg.influence.batch_size, seq_len, "pad")
     flops = influence_flops(
         model_cfg,
         shapes,
         positions=pos,
-        examples=len(sub),
+        examples=len(sub_items),
         ref_positions=ref_pos,
         caps=len(suite.capabilities),
     )
-    sft_pos = sft["total_steps"] * cfg.train.batch_size * cfg.train.seq_len
-    sft_flops = sft_pos * model_cfg.flops_per_token(1)
+    sft_flops = sft["total_steps"] * cfg.train.batch_size * cfg.train.seq_len
+    sft_flops *= model_cfg.flops_per_token(1)
     print(
-        f"model: influence/SFT({args.epochs} ep) FLOPs {sum(flops.values()) / sft_flops:.2f} = "
-        + " + ".join(f"{k} {v / sft_flops:.2f}" for k, v in flops.items())
-        + f" (influence passes {pos} padded positions, SFT epoch {sft_pos // args.epochs} packed)"
+        f"model: influence/SFT(1 ep) FLOPs {sum(flops.values()) / sft_flops:.3f} = "
+        + " + ".join(f"{k} {v / sft_flops:.3f}" for k, v in flops.items())
     )
+    return {
+        "scale": scale,
+        "examples": len(items),
+        "subsample_examples": sub,
+        "params": model_cfg.num_params(),
+        "sft_epoch_s": round(epoch_s, 3),
+        "influence_s": round(calls[1]["wall_s"], 3),
+        "ratio": round(calls[1]["wall_s"] / epoch_s, 4),
+        "influence_timings_s": {k: round(v, 3) for k, v in calls[1]["timings"].items()},
+        "first_call": {
+            "sft_compile_s": round(sft["compile_seconds"], 3),
+            "sft_wall_s": round(sft_wall, 3),
+            "influence_s": round(calls[0]["wall_s"], 3),
+            "influence_compile_s": round(calls[0]["compile_s"], 3),
+            "ratio": round(calls[0]["wall_s"] / epoch_s, 4),
+        },
+        "alpha_median_rel_stderr": round(_rel_stderr(out), 4),
+        "device": f"{jax.device_count()} {jax.default_backend()}",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scales", default="demo,large", help="comma-separated: demo, large")
+    parser.add_argument("--operator", default=None, help="identity|kfac|ekfac (config default)")
+    parser.add_argument("--sigma", type=float, default=None, help="σ when --examples-per-domain=0")
+    parser.add_argument(
+        "--examples-per-domain",
+        type=int,
+        default=200,
+        help="curvature.examples_per_domain (0: σ fraction of each domain)",
+    )
+    parser.add_argument("--json", default="", help="also write the last line to this file")
+    args = parser.parse_args()
+    clock = CompileClock()
+    scales = [run_scale(name.strip(), args, clock) for name in args.scales.split(",")]
     project_llama()
+    line = json.dumps({"scales": scales})
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"sft": sft, "sft_wall": sft_wall, "influence": calls}, fh, default=float)
+            fh.write(line + "\n")
+    print(line)
 
 
 def project_llama(seq_len: int = 1024, sigma: float = 0.5, domains: int = 4) -> None:

@@ -77,3 +77,25 @@ def test_standard_errors_match_a_bootstrap(scaling):
     np.testing.assert_allclose(se, boot, rtol=0.12)
     one = alpha_lib.standard_errors(c[:61], w[:61], group[:61], 3)
     assert np.isnan(one[:, 1]).all() and np.isnan(one[:, 2]).all()  # one example: no error bar
+
+
+def test_scores_of_a_biased_mlp_equal_per_row_gradients():
+    """One backward pass per batch gives −v · ∇ℓ̄_n of each row, bias entries included."""
+    from test_curvature_models import classification_batches, mlp_params, mlp_problem
+
+    from ideal_jax.curvature.kfac import weighted_loss_sum
+    from ideal_jax.influence import per_example
+
+    sizes = (5, 7, 3)
+    params = mlp_params(sizes)
+    problem = mlp_problem(params)
+    batch = classification_batches(sizes, 1, 6)[0]
+    rng = np.random.default_rng(4)
+    v = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), params)
+    scores = per_example.per_example_scores(problem, params, [batch], [v])
+    loss = lambda p, row: weighted_loss_sum(problem, p, row)
+    for n in range(6):
+        row = {k: x[n : n + 1] for k, x in batch.items()}
+        grad, w = jax.grad(loss, has_aux=True)(params, row)
+        dot = sum(np.vdot(g, x) for g, x in zip(jax.tree.leaves(grad), jax.tree.leaves(v)))
+        np.testing.assert_allclose(scores[n, 0], -dot / float(w), rtol=1e-4)
