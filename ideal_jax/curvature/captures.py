@@ -47,8 +47,13 @@ def _marker_loss(problem: CurvatureProblem, selected: dict, rest: Params, batch:
 @functools.lru_cache(maxsize=32)
 def _tracer(problem: CurvatureProblem):
     """kfac-jax's (layer-tag vjp, jaxpr extractor) for `problem`, built once per process."""
+    # Batches of another shape or structure (e.g. with or without domain ids) trace a different
+    # jaxpr; tags are matched to layers on each trace, so that is not an error here.
     return kfac_jax.layer_tags_vjp(
-        functools.partial(_marker_loss, problem), params_index=0, auto_register_tags=False
+        functools.partial(_marker_loss, problem),
+        params_index=0,
+        auto_register_tags=False,
+        raise_error_on_diff_jaxpr=False,
     )
 
 

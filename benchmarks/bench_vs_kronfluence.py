@@ -1,0 +1,225 @@
+"""ideal_jax vs Kronfluence (PyTorch): EK-FAC per-example scores on the same HF Llama and tokens.
+
+    PYTHONPATH=. python benchmarks/bench_vs_kronfluence.py [--train 256 --query 8 --seq 64]
+
+One process: a random Hugging Face Llama (MLP layers tracked) is saved as safetensors and read by
+both libraries; random token sequences (every token counts) are the training and query sets.
+Both run EK-FAC with the same Fisher estimator (default empirical, deterministic; --estimator fisher
+samples targets on each side with its own generator), damping 0.1 × mean eigenvalue per layer,
+and pairwise scores train × query; each side runs twice (first call with compilation / warm-up,
+then steady state). Units differ by constants only (Kronfluence: summed losses and H of the
+summed loss per example; ideal_jax: token-weighted means), so parity is the Pearson correlation of
+the scores. Kronfluence is an optional benchmark-only dependency: without it the script says so
+and exits 0. Install it without its CUDA torch:  pip install --no-deps kronfluence einops einconv
+The last line is one JSON object with the timings, their ratios and the parity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+try:
+    import torch
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.task import Task
+except ImportError as e:  # optional dependency
+    print(f"kronfluence not available ({e}); skipping")
+    print(json.dumps({"skipped": "kronfluence not installed"}))
+    sys.exit(0)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import transformers  # noqa: E402
+
+from ideal_jax.curvature import ekfac, operators  # noqa: E402
+from ideal_jax.curvature import kfac as kfac_lib  # noqa: E402
+from ideal_jax.curvature import layers as layers_lib  # noqa: E402
+from ideal_jax.influence import gradients, per_example  # noqa: E402
+from ideal_jax.model import hf_io  # noqa: E402
+
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def make_checkpoint(path: str, args) -> None:
+    cfg = transformers.LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 4,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=args.seq * 2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+
+
+class LmTask(Task):
+    sample_targets = False  # True: true Fisher (sampled targets); False: empirical Fisher
+
+    def compute_train_loss(self, batch, model, sample=False):
+        sample = sample and self.sample_targets
+        logits = model(input_ids=batch[0]).logits[:, :-1].float()
+        logits = logits.reshape(-1, logits.size(-1))
+        if sample:
+            with torch.no_grad():
+                targets = torch.multinomial(torch.softmax(logits.detach(), -1), 1).flatten()
+        else:
+            targets = batch[0][:, 1:].flatten()
+        return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+
+    def compute_measurement(self, batch, model):
+        return self.compute_train_loss(batch, model, sample=False)
+
+    def get_influence_tracked_modules(self):
+        return [f"model.layers.{i}.mlp.{m}" for i in range(N_LAYERS) for m in MLP]
+
+
+def run_kronfluence(path, train, query, args) -> tuple[dict, np.ndarray]:
+    torch.set_num_threads(args.threads)
+    model = transformers.LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    task = LmTask()
+    task.sample_targets = args.estimator == "fisher"
+    model = prepare_model(model, task)
+    out, scores = {}, None
+    train_ds = torch.utils.data.TensorDataset(torch.as_tensor(train))
+    query_ds = torch.utils.data.TensorDataset(torch.as_tensor(query))
+    with tempfile.TemporaryDirectory() as out_dir:
+        analyzer = Analyzer("bench", model, task, output_dir=out_dir, disable_tqdm=True)
+        for call in (1, 2):
+            name = f"f{call}"
+            t0 = time.perf_counter()
+            analyzer.fit_all_factors(
+                name,
+                train_ds,
+                per_device_batch_size=args.batch,
+                factor_args=FactorArguments(strategy="ekfac"),
+                overwrite_output_dir=True,
+            )
+            t1 = time.perf_counter()
+            analyzer.compute_pairwise_scores(
+                f"s{call}",
+                name,
+                query_ds,
+                train_ds,
+                per_device_query_batch_size=args.query,
+                per_device_train_batch_size=args.batch,
+                score_args=ScoreArguments(damping_factor=None),  # None: 0.1 × mean eigenvalue
+                overwrite_output_dir=True,
+            )
+            t2 = time.perf_counter()
+            out[call] = {"factors_s": t1 - t0, "scores_s": t2 - t1, "total_s": t2 - t0}
+            scores = analyzer.load_pairwise_scores(f"s{call}")["all_modules"].numpy()
+    return out, scores  # scores [Q, N]
+
+
+def _batch(tokens_nt: np.ndarray, group: int = 0) -> dict:
+    n, t = tokens_nt.shape
+    return {
+        "tokens": jnp.asarray(tokens_nt[:, :-1], jnp.int32),
+        "targets": jnp.asarray(tokens_nt[:, 1:], jnp.int32),
+        "weights": jnp.ones((n, t - 1), jnp.float32),
+        "segment_ids": jnp.ones((n, t - 1), jnp.int32),
+        "positions": jnp.broadcast_to(jnp.arange(t - 1, dtype=jnp.int32), (n, t - 1)),
+        "domain_ids": jnp.full((n, t - 1), group, jnp.int32),
+    }
+
+
+def run_ideal_jax(path, train, query, args) -> tuple[dict, np.ndarray]:
+    model_cfg = hf_io.load_hf_config(path)
+    params = hf_io.load_hf_params(path, model_cfg)
+    layers = layers_lib.select_layers(params, "mlp")
+    problem = kfac_lib.lm_problem(model_cfg, layers)
+    curvature = kfac_lib.curvature_for(problem, args.estimator)
+    train_batches = [_batch(train[i : i + args.batch]) for i in range(0, len(train), args.batch)]
+    out, scores = {}, None
+    for call in (1, 2):
+        t0 = time.perf_counter()
+        rng = jax.random.key(call)
+        state = kfac_lib.accumulate_factors(curvature, params, train_batches, rng)
+        state = ekfac.fit_eigen_correction(
+            curvature, state, params, train_batches, jax.random.fold_in(rng, 1)
+        )
+        jax.block_until_ready(state.correction)
+        t1 = time.perf_counter()
+        op = operators.build_operator(
+            "ekfac", problem=problem, params=params, curvature=curvature, state=state
+        )
+        qgrads = gradients.single_group_mean_gradients(
+            problem,
+            params,
+            [(q, _batch(query[q : q + 1], q)) for q in range(len(query))],
+            [f"q{q}" for q in range(len(query))],
+        )
+        vs = [op(qgrads.row(q)) for q in range(len(query))]
+        scores = per_example.per_example_scores(problem, params, train_batches, vs)
+        t2 = time.perf_counter()
+        out[call] = {"factors_s": t1 - t0, "scores_s": t2 - t1, "total_s": t2 - t0}
+    return out, -scores.T  # ours: −∇ℓ̄_n·H⁻¹g_q (loss change); Kronfluence: ∇ℓ_q·H⁻¹∇ℓ_n
+
+
+N_LAYERS = 2
+
+
+def main() -> None:
+    global N_LAYERS
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train", type=int, default=256)
+    parser.add_argument("--query", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--estimator",
+        default="empirical",
+        choices=("empirical", "fisher"),
+        help="empirical: deterministic on both sides (parity); fisher: sampled targets",
+    )
+    args = parser.parse_args()
+    N_LAYERS = args.layers
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, args.vocab, (args.train, args.seq)).astype(np.int64)
+    query = rng.integers(0, args.vocab, (args.query, args.seq)).astype(np.int64)
+    with tempfile.TemporaryDirectory() as path:
+        make_checkpoint(path, args)
+        ours, s_ours = run_ideal_jax(path, train, query, args)
+        theirs, s_theirs = run_kronfluence(path, train, query, args)
+    pearson = float(np.corrcoef(s_ours.ravel(), s_theirs.ravel())[0, 1])
+    per_query = [float(np.corrcoef(a, b)[0, 1]) for a, b in zip(s_ours, s_theirs)]
+    result = {
+        "model": {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab},
+        "train": args.train,
+        "query": args.query,
+        "seq": args.seq,
+        "estimator": args.estimator,
+        "pearson": round(pearson, 5),
+        "pearson_min_per_query": round(min(per_query), 5),
+        "ideal_jax": {c: {k: round(v, 3) for k, v in ours[c].items()} for c in (1, 2)},
+        "kronfluence": {c: {k: round(v, 3) for k, v in theirs[c].items()} for c in (1, 2)},
+        # > 1: ideal_jax is faster (Kronfluence time / ideal_jax time)
+        "speedup_steady": {k: round(theirs[2][k] / ours[2][k], 3) for k in ours[2]},
+        "speedup_first_call": {k: round(theirs[1][k] / ours[1][k], 3) for k in ours[1]},
+        "device": f"{jax.device_count()} {jax.default_backend()}; torch {args.threads} threads",
+    }
+    print(f"parity: Pearson {pearson:.5f} (min per query {min(per_query):.5f})")
+    for c, label in ((1, "first call"), (2, "steady state")):
+        print(f"{label}: ideal_jax {ours[c]}  kronfluence {theirs[c]}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
