@@ -260,7 +260,11 @@ def main() -> None:
     parser.add_argument("--json", default="", help="also write the last line to this file")
     args = parser.parse_args()
     clock = CompileClock()
-    scales = [run_scale(name.strip(), args, clock) for name in args.scales.split(",")]
+    scales = []
+    for name in args.scales.split(","):
+        scales.append(run_scale(name.strip(), args, clock))
+        if len(scales) > 1:  # same shapes: the earlier scale's compilations are reused
+            scales[-1]["first_call"]["note"] = "after an earlier scale in this process"
     project_llama()
     line = json.dumps({"scales": scales})
     if args.json:
