@@ -196,9 +196,11 @@ def test_ideal_step_upweights_needed_and_downweights_harmful(fitted, operator):
     cfg = reweight.ReweightConfig(step_size=0.15)
     for scaling, alpha_j in influence(params, train_batch, ref_batch, operator).items():
         assert alpha_j[NEEDED] < 0 < alpha_j[HARMFUL], (scaling, alpha_j, true_alpha)
-        beta_j, _ = reweight.compute_beta(alpha_j, list(SIZES.values()), cfg)
+        step = reweight.compute_step(alpha_j, list(SIZES.values()), cfg)
+        beta_j = step.beta_nominal
         assert beta_j[HARMFUL] < 0 < beta_j[NEEDED], (scaling, beta_j)
         np.testing.assert_allclose(np.max(np.abs(beta_j)), 0.15, rtol=1e-6)
+        assert step.volumes_after.sum() == sum(SIZES.values())  # keep-total
     # The proposed step is a real improvement of the outer objective Q (re-solved, not predicted).
     q0 = float(mean_loss(params, ref_batch))
     assert reference_loss_after(params, train_batch, ref_batch, beta_j) < q0
