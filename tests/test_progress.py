@@ -12,6 +12,14 @@ from ideal_jax import stages
 from ideal_jax.utils import progress
 
 
+@pytest.fixture(autouse=True)
+def _bars_on():
+    """Bars on whatever an earlier test left (main.run sets the process-wide setting)."""
+    progress.configure(enabled=True)
+    yield
+    progress.configure(enabled=True)
+
+
 @pytest.fixture
 def absl_info(caplog):
     logging.set_verbosity(logging.INFO)
