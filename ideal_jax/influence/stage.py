@@ -214,7 +214,7 @@ def influence_for_round(
             layers=group,
             scaling=infl.scaling,
             domain_sizes=tokens_j,
-            sigma=curv.sigma,
+            sigma=subsample_info.get("sigma"),  # None when a per-domain budget was used
             reference_weighting=weighting,
             inverse_vectors=inverse_vectors,
         )
