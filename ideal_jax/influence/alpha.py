@@ -78,14 +78,14 @@ def _nested(m: np.ndarray) -> list:
     return [[None if not np.isfinite(x) else float(x) for x in r] for r in np.asarray(m)]
 
 
-def reference_rows(reference: GroupGradients, weighting: str = "capability") -> list:
+def reference_rows(reference: GroupGradients, reference_weighting: str = "capability") -> list:
     """[(row name, g_ref)]: "all" (capability- or token-weighted), then each capability."""
-    if weighting not in REFERENCE_WEIGHTINGS:
+    if reference_weighting not in REFERENCE_WEIGHTINGS:
         raise InputError(
-            f"unknown reference weighting {weighting!r}; one of {REFERENCE_WEIGHTINGS}",
+            f"unknown reference weighting {reference_weighting!r}; one of {REFERENCE_WEIGHTINGS}",
             field="influence.reference_weighting",
         )
-    if weighting == "capability":
+    if reference_weighting == "capability":
         g_all = jax.tree.map(lambda x: jnp.mean(x, axis=0), reference.grads)
     else:
         g_all = reference.overall

@@ -39,6 +39,12 @@ from ideal_jax.model import decoding
 from ideal_jax.utils import progress
 
 
+def mixture_entries(suite, mix) -> list:
+    """The round's mixture as tokenized entries, repeats included (what the subsamples draw)."""
+    entries = mixture_lib.materialize(mix, suite.tokenized)
+    return entries
+
+
 def subsample(suite, mix, curv_cfg, seed: int) -> tuple[list, dict]:
     """The training subsample for the round's curvature and gradient passes, and what it is.
 
@@ -48,7 +54,7 @@ def subsample(suite, mix, curv_cfg, seed: int) -> tuple[list, dict]:
     per_domain = int(curv_cfg.get("examples_per_domain", 0) or 0)
     if per_domain == 0:
         return sigma_subsample(suite, mix, curv_cfg.sigma, seed), {"sigma": float(curv_cfg.sigma)}
-    entries = mixture_lib.materialize(mix, suite.tokenized)
+    entries = mixture_entries(suite, mix)
     keep, whole = gradients.budget_subsample([t.domain for t in entries], per_domain, seed)
     if whole:
         logging.warning(
@@ -70,7 +76,7 @@ def sigma_subsample(suite, mix, sigma: float, seed: int) -> list:
     domain's share of the subsample is its share of the mixture, and within a domain an example
     appears in proportion to its count in the mixture.
     """
-    entries = mixture_lib.materialize(mix, suite.tokenized)
+    entries = mixture_entries(suite, mix)
     keep = gradients.sigma_subsample([t.domain for t in entries], sigma, seed)
     return [entries[i] for i in keep]
 
