@@ -94,6 +94,10 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.reweight.beta_min = -0.9
     cfg.reweight.beta_max = 3.0
     cfg.reweight.min_volume = 1
+    # Domains whose |α| < significance_z standard errors are reported (summary.json
+    # rounds[K].indistinguishable); hold_indistinguishable keeps their volume this round.
+    cfg.reweight.significance_z = 2.0
+    cfg.reweight.hold_indistinguishable = False
     cfg.reweight.optimizer = "sgd"
     cfg.reweight.learning_rate = 0.15  # optax: the gradient it sees is scale-free (max |g| = 1)
     # rule = outer: optax steps on the outer objective Q(w) in the trust region |β| <= step_size;

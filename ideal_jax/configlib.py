@@ -61,6 +61,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "reweight.learning_rate": (lambda v: v > 0, "> 0"),
     "reweight.outer_learning_rate": (lambda v: v > 0, "> 0"),
     "reweight.outer_steps": (lambda v: v >= 1, ">= 1"),
+    "reweight.significance_z": (lambda v: v >= 0, ">= 0"),
     "reweight.beta_min": (lambda v: -1 <= v <= 0, "in [-1, 0] (β = -1 empties a domain)"),
     "reweight.beta_max": (lambda v: v >= 0, ">= 0"),
     "daar.select_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),

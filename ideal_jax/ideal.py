@@ -138,7 +138,9 @@ def run_ideal(
                     mesh,
                     inputs=round_inputs,
                 )
-            alpha_j = np.asarray(influence["matrix"][influence["rows"].index("all")])
+            all_row = influence["rows"].index("all")
+            alpha_j = np.asarray(influence["matrix"][all_row])
+            stderr_j = np.asarray(influence["stderr"][all_row]) if "stderr" in influence else None
             if list(influence["domains"]) != list(mix.domain_names):
                 raise InputError(
                     f"influence.json columns {influence['domains']} are not the mixture's "
@@ -155,6 +157,7 @@ def run_ideal(
                 mix,
                 reweight_cfg,
                 outer_problem,
+                stderr_j,
                 inputs=provenance.with_upstream(round_inputs, influence=influence_path),
             )
             if step.objective:
@@ -162,10 +165,19 @@ def run_ideal(
                 row["objective"] = {
                     key: step.objective[key] for key in ("q_before", "q_after", "steps")
                 }
+            if stderr_j is not None:
+                row["alpha_stderr"] = dict(zip(mix.domain_names, stderr_j.tolist()))
             row.update(
                 alpha=dict(zip(mix.domain_names, alpha_j.tolist())),
                 beta=dict(zip(mix.domain_names, step.beta_applied.tolist())),
                 beta_nominal=dict(zip(mix.domain_names, step.beta_nominal.tolist())),
+                indistinguishable=[
+                    d
+                    for d, flag in zip(
+                        mix.domain_names, step.indistinguishable(reweight_cfg.significance_z)
+                    )
+                    if flag
+                ],
                 timings=dict(timer.times),
             )
             if k == rounds:
@@ -190,6 +202,7 @@ def reweight_round(
     mix: mixture_lib.Mixture,
     reweight_cfg,
     outer_problem=None,
+    stderr_j=None,
     *,
     inputs=None,
 ) -> reweight.Step:
@@ -207,7 +220,9 @@ def reweight_round(
     previous = os.path.join(workdir, f"round_{k - 1}", "reweight.json")
     if k > 0 and os.path.exists(previous):
         state = stages.read_json(previous).get("optimizer_state")
-    step = reweight.compute_step(alpha_j, mix.target_sizes, reweight_cfg, state, outer_problem)
+    step = reweight.compute_step(
+        alpha_j, mix.target_sizes, reweight_cfg, state, outer_problem, stderr_j
+    )
     if distributed.is_lead_host():
         stages.write_json(path, step.to_json(mix.domain_names))
     if inputs is not None:

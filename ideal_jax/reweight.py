@@ -60,6 +60,10 @@ class ReweightConfig:
     optimizer: str = "sgd"  # for rule="optax": an optax constructor name
     learning_rate: float = 0.15  # for rule="optax"; the gradient it sees has max |g| = 1
     keep_total: bool = True  # the total volume stays N (equal training tokens across rounds)
+    # Domains whose α is within `significance_z` standard errors of 0 (influence.json "stderr")
+    # are reported; with hold_indistinguishable they keep their volume (d_j = 0) this round.
+    significance_z: float = 2.0
+    hold_indistinguishable: bool = False
     outer_optimizer: str = "sgd"  # rule="outer": optax optimizer on the proportions' logits
     outer_learning_rate: float = 0.05  # log-proportion per step (the gradient is scale-free)
     outer_steps: int = 20
@@ -101,6 +105,14 @@ class Step:
     volumes_after: np.ndarray  # n'_j (int)
     optimizer_state: dict | None = None  # rule="optax": {"leaves": [...], "position": [...]}
     objective: dict | None = None  # rule="outer": Q before/after, values per step, proportions
+    stderr: np.ndarray | None = None  # standard error of each α (None when not measured)
+    held: tuple[bool, ...] = ()  # domains kept at their volume (hold_indistinguishable)
+
+    def indistinguishable(self, z: float) -> np.ndarray:
+        """Domains whose |α| is below z standard errors (all False without standard errors)."""
+        if self.stderr is None:
+            return np.zeros(len(self.alpha), bool)
+        return np.abs(self.alpha) < z * np.asarray(self.stderr)
 
     @property
     def beta_applied(self) -> np.ndarray:
@@ -121,6 +133,8 @@ class Step:
             "volumes_after": {d: int(v) for d, v in zip(domains, self.volumes_after)},
             "optimizer_state": self.optimizer_state,
             "objective": self.objective,
+            "alpha_stderr": None if self.stderr is None else per(self.stderr),
+            "held": [d for d, h in zip(domains, self.held) if h],
         }
 
     @classmethod
@@ -137,6 +151,8 @@ class Step:
                 volumes_after=arr("volumes_after", np.int64),
                 optimizer_state=obj.get("optimizer_state"),
                 objective=obj.get("objective"),
+                stderr=None if obj.get("alpha_stderr") is None else arr("alpha_stderr"),
+                held=tuple(d in obj.get("held", ()) for d in domains),
             )
         except (KeyError, TypeError) as e:
             raise InputError(f"malformed reweight record ({e!r})", path=path) from None
@@ -166,15 +182,18 @@ def max_normalized(d_j: np.ndarray, step_size: float) -> np.ndarray:
     return (step_size / scale) * d_j
 
 
-def bound(beta_j: np.ndarray, sizes_j: Sequence[int], cfg: ReweightConfig) -> np.ndarray:
-    """Clip β to [beta_min, beta_max] and ≥ min_volume examples, keeping Σ n β = 0 if keep_total."""
+def bound(
+    beta_j: np.ndarray, sizes_j: Sequence[int], cfg: ReweightConfig, fixed: np.ndarray | None = None
+) -> np.ndarray:
+    """Clip β to [beta_min, beta_max] and ≥ min_volume examples, keeping Σ n β = 0 if keep_total
+    (by shifting the domains that are neither clipped nor `fixed`)."""
     sizes_j = np.asarray(sizes_j, np.float64)
     lo = np.maximum(cfg.beta_min, cfg.min_volume / np.maximum(sizes_j, 1.0) - 1.0)
     hi = np.full_like(lo, cfg.beta_max)
     beta_j = np.clip(np.asarray(beta_j, np.float64), lo, hi)
     if not cfg.keep_total:
         return beta_j
-    free = np.ones(beta_j.shape, bool)
+    free = np.ones(beta_j.shape, bool) if fixed is None else ~np.asarray(fixed, bool)
     for _ in range(len(beta_j) + 1):  # each pass fixes at least one more domain at its bound
         excess = np.dot(sizes_j, beta_j)
         if abs(excess) <= 1e-12 * sizes_j.sum() or not free.any():
@@ -242,15 +261,26 @@ def compute_step(
     cfg: ReweightConfig,
     optimizer_state: dict | None = None,
     outer_problem=None,
+    stderr_j: np.ndarray | None = None,
 ) -> Step:
     """The next round's volumes from this round's α row and volumes n_j (module docstring).
 
     rule="outer" needs `outer_problem` (ideal_jax.outer_objective.OuterProblem of the round).
+    stderr_j: α's standard errors; with cfg.hold_indistinguishable, domains whose |α| is below
+    cfg.significance_z of them keep their volume (their d_j is 0; the others carry the step).
     """
     sizes = np.asarray(sizes_j, np.int64)
     if sizes.shape != np.shape(alpha_j):
         raise InputError(f"{len(sizes)} volumes for {np.size(alpha_j)} α values", field="alpha")
+    held = np.zeros(len(sizes), bool)
+    if stderr_j is not None and cfg.hold_indistinguishable:
+        held = np.abs(np.asarray(alpha_j)) < cfg.significance_z * np.asarray(stderr_j)
     d = direction(alpha_j, sizes, cfg.keep_total)
+    if held.any():
+        d = np.where(held, 0.0, d)
+        free = ~held
+        if cfg.keep_total and free.any():  # the free domains alone keep Σ n d = 0
+            d[free] -= np.dot(sizes[free], d[free]) / sizes[free].sum()
     saved = record = None
     if cfg.rule == "paper":
         beta = max_normalized(d, cfg.step_size)
@@ -264,6 +294,7 @@ def compute_step(
         beta = update * (cfg.step_size / largest) if largest > cfg.step_size else update
     else:
         beta, record = _outer_step(outer_problem, sizes, cfg)
+    beta = np.where(held, 0.0, beta)
     if cfg.rule == "outer":  # the trust region: no domain moves by more than m
         cfg = dataclasses.replace(
             cfg,
@@ -271,7 +302,7 @@ def compute_step(
             beta_max=min(cfg.beta_max, cfg.step_size),
             keep_total=True,
         )
-    beta = bound(beta, sizes, cfg)
+    beta = bound(beta, sizes, cfg, fixed=held)
     return Step(
         rule=cfg.rule,
         keep_total=cfg.keep_total,
@@ -282,6 +313,8 @@ def compute_step(
         volumes_after=realise(sizes, beta, cfg.keep_total),
         optimizer_state=saved,
         objective=record,
+        stderr=None if stderr_j is None else np.asarray(stderr_j, np.float64),
+        held=tuple(bool(h) for h in held),
     )
 
 

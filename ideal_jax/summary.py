@@ -91,17 +91,20 @@ def plot_rounds(result: dict[str, Any], path: str, title: str = "IDEAL rounds") 
     with_alpha = [r for r in rows if "alpha" in r]
     width = 0.8 / max(len(with_alpha), 1)
     for i, r in enumerate(with_alpha):
+        stderr = r.get("alpha_stderr")
         axes[2].bar(
             np.arange(len(domains)) + i * width,
             [r["alpha"][d] for d in domains],
             width=width,
+            yerr=None if stderr is None else [2 * stderr[d] for d in domains],  # ±2 s.e.
+            capsize=2,
             label=f"α round {r['round']}",
         )
     axes[2].axhline(0, color="gray", lw=0.8)
     axes[2].set_xticks(
         np.arange(len(domains)) + width * (len(with_alpha) - 1) / 2, domains, rotation=20
     )
-    axes[2].set(title="α = ∂Q/∂β (negative: add data)")
+    axes[2].set(title="α = ∂Q/∂β ± 2 s.e. (negative: add data)")
     if with_alpha:  # mode=sft has no influence rounds
         axes[2].legend(fontsize=8)
     fig.suptitle(title)

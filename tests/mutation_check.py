@@ -205,6 +205,14 @@ MUTATIONS = [
         ],
     ),
     (
+        "hold_ignored",
+        "hold_indistinguishable moves domains whose α is within noise anyway",
+        "ideal_jax/reweight.py",
+        "        held = np.abs(np.asarray(alpha_j)) < cfg.significance_z * np.asarray(stderr_j)",
+        "        held = np.zeros(len(sizes), bool)",
+        ["tests/test_reweight.py"],
+    ),
+    (
         "default_estimator_empirical",
         "default estimator = empirical Fisher (the one the accuracy tests do not pass)",
         "configs/common.py",

@@ -38,6 +38,8 @@ def finished_run(tmp_path_factory):
 
 def test_full_loop_writes_every_artifact(finished_run):
     workdir, result = finished_run
+    assert set(result["rounds"][0]["alpha_stderr"]) == set(result["rounds"][0]["alpha"])
+    assert "indistinguishable" in result["rounds"][0]
     stats = json.load(open(os.path.join(workdir, "data_stats.json")))
     assert stats["domains"]["sort"]["read"] == 60 and "dropped" in stats["domains"]["sort"]
     for name in ("config.json", "summary.json", "summary.png", "final_mixture.jsonl"):

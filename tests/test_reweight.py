@@ -162,3 +162,25 @@ def test_outer_rule_needs_the_round_objective():
         reweight.compute_step(DEMO_ALPHA, DEMO_SIZES, reweight.ReweightConfig(rule="outer"))
     with pytest.raises(InputError, match="reweight.outer_optimizer"):
         reweight.ReweightConfig(rule="outer", outer_optimizer="nope")
+
+
+def test_indistinguishable_domains_are_reported_and_optionally_held():
+    stderr = np.array([1.0, 5.0, 1.0, 1.0, 1.0])  # lookup: |α| = 2.19 < 2 × 5.0
+    step = reweight.compute_step(DEMO_ALPHA, DEMO_SIZES, _paper(), stderr_j=stderr)
+    assert list(step.indistinguishable(2.0)) == [False, True, False, False, False]
+    assert step.beta_applied[1] != 0  # reported only, by default
+    held = reweight.compute_step(
+        DEMO_ALPHA, DEMO_SIZES, _paper(hold_indistinguishable=True), stderr_j=stderr
+    )
+    assert held.volumes_after[1] == DEMO_SIZES[1] and held.held == (
+        False,
+        True,
+        False,
+        False,
+        False,
+    )
+    assert held.volumes_after.sum() == sum(DEMO_SIZES)  # the others carry the keep-total step
+    np.testing.assert_allclose(np.abs(held.beta_nominal).max(), 0.15, rtol=1e-12)
+    domains = [f"d{i}" for i in range(5)]
+    back = reweight.Step.from_json(held.to_json(domains), domains)
+    assert back.held == held.held and np.allclose(back.stderr, stderr)
