@@ -251,7 +251,7 @@ def _largest_state_file(step_dir):
     return max(files, key=os.path.getsize)
 
 
-@pytest.mark.parametrize("damage", ["flip_bits", "truncate", "delete"])
+@pytest.mark.parametrize("damage", ["flip_bits", "truncate", "delete", "delete_undigested"])
 def test_damaged_latest_checkpoint_falls_back_to_the_newest_valid_one(reference, tmp_path, damage):
     ref_dir, _, _ = reference
     workdir = tmp_path / "run"
@@ -269,6 +269,9 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_valid_one(reference,
         open(target, "wb").write(bytes(data))
     elif damage == "truncate":
         os.truncate(target, os.path.getsize(target) // 2)
+    elif damage == "delete_undigested":  # killed between commit and digest: restore must fail
+        os.remove(str(workdir / "checkpoints") + f".digests/{steps[-1]}.json")
+        os.remove(target)
     else:
         os.remove(target)
     params, summary = _train(workdir)

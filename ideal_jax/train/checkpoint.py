@@ -140,10 +140,9 @@ class Checkpointer:
             elif problem is not None:
                 self._set_aside(step, problem)
                 continue
-            self.check_shapes(step, abstract_state)  # a model mismatch is an error, not damage
             try:
-                state, meta = self.restore(step, abstract_state, shardings)
-            except InputError:
+                state, meta = self.restore(step, abstract_state, shardings)  # checks shapes first
+            except InputError:  # a model mismatch is an error, not damage
                 raise
             except Exception as e:  # orbax: truncated, unreadable or inconsistent files
                 self._set_aside(step, f"restore failed: {type(e).__name__}: {e}"[:300])
