@@ -117,11 +117,19 @@ def test_package_imports_are_install_requires():
     assert not problems, "imported but not in setup.py install_requires: " + "; ".join(problems)
 
 
+# Imported only inside a try/except by a benchmark that skips cleanly without it; declared in the
+# "bench" extra (installed by hand with --no-deps, so not necessarily present here).
+OPTIONAL_BENCHMARK_MODULES = {"kronfluence": "benchmarks/bench_vs_kronfluence.py"}
+
+
 def test_test_and_benchmark_imports_are_declared():
-    install, test, _ = _setup_requirements()
+    install, test, optional = _setup_requirements()
     modules = _imported_modules("tests", "benchmarks", "notebooks")
     if importlib.util.find_spec("torch") is None:  # gated by importorskip; declared below
         modules.pop("torch", None)
+    for module, path in OPTIONAL_BENCHMARK_MODULES.items():
+        assert _normalise(module) in optional, f"{module} ({path}) must be in an extra of setup.py"
+        assert modules.pop(module, path) == path, f"{module} is imported outside {path}"
     problems = _undeclared(modules, install | test)
     assert not problems, "imported but not in install_requires or the test extra: " + "; ".join(
         problems
