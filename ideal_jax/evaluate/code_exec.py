@@ -251,7 +251,12 @@ def _bwrap_argv(limits: SandboxLimits, uid: int, src_fd: int, res_fd: int) -> li
             argv += ["--ro-bind", path, path]
     if os.path.exists("/etc/ld.so.cache"):
         argv += ["--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache"]
-    made = {"/"}
+    argv += ["--proc", "/proc", "--dev", "/dev"]
+    # The fresh tmpfs mounts go first: an interpreter or venv that lives under /tmp (CI makes its
+    # venvs with mktemp) is bound on top of the sandbox's /tmp below, not hidden by it.
+    for path in ("/dev/shm", "/tmp", "/sandbox"):
+        argv += ["--perms", "1777", "--size", size, "--tmpfs", path]
+    made = {"/", "/dev/shm", "/tmp", "/sandbox"}
     for prefix in dict.fromkeys((sys.base_prefix, sys.prefix)):  # interpreter and its venv
         if os.path.realpath(prefix).startswith("/usr/"):
             continue
@@ -264,9 +269,6 @@ def _bwrap_argv(limits: SandboxLimits, uid: int, src_fd: int, res_fd: int) -> li
         for parent in reversed(parents):
             argv += ["--perms", "0755", "--dir", parent]
         argv += ["--ro-bind", os.path.realpath(prefix), prefix]
-    argv += ["--proc", "/proc", "--dev", "/dev"]
-    for path in ("/dev/shm", "/tmp", "/sandbox"):
-        argv += ["--perms", "1777", "--size", size, "--tmpfs", path]
     argv += ["--remount-ro", "/", "--chdir", "/sandbox", "--clearenv"]
     env = {"PATH": "/usr/bin:/bin", "HOME": "/sandbox", "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
     env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")  # threads count against nproc
