@@ -156,6 +156,27 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
+def check_same_config(path: str, current: dict, ignore: tuple, advice: str) -> dict:
+    """The config stored at `path`; InputError (naming the first differing fields) unless it
+    equals `current` outside the `ignore`d fields."""
+    try:
+        with open(path) as f:
+            previous = json.load(f)
+    except json.JSONDecodeError as e:
+        raise InputError(f"existing config is not valid JSON ({e})", path=path) from None
+    if fingerprint(previous, ignore) != fingerprint(current, ignore):
+        old, new = _flatten(previous), _flatten(current)
+        differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        differ = [k for k in differ if k not in ignore]
+        raise InputError(
+            "this workdir was created by a different config (differing fields: "
+            f"{', '.join(differ[:8])}); {advice}",
+            path=path,
+            field=differ[0] if differ else None,
+        )
+    return previous
+
+
 def prepare_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> bool:
     """Create DIR and write DIR/config.json, or check that an existing DIR holds the same config.
 
@@ -165,24 +186,9 @@ def prepare_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> bool:
     path = os.path.join(workdir, "config.json")
     current = json.loads(to_json(cfg))
     if os.path.exists(path):
-        try:
-            with open(path) as f:
-                previous = json.load(f)
-        except json.JSONDecodeError as e:
-            raise InputError(f"existing config is not valid JSON ({e})", path=path) from None
-        if fingerprint(previous) != fingerprint(current):
-            old, new = _flatten(previous), _flatten(current)
-            differ = sorted(
-                k
-                for k in set(old) | set(new)
-                if old.get(k) != new.get(k) and k not in RESUMABLE_FIELDS
-            )
-            raise InputError(
-                "this workdir was created by a different config (differing fields: "
-                f"{', '.join(differ[:8])}); use a new --workdir or the original config",
-                path=path,
-                field=differ[0] if differ else None,
-            )
+        previous = check_same_config(
+            path, current, RESUMABLE_FIELDS, "use a new --workdir or the original config"
+        )
         if previous != current:  # resumable fields (e.g. rounds) changed; else write nothing
             write_json_atomic(path, current)
         return True

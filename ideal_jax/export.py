@@ -158,29 +158,9 @@ def check_same_run(cfg, workdir: str) -> None:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise InputError("not a workdir of a finished run (no config.json)", path=path)
-    try:
-        with open(path) as f:
-            previous = json.load(f)
-    except json.JSONDecodeError as e:
-        raise InputError(f"existing config is not valid JSON ({e})", path=path) from None
-    ignore = (*configlib.RESUMABLE_FIELDS, *_EXPORT_FIELDS)
-    current = json.loads(configlib.to_json(cfg))
-    if configlib.fingerprint(previous, ignore) != configlib.fingerprint(current, ignore):
-        old, new = _flatten(previous), _flatten(current)
-        differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        differ = [k for k in differ if k not in ignore]
-        raise InputError(
-            f"this workdir was created by a different config (differing fields: "
-            f"{', '.join(differ[:8])}); pass the run's own config with --config.mode=export",
-            path=path,
-            field=differ[0] if differ else None,
-        )
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: tree}
+    configlib.check_same_config(
+        path,
+        json.loads(configlib.to_json(cfg)),
+        (*configlib.RESUMABLE_FIELDS, *_EXPORT_FIELDS),
+        "pass the run's own config with --config.mode=export",
+    )

@@ -101,12 +101,15 @@ def run_ideal(
             row["reference_loss_measured"] = _reference_objective(scores, cfg)
         if k < rounds or influence_last:
             influence_path = os.path.join(rdir, "influence.json")
-            outer_problem = None
-            if reweight_cfg.rule == "outer" and not os.path.exists(
+            reused = provenance.reuse(influence_path, round_inputs)
+            # rule "outer": Q needs the stage's operator and gradients, not only α, so the stage
+            # runs again when the step is still to be taken (the recorded α stays the one used).
+            with_outer = reweight_cfg.rule == "outer" and not os.path.exists(
                 os.path.join(rdir, "reweight.json")
-            ):
-                # Q needs the stage's operator and gradients, not only α: (re)run the stage.
-                influence, outer_problem = timer.run(
+            )
+            influence, outer_problem = (stages.read_json(influence_path) if reused else None), None
+            if with_outer or not reused:
+                out = timer.run(
                     "influence",
                     stages.influence_round,
                     cfg,
@@ -115,29 +118,15 @@ def run_ideal(
                     suite,
                     mix,
                     mesh,
-                    True,
-                    record=not os.path.exists(influence_path),
+                    with_outer,
+                    record=not reused,
                 )
-                if provenance.reuse(influence_path, round_inputs):  # resumed: α as recorded
-                    influence = stages.read_json(influence_path)
-                else:
+                computed, outer_problem = out if with_outer else (out, None)
+                if not reused:
+                    influence = computed
                     if distributed.is_lead_host():
                         stages.write_json(influence_path, influence)
                     provenance.record(influence_path, round_inputs)
-            else:
-                influence = stages.cached(
-                    influence_path,
-                    timer,
-                    "influence",
-                    stages.influence_round,
-                    cfg,
-                    model_cfg,
-                    params,
-                    suite,
-                    mix,
-                    mesh,
-                    inputs=round_inputs,
-                )
             all_row = influence["rows"].index("all")
             alpha_j = np.asarray(influence["matrix"][all_row])
             stderr_j = np.asarray(influence["stderr"][all_row]) if "stderr" in influence else None

@@ -21,7 +21,6 @@ unverified (a warning says so).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -33,6 +32,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from ideal_jax.configlib import write_json_atomic
+from ideal_jax.provenance import file_sha256
 from ideal_jax.train.state import TrainState
 from ideal_jax.utils.errors import InputError
 
@@ -86,7 +87,7 @@ class Checkpointer:
         for step in steps:
             committed = os.path.isdir(self.step_path(step))
             if committed and not os.path.exists(self._digest_path(step)):
-                _write_json_atomic(self._digest_path(step), file_digests(self.step_path(step)))
+                write_json_atomic(self._digest_path(step), file_digests(self.step_path(step)))
         for name in os.listdir(self.digest_dir):
             stem = name.removesuffix(".json")
             if stem.isdigit() and int(stem) not in steps:
@@ -249,23 +250,11 @@ class Checkpointer:
 
 def file_digests(root: str) -> dict[str, str]:
     """{relative path: SHA-256} of every file under `root`."""
-    out = {}
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            path = os.path.join(dirpath, name)
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            out[os.path.relpath(path, root)] = h.hexdigest()
-    return out
-
-
-def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    return {
+        os.path.relpath(os.path.join(d, n), root): file_sha256(os.path.join(d, n))
+        for d, _, names in os.walk(root)
+        for n in names
+    }
 
 
 def _remove_unfinished_saves(directory: str) -> None:
