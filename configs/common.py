@@ -9,7 +9,9 @@ import ml_collections
 
 def base_config() -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
-    cfg.mode = "ideal"  # ideal | sft | influence | daar | eval
+    cfg.mode = (
+        "ideal"  # ideal | sft | influence | eval | daar | export | compare (ideal_jax/main.py)
+    )
     cfg.rounds = 2  # outer rounds: D0 -> D1 -> D2 (METHOD.md §1.2)
     cfg.seed = 0
     cfg.seeds = 1  # demo: repeat the whole loop with seeds seed..seed+seeds-1 (mean ± std)
@@ -122,6 +124,17 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.export.final_model = True  # ideal / sft runs write DIR/final_model/ when they end
     cfg.export.round = -1  # mode=export: the round written to DIR/round_K/hf_model (-1: last)
     cfg.export.dtype = "float32"  # safetensors dtype: float32 | bfloat16
+
+    # --- compare: mode=compare, IDEAL against baselines at equal volume (ideal_jax/compare) ---
+    cfg.compare = ml_collections.ConfigDict()
+    # any of ideal, d0, uniform, random, regmix, doremi (d0 is always run: the pairing base)
+    cfg.compare.methods = "ideal,d0,uniform,random,regmix,doremi"
+    cfg.compare.k = 6  # random mixtures (Dirichlet draws); "random" = the best, RegMix fits them
+    cfg.compare.dirichlet_concentration = 1.0
+    cfg.compare.regmix_candidates = 100_000  # simulated proportions RegMix ranks
+    cfg.compare.regmix_top = 100  # its proposal = the mean of the best `top` of them
+    cfg.compare.doremi_eta = 1.0  # DoReMi's domain-weight step size
+    cfg.compare.doremi_smoothing = 1e-3  # mixed with uniform at every step
 
     # --- mesh (ideal_jax/sharding.py): -1 = all remaining devices ---
     cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -34,7 +34,7 @@ RESUMABLE_FIELDS = (
 # `validate_config` checks them when a config is loaded, before any work or any file is written;
 # tests/test_configs.py keeps this table equal to the modules' own lists.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "mode": ("ideal", "sft", "influence", "eval", "daar", "export"),  # ideal_jax/main.py
+    "mode": ("ideal", "sft", "influence", "eval", "daar", "export", "compare"),  # main.py
     "data.truncate": ("left_prompt", "right", "drop"),  # data/formatting.py
     "data.batching": ("pack", "pad"),  # data/batching.py
     "model.dtype": ("float32", "bfloat16"),  # model/config.py
@@ -65,6 +65,12 @@ RANGES: dict[str, tuple[Any, str]] = {
     "reweight.beta_min": (lambda v: -1 <= v <= 0, "in [-1, 0] (β = -1 empties a domain)"),
     "reweight.beta_max": (lambda v: v >= 0, ">= 0"),
     "daar.select_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "compare.k": (lambda v: v >= 2 and v == int(v), "an integer >= 2"),
+    "compare.dirichlet_concentration": (lambda v: v > 0, "> 0"),
+    "compare.regmix_candidates": (lambda v: v >= 1 and v == int(v), "an integer >= 1"),
+    "compare.regmix_top": (lambda v: v >= 1 and v == int(v), "an integer >= 1"),
+    "compare.doremi_eta": (lambda v: v > 0, "> 0"),
+    "compare.doremi_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
 }
 
 _MISSING = object()
@@ -103,6 +109,10 @@ def validate_config(cfg: ml_collections.ConfigDict | dict) -> None:
                 "e.g. sgd, adam, adamw",
                 field=field,
             )
+    if _get(cfg, "compare.methods") is not _MISSING:
+        from ideal_jax.compare.methods import parse_methods
+
+        parse_methods(cfg)
     for field, (check, what) in RANGES.items():
         value = _get(cfg, field)
         if value is _MISSING:

@@ -36,16 +36,22 @@ def run_ideal(
     rounds: int | None = None,
     train: bool = True,
     influence_last: bool = False,
+    loaded: tuple | None = None,
 ) -> dict[str, Any]:
     """The full loop for one seed; returns the summary (also written to WORKDIR/summary.json).
 
     rounds overrides cfg.rounds (0: train and evaluate D_0 only, mode=sft); train=False uses the
     model as loaded (mode=influence); influence_last computes α in the last round too.
+    loaded: (mesh, suite, model_cfg, base_params) already loaded by the caller (mode=compare
+    shares them across its methods).
     """
     rounds = cfg.rounds if rounds is None else rounds
-    mesh = sharding.make_mesh(dict(cfg.mesh))
-    suite = stages.load_suite(cfg, workdir)
-    model_cfg, base_params = stages.load_model(cfg, mesh, suite.tokenizer)
+    if loaded is None:
+        mesh = sharding.make_mesh(dict(cfg.mesh))
+        suite = stages.load_suite(cfg, workdir)
+        model_cfg, base_params = stages.load_model(cfg, mesh, suite.tokenizer)
+    else:
+        mesh, suite, model_cfg, base_params = loaded
     if cfg.daar.use_for_ideal:  # unlabeled pool: DaaR's pseudo-domains become IDEAL's domains
         from ideal_jax.daar import job as daar_job
 
@@ -71,25 +77,9 @@ def run_ideal(
         )
         round_inputs = provenance.with_upstream(inputs, mixture=mix_path)
         init = params if (cfg.train.warm_start and k > 0) else base_params
-        # Training resumes from its own checkpoints; a finished run just restores its parameters.
-        if train:
-            train_dir = os.path.join(rdir, "train")
-            if not provenance.reuse(train_dir, round_inputs):
-                os.makedirs(train_dir, exist_ok=True)
-                provenance.record(train_dir, round_inputs)
-            params = timer.run(
-                "train",
-                stages.train_round,
-                cfg,
-                model_cfg,
-                mesh,
-                rdir,
-                suite,
-                mix,
-                init,
-                record=not stages.train_done(rdir),
-            )
-        scores = _evaluate(rdir, timer, cfg, model_cfg, params, suite, mesh, round_inputs)
+        params, scores = train_and_evaluate(
+            cfg, rdir, timer, model_cfg, init, suite, mix, mesh, round_inputs, train=train
+        )
         row = {
             "round": k,
             "mixture": summary.mixture_row(mix),
@@ -98,7 +88,7 @@ def run_ideal(
         }
         if predicted is not None:  # rule "outer": Q's prediction vs the retrained model
             row["reference_loss_predicted"] = predicted
-            row["reference_loss_measured"] = _reference_objective(scores, cfg)
+            row["reference_loss_measured"] = reference_objective(scores, cfg)
         if k < rounds or influence_last:
             influence_path = os.path.join(rdir, "influence.json")
             reused = provenance.reuse(influence_path, round_inputs)
@@ -184,6 +174,36 @@ def run_ideal(
     return result
 
 
+def train_and_evaluate(
+    cfg, rdir, timer, model_cfg, init_params, suite, mix, mesh, inputs, *, train: bool = True
+) -> tuple[Any, dict[str, Any]]:
+    """SFT on `mix` from `init_params` into RDIR/train, then RDIR/eval.json; (params, scores).
+
+    Training resumes from its own checkpoints (a finished run just restores its parameters), the
+    evaluation is reused if its inputs match. `inputs` are the fingerprints of what the run
+    depends on (the mixture included). train=False evaluates `init_params` as they are.
+    """
+    params = init_params
+    if train:
+        train_dir = os.path.join(rdir, "train")
+        if not provenance.reuse(train_dir, inputs):
+            os.makedirs(train_dir, exist_ok=True)
+            provenance.record(train_dir, inputs)
+        params = timer.run(
+            "train",
+            stages.train_round,
+            cfg,
+            model_cfg,
+            mesh,
+            rdir,
+            suite,
+            mix,
+            init_params,
+            record=not stages.train_done(rdir),
+        )
+    return params, _evaluate(rdir, timer, cfg, model_cfg, params, suite, mesh, inputs)
+
+
 def reweight_round(
     workdir: str,
     k: int,
@@ -243,7 +263,7 @@ def _write_data_stats(workdir: str, suite) -> None:
         stages.write_json(path, stats)
 
 
-def _reference_objective(scores: dict, cfg) -> float | None:
+def reference_objective(scores: dict, cfg) -> float | None:
     """The measured reference loss in Q's weighting (capability mean, or the token-weighted all)."""
     losses = scores.get("reference_loss") or {}
     if cfg.influence.get("reference_weighting", "capability") == "token":

@@ -8,6 +8,8 @@ The config's `mode` picks the job:
   eval       evaluate cfg.model on cfg.eval's tasks → DIR/eval.json
   daar       diversity-as-reward selection from an unlabeled pool (cfg.daar)
   export     round cfg.export.round's trained model → DIR/round_K/hf_model/ (Hugging Face format)
+  compare    IDEAL against D0, uniform, best random, RegMix and DoReMi at equal volume, paired
+             over cfg.seeds seeds → DIR/comparison.json, DIR/comparison.png (ideal_jax/compare)
 ideal and sft runs also write the last round's model to DIR/final_model/ (cfg.export.final_model).
 Rerunning the same command on an existing DIR resumes where it stopped. Bad input exits with
 status 2 and a one-line message naming the file, record and field; nothing already written is
@@ -37,7 +39,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for all artifacts of the run.")
 flags.mark_flags_as_required(["config", "workdir"])
-MODES = ("ideal", "sft", "influence", "eval", "daar", "export")
+MODES = ("ideal", "sft", "influence", "eval", "daar", "export", "compare")
 
 
 def _holding_workdir_lock(fn):
@@ -66,6 +68,10 @@ def run(cfg, workdir: str) -> dict:
     export.export_settings(cfg)
     from ideal_jax import ideal, stages, summary
 
+    if cfg.mode == "compare":
+        from ideal_jax.compare import run as compare
+
+        return compare.run_compare(cfg, workdir)
     if cfg.mode == "ideal" and cfg.seeds > 1:
         configlib.prepare_workdir(cfg, workdir)
         results = []

@@ -93,13 +93,15 @@ def _load_suite(cfg, workdir: str) -> Suite:
             if data.demo_train_sizes[cap] > 0
         }
         domains = records.load_domains(train_paths)
+        # Capabilities: those with a training domain (a harmful domain is none; demo_suite.py).
+        capabilities = tuple(c for c in demo_suite.CAPABILITIES if c in train_paths)
         reference = records.load_reference(
-            os.path.join(demo_dir, "ref.jsonl"), capability_names=tuple(train_paths)
+            os.path.join(demo_dir, "ref.jsonl"), capability_names=capabilities
         )
         tokenizer = load_run_tokenizer(cfg, workdir)
         if cfg.eval.demo:
             test_records = []
-            for cap in train_paths:  # eval.limit applies per capability
+            for cap in capabilities:  # eval.limit applies per capability
                 with open(os.path.join(demo_dir, "test", f"{cap}.jsonl")) as f:
                     lines = [json.loads(line) for line in f if line.strip()]
                 test_records += lines[: cfg.eval.limit or None]

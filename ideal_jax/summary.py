@@ -116,32 +116,60 @@ def plot_rounds(result: dict[str, Any], path: str, title: str = "IDEAL rounds") 
 
 
 def aggregate_seeds(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean ± std over seeds of every round's per-capability scores."""
+    """Mean ± 95% CI over seeds of every round's per-capability scores, and each round's paired
+    difference to D0 (the same seed's round 0) with its CI and significance (compare/stats.py)."""
+    from ideal_jax.compare import stats
+
     n_rounds = len(results[0]["scores"])
     table = []
     for k in range(n_rounds):
         caps = results[0]["scores"][k].keys()
-        table.append(
-            {
-                cap: {
-                    "mean": float(np.mean([r["scores"][k][cap] for r in results])),
-                    "std": float(np.std([r["scores"][k][cap] for r in results])),
-                    "values": [r["scores"][k][cap] for r in results],
-                }
-                for cap in caps
+        row = {}
+        for cap in caps:
+            values = [r["scores"][k][cap] for r in results]
+            row[cap] = {
+                **stats.mean_ci(values),
+                "values": values,
+                "vs_d0": stats.paired(values, [r["scores"][0][cap] for r in results]),
             }
-        )
+        table.append(row)
     return {"seeds": len(results), "scores": table}
 
 
 def format_table(scores: list[dict[str, Any]]) -> str:
-    """A plain-text table: rows = rounds, columns = capabilities (mean ± std when aggregated)."""
+    """A plain-text table: rows = rounds, columns = capabilities.
+
+    Aggregated over seeds: mean ± 95% CI per round, then each round's paired difference to D0
+    (* where its CI excludes 0). One seed: the scores, and a line saying that they cannot
+    separate an effect from training noise.
+    """
     caps = list(scores[0])
-    lines = ["round  " + "  ".join(f"{c:>14}" for c in caps)]
+    lines = ["round  " + "  ".join(f"{c:>16}" for c in caps)]
+    aggregated = isinstance(scores[0][caps[0]], dict)
     for k, row in enumerate(scores):
         cells = []
         for c in caps:
             v = row[c]
-            cells.append(f"{v['mean']:.3f} ± {v['std']:.3f}" if isinstance(v, dict) else f"{v:.3f}")
-        lines.append(f"D{k:<5} " + "  ".join(f"{x:>14}" for x in cells))
+            if aggregated:
+                ci = v.get("ci95")
+                cells.append(f"{v['mean']:.3f}" + (f" ± {ci:.3f}" if ci is not None else ""))
+            else:
+                cells.append(f"{v:.3f}")
+        lines.append(f"D{k:<5} " + "  ".join(f"{x:>16}" for x in cells))
+    if aggregated:
+        lines.append("paired difference to D0 (same seed), 95% CI; * = significant:")
+        for k, row in enumerate(scores[1:], start=1):
+            cells = []
+            for c in caps:
+                d = row[c]["vs_d0"]
+                ci = f" ± {d['ci95']:.3f}" if d["ci95"] is not None else ""
+                cells.append(f"{d['mean']:+.3f}{ci}" + (" *" if d["significant"] else ""))
+            lines.append(f"D{k}-D0  " + "  ".join(f"{x:>16}" for x in cells))
+    else:
+        lines.append(
+            "one seed: round-to-round differences here cannot be separated from training noise "
+            "(retraining the same mixture with another seed moves single capabilities by more); "
+            "for confidence intervals run with seeds, e.g. --config configs/demo.py:seeds=5, and "
+            "for baselines at equal volume add --config.mode=compare"
+        )
     return "\n".join(lines)

@@ -59,7 +59,7 @@ class EvalItem:
 # Sizes are kept small on purpose: the demo must learn every capability in about a minute of CPU
 # training with a tiny model, so that changes in the mixture show up in the scores.
 def _arithmetic(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(0, 29), rng.randint(0, 9)
+    a, b = rng.randint(0, 99), rng.randint(0, 9)
     if rng.random() < 0.5:
         return f"calc {a}+{b}", str(a + b)
     return f"calc {a}-{b}", str(a - b)
@@ -83,6 +83,12 @@ def _lookup(rng: random.Random) -> tuple[str, str]:
     return f"{table} get {keys[query]}", values[query]
 
 
+def _arithmetic_wrong(rng: random.Random) -> tuple[str, str]:
+    """Arithmetic's prompt format with a wrong answer (off by 1-3): a harmful training domain."""
+    prompt, answer = _arithmetic(rng)
+    return prompt, str(int(answer) + rng.choice((-3, -2, -1, 1, 2, 3)))
+
+
 def _uppercase(rng: random.Random) -> tuple[str, str]:
     word = "".join(rng.choices(string.ascii_lowercase, k=rng.randint(1, 3)))
     return f"upper: {word}", word.upper()
@@ -94,7 +100,13 @@ GENERATORS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "sort": _sort,
     "lookup": _lookup,
     "uppercase": _uppercase,
+    "arithmetic_wrong": _arithmetic_wrong,
 }
+# Training domains that are no capability of the test or reference sets: responses that conflict
+# with a capability under the same prompt format (a mixer should shrink them). Their prompts are
+# disjoint from that capability's train, test and reference prompts.
+HARMFUL_DOMAINS = {"arithmetic_wrong": "arithmetic"}
+DOMAINS = CAPABILITIES + tuple(HARMFUL_DOMAINS)
 
 
 def generate_items(capability: str, n: int, seed: int) -> list[tuple[str, str]]:
@@ -169,33 +181,35 @@ def build_demo_suite(
     reference prompts are disjoint.
     """
     sizes = dict(DEFAULT_TRAIN_SIZES if train_sizes is None else train_sizes)
-    unknown = sorted(set(sizes) - set(CAPABILITIES))
+    unknown = sorted(set(sizes) - set(DOMAINS))
     if unknown:
-        raise ValueError(f"unknown demo capabilities {unknown}; known: {CAPABILITIES}")
+        raise ValueError(f"unknown demo domains {unknown}; known: {DOMAINS}")
     out = Path(out_dir)
     train_paths, test_paths, ref_records = {}, {}, []
+    used_prompts: dict[str, set[str]] = {}
     for cap in CAPABILITIES:
         n_train = sizes.get(cap, 0)
         items = generate_items(cap, n_train + n_test + n_ref, seed)
         train, test, ref = items[:n_train], items[n_train : n_train + n_test], items[-n_ref:]
+        used_prompts[cap] = {p for p, _ in items}
         if n_train:
             train_paths[cap] = out / "train" / f"{cap}.jsonl"
-            _write_jsonl(
-                train_paths[cap],
-                [
-                    {
-                        "id": f"{cap}:{i}",
-                        "messages": [
-                            {"role": "user", "content": p},
-                            {"role": "assistant", "content": a},
-                        ],
-                    }
-                    for i, (p, a) in enumerate(train)
-                ],
-            )
+            _write_jsonl(train_paths[cap], _train_records(cap, train))
         test_paths[cap] = out / "test" / f"{cap}.jsonl"
         _write_jsonl(test_paths[cap], _eval_records(cap, "test", test))
         ref_records += _eval_records(cap, "ref", ref if n_ref else [])
+    for name, cap in HARMFUL_DOMAINS.items():
+        if sizes.get(name, 0):
+            taken = used_prompts.get(cap, set())
+            pool = generate_items(name, sizes[name] + len(taken), seed)
+            train = [(p, a) for p, a in pool if p not in taken][: sizes[name]]
+            if len(train) < sizes[name]:
+                raise InputError(
+                    f"cannot draw {sizes[name]} {name!r} prompts disjoint from {cap!r}'s",
+                    field=f"data.demo_train_sizes.{name}",
+                )
+            train_paths[name] = out / "train" / f"{name}.jsonl"
+            _write_jsonl(train_paths[name], _train_records(name, train))
     ref_path = out / "ref.jsonl"
     _write_jsonl(ref_path, ref_records)
     tokenizer_dir = out / "tokenizer"
@@ -206,6 +220,16 @@ def build_demo_suite(
         "ref": os.fspath(ref_path),
         "tokenizer": os.fspath(tokenizer_dir),
     }
+
+
+def _train_records(domain: str, items: list[tuple[str, str]]) -> list[dict]:
+    return [
+        {
+            "id": f"{domain}:{i}",
+            "messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}],
+        }
+        for i, (p, a) in enumerate(items)
+    ]
 
 
 def _eval_records(cap: str, split: str, items: list[tuple[str, str]]) -> list[dict]:

@@ -1,0 +1,207 @@
+"""mode=compare: IDEAL and the baselines, trained at equal volume, paired over seeds.
+
+    python -m ideal_jax.main --config configs/demo.py:seeds=5 --config.mode=compare --workdir W
+
+For every seed s (seed, train.seed = cfg.seed + s; the demo suite is drawn with that seed too) one
+initialisation is shared by every method, and each method's final mixture is trained with the
+same training seed, the same total number of examples as D0 and the same schedule:
+
+  W/seed_S/ideal/            the IDEAL loop (round_0 is the method "d0", the last round "ideal")
+  W/seed_S/uniform/          the uniform mixture
+  W/seed_S/random_I/         k Dirichlet mixtures (I = 0..k-1); "random" = the best on the
+                             reference loss, "regmix" fits its regression on all of these runs
+  W/seed_S/regmix/           RegMix's proposal
+  W/seed_S/doremi/           DoReMi's weights (doremi/proxy/doremi.json) trained like the others
+  W/comparison.json          per method: mean ± 95% CI of the average and of every capability,
+                             the paired difference to D0 with its CI and significance, the
+                             reference loss, the compute in SFT-epoch equivalents, the regret
+  W/comparison.png           the same, plotted
+
+Every run is an ordinary round directory (train/ checkpoints, eval.json, provenance), so a
+rerun of the command resumes where it stopped and reuses what is finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+from ideal_jax import configlib, ideal, provenance, sharding, stages, summary
+from ideal_jax.compare import baselines, report
+from ideal_jax.compare.methods import parse_methods
+from ideal_jax.data import mixture as mixture_lib
+from ideal_jax.utils import progress
+
+
+def seed_config(cfg, seed: int):
+    """One seed's config: the loop's own fields, seed and training seed set to `seed`."""
+    out = type(cfg)(cfg.to_dict())  # an unlocked copy
+    out.seed, out.seeds, out.train.seed, out.mode = seed, 1, seed, "ideal"
+    return out.lock()
+
+
+def run_compare(cfg, workdir: str) -> dict[str, Any]:
+    methods = parse_methods(cfg)
+    configlib.prepare_workdir(cfg, workdir)
+    per_seed = []
+    for s in range(cfg.seeds):
+        seed = cfg.seed + s
+        with progress.stage(f"compare seed {seed} ({s + 1}/{cfg.seeds})"):
+            per_seed.append(
+                run_seed(seed_config(cfg, seed), os.path.join(workdir, f"seed_{seed}"), methods)
+            )
+    comparison = report.build(per_seed, methods, cfg)
+    stages.write_json(os.path.join(workdir, "comparison.json"), comparison)
+    report.plot(comparison, os.path.join(workdir, "comparison.png"))
+    print(report.format_table(comparison))
+    return comparison
+
+
+def _run_metrics(cfg, rdir: str, scores: dict, mix) -> dict[str, Any]:
+    train_summary = os.path.join(rdir, "train", "summary.json")
+    steps = stages.read_json(train_summary)["total_steps"] if os.path.exists(train_summary) else 0
+    return {
+        "scores": summary.round_scores({"eval": scores}),
+        "reference_loss": ideal.reference_objective(scores, cfg),
+        "volumes": dict(zip(mix.domain_names, map(int, mix.target_sizes))),
+        "train_steps": int(steps),
+        "dir": rdir,
+    }
+
+
+def _train_seconds(rdir: str) -> float:
+    path = os.path.join(rdir, "timings.json")
+    return float(stages.read_json(path).get("train", 0.0)) if os.path.exists(path) else 0.0
+
+
+def run_seed(cfg, sdir: str, methods: tuple[str, ...]) -> dict[str, Any]:
+    """Every method for one seed; returns {method: metrics} plus the seed's compute figures."""
+    os.makedirs(sdir, exist_ok=True)
+    mesh = sharding.make_mesh(dict(cfg.mesh))
+    suite = stages.load_suite(cfg, sdir)
+    model_cfg, base_params = stages.load_model(cfg, mesh, suite.tokenizer)
+    loaded = (mesh, suite, model_cfg, base_params)
+    source_ids = {name: [t.example_id for t in items] for name, items in suite.tokenized.items()}
+    names = list(source_ids)
+    total = sum(len(v) for v in source_ids.values())
+    inputs = provenance.run_inputs(cfg, suite)
+    epochs = max(int(cfg.train.epochs), 1)
+    results: dict[str, Any] = {}
+
+    def train_on(name: str, weights) -> tuple[dict[str, Any], Any]:
+        """Train and evaluate the mixture with proportions `weights` in SDIR/name."""
+        rdir = os.path.join(sdir, name)
+        os.makedirs(rdir, exist_ok=True)
+        mix = baselines.mixture_from_weights(source_ids, weights, total, cfg.seed)
+        mix_path = os.path.join(rdir, "mixture.json")
+        mix = stages.fix_mixture(mix_path, mix, inputs)
+        timer = stages.Timer(os.path.join(rdir, "timings.json"))
+        with progress.stage(name):
+            params, scores = ideal.train_and_evaluate(
+                cfg,
+                rdir,
+                timer,
+                model_cfg,
+                base_params,
+                suite,
+                mix,
+                mesh,
+                provenance.with_upstream(inputs, mixture=mix_path),
+            )
+        return _run_metrics(cfg, rdir, scores, mix), params
+
+    # IDEAL: D0 is its round 0; the method "ideal" is its last round (D_rounds).
+    ideal_dir = os.path.join(sdir, "ideal")
+    ideal_run = ideal.run_ideal(cfg, ideal_dir, loaded=loaded)
+    rounds = len(ideal_run["rounds"]) - 1
+    for method, k in (("d0", 0), ("ideal", rounds)):
+        rdir = os.path.join(ideal_dir, f"round_{k}")
+        mix = mixture_lib.read_manifest(os.path.join(rdir, "mixture.json"))
+        results[method] = _run_metrics(cfg, rdir, ideal_run["rounds"][k]["eval"], mix)
+    epoch_s = _train_seconds(os.path.join(ideal_dir, "round_0")) / epochs or float("nan")
+    influence_s = sum(
+        float(r.get("timings", {}).get("influence", 0.0)) for r in ideal_run["rounds"]
+    )
+    compute = {
+        "d0": epochs,
+        "ideal": (rounds + 1) * epochs + influence_s / epoch_s,
+    }
+    weights_seen: list[tuple[np.ndarray, float]] = [
+        (_proportions(results["d0"]["volumes"], names), results["d0"]["reference_loss"])
+    ]
+    needs_uniform = {"uniform", "doremi"} & set(methods)
+    uniform_params = None
+    if needs_uniform:
+        results["uniform"], uniform_params = train_on(
+            "uniform", baselines.uniform_weights(len(names))
+        )
+        compute["uniform"] = epochs
+        weights_seen.append(
+            (baselines.uniform_weights(len(names)), results["uniform"]["reference_loss"])
+        )
+    if {"random", "regmix"} & set(methods):
+        k = int(cfg.compare.k)
+        draws = baselines.dirichlet_weights(
+            k, len(names), cfg.seed, cfg.compare.dirichlet_concentration
+        )
+        runs = [train_on(f"random_{i}", w)[0] for i, w in enumerate(draws)]
+        weights_seen += [(w, r["reference_loss"]) for w, r in zip(draws, runs)]
+        best = int(np.argmin([r["reference_loss"] for r in runs]))
+        if "random" in methods:
+            results["random"] = dict(runs[best], chosen=best)
+            compute["random"] = k * epochs
+        if "regmix" in methods:
+            fit = baselines.fit_regmix(
+                np.stack([w for w, _ in weights_seen]), np.array([y for _, y in weights_seen])
+            )
+            proposal = baselines.propose_regmix(
+                fit,
+                len(names),
+                cfg.seed,
+                cfg.compare.dirichlet_concentration,
+                int(cfg.compare.regmix_candidates),
+                int(cfg.compare.regmix_top),
+            )
+            results["regmix"], _ = train_on("regmix", proposal)
+            predicted = float(baselines.predict_regmix(fit, proposal[None])[0])
+            results["regmix"]["regression"] = dict(fit, predicted_reference_loss=predicted)
+            compute["regmix"] = k * epochs + epochs
+    if "doremi" in methods:
+        from ideal_jax.compare import doremi
+
+        proxy_dir = os.path.join(sdir, "doremi", "proxy")
+        uniform_mix = mixture_lib.read_manifest(os.path.join(sdir, "uniform", "mixture.json"))
+        timer = stages.Timer(os.path.join(sdir, "doremi", "proxy_timings.json"))
+        with progress.stage("doremi"):
+            found = timer.run(
+                "doremi_proxy",
+                doremi.doremi_weights,
+                cfg,
+                model_cfg,
+                mesh,
+                suite,
+                uniform_mix,
+                base_params,
+                uniform_params,
+                proxy_dir,
+            )
+        weights = np.array([found["weights"][n] for n in names])
+        results["doremi"], _ = train_on("doremi", weights)
+        results["doremi"]["doremi_weights"] = found["weights"]
+        proxy_s = float(timer.times.get("doremi_proxy", 0.0))
+        compute["doremi"] = 2 * epochs + proxy_s / epoch_s
+    if "uniform" not in methods:
+        results.pop("uniform", None)
+    for method, value in compute.items():
+        if method in results:
+            results[method]["compute_sft_epochs"] = float(value)
+    logging.info("compare %s: %s", os.path.basename(sdir), sorted(results))
+    return {"methods": results, "seed": int(cfg.seed), "sft_epoch_s": epoch_s}
+
+
+def _proportions(volumes: dict[str, int], names: list[str]) -> np.ndarray:
+    v = np.array([volumes[n] for n in names], dtype=np.float64)
+    return v / v.sum()
