@@ -41,6 +41,8 @@ def _config(**compare) -> ml_collections.ConfigDict:
     cfg.train.learning_rate = 3e-3
     cfg.train.warmup_steps = 2
     cfg.train.log_every = 2
+    if "compare" in cfg:  # without a compare section DoReMi falls back to its defaults
+        del cfg["compare"]
     if compare:
         cfg.compare = ml_collections.ConfigDict(compare)
     return cfg
