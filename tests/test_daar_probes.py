@@ -39,7 +39,7 @@ def _separable(n: int, seed: int, noise: float = 0.012):
 
 def test_classifier_and_regressor_fit_and_are_deterministic():
     x_nd, labels_n = _separable(300, 0)
-    kw = dict(hidden=[32, 16], lr=3e-3, epochs=10, batch_size=32, seed=0)
+    kw = dict(hidden=[32, 16], lr=3e-3, epochs=10, batch_size=32, val_fraction=0.1, seed=0)
     dom, stats = probes.train_probe(x_nd, labels_n, kind="classify", out=3, **kw)
     assert stats.val_accuracy >= 0.85 and stats.n_val == 30
     dom_again, _ = probes.train_probe(x_nd, labels_n, kind="classify", out=3, **kw)
@@ -57,7 +57,9 @@ def test_classifier_and_regressor_fit_and_are_deterministic():
 
 def test_training_on_the_mesh_matches_single_device_with_uneven_batches():
     x_nd, labels_n = _separable(60, 1, noise=0.004)
-    kw = dict(kind="classify", out=3, hidden=[16], lr=3e-3, epochs=5, batch_size=8)
+    kw = dict(
+        kind="classify", out=3, hidden=[16], lr=3e-3, epochs=5, batch_size=8, val_fraction=0.1
+    )
     plain, plain_stats = probes.train_probe(x_nd, labels_n, **kw)
     sharded, stats = probes.train_probe(x_nd, labels_n, **kw, mesh=sharding.make_mesh())
     assert stats.steps == plain_stats.steps == 5 * 7  # 54 train rows: 6 full batches + 6 rows

@@ -4,7 +4,9 @@ Two representations of one text share the same batched, jitted path (`embed_toke
   * "input":  token-mean of the input embeddings (METHOD.md §2.1: the domain centroids and the
     pseudo-labelling space, also the similarity used to accept generated pairs);
   * "hidden": token-mean of the hidden state after the first `layer` decoder layers (§2.3: the probe
-    features f(x)).
+    features f(x)); with final_norm=True each token's state first goes through the base model's
+    final RMSNorm, as in the public code (a model truncated to its first layers still applies its
+    final norm to the last hidden state).
 Padding is masked out of every mean (the public DaaR code averaged over padding too, so a text's
 embedding depended on the length of the longest text in its batch).
 
@@ -51,7 +53,16 @@ def tokenize_texts(tokenizer: Any, texts: Sequence[str], max_len: int) -> list[l
     return [list(row)[:max_len] for row in ids]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "source", "layer"))
+def final_norm(cfg: ModelConfig, params: Params, x_btd: jax.Array) -> jax.Array:
+    """The base model's final RMSNorm (`Transformer.norm`) applied to hidden states."""
+    x_btd = x_btd.astype(jnp.float32)
+    x_btd = x_btd * jax.lax.rsqrt(
+        jnp.mean(x_btd * x_btd, axis=-1, keepdims=True) + cfg.rms_norm_eps
+    )
+    return params["norm"]["scale"].astype(jnp.float32) * x_btd
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "source", "layer", "normed"))
 def mean_pool(
     cfg: ModelConfig,
     params: Params,
@@ -60,6 +71,7 @@ def mean_pool(
     *,
     source: str,
     layer: int,
+    normed: bool = False,
 ) -> jax.Array:
     """[B, D] token-mean of the chosen representation over the unmasked (non-padding) tokens."""
     if source == "input":
@@ -70,6 +82,8 @@ def mean_pool(
         x_btd = forward(
             cfg, params, tokens_bt, positions_bt, segment_bt, num_layers=layer, return_hidden=True
         )
+        if normed:
+            x_btd = final_norm(cfg, params, x_btd)
     m_bt1 = mask_bt.astype(jnp.float32)[..., None]
     # An all-padding row (an empty text, or a filler row) gives 0 rather than NaN.
     return jnp.sum(x_btd * m_bt1, axis=1) / jnp.maximum(jnp.sum(m_bt1, axis=1), 1.0)
@@ -85,13 +99,15 @@ def embed_token_lists(
     batch_size: int = 64,
     mesh: Mesh | None = None,
     pad_id: int = 0,
+    normed: bool = False,
 ) -> np.ndarray:
     """[N, D] float32 embeddings of token lists, in input order.
 
     Sequences are sorted by length so each batch pads little; every batch has `batch_size` rows
     (filled with empty rows) and a power-of-two length (at least 32), so only a handful of shapes
     compile, even when generation embeds one pair at a time.
-    With a mesh, batch rows are sharded over its batch axes (data x fsdp).
+    With a mesh, batch rows are sharded over its batch axes (data x fsdp). normed: the final
+    RMSNorm on each token of a "hidden" representation before the mean.
     """
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
@@ -118,7 +134,13 @@ def embed_token_lists(
         if mesh is not None:
             batch = sharding.shard_batch(batch, mesh)
         pooled_bd = mean_pool(
-            cfg, params, batch["tokens"], batch["mask"], source=source, layer=int(layer)
+            cfg,
+            params,
+            batch["tokens"],
+            batch["mask"],
+            source=source,
+            layer=int(layer),
+            normed=bool(normed) and source == "hidden",
         )
         out_nd[idx] = np.asarray(pooled_bd)[: len(idx)]
     return out_nd
@@ -135,6 +157,7 @@ def embed_texts(
     max_len: int = 256,
     batch_size: int = 64,
     mesh: Mesh | None = None,
+    normed: bool = False,
 ) -> np.ndarray:
     """[N, D] embeddings of raw texts (see `embed_token_lists`)."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -147,6 +170,7 @@ def embed_texts(
         batch_size=batch_size,
         mesh=mesh,
         pad_id=pad_id,
+        normed=normed,
     )
 
 
@@ -182,8 +206,11 @@ class Embedder:
     centroid_source: str = "input"  # METHOD.md §2.1: input embeddings
     centroid_layer: int = 0  # for centroid_source="hidden"
     feature_layer: int = 3  # probe features: hidden state after this many decoder layers
+    feature_norm: bool = False  # the final RMSNorm on the probe features' tokens (public code)
 
-    def texts(self, texts: Sequence[str], source: str, layer: int) -> np.ndarray:
+    def texts(
+        self, texts: Sequence[str], source: str, layer: int, normed: bool = False
+    ) -> np.ndarray:
         return embed_texts(
             self.model_cfg,
             self.params,
@@ -194,6 +221,7 @@ class Embedder:
             max_len=self.max_len,
             batch_size=self.batch_size,
             mesh=self.mesh,
+            normed=normed,
         )
 
     def centroid_space(self, texts: Sequence[str]) -> np.ndarray:
@@ -202,4 +230,5 @@ class Embedder:
 
     def features(self, examples: Sequence[Example]) -> np.ndarray:
         """[N, D] probe features f(x) of examples."""
-        return self.texts([example_text(ex) for ex in examples], "hidden", self.feature_layer)
+        texts = [example_text(ex) for ex in examples]
+        return self.texts(texts, "hidden", self.feature_layer, self.feature_norm)

@@ -36,6 +36,7 @@ def daar_config(section) -> pipeline.DaarConfig:
         {"name": n, "description": d, "tau": taus.get(n)} for n, d in descriptions.items()
     ]
     values["customized_target"] = values.get("customized_target") or None
+    values["probe_hidden"] = tuple(values.get("probe_hidden") or ())
     return pipeline.DaarConfig.from_config(values)
 
 
@@ -132,12 +133,13 @@ def run_from_config(cfg, workdir: str) -> dict[str, Any]:
     """mode=daar: select from the pool; writes WORKDIR/daar/ (manifest, selected.jsonl)."""
     from ideal_jax import sharding, stages
 
+    daar_cfg = daar_config(cfg.daar)  # bad cfg.daar values fail before any data or model loads
     mesh = sharding.make_mesh(dict(cfg.mesh))
     suite = stages.load_suite(cfg, workdir)
     model_cfg, params = stages.load_model(cfg, mesh, suite.tokenizer)
     pool, probe = load_pool(cfg, suite)
     result = pipeline.run_daar(
-        daar_config(cfg.daar),
+        daar_cfg,
         model_cfg,
         params,
         suite.tokenizer,

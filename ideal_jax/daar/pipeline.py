@@ -14,16 +14,14 @@ Workdir layout:
   scores.npz             "scores": ψ_div score, ψ_dom entropy and argmax per pool example
   selection/manifest.json, selection/selected.jsonl          "select"
 
-Config fields read from cfg.daar (see `DaarConfig` for the defaults and meaning of each):
-  domains: list of {name, description, tau (None: 0.9 if "math" in the name else 0.85)}
-  seeds_per_domain, target_per_domain, min_per_domain, max_attempts_per_domain, counter_examples,
-  seed_temperature, augment_temperature, top_p, max_new_tokens,
-  centroid_source ("input" | "hidden"), centroid_layer, feature_layer, max_len, embed_batch_size,
-  kmeans_metric, kmeans_max_iters,
-  probe_lr, probe_epochs, probe_batch_size, probe_hidden (None: the paper's 2d, d, d/2, 256),
-  probe_val_fraction, select_fraction, select_method ("top_fraction" | "per_domain"),
-  customized_target (None or a domain name; overrides select_method),
-  customized_fractions (target, other), seed.
+Config fields: every field of `DaarConfig` (its comments give the meaning; configs/common.py's
+cfg.daar has the same defaults). domains: list of {name, description, tau (None: 0.9 if "math" is
+in the name, else 0.85)}.
+
+Probe stage: ψ_dom is trained on the probe set's pseudo-labels (cfg.daar.probe_*); ψ_div regresses
+ψ_dom's entropy *cross-fitted* (probe_cross_fit_folds folds: each example's entropy comes from a
+ψ_dom trained without its fold), so that it learns the uncertainty ψ_dom has on unseen pool
+examples rather than the near-zero entropy of its own training examples.
 
 `pseudo_domains` labels any examples with the trained ψ_dom, so IDEAL can run on an unlabeled pool
 with DaaR's pseudo-domains as its domains (`relabel` groups examples by them).
@@ -61,9 +59,29 @@ class DomainSpec:
     tau: float  # similarity threshold for accepting a generated pair
 
 
+def _tau(domain: str, tau: Any) -> float:
+    """The domain's τ: given, else the paper's 0.9 for math and 0.85 for the rest; in (0, 1]."""
+    if tau is None:
+        return 0.9 if "math" in domain.lower() else 0.85
+    try:
+        value = float(tau)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not 0.0 < value <= 1.0:  # NaN fails too
+        raise InputError(
+            f"domain {domain!r}: tau (the similarity threshold) must be in (0, 1], got {tau!r}",
+            field=f"daar.tau.{domain}",
+        )
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class DaarConfig:
-    """cfg.daar as a typed, validated value. Defaults suit the CPU demo; paper values noted."""
+    """cfg.daar as a typed, validated value.
+
+    The defaults equal configs/common.py's cfg.daar (tests/test_daar_config.py keeps them equal);
+    docs/method_choices.md (DaaR) says where they differ from the paper and what was measured.
+    """
 
     domains: tuple[DomainSpec, ...]
     seeds_per_domain: int = 5
@@ -78,15 +96,19 @@ class DaarConfig:
     centroid_source: str = "input"  # paper: input embeddings
     centroid_layer: int = 0  # for centroid_source="hidden"
     feature_layer: int = 3  # probe features: hidden state after this many layers (paper: 3)
+    feature_norm: bool = True  # the final RMSNorm on the probe features (public code)
     max_len: int = 256  # tokens embedded per text
     embed_batch_size: int = 64
-    kmeans_metric: str = "cosine"
+    kmeans_metric: str = "euclidean"  # paper (sklearn KMeans); "cosine" = spherical
     kmeans_max_iters: int = 100
-    probe_lr: float = 1e-3  # paper: 1e-5 with batch 1
+    probe_lr: float = 1e-3  # paper: 1e-5 (measured: 0.77 vs 0.97 val accuracy, method_choices)
     probe_epochs: int = 20  # paper: 1
     probe_batch_size: int = 32  # paper: 1
-    probe_hidden: tuple[int, ...] | None = None
-    probe_val_fraction: float = 0.1
+    probe_hidden: tuple[int, ...] = ()  # (): the paper's 2d, d, d/2, 256
+    probe_val_fraction: float = 0.03  # paper: 97/3
+    probe_weight_decay: float = 0.0  # paper: none (Adam)
+    probe_patience: int = 0  # early stopping after this many epochs without a better val loss
+    probe_cross_fit_folds: int = 5  # ψ_div's entropy targets from held-out folds; 0: in-sample
     select_fraction: float = 0.2
     select_method: str = "top_fraction"  # paper; "per_domain" = top fraction within each domain
     customized_target: str | None = None
@@ -105,44 +127,90 @@ class DaarConfig:
         values = {k: v for k, v in values.items() if k in known}
         raw_domains = values.pop("domains", None)
         if not raw_domains:
-            raise InputError("at least one domain {name, description} is required", field="daar")
+            raise InputError(
+                "at least one domain {name: one-sentence description} is required (the domain "
+                "description list is empty)",
+                field="daar.domains",
+            )
         domains = []
         for i, d in enumerate(raw_domains):
             d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
             name, description = d.get("name"), d.get("description")
-            if not isinstance(name, str) or not name or not isinstance(description, str):
+            if not isinstance(name, str) or not name:
+                raise InputError(f"domain {i} needs a non-empty 'name'", field=f"daar.domains[{i}]")
+            if not isinstance(description, str) or not description.strip():
                 raise InputError(
-                    f"domain {i} needs a non-empty 'name' and a 'description'",
-                    field=f"daar.domains[{i}]",
+                    f"domain {name!r} needs a non-empty one-sentence description",
+                    field=f"daar.domains.{name}",
                 )
-            tau = d.get("tau")
-            tau = (0.9 if "math" in name.lower() else 0.85) if tau is None else float(tau)
-            if not 0.0 < tau <= 1.0:
-                raise InputError(f"tau must be in (0, 1], got {tau}", field=f"daar.domains[{i}]")
-            domains.append(DomainSpec(name, description, tau))
+            domains.append(DomainSpec(name, description, _tau(name, d.get("tau"))))
         if len({d.name for d in domains}) != len(domains):
             raise InputError("domain names must be unique", field="daar.domains")
         for key in ("probe_hidden", "customized_fractions"):
             if values.get(key) is not None:
                 values[key] = tuple(values[key])
+        if values.get("probe_hidden") is None:
+            values.pop("probe_hidden", None)
+        if values.get("customized_target") == "":
+            values["customized_target"] = None
         cfg = cls(domains=tuple(domains), **values)
-        if cfg.customized_target is not None and cfg.customized_target not in cfg.domain_names:
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """InputError naming the first cfg.daar field whose value cannot work."""
+        if self.customized_target is not None and self.customized_target not in self.domain_names:
             raise InputError(
-                f"customized_target {cfg.customized_target!r} is not one of {cfg.domain_names}",
+                f"customized_target {self.customized_target!r} is not one of {self.domain_names}",
                 field="daar.customized_target",
             )
-        if cfg.select_method not in ("top_fraction", "per_domain"):
+        choices = {
+            "select_method": ("top_fraction", "per_domain"),
+            "kmeans_metric": km.METRICS,
+            "centroid_source": cen.SOURCES,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise InputError(
+                    f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}",
+                    field=f"daar.{name}",
+                )
+        ranges = {
+            "select_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+            "probe_val_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
+            "probe_lr": (lambda v: v > 0, "> 0"),
+            "probe_weight_decay": (lambda v: v >= 0, ">= 0"),
+            "probe_epochs": (lambda v: v >= 1, ">= 1"),
+            "probe_batch_size": (lambda v: v >= 1, ">= 1"),
+            "probe_patience": (lambda v: v >= 0, ">= 0"),
+            "probe_cross_fit_folds": (lambda v: v == 0 or v >= 2, "0 (off) or >= 2"),
+            "seeds_per_domain": (lambda v: v >= 1, ">= 1"),
+            "max_attempts_per_domain": (lambda v: v >= 1, ">= 1"),
+            "counter_examples": (lambda v: v >= 1, ">= 1"),
+            "seed_temperature": (lambda v: v >= 0, ">= 0"),
+            "augment_temperature": (lambda v: v >= 0, ">= 0"),
+            "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+            "max_new_tokens": (lambda v: v >= 1, ">= 1"),
+            "max_len": (lambda v: v >= 1, ">= 1"),
+            "embed_batch_size": (lambda v: v >= 1, ">= 1"),
+            "kmeans_max_iters": (lambda v: v >= 1, ">= 1"),
+            "centroid_layer": (lambda v: v >= 0, ">= 0"),
+        }
+        for name, (check, what) in ranges.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not check(value):
+                raise InputError(f"must be {what}, got {value!r}", field=f"daar.{name}")
+        if self.probe_patience > 0 and self.probe_val_fraction == 0:
             raise InputError(
-                f"must be 'top_fraction' or 'per_domain', got {cfg.select_method!r}",
-                field="daar.select_method",
+                "early stopping needs a validation split: set probe_val_fraction > 0",
+                field="daar.probe_patience",
             )
-        if not 0.0 < cfg.select_fraction <= 1.0:
-            raise InputError("must be in (0, 1]", field="daar.select_fraction")
-        if not 1 <= cfg.min_per_domain <= cfg.target_per_domain:
+        if not all(0 < f <= 1 for f in self.customized_fractions):
+            raise InputError("both fractions must be in (0, 1]", field="daar.customized_fractions")
+        if not 1 <= self.min_per_domain <= self.target_per_domain:
             raise InputError(
                 "need 1 <= min_per_domain <= target_per_domain", field="daar.min_per_domain"
             )
-        return cfg
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -216,7 +284,47 @@ def _check_workdir(
         _save_json(path, identity)
 
 
-def _embedder(cfg: DaarConfig, model_cfg, params, tokenizer, mesh) -> cen.Embedder:
+def probe_kwargs(cfg: DaarConfig) -> dict[str, Any]:
+    """`probes.train_probe` settings from the config (both probes and every cross-fit fold)."""
+    return dict(
+        hidden=cfg.probe_hidden or None,
+        lr=cfg.probe_lr,
+        epochs=cfg.probe_epochs,
+        batch_size=cfg.probe_batch_size,
+        val_fraction=cfg.probe_val_fraction,
+        weight_decay=cfg.probe_weight_decay,
+        patience=cfg.probe_patience,
+        seed=cfg.seed,
+    )
+
+
+def check_disjoint(pool: Sequence[Example], probe: Sequence[Example]) -> None:
+    """InputError when the probe set shares an example (id or text) with the pool.
+
+    The probe set trains the probes that score the pool: an overlap lets ψ_dom / ψ_div score
+    examples they were fitted on (METHOD.md §2.2: a separate, disjoint probe set).
+    """
+    pool_ids = {ex.id for ex in pool}
+    shared_ids = [ex.id for ex in probe if ex.id in pool_ids]
+    if shared_ids:
+        raise InputError(
+            f"the probe set overlaps the pool: {len(shared_ids)} example ids are in both "
+            f"(first: {shared_ids[0]!r}); the probe set must be disjoint from the pool",
+            field="daar.probe",
+        )
+    pool_texts = {cen.example_text(ex): ex.id for ex in pool}
+    shared = [(ex.id, pool_texts[t]) for ex in probe if (t := cen.example_text(ex)) in pool_texts]
+    if shared:
+        raise InputError(
+            f"the probe set overlaps the pool: {len(shared)} probe examples have the same text as "
+            f"a pool example (first: probe {shared[0][0]!r} = pool {shared[0][1]!r}); the probe "
+            "set must be disjoint from the pool",
+            field="daar.probe",
+        )
+
+
+def embedder(cfg: DaarConfig, model_cfg, params, tokenizer, mesh) -> cen.Embedder:
+    """The centroid-space and probe-feature embeddings of texts, as the config defines them."""
     return cen.Embedder(
         model_cfg,
         params,
@@ -227,6 +335,7 @@ def _embedder(cfg: DaarConfig, model_cfg, params, tokenizer, mesh) -> cen.Embedd
         cfg.centroid_source,
         cfg.centroid_layer,
         cfg.feature_layer,
+        cfg.feature_norm,
     )
 
 
@@ -250,10 +359,11 @@ def run_daar(
         )
     if not pool_examples:
         raise InputError("the DaaR pool is empty", field="daar.pool")
+    check_disjoint(pool_examples, probe_examples)
     workdir = os.fspath(workdir)
     _check_workdir(workdir, cfg, pool_examples, probe_examples)
     path = lambda name: os.path.join(workdir, name)
-    emb = _embedder(cfg, model_cfg, params, tokenizer, mesh)
+    emb = embedder(cfg, model_cfg, params, tokenizer, mesh)
     names, k = cfg.domain_names, len(cfg.domains)
     run: list[str] = []
 
@@ -308,17 +418,32 @@ def run_daar(
     # 4. ψ_dom on the pseudo-labels, then ψ_div on ψ_dom's entropy.
     if not os.path.exists(path("probe_stats.json")):
         probe_feat_nd = emb.features(probe_examples)
-        common = dict(hidden=cfg.probe_hidden, lr=cfg.probe_lr, epochs=cfg.probe_epochs)
-        common |= dict(batch_size=cfg.probe_batch_size, val_fraction=cfg.probe_val_fraction)
-        common |= dict(seed=cfg.seed, mesh=mesh)
+        common = probe_kwargs(cfg) | dict(mesh=mesh)
         dom, dom_stats = pr.train_probe(
             probe_feat_nd, probe_labels_n, kind="classify", out=k, **common
         )
-        entropy_n = pr.entropy(pr.predict(dom, probe_feat_nd))
+        stats = dict(domain=dom_stats.to_dict())
+        if cfg.probe_cross_fit_folds:
+            # ψ_div's targets: ψ_dom's entropy on examples it was not trained on (METHOD.md §2.4
+            # computes H with the trained ψ_dom; in-sample H is over-confident, see probes.py).
+            seed = common.pop("seed")
+            logits_nk, stats["cross_fit"] = pr.cross_fit_logits(
+                probe_feat_nd,
+                probe_labels_n,
+                folds=min(cfg.probe_cross_fit_folds, len(probe_examples)),
+                out=k,
+                seed=seed,
+                **common,
+            )
+            common["seed"] = seed
+        else:
+            logits_nk = pr.predict(dom, probe_feat_nd)
+        entropy_n = pr.entropy(logits_nk)
+        stats["in_sample_mean_entropy"] = float(np.mean(pr.entropy(pr.predict(dom, probe_feat_nd))))
         div, div_stats = pr.train_probe(probe_feat_nd, entropy_n, kind="regress", out=1, **common)
+        stats["diversity"] = div_stats.to_dict()
         _save_npz(path("probe_domain.npz"), **pr.probe_to_arrays(dom))
         _save_npz(path("probe_diversity.npz"), **pr.probe_to_arrays(div))
-        stats = dict(domain=dom_stats.to_dict(), diversity=div_stats.to_dict())
         _save_json(path("probe_stats.json"), stats | {"kmeans": json.loads(str(pseudo["info"]))})
         run.append("probes")
     probe_stats = _load_json(path("probe_stats.json"))
@@ -399,7 +524,7 @@ def pseudo_domains(
     if not os.path.exists(probe_path):
         raise InputError("no trained domain probe: run run_daar first", path=probe_path)
     dom = pr.probe_from_arrays(dict(np.load(probe_path)))
-    feats_nd = _embedder(cfg, model_cfg, params, tokenizer, mesh).features(examples)
+    feats_nd = embedder(cfg, model_cfg, params, tokenizer, mesh).features(examples)
     return [cfg.domain_names[int(k)] for k in pr.predict(dom, feats_nd).argmax(-1)]
 
 
