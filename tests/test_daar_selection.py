@@ -69,3 +69,19 @@ def test_per_domain_keeps_pool_proportions():
     assert set(labels_n[selection.select_top_fraction(scores_n, 0.2)]) == {1}
     picked = selection.select_per_domain(scores_n, labels_n, 0.2)
     np.testing.assert_array_equal(np.bincount(labels_n[picked], minlength=3), [8, 4, 2])
+
+
+def test_farthest_point_covers_every_distinct_point_before_a_duplicate():
+    rng = np.random.default_rng(0)
+    distinct_md = rng.normal(size=(6, 4)) * 5.0
+    # A pool of 6 distinct points; points 0 and 1 are copied 20 times each (redundant clusters).
+    x_nd = np.concatenate([distinct_md, np.repeat(distinct_md[:2], 20, axis=0)])
+    picked = selection.select_farthest_point(x_nd, 6, seed=3)
+    assert len(set(map(tuple, x_nd[picked].round(6)))) == 6  # one of each, no copy
+    np.testing.assert_array_equal(picked, selection.select_farthest_point(x_nd, 6, seed=3))
+    # Greedy k-center on 3 well-separated blobs: the first 3 picks hit every blob.
+    blob_n = np.repeat([0, 1, 2], [100, 10, 5])
+    centres_kd = np.array([[0.0, 0.0], [50.0, 0.0], [0.0, 50.0]])
+    blobs_nd = centres_kd[blob_n] + rng.normal(size=(115, 2))
+    assert set(blob_n[selection.select_farthest_point(blobs_nd, 3, seed=0)]) == {0, 1, 2}
+    assert len(selection.select_farthest_point(blobs_nd, 500)) == 115

@@ -8,6 +8,8 @@ whose domains are cleanly separated, the global top-p% concentrates on the most 
 pseudo-domain (measured on the demo suite: 133 of 150 selected from one of 5 capabilities), which
 is the opposite of a balanced mix; the stratified variant keeps the pool's domain proportions and
 ranks by diversity only within each domain.
+`select_farthest_point`: k-center greedy on the probe features, the diversity baseline DaaR is
+compared with (benchmarks/daar_selection.py); not part of DaaR.
 Ties are broken by pool index, so a selection is a pure function of (scores, labels, fractions).
 
 `write_selection` writes a JSON manifest (method, fractions, counts per pseudo-domain, seed,
@@ -76,6 +78,29 @@ def select_per_domain(scores_n: np.ndarray, labels_n: np.ndarray, fraction: floa
     return select_customized(
         scores_n, labels_n, target=-1, target_fraction=fraction, other_fraction=fraction
     )
+
+
+def select_farthest_point(features_nd: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
+    """Pool indices of a k-center (farthest-point) selection: a diversity baseline for DaaR.
+
+    Greedy 2-approximation of k-center (Gonzalez 1985): start at a seeded random example, then
+    repeatedly add the example farthest (Euclidean, on per-dimension standardized features) from
+    everything selected so far. Exact duplicates are at distance 0, so none is picked twice before
+    every distinct example is. Ties go to the lowest index.
+    """
+    x_nd = np.asarray(features_nd, np.float64)
+    n = len(x_nd)
+    count = min(int(count), n)
+    if count <= 0:
+        return np.zeros((0,), np.int64)
+    x_nd = (x_nd - x_nd.mean(axis=0)) / np.maximum(x_nd.std(axis=0), 1e-12)
+    chosen = [int(np.random.default_rng(seed).integers(n))]
+    dist_n = np.sum((x_nd - x_nd[chosen[0]]) ** 2, axis=1)
+    for _ in range(count - 1):
+        i = int(np.argmax(dist_n))  # first index among ties
+        chosen.append(i)
+        dist_n = np.minimum(dist_n, np.sum((x_nd - x_nd[i]) ** 2, axis=1))
+    return np.array(chosen, np.int64)
 
 
 def choose(
