@@ -14,7 +14,7 @@ def base_config() -> ml_collections.ConfigDict:
     )
     cfg.rounds = 2  # outer rounds: D0 -> D1 -> D2 (METHOD.md §1.2)
     cfg.seed = 0
-    cfg.seeds = 1  # demo: repeat the whole loop with seeds seed..seed+seeds-1 (mean ± std)
+    cfg.seeds = 1  # repeat with seeds seed..seed+seeds-1: paired 95% CIs (ideal, compare)
     cfg.progress = True  # progress bars
 
     # --- data: domains, reference set, formatting, batching (ideal_jax/data) ---

@@ -2,12 +2,19 @@
 
     python -m ideal_jax.main --config configs/demo.py --workdir runs/demo
 
-Options (after a colon): seeds=N repeats the loop N times for mean ± std, e.g.
-    python -m ideal_jax.main --config configs/demo.py:seeds=3 --workdir runs/demo3
+Options (after a colon): seeds=N repeats the loop N times (paired differences to D0 with 95%
+confidence intervals), e.g.
+    python -m ideal_jax.main --config configs/demo.py:seeds=5 --workdir runs/demo5
+and with --config.mode=compare the same seeds train the baselines (uniform, best of k random,
+RegMix, DoReMi) at D0's volume beside IDEAL → runs/demo5/comparison.json.
 
-The suite's training volumes are deliberately imbalanced (reverse has 5× the data of arithmetic);
-the reference set weights every capability equally, so IDEAL should move volume towards the
-under-represented capabilities. Rounds keep the total fixed (equal training tokens).
+The starting mixture D0 is wrong in three known ways, and the reference set weights the five
+capabilities equally:
+  - arithmetic, needed as much as the others, is starved (400 of 6,400 examples);
+  - reverse and uppercase are oversized (2,000 and 1,600) and saturate early;
+  - arithmetic_wrong (600) is harmful: arithmetic's prompt format with answers off by 1-3.
+A good mixer moves volume from the saturated and harmful domains to the starved capability.
+Rounds keep the total fixed (equal training tokens).
 """
 
 from configs import common
@@ -19,14 +26,14 @@ def get_config(arg: str | None = None):
     cfg.rounds = 2
     cfg.data.demo = True
     cfg.data.demo_train_sizes = dict(
-        arithmetic=400, reverse=2000, sort=1000, lookup=800, uppercase=1600
+        arithmetic=400, reverse=2000, sort=1000, lookup=800, uppercase=1600, arithmetic_wrong=600
     )
-    cfg.data.demo_n_test = 100
+    cfg.data.demo_n_test = 200
     cfg.data.demo_n_ref = 40
     cfg.data.max_len = 96
     cfg.data.batching = "pack"
     cfg.model.preset = "tiny"
-    cfg.train.epochs = 4
+    cfg.train.epochs = 6
     cfg.train.batch_size = 16
     cfg.train.seq_len = 128
     cfg.train.learning_rate = 1e-2
@@ -36,5 +43,6 @@ def get_config(arg: str | None = None):
     cfg.curvature.batch_size = 32
     cfg.influence.batch_size = 32
     cfg.eval.max_new_tokens = 12
+    cfg.compare.k = 4
     common.apply_overrides(cfg, arg)
     return cfg.lock()

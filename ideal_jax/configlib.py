@@ -19,6 +19,8 @@ from ideal_jax.utils.errors import InputError
 # Fields that may change between a run and its resumption without invalidating finished work.
 RESUMABLE_FIELDS = (
     "rounds",
+    "seeds",  # every seed has its own directory (seed_S/); more seeds add directories
+    "compare.methods",  # every method has its own directories; adding one adds them
     "train.log_every",
     "train.checkpoint_every",
     "train.keep_checkpoints",

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ideal_jax import provenance, reweight, sharding, stages, summary
+from ideal_jax import configlib, provenance, reweight, sharding, stages, summary
 from ideal_jax.data import mixture as mixture_lib
 from ideal_jax.utils import distributed
 from ideal_jax.utils.errors import InputError
@@ -172,6 +172,21 @@ def run_ideal(
         final = mixture_lib.read_manifest(os.path.join(workdir, f"round_{rounds}", "mixture.json"))
         mixture_lib.export_jsonl(final, suite.domains, os.path.join(workdir, "final_mixture.jsonl"))
     return result
+
+
+def run_seeds(cfg, workdir: str, run_one) -> dict[str, Any]:
+    """cfg.seeds repetitions of the loop (seed and training seed cfg.seed + s, in WORKDIR/seed_S),
+    aggregated with paired differences to each seed's D0 → WORKDIR/summary_seeds.json."""
+    configlib.prepare_workdir(cfg, workdir)
+    results = []
+    for s in range(cfg.seeds):
+        seed_cfg = type(cfg)(cfg.to_dict())  # an unlocked copy
+        seed_cfg.seed, seed_cfg.seeds, seed_cfg.train.seed = cfg.seed + s, 1, cfg.train.seed + s
+        results.append(run_one(seed_cfg.lock(), os.path.join(workdir, f"seed_{cfg.seed + s}")))
+    agg = summary.aggregate_seeds(results)
+    stages.write_json(os.path.join(workdir, "summary_seeds.json"), agg)
+    print(summary.format_table(agg["scores"]))
+    return agg
 
 
 def train_and_evaluate(

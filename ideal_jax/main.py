@@ -66,23 +66,14 @@ def run(cfg, workdir: str) -> dict:
         return export.run_export(cfg, workdir)
     configlib.validate_config(cfg)  # before anything is written
     export.export_settings(cfg)
-    from ideal_jax import ideal, stages, summary
+    from ideal_jax import ideal, summary
 
     if cfg.mode == "compare":
         from ideal_jax.compare import run as compare
 
         return compare.run_compare(cfg, workdir)
     if cfg.mode == "ideal" and cfg.seeds > 1:
-        configlib.prepare_workdir(cfg, workdir)
-        results = []
-        for s in range(cfg.seeds):
-            seed_cfg = type(cfg)(cfg.to_dict())  # an unlocked copy
-            seed_cfg.seed, seed_cfg.seeds, seed_cfg.train.seed = cfg.seed + s, 1, cfg.train.seed + s
-            results.append(run(seed_cfg.lock(), os.path.join(workdir, f"seed_{cfg.seed + s}")))
-        agg = summary.aggregate_seeds(results)
-        stages.write_json(os.path.join(workdir, "summary_seeds.json"), agg)
-        print(summary.format_table(agg["scores"]))
-        return agg
+        return ideal.run_seeds(cfg, workdir, run)
     configlib.prepare_workdir(cfg, workdir)
     if cfg.mode == "ideal":
         result = ideal.run_ideal(cfg, workdir)
