@@ -220,6 +220,46 @@ MUTATIONS = [
         'cfg.curvature.estimator = "empirical"',
         ["tests/test_influence_accuracy.py"],
     ),
+    (
+        "compare_unpaired",
+        "compare: differences to D0 taken between seed means, not paired per seed",
+        "ideal_jax/compare/stats.py",
+        "diffs = [float(a) - float(b) for a, b in zip(values, baseline)]",
+        "diffs = [float(a) - float(np.mean(baseline)) for a in values]",
+        ["tests/test_compare_stats.py"],
+    ),
+    (
+        "compare_normal_quantile",
+        "compare: 95% CI with the normal quantile instead of Student's t (too narrow, 5 seeds)",
+        "ideal_jax/compare/stats.py",
+        "if df <= len(_T975):\n        return _T975[df - 1]",
+        "if df <= len(_T975):\n        return 1.959963984540054",
+        ["tests/test_compare_stats.py"],
+    ),
+    (
+        "compare_random_worst",
+        "compare: 'Random (best)' picks the highest reference loss",
+        "ideal_jax/compare/run.py",
+        'best = int(np.argmin([r["reference_loss"] for r in runs]))',
+        'best = int(np.argmax([r["reference_loss"] for r in runs]))',
+        ["tests/test_compare.py::test_random_best_is_the_lowest_reference_loss_of_the_draws"],
+    ),
+    (
+        "compare_weights_ignored",
+        "compare: baseline proportions applied to the source volumes (w·n_j, not w·N)",
+        "ideal_jax/compare/baselines.py",
+        "beta = w * total / sizes - 1.0",
+        "beta = w - 1.0",
+        ["tests/test_compare_stats.py"],
+    ),
+    (
+        "single_seed_silent",
+        "a single-seed ideal table no longer says it cannot separate effect from noise",
+        "ideal_jax/summary.py",
+        '"one seed: round-to-round differences here cannot be separated from training noise "',
+        '"one seed "',
+        ["tests/test_compare_stats.py"],
+    ),
 ]
 
 
