@@ -67,3 +67,84 @@ def test_training_on_the_mesh_matches_single_device_with_uneven_batches():
         probes.predict(sharded, x_nd), probes.predict(plain, x_nd), rtol=1e-4, atol=1e-5
     )
     assert probes.paper_hidden(64) == [128, 64, 32, 256]
+
+
+def test_final_norm_features_are_what_the_model_feeds_its_head():
+    """normed=True applies the model's own final RMSNorm: at the last layer, f(x) @ W_head is the
+    token-mean of the model's logits (the head is linear)."""
+    params = jax.jit(init_params, static_argnums=0)(CFG, jax.random.key(1))
+    scale_d = 1.0 + 0.5 * jax.random.normal(jax.random.key(2), (CFG.hidden_size,))
+    params = dict(params, norm={"scale": scale_d})  # a non-trivial norm scale
+    seqs = [[3, 4, 5, 6], [7, 8]]
+    normed = centroids.embed_token_lists(CFG, params, seqs, source="hidden", layer=2, normed=True)
+    plain = centroids.embed_token_lists(CFG, params, seqs, source="hidden", layer=2)
+    logits = jax.jit(lambda p, t: forward(CFG, p, t))
+    for i, seq in enumerate(seqs):
+        mean_logits_v = np.asarray(logits(params, np.array([seq]))[0]).mean(0)
+        head_dv = np.asarray(params["lm_head"]["kernel"])
+        np.testing.assert_allclose(normed[i] @ head_dv, mean_logits_v, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(normed, plain, atol=1e-3)
+    # Input embeddings are never normed.
+    np.testing.assert_array_equal(
+        centroids.embed_token_lists(CFG, params, seqs, source="input", normed=True),
+        centroids.embed_token_lists(CFG, params, seqs, source="input"),
+    )
+
+
+def _random_labels(n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 8)).astype(np.float32), rng.integers(0, 3, n)
+
+
+def test_cross_fit_predicts_every_example_with_a_probe_that_never_saw_it():
+    # Labels independent of the features: a probe that memorises its training rows is right on
+    # them and at chance on rows it never saw. Held-out logits must be at chance.
+    x_nd, labels_n = _random_labels(200, 0)
+    kw = dict(hidden=[64, 64], lr=3e-3, epochs=60, batch_size=16, val_fraction=0.0)
+    logits_nk, info = probes.cross_fit_logits(x_nd, labels_n, folds=4, out=3, seed=0, **kw)
+    in_sample, _ = probes.train_probe(x_nd, labels_n, kind="classify", out=3, seed=0, **kw)
+    in_sample_acc = np.mean(probes.predict(in_sample, x_nd).argmax(-1) == labels_n)
+    print(f"held-out {info['heldout_accuracy']:.3f} in-sample {in_sample_acc:.3f}")
+    assert in_sample_acc > 0.9  # measured 1.0
+    assert info["heldout_accuracy"] < 0.5  # chance = 1/3; measured ~0.33
+    assert info["heldout_accuracy"] == np.mean(logits_nk.argmax(-1) == labels_n)
+    assert len(info["fold_accuracy"]) == 4
+    # The over-confidence cross-fitting removes: held-out entropy far above in-sample entropy.
+    in_sample_h = probes.entropy(probes.predict(in_sample, x_nd)).mean()
+    assert info["heldout_mean_entropy"] > in_sample_h + 0.05
+
+
+def test_weight_decay_shrinks_the_weights():
+    x_nd, labels_n = _separable(120, 2)
+    kw = dict(kind="classify", out=3, hidden=[16], lr=1e-2, epochs=20, batch_size=16)
+    plain, _ = probes.train_probe(x_nd, labels_n, **kw)
+    decayed, stats = probes.train_probe(x_nd, labels_n, **kw, weight_decay=0.5)
+    norm = lambda p: sum(float(np.sum(layer["w"] ** 2)) for layer in p["mlp"])
+    assert norm(decayed) < 0.8 * norm(plain)
+    assert stats.steps == 20 * 8  # 116 train rows (97/3 split), batch 16
+
+
+def test_early_stopping_keeps_the_best_epoch():
+    x_nd, labels_n = _random_labels(200, 1)  # memorising random labels: val loss rises early
+    kw = dict(kind="classify", out=3, hidden=[64], lr=1e-2, batch_size=16, val_fraction=0.2)
+    stopped, stats = probes.train_probe(x_nd, labels_n, epochs=40, patience=2, **kw)
+    assert stats.epochs_run < 40 and stats.best_epoch == stats.epochs_run - 2
+    # The parameters returned are those after `best_epoch` epochs, not after the last one.
+    short, short_stats = probes.train_probe(x_nd, labels_n, epochs=stats.best_epoch, **kw)
+    np.testing.assert_allclose(
+        probes.predict(stopped, x_nd), probes.predict(short, x_nd), rtol=1e-5, atol=1e-5
+    )
+    assert stats.val_loss == short_stats.val_loss
+
+
+def test_padding_steps_change_nothing(monkeypatch):
+    """An epoch of 7 steps runs as one scan of 8 (1 padding step) or 7 scans of 1: same fit."""
+    x_nd, labels_n = _separable(52, 3)
+    kw = dict(kind="classify", out=3, hidden=[16], lr=1e-2, epochs=3, batch_size=8)
+    padded, stats = probes.train_probe(x_nd, labels_n, **kw)
+    monkeypatch.setattr(probes, "MAX_CHUNK", 1)
+    unpadded, _ = probes.train_probe(x_nd, labels_n, **kw)
+    assert stats.steps == 3 * 7  # 50 train rows: 6 full batches + 2 rows
+    np.testing.assert_allclose(
+        probes.predict(padded, x_nd), probes.predict(unpadded, x_nd), rtol=1e-5, atol=1e-6
+    )
