@@ -79,6 +79,9 @@ def test_farthest_point_covers_every_distinct_point_before_a_duplicate():
     picked = selection.select_farthest_point(x_nd, 6, seed=3)
     assert len(set(map(tuple, x_nd[picked].round(6)))) == 6  # one of each, no copy
     np.testing.assert_array_equal(picked, selection.select_farthest_point(x_nd, 6, seed=3))
+    # Past the distinct points it takes copies, never an index twice.
+    more = selection.select_farthest_point(x_nd, 30, seed=3)
+    assert len(set(more.tolist())) == 30 and set(picked) <= set(more.tolist())
     # Greedy k-center on 3 well-separated blobs: the first 3 picks hit every blob.
     blob_n = np.repeat([0, 1, 2], [100, 10, 5])
     centres_kd = np.array([[0.0, 0.0], [50.0, 0.0], [0.0, 50.0]])

@@ -96,10 +96,12 @@ def select_farthest_point(features_nd: np.ndarray, count: int, seed: int = 0) ->
     x_nd = (x_nd - x_nd.mean(axis=0)) / np.maximum(x_nd.std(axis=0), 1e-12)
     chosen = [int(np.random.default_rng(seed).integers(n))]
     dist_n = np.sum((x_nd - x_nd[chosen[0]]) ** 2, axis=1)
+    dist_n[chosen[0]] = -1.0  # never again: once all distances are 0, copies come next
     for _ in range(count - 1):
         i = int(np.argmax(dist_n))  # first index among ties
         chosen.append(i)
         dist_n = np.minimum(dist_n, np.sum((x_nd - x_nd[i]) ** 2, axis=1))
+        dist_n[i] = -1.0
     return np.array(chosen, np.int64)
 
 
