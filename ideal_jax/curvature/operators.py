@@ -17,6 +17,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 
 from ideal_jax.curvature import ekfac as ekfac_lib
 from ideal_jax.curvature import exact as exact_lib
@@ -41,9 +42,19 @@ class InverseOperator:
     name: str
     damping: dict  # path → absolute λ_b actually used
     apply: Callable[[dict], dict]
+    # optional: [v_1, ..., v_R] ↦ [H⁻¹v_1, ...] in one go (cg: one batched product per step)
+    apply_many: Callable[[list], list] | None = None
+    info: dict = dataclasses.field(default_factory=dict)  # e.g. cg iterations and residuals
 
     def __call__(self, vector: dict) -> dict:
         return self.apply(vector)
+
+    def many(self, vectors: Sequence[dict]) -> list[dict]:
+        """[H⁻¹ v for v in vectors] (batched where the operator can)."""
+        vectors = list(vectors)
+        if self.apply_many is None or not vectors:
+            return [self.apply(v) for v in vectors]
+        return self.apply_many(vectors)
 
     def describe(self) -> dict:
         """JSON-ready summary (influence.json)."""
@@ -93,20 +104,36 @@ def build_operator(
     slices = exact_lib.layer_slices(selected)
     if name == "cg":
         matvec = exact_lib.make_matvec(problem, exact_kind, params, batches)
+        matvec_many = exact_lib.make_matvec_many(problem, exact_kind, params, batches)
         if relative_damping:
             means = exact_lib.hutchinson_block_means(
-                matvec, selected, rng if rng is not None else jax.random.key(0)
+                matvec,
+                selected,
+                rng if rng is not None else jax.random.key(0),
+                matvec_many=matvec_many,
             )
             lam = {p: damping * m for p, m in means.items()}
         else:
             lam = {p: damping for p in slices}
         lam_p = exact_lib.damping_vector(slices, lam)
+        info: dict = {}
+
+        def solve_many(vectors: list) -> list:
+            stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *vectors)
+            xs, got = exact_lib.conjugate_gradient_many(
+                matvec_many, stacked, lam_p, tol=cg_tol, max_iters=cg_max_iters
+            )
+            info.update(got)
+            return [jax.tree.map(lambda x, i=i: x[i], xs) for i in range(len(vectors))]
+
         return InverseOperator(
             "cg",
             lam,
             lambda v: exact_lib.conjugate_gradient(
                 matvec, v, lam_p, tol=cg_tol, max_iters=cg_max_iters
             ),
+            apply_many=solve_many,
+            info=info,
         )
     h_pp = exact_lib.dense_curvature(problem, exact_kind, params, batches)
     if name == "exact_block":

@@ -11,7 +11,10 @@ forward + one backward pass per batch), EK-FAC correction (one forward + one bac
 batch, captured layer inputs and output gradients), domain gradients fused with the per-example
 terms of α (one forward + one backward). The reference set: one forward + one backward pass.
 The per-example terms give α's standard errors (alpha.standard_errors → influence.json "stderr").
-When the
+Batches (`row_plan`): one example per row, examples in order of length, each batch only as long as
+its longest example; the loss (softmax over the vocabulary, the Fisher's sampled targets) at the
+response tokens only (curvature/kfac.py add_loss_positions) — on a 49k-token vocabulary the
+prompt and padding rows were most of the factor pass. When the
 curvature factors of all selected layers would not fit one device (ideal_jax/memory_plan.py), the
 layers are processed in groups, one after the other: H is block-diagonal over layers, so α is the
 sum of the groups' contributions.
@@ -81,6 +84,37 @@ def sigma_subsample(suite, mix, sigma: float, seed: int) -> list:
     return [entries[i] for i in keep]
 
 
+def row_length(longest: int, train_seq_len: int) -> int:
+    """Row length for examples of at most `longest` tokens: the power-of-two bucket, capped at the
+    training length, or `longest` itself when it exceeds that (never truncated)."""
+    return longest if longest > train_seq_len else min(train_seq_len, decoding.bucket(longest))
+
+
+def loss_rows_per_example(items: list) -> int:
+    """K: the most response tokens of one example, rounded up to a power of two (at least 8)."""
+    return decoding.bucket(max((int(np.sum(t.loss_mask)) for t in items), default=1))
+
+
+def row_plan(
+    items: list, batch_size: int, train_seq_len: int, k: int | None = None
+) -> list[tuple[list, int, int]]:
+    """[(examples, row length, loss rows K)] per global batch: the examples in order of length (a
+    stable sort, so every host plans the same batches), each batch padded only to its own longest
+    example (`row_length`), and the loss formed at K positions per row (kfac.add_loss_positions):
+    `k`, else `loss_rows_per_example(items)`: one K for the pass, so that a pass compiles at most
+    one program per row length. Prompt and padding tokens carry no loss weight: the vocabulary-
+    sized softmax and the Fisher's sampled targets are computed for response tokens only.
+    """
+    order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
+    k = loss_rows_per_example(items) if k is None else k
+    plans = []
+    for start in range(0, len(order), batch_size):
+        chunk = [items[i] for i in order[start : start + batch_size]]
+        longest = max(len(t.input_ids) for t in chunk)
+        plans.append((chunk, row_length(longest, train_seq_len), k))
+    return plans
+
+
 def device_memory_bytes(curv_cfg) -> int | None:
     """Memory of one accelerator (config override, else what the runtime reports; CPU: None)."""
     if curv_cfg.get("device_memory_gib"):
@@ -111,32 +145,39 @@ def influence_for_round(
     layers = layers_lib.select_layers(params, curv.layers)
     train_items, subsample_info = subsample(suite, mix, curv, cfg.seed)
     rng = jax.random.key(cfg.seed)
-    # Pad mode, one example per row (EK-FAC's "per example" is a row); rows are as long as the
-    # longest example (bucketed): never truncated, never padded to the training length.
+    # Pad mode, one example per row (EK-FAC's "per example" is a row), never truncated. Examples
+    # are batched in order of length and each batch is as long as its longest example (bucketed),
+    # with the loss taken at the response positions only (row_plan).
     longest = max(len(t.input_ids) for t in train_items + suite.reference_tokenized)
-    seq_len = (
-        longest if longest > cfg.train.seq_len else min(cfg.train.seq_len, decoding.bucket(longest))
-    )
+    seq_len = row_length(longest, cfg.train.seq_len)
 
-    def batches(items, names, batch_size):
-        for b in batching.iterate_batches(
-            items,
-            batch_size,
-            seq_len,
-            "pad",
-            cfg.seed,
-            0,
-            jax.process_index(),
-            jax.process_count(),
-            domain_names=names,
-            pad_id=pad_id,
-        ):
-            yield sharding.shard_batch(b, mesh)
+    def batches(items, names, batch_size, *, by_length=True, k=None):
+        plans = (
+            row_plan(items, batch_size, cfg.train.seq_len, k)
+            if by_length
+            else [(list(items), seq_len, None)]
+        )
+        for chunk, length, k in plans:
+            for b in batching.iterate_batches(
+                chunk,
+                batch_size,
+                length,
+                "pad",
+                cfg.seed,
+                0,
+                jax.process_index(),
+                jax.process_count(),
+                domain_names=names,
+                pad_id=pad_id,
+            ):
+                b = b if k is None else kfac_lib.add_loss_positions(b, k)
+                yield sharding.shard_batch(b, mesh)
 
     def grouped(items, names, batch_size):
-        """(group index, batch) with every batch drawn from one group only."""
+        """(group index, batch) with every batch drawn from one group only (one K for all)."""
+        k = loss_rows_per_example(items)
         for g, name in enumerate(names):
-            for b in batches([t for t in items if t.domain == name], names, batch_size):
+            for b in batches([t for t in items if t.domain == name], names, batch_size, k=k):
                 yield g, b
 
     train_batches = lambda: batches(train_items, suite.domain_names, curv.batch_size)
@@ -147,7 +188,7 @@ def influence_for_round(
         float(_response_tokens(suite.tokenized[name], ids))
         for name, ids in zip(mix.domain_names, mix.example_ids)
     ]
-    total, last, directions, terms = None, None, {}, None
+    total, last, directions, terms, operator_info = None, None, {}, None, {}
     weighting = infl.get("reference_weighting", "capability")
     for group in groups:
         problem = kfac_lib.lm_problem(model_cfg, group)
@@ -195,9 +236,11 @@ def influence_for_round(
         t0 = time.perf_counter()
         with progress.stage("inverse products"):
             # one inverse product per reference row: v_r = H⁻¹ g_ref,r (H symmetric)
-            inverse_vectors = [
-                operator(g) for _, g in alpha_lib.reference_rows(ref_grads, weighting)
-            ]
+            inverse_vectors = operator.many(
+                [g for _, g in alpha_lib.reference_rows(ref_grads, weighting)]
+            )
+        if operator.info:  # e.g. cg: iterations and residuals of the solves
+            operator_info[",".join(group)] = dict(operator.info)
         timings["inverse_products"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         with progress.stage("domain gradients"):
@@ -251,9 +294,14 @@ def influence_for_round(
         seq_len=seq_len,
         timings=timings,
     )
+    if operator_info:
+        total["operator_info"] = operator_info
     if not with_outer:
         return total
-    ref_batches = list(batches(suite.reference_tokenized, suite.capabilities, infl.batch_size))
+    # One row length, all token rows: the outer objective stacks these batches into one array.
+    ref_batches = list(
+        batches(suite.reference_tokenized, suite.capabilities, infl.batch_size, by_length=False)
+    )
     problem_all = kfac_lib.lm_problem(model_cfg, tuple(layers))
     ref_loss = outer.reference_loss_fn(
         problem_all, params, ref_batches, len(suite.capabilities), weighting
