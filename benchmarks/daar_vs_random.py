@@ -5,6 +5,9 @@
 For each seed: run DaaR on the demo pool (labels hidden), train the tiny model on its selection
 and on a uniformly random subset of the same size (same training budget in steps), and score both
 on the demo's held-out test split. Prints per-capability exact match and the mean ± std.
+
+benchmarks/daar_selection.py is the fuller comparison (a pool where DaaR's premise holds, DaaR
+top-fraction / per-domain, random and k-center, paired 95% intervals over seeds).
 """
 
 from __future__ import annotations
