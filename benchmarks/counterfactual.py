@@ -9,8 +9,8 @@ unless --no_harmful; 32 reference items per capability), trained to near converg
 cosine from 5e-3 to 5e-4, AdamW weight decay 0.1 (a regularised objective has a better-defined
 optimum; it did not lower the noise floor: std of Q over order seeds 0.21 with it at 40 epochs,
 0.25 without at 32). The report prints the base run's last-epoch change of the training loss. The
-default run (18 trainings of ~30–60 s, influence passes of ~4–5 min, most of it exact_block's CG)
-took 18 min on 2 busy CPU cores:
+default run (18 trainings of 20–60 s, influence passes of 2.5–5 min, most of it exact_block's CG)
+took 9.5 min on 2 CPU cores shared with other jobs, 18 min when they were busier:
   1. train θ_0 on D_0 (β = 0) from the base model; Q_0 = the reference loss α's "all" row is the
      derivative of (cfg.influence.reference_weighting: "capability" = the mean over capabilities
      of each capability's mean token loss; "token" = the token-weighted mean);
@@ -51,14 +51,15 @@ Noise floor, all at β = 0:
       noise ≈ √2 σ and S_j has ≈ σ/√2. A domain is "above noise" when |S_j| > 2 σ/√2.
 The last line of stdout is one JSON object with every figure.
 
-What it showed (two runs: the default settings, and 32 epochs without weight decay): the
+What it showed (the default run; and the same benchmark at 32 epochs without weight decay): the
 retrained ΔQ are noise. Same-seed reruns are bit-identical, but another data order alone moves Q
-by σ ≈ 0.2 (Q_0 ≈ 1.1–1.4), more than a ±50 % volume change of any one domain does: no domain's
-|S| exceeded 2 × its noise, and no operator's Pearson, Spearman or sign agreement was significant
-(every p > 0.1; n = 6 domains, 30 capability × domain pairs). Spearman of S against αδ ("exact"):
-identity −0.14 / −0.49, kfac −0.14 / −0.54, ekfac −0.31 / −0.37, exact_block +0.09 / +0.37. The
-demo's capabilities flip between "learned" and not from run to run (reverse's reference loss
-0.2–1.5, uppercase's 1.3–3.1 across order seeds): that is what a volume change competes with.
+by σ ≈ 0.2 (σ_order 0.21 / 0.25, Q_0 1.38 / 1.08), more than a ±50 % volume change of any one
+domain does: no domain's |S| exceeded 2 × its noise (largest 1.7 / 1.6 ×), and no operator's
+Pearson, Spearman or sign agreement was significant (every p > 0.2; n = 6 domains, 30
+capability × domain pairs). Spearman of S against αδ ("exact"): identity −0.49 / −0.14, kfac
+−0.49 / +0.09, ekfac −0.49 / −0.09, exact_block +0.37 / +0.09. The demo's capabilities flip
+between "learned" and not from run to run (reverse's reference loss 0.2–1.5, uppercase's
+1.3–3.1 across order seeds): that is what a volume change competes with.
 """
 
 from __future__ import annotations

@@ -282,14 +282,14 @@ def _run_default_benchmark(workdir) -> dict:
 
 @pytest.mark.slow
 def test_counterfactual_default_settings(tmp_path):
-    """The benchmark at its defaults (about 20 min on 2 busy CPU cores).
+    """The benchmark at its defaults (10–20 min on 2 shared CPU cores).
 
-    Calibrated on two runs (benchmarks/counterfactual.py, "What it showed"): same-seed reruns
+    Calibrated on the runs in benchmarks/counterfactual.py ("What it showed"): same-seed reruns
     bit-identical; base run's last-epoch training-loss change −3.5 %; std of Q over data orders
-    0.21 and 0.25; exact_block's CG residuals 0.08–0.10; no correlation significant (p > 0.1) and
-    no domain's symmetric difference above 2 × noise. So this asserts determinism, convergence, a
-    noise floor of that size and sane statistics — not that α predicts retraining, which the
-    measurements do not support.
+    0.21 (0.25 without weight decay); exact_block's CG residuals 0.07–0.17; no correlation
+    significant (p > 0.2) and no domain's symmetric difference above 2 × noise. So this asserts
+    determinism, convergence, a noise floor of that size and sane statistics — not that α
+    predicts retraining, which the measurements do not support.
     """
     res = _run_default_benchmark(tmp_path)
     noise = res["noise"]
@@ -307,8 +307,8 @@ def test_counterfactual_default_settings(tmp_path):
                 assert -1.0 <= stats[name] <= 1.0 and 0.0 <= stats[f"{name}_p"] <= 1.0
     for residuals in res["influence_info"]["exact_block"]["relative_residual"].values():
         assert max(residuals) < 0.3
-    # The benchmark shares one pass between operators; it must be what the IDEAL stage computes
-    # (here in-process, from the base run's final checkpoint).
+    # The benchmark shares one pass between operators; it must be what the IDEAL stage computes:
+    # both in-process (the suite's 8 devices), from the base run's final checkpoint.
     from ideal_jax import sharding, stages
     from ideal_jax.data import mixture as mixture_lib
 
@@ -320,5 +320,10 @@ def test_counterfactual_default_settings(tmp_path):
     mix = mixture_lib.build_mixture(ids, {}, seed=cfg.seed, keep_total=False)
     params = stages.train_round(cfg, model_cfg, mesh, str(tmp_path / "base"), suite, mix, base)
     out = stages.influence_round(cfg, model_cfg, params, suite, mix, mesh)
+    ours = cf.alpha_matrices(cfg, model_cfg, params, suite, mix, mesh, ("ekfac",))
     key = f"{cfg.influence.operator}/{cfg.influence.scaling}"
-    np.testing.assert_allclose(res["alpha"][key]["matrix"], out["matrix"], rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(ours["alpha"][key]["matrix"], out["matrix"], rtol=1e-3, atol=1e-6)
+    # and the one-device run's α is that up to the Fisher's sampled targets, which depend on how
+    # a batch is sharded (0.3 % on the large entries)
+    json_all, stage_all = np.asarray(res["alpha"][key]["matrix"][0]), np.asarray(out["matrix"][0])
+    np.testing.assert_allclose(json_all, stage_all, rtol=0.02, atol=0.01 * np.abs(stage_all).max())
