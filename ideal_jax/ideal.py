@@ -174,15 +174,22 @@ def run_ideal(
     return result
 
 
+def seed_config(cfg, s: int, mode: str | None = None):
+    """Repetition s of a multi-seed job: seed and training seed shifted by s, one seed, locked."""
+    out = type(cfg)(cfg.to_dict())  # an unlocked copy
+    out.seed, out.seeds, out.train.seed = cfg.seed + s, 1, cfg.train.seed + s
+    if mode is not None:
+        out.mode = mode
+    return out.lock()
+
+
 def run_seeds(cfg, workdir: str, run_one) -> dict[str, Any]:
     """cfg.seeds repetitions of the loop (seed and training seed cfg.seed + s, in WORKDIR/seed_S),
     aggregated with paired differences to each seed's D0 → WORKDIR/summary_seeds.json."""
     configlib.prepare_workdir(cfg, workdir)
     results = []
     for s in range(cfg.seeds):
-        seed_cfg = type(cfg)(cfg.to_dict())  # an unlocked copy
-        seed_cfg.seed, seed_cfg.seeds, seed_cfg.train.seed = cfg.seed + s, 1, cfg.train.seed + s
-        results.append(run_one(seed_cfg.lock(), os.path.join(workdir, f"seed_{cfg.seed + s}")))
+        results.append(run_one(seed_config(cfg, s), os.path.join(workdir, f"seed_{cfg.seed + s}")))
     agg = summary.aggregate_seeds(results)
     stages.write_json(os.path.join(workdir, "summary_seeds.json"), agg)
     print(summary.format_table(agg["scores"]))

@@ -41,7 +41,7 @@ from ideal_jax import configlib, sharding, stages
 from ideal_jax.model.config import ModelConfig
 from ideal_jax.train.loop import BATCH_KEYS, NonFiniteLossError
 from ideal_jax.train.state import abstract_train_state, make_optimizer, state_shardings
-from ideal_jax.train.step import group_sums, weighted_token_losses
+from ideal_jax.train.step import group_sums, guarded_update, weighted_token_losses
 from ideal_jax.utils import progress
 from ideal_jax.utils.distributed import is_lead_host
 from ideal_jax.utils.errors import InputError
@@ -195,17 +195,13 @@ def doremi_step(
     is_finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.all(jnp.isfinite(alpha_j))
     updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
-    apply = is_finite & (state.nonfinite_step < 0)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
-    new_state = state.replace(
-        step=state.step + apply.astype(jnp.int32),
-        params=keep(new_params, state.params),
-        opt_state=keep(new_opt_state, state.opt_state),
-        log_alpha_j=keep(log_alpha_j, state.log_alpha_j),
-        alpha_sum_j=keep(state.alpha_sum_j + alpha_j, state.alpha_sum_j),
-        nonfinite_step=jnp.where(
-            (state.nonfinite_step < 0) & ~is_finite, state.step, state.nonfinite_step
-        ),
+    new_state = guarded_update(
+        state,
+        is_finite,
+        params=new_params,
+        opt_state=new_opt_state,
+        log_alpha_j=log_alpha_j,
+        alpha_sum_j=state.alpha_sum_j + alpha_j,
     )
     metrics = {
         "alpha_j": alpha_j,

@@ -2,9 +2,10 @@
 
     python -m ideal_jax.main --config configs/demo.py:seeds=5 --config.mode=compare --workdir W
 
-For every seed s (seed, train.seed = cfg.seed + s; the demo suite is drawn with that seed too) one
-initialisation is shared by every method, and each method's final mixture is trained with the
-same training seed, the same total number of examples as D0 and the same schedule:
+For every seed s (seed = cfg.seed + s, train.seed = cfg.train.seed + s; the demo suite is drawn
+with that seed too) one initialisation is shared by every method, and each method's final
+mixture is trained with the same training seed, the same total number of examples as D0 and the
+same schedule:
 
   W/seed_S/ideal/            the IDEAL loop (round_0 is the method "d0", the last round "ideal")
   W/seed_S/uniform/          the uniform mixture
@@ -36,13 +37,6 @@ from ideal_jax.data import mixture as mixture_lib
 from ideal_jax.utils import progress
 
 
-def seed_config(cfg, seed: int):
-    """One seed's config: the loop's own fields, seed and training seed set to `seed`."""
-    out = type(cfg)(cfg.to_dict())  # an unlocked copy
-    out.seed, out.seeds, out.train.seed, out.mode = seed, 1, seed, "ideal"
-    return out.lock()
-
-
 def run_compare(cfg, workdir: str) -> dict[str, Any]:
     methods = parse_methods(cfg)
     configlib.prepare_workdir(cfg, workdir)
@@ -50,9 +44,8 @@ def run_compare(cfg, workdir: str) -> dict[str, Any]:
     for s in range(cfg.seeds):
         seed = cfg.seed + s
         with progress.stage(f"compare seed {seed} ({s + 1}/{cfg.seeds})"):
-            per_seed.append(
-                run_seed(seed_config(cfg, seed), os.path.join(workdir, f"seed_{seed}"), methods)
-            )
+            seed_cfg = ideal.seed_config(cfg, s, mode="ideal")
+            per_seed.append(run_seed(seed_cfg, os.path.join(workdir, f"seed_{seed}"), methods))
     comparison = report.build(per_seed, methods, cfg)
     stages.write_json(os.path.join(workdir, "comparison.json"), comparison)
     report.plot(comparison, os.path.join(workdir, "comparison.png"))

@@ -64,6 +64,11 @@ class InverseOperator:
         }
 
 
+def needs_batches(name: str) -> bool:
+    """Whether operator `name` is built from the training batches (the exact curvature)."""
+    return name in ("exact", "exact_block", "cg")
+
+
 def build_operator(
     name: str,
     *,
@@ -79,7 +84,8 @@ def build_operator(
     cg_max_iters: int = 200,
     rng: jax.Array | None = None,
 ) -> InverseOperator:
-    """Builds operator `name`. kfac/ekfac need (curvature, state); exact/cg need `batches`."""
+    """Builds operator `name`. kfac/ekfac need (curvature, state); those for which
+    `needs_batches(name)` (exact, exact_block, cg) need `batches`."""
     if name not in OPERATORS:
         raise InputError(
             f"unknown inverse operator {name!r}; one of {OPERATORS}", field="curvature.operator"

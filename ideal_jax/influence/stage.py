@@ -221,7 +221,7 @@ def influence_for_round(
             relative_damping=curv.relative_damping,
             curvature=curvature,
             state=state,
-            batches=list(train_batches()) if infl.operator in ("exact", "cg") else None,
+            batches=list(train_batches()) if operators.needs_batches(infl.operator) else None,
             rng=jax.random.fold_in(rng, 2),
         )
         with progress.stage("reference gradients"):

@@ -78,6 +78,24 @@ def _split_microbatches(batch: Batch, grad_accum: int, mesh: Mesh | None) -> Bat
     return jax.tree.map(split, batch)
 
 
+def guarded_update(state: Any, is_finite: jax.Array, **updated: Any) -> Any:
+    """`state` with the `updated` fields taken only when the step is finite and no earlier step
+    was non-finite (a non-finite run freezes; the loop reports `nonfinite_step`); the step counts
+    applied updates. `state` has `step` and `nonfinite_step` fields (TrainState, DoremiState)."""
+    apply = is_finite & (state.nonfinite_step < 0)
+    kept = {
+        name: jax.tree.map(lambda n, o: jnp.where(apply, n, o), value, getattr(state, name))
+        for name, value in updated.items()
+    }
+    return state.replace(
+        step=state.step + apply.astype(jnp.int32),
+        nonfinite_step=jnp.where(
+            (state.nonfinite_step < 0) & ~is_finite, state.step, state.nonfinite_step
+        ),
+        **kept,
+    )
+
+
 def train_step(
     state: TrainState,
     batch: Batch,
@@ -126,16 +144,7 @@ def train_step(
 
     updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
-    apply = is_finite & (state.nonfinite_step < 0)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
-    new_state = state.replace(
-        step=state.step + apply.astype(jnp.int32),
-        params=keep(new_params, state.params),
-        opt_state=keep(new_opt_state, state.opt_state),
-        nonfinite_step=jnp.where(
-            (state.nonfinite_step < 0) & ~is_finite, state.step, state.nonfinite_step
-        ),
-    )
+    new_state = guarded_update(state, is_finite, params=new_params, opt_state=new_opt_state)
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,
