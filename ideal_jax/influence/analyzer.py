@@ -1,0 +1,608 @@
+"""Influence of training examples on query examples for one model, as a tool of its own.
+
+    from ideal_jax.influence.analyzer import Analyzer
+    analyzer = Analyzer("path/to/hf_dir_or.gguf", "train.jsonl", operator="ekfac")
+    result = analyzer.score("query.jsonl")      # factors are fitted once, then reused
+    result.scores                                # [N train, Q query], see "Units" below
+    result.alpha.row("all")                      # per-domain α (Lemma 1, paper scaling)
+    result.write("out/")                         # scores.jsonl, scores.npy, alpha.json, ...
+
+The command line is `python -m ideal_jax.analyze` (ideal_jax/analyze.py).
+
+Data: JSONL / JSON / Parquet records in any form ideal_jax reads (data/records.py): chat
+`messages`, ShareGPT `conversations`, Alpaca `instruction`/`output`, `prompt`/`response`. A
+training record's domain is its `domain` field (all records or none; none: one domain "all"); a
+query record's `capability` field groups queries into α rows the same way. Loss and gradients are
+taken on response tokens only (data/formatting.py).
+
+What is reused: batches are `batching.fill_rows` rows planned as in the influence stage
+(`stage.row_plan`: one example per row, in order of length, loss at response positions only);
+curvature from `kfac.accumulate_factors` / `ekfac.fit_eigen_correction`, inverse products from
+`operators.build_operator`; gradients and per-example terms from `gradients`
+(`single_group_gradients_and_contributions`: one forward + one backward pass per batch gives the
+domain gradients and every example's −v · Σ_t w_t ∇ℓ_t); α from `alpha.compute_alpha`.
+
+Units (docs/influence_conventions.md has them next to Kronfluence's, with the conversion):
+  H         curvature of the token-weighted MEAN training loss L = Σ_t w_t ℓ_t / W over the whole
+            training set (W = its response tokens), damped per layer block by λ_b
+  λ_b       `damping` × the block's mean eigenvalue (relative, default) or `damping` itself
+            (absolute, in the units of H above)
+  scores    S[n, q] = −∇ℓ̄_n · (H + λ)⁻¹ ∇L̄_q, ℓ̄_n and L̄_q the MEAN losses of training example n and
+            query q over their response tokens: the first-order change of query q's mean loss
+            when example n's weight in the training loss grows. NEGATIVE = helpful (upweighting
+            n lowers q's loss), positive = harmful.
+  α[r, j]   (paper scaling) = Σ_{n∈j} w_n S̃[n, r] / Σ_{n∈j} w_n, S̃ the scores against α row r's
+            reference gradient, w_n example n's response tokens; for row r = a capability c,
+            α[c, j] = Σ_{q∈c} Σ_{n∈j} w_q w_n S[n, q] / (W_c W_j) (H⁻¹ is linear), and row "all"
+            is the mean over capabilities (reference_weighting "capability") or the token-
+            weighted mean over all queries ("token").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ideal_jax.configlib import write_json_atomic
+from ideal_jax.curvature import ekfac, operators
+from ideal_jax.curvature import kfac as kfac_lib
+from ideal_jax.curvature import layers as layers_lib
+from ideal_jax.data import batching, formatting, records
+from ideal_jax.influence import alpha as alpha_lib
+from ideal_jax.influence import gradients
+from ideal_jax.influence.stage import loss_rows_per_example, row_length, row_plan
+from ideal_jax.model import hf_io
+from ideal_jax.utils import progress
+from ideal_jax.utils.errors import InputError
+
+SINGLE_GROUP = "all"  # domain / capability of records without a `domain` / `capability` field
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """How influence is computed; the defaults are those of configs/common.py's curvature and
+    influence sections (tests/test_analyzer.py checks that they agree)."""
+
+    layers: str = "mlp"  # preset (mlp | attention | all_linear) or comma-separated regexes
+    operator: str = "ekfac"  # identity | kfac | ekfac | exact | exact_block | cg
+    estimator: str = "fisher"  # fisher (sampled targets) | empirical (the data's targets)
+    correction: str = "per_example"  # EK-FAC eigenvalue fit: per_example | per_batch
+    damping: float = 0.1
+    relative_damping: bool = True  # damping × each block's mean eigenvalue (Kronfluence's rule)
+    scaling: str = "paper"  # α: paper | exact (alpha.py)
+    reference_weighting: str = "capability"  # α row "all": capability | token
+    batch_size: int = 32
+    max_len: int = 1024  # tokens per example (longer ones are truncated by `truncate`)
+    truncate: str = "left_prompt"
+    exact_kind: str = "ggn"  # curvature of the exact / exact_block / cg operators
+    seed: int = 0
+
+    def layer_patterns(self) -> str | tuple[str, ...]:
+        if self.layers in layers_lib.LAYER_PRESETS:
+            return self.layers
+        return tuple(p.strip() for p in self.layers.split(",") if p.strip())
+
+    def factor_key(self) -> dict:
+        """The settings the curvature factors depend on."""
+        return {
+            "layers": self.layers,
+            "estimator": self.estimator,
+            "corrected": self.operator == "ekfac",
+            "correction": self.correction,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleSet:
+    """Tokenized examples of one file, in file order, with where each came from."""
+
+    path: str
+    ids: tuple[str, ...]
+    groups: tuple[str, ...]  # domain (training) or capability (query) per example
+    locations: tuple[str, ...]  # "line 7" etc.
+    tokenized: tuple[formatting.TokenizedExample, ...]  # .domain is the group
+    group_names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def token_weights(self) -> np.ndarray:
+        """w_n: the response tokens of each example that are targets (its loss weight)."""
+        return np.asarray(
+            [float(np.sum(t.loss_mask[1:])) for t in self.tokenized], np.float64
+        )  # a target is the next token: the first token of a sequence is never one
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for t in self.tokenized:
+            h.update(t.domain.encode() + b"\0")
+            h.update(np.asarray(t.input_ids, np.int32).tobytes())
+            h.update(np.asarray(t.loss_mask, np.bool_).tobytes())
+        return h.hexdigest()
+
+
+def load_examples(
+    path: str,
+    tokenizer: Any,
+    *,
+    group_field: str,
+    max_len: int,
+    truncate: str,
+    what: str,
+) -> ExampleSet:
+    """Reads, normalizes and tokenizes one data file; every problem is an InputError naming the
+    file, the record and the field (missing file, unknown record shape, an empty set, a record
+    with a group field when others have none, duplicate ids, no response token left)."""
+    path = os.fspath(path)
+    raw = records.read_records(path)
+    if not raw:
+        raise InputError(f"the {what} set is empty (no records)", path=path)
+    with_group = [loc for loc, rec in raw if rec.get(group_field) is not None]
+    if with_group and len(with_group) != len(raw):
+        missing = next(loc for loc, rec in raw if rec.get(group_field) is None)
+        raise InputError(
+            f"missing {group_field!r} (other records have one: all records or none)",
+            path=path,
+            record=missing,
+            field=group_field,
+        )
+    examples, seen = [], {}
+    for index, (location, record) in enumerate(raw):
+        group = record.get(group_field) if with_group else SINGLE_GROUP
+        if not isinstance(group, str) or not group:
+            raise InputError(
+                f"{group_field} must be a non-empty string", path=path, record=location
+            )
+        ex = records.normalize_record(
+            record, domain=group, index=index, path=path, location=location
+        )
+        if ex.id in seen:
+            raise InputError(
+                f"duplicate id {ex.id!r} (first at {seen[ex.id]})",
+                path=path,
+                record=location,
+                field="id",
+            )
+        seen[ex.id] = location
+        examples.append((location, ex))
+    try:
+        kept, _ = formatting.tokenize_examples(
+            [ex for _, ex in examples], tokenizer, max_len=max_len, truncate=truncate
+        )
+    except InputError:  # every example of a group dropped: name the first dropped record below
+        kept = []
+    by_id = {t.example_id: t for t in kept}
+    for location, ex in examples:
+        if ex.id not in by_id:
+            raise InputError(
+                f"no response token left after tokenizing to max_len={max_len} (policy "
+                f"{truncate!r}); raise max_len or shorten the prompt",
+                path=path,
+                record=location,
+                field="response",
+            )
+    names = tuple(dict.fromkeys(ex.domain for _, ex in examples))
+    return ExampleSet(
+        path=path,
+        ids=tuple(ex.id for _, ex in examples),
+        groups=tuple(ex.domain for _, ex in examples),
+        locations=tuple(loc for loc, _ in examples),
+        tokenized=tuple(by_id[ex.id] for _, ex in examples),
+        group_names=names,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class InfluenceScores:
+    """Scores of one query set against the training set (units: module docstring)."""
+
+    scores: np.ndarray  # [N, Q]
+    train: ExampleSet
+    query: ExampleSet
+    alpha: alpha_lib.InfluenceResult
+    stderr: np.ndarray  # [rows, domains] of α
+    train_weights: np.ndarray  # [N] w_n
+    query_weights: np.ndarray  # [Q] w_q
+    settings: Settings
+    damping: dict  # path → absolute λ_b used
+    timings: dict
+    factors_file: str | None = None
+    model_path: str = ""
+
+    def mean_scores(self) -> np.ndarray:
+        """[N] each training example's score averaged over the queries."""
+        return self.scores.mean(axis=1)
+
+    def rows(self) -> list[dict]:
+        """scores.jsonl: one row per training example, in the training file's order."""
+        mean = self.mean_scores()
+        return [
+            {
+                "index": n,
+                "id": self.train.ids[n],
+                "domain": self.train.groups[n],
+                "record": self.train.locations[n],
+                "tokens": int(self.train_weights[n]),
+                "mean": float(mean[n]),
+                "scores": {q: float(s) for q, s in zip(self.query.ids, self.scores[n])},
+            }
+            for n in range(len(self.train))
+        ]
+
+    def summary(self) -> dict:
+        w_bar = float(np.mean(self.train_weights))
+        return {
+            "model": self.settings_json()["model"],
+            "train": self.train.path,
+            "query": self.query.path,
+            "train_examples": len(self.train),
+            "query_ids": list(self.query.ids),
+            "query_capabilities": list(self.query.groups),
+            "query_tokens": [int(w) for w in self.query_weights],
+            "mean_train_tokens": w_bar,
+            "settings": self.settings_json()["settings"],
+            "damping_per_layer": {p: float(v) for p, v in self.damping.items()},
+            "units": {
+                "score": "S[n,q] = -grad(mean loss of train n) . (H + damping)^-1 grad(mean loss "
+                "of query q); negative = helpful (upweighting n lowers q's loss)",
+                "curvature": "of the token-weighted mean training loss over the whole set",
+                "kronfluence_score": "-(tokens_n * tokens_q / mean_train_tokens) * S[n,q] "
+                "with kronfluence damping_factor = mean_train_tokens * absolute damping "
+                "(docs/influence_conventions.md)",
+            },
+            "factors_file": self.factors_file,
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+        }
+
+    def settings_json(self) -> dict:
+        return {"model": self.model_path, "settings": dataclasses.asdict(self.settings)}
+
+    def write(self, out_dir: str, *, overwrite: bool = False) -> dict[str, str]:
+        """Writes scores.jsonl, scores.npy, alpha.json and analysis.json into `out_dir`.
+
+        Refuses (InputError) when any of them exists unless `overwrite`; every file is written to
+        a temporary name and renamed into place once all are written, so a failure never leaves a
+        half-written file or destroys an earlier result.
+        """
+        names = ("scores.jsonl", "scores.npy", "alpha.json", "analysis.json")
+        paths = {n: os.path.join(out_dir, n) for n in names}
+        existing = [p for p in paths.values() if os.path.exists(p)]
+        if existing and not overwrite:
+            raise InputError(
+                "results already exist here; choose another output directory or overwrite",
+                path=existing[0],
+            )
+        os.makedirs(out_dir, exist_ok=True)
+        tmp = {n: f"{p}.tmp.{os.getpid()}" for n, p in paths.items()}
+        with open(tmp["scores.jsonl"], "w") as f:
+            for row in self.rows():
+                f.write(json.dumps(row) + "\n")
+        with open(tmp["scores.npy"], "wb") as f:
+            np.save(f, self.scores.astype(np.float32))
+        alpha = self.alpha.to_json()
+        alpha["stderr"] = alpha_lib._nested(self.stderr)
+        write_json_atomic(tmp["alpha.json"], alpha)
+        write_json_atomic(tmp["analysis.json"], self.summary())
+        for n in names:
+            os.replace(tmp[n], paths[n])
+        return paths
+
+
+def _model_identity(path: str) -> list:
+    """Names, sizes and modification times of the model's files (cheap; no hashing of weights)."""
+    files = (
+        [path]
+        if os.path.isfile(path)
+        else sorted(os.path.join(path, f) for f in os.listdir(path) if not f.startswith("."))
+    )
+    out = []
+    for f in files:
+        st = os.stat(f)
+        out.append([os.path.basename(f), st.st_size, st.st_mtime_ns])
+    return out
+
+
+class Analyzer:
+    """Per-example influence train × query and per-domain α for one model and one training set.
+
+    The curvature (factors and EK-FAC correction) is fitted once per Analyzer on the training set
+    and reused by every `score` call; with `factors_dir` it is also saved there (keyed by the
+    model's files, the tokenized training data and the settings the factors depend on) and
+    reloaded by a later Analyzer with the same key.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        train: str,
+        *,
+        tokenizer: str | None = None,
+        factors_dir: str | None = None,
+        **settings: Any,
+    ):
+        model = os.fspath(model)
+        if not os.path.exists(model):
+            raise InputError("no such model directory or .gguf file", path=model, field="model")
+        self.model_path = model
+        self.settings = Settings(**settings)
+        self.factors_dir = factors_dir
+        self.timings: dict[str, float] = {}
+        with self._timed("load model"):
+            self.tokenizer = hf_io.load_tokenizer(tokenizer or model)
+            self.model_cfg = hf_io.load_hf_config(model)
+            self.params = hf_io.load_hf_params(model, self.model_cfg)
+        s = self.settings
+        with self._timed("load training data"):
+            self.train = load_examples(
+                train,
+                self.tokenizer,
+                group_field="domain",
+                max_len=s.max_len,
+                truncate=s.truncate,
+                what="training",
+            )
+        self.layers = layers_lib.select_layers(self.params, s.layer_patterns())
+        self.problem = kfac_lib.lm_problem(self.model_cfg, tuple(self.layers))
+        self._operator: operators.InverseOperator | None = None
+        self.factors_file: str | None = None
+        self.curvature_state: kfac_lib.CurvatureState | None = None  # kfac / ekfac, once fitted
+
+    # -- batches ---
+    def _pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id or 0)
+
+    def _grouped_batches(self, examples: ExampleSet, batch_size: int):
+        """[(group index, batch, example indices)]: each batch one group's examples, one per row
+        in order of length (stage.row_plan), the loss at the response positions only."""
+        k = loss_rows_per_example(list(examples.tokenized))
+        ids_of = {name: g for g, name in enumerate(examples.group_names)}
+        out = []
+        for g, name in enumerate(examples.group_names):
+            members = [n for n in range(len(examples)) if examples.groups[n] == name]
+            position = {id(examples.tokenized[n]): n for n in members}
+            items = [examples.tokenized[n] for n in members]
+            for chunk, length, k_rows in row_plan(items, batch_size, self.settings.max_len, k):
+                batch = batching.fill_rows(
+                    chunk,
+                    [np.asarray([i]) for i in range(len(chunk))],
+                    length,
+                    ids_of,
+                    n_rows=batch_size,
+                    pad_id=self._pad_id(),
+                )
+                batch = kfac_lib.add_loss_positions(batch, k_rows)
+                out.append((g, batch, [position[id(t)] for t in chunk]))
+        return out
+
+    # -- curvature ---
+    def _factor_cache_path(self) -> tuple[str, dict] | None:
+        if not self.factors_dir:
+            return None
+        key = {
+            "model": _model_identity(self.model_path),
+            "train": self.train.fingerprint(),
+            **self.settings.factor_key(),
+        }
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        return os.path.join(self.factors_dir, f"factors-{digest}.npz"), key
+
+    def operator(self) -> operators.InverseOperator:
+        """The inverse-curvature operator, fitted (or loaded) on first use and kept."""
+        if self._operator is not None:
+            return self._operator
+        s = self.settings
+        rng = jax.random.key(s.seed)
+        train_batches = [b for _, b, _ in self._grouped_batches(self.train, s.batch_size)]
+        curvature = state = None
+        if s.operator in ("kfac", "ekfac"):
+            curvature = kfac_lib.curvature_for(self.problem, s.estimator)
+            cache = self._factor_cache_path()
+            if cache is not None and os.path.exists(cache[0]):
+                with self._timed("load factors"):
+                    template = curvature.init(self.params, train_batches[0], rng)
+                    state = ekfac.load_state(cache[0], template)
+                    self.factors_file = cache[0]
+            else:
+                with self._timed("fit factors"):
+                    state = kfac_lib.accumulate_factors(curvature, self.params, train_batches, rng)
+                if s.operator == "ekfac":
+                    with self._timed("fit eigenvalue correction"):
+                        unit = "example" if s.correction == "per_example" else "batch"
+                        state = ekfac.fit_eigen_correction(
+                            curvature,
+                            state,
+                            self.params,
+                            train_batches,
+                            jax.random.fold_in(rng, 1),
+                            unit=unit,
+                        )
+                if cache is not None:
+                    os.makedirs(self.factors_dir, exist_ok=True)
+                    ekfac.save_state(cache[0], state)
+                    write_json_atomic(cache[0][: -len(".npz")] + ".json", cache[1])
+                    self.factors_file = cache[0]
+        self.curvature_state = state
+        with self._timed("build operator"):
+            self._operator = operators.build_operator(
+                s.operator,
+                problem=self.problem,
+                params=self.params,
+                damping=s.damping,
+                relative_damping=s.relative_damping,
+                curvature=curvature,
+                state=state,
+                batches=train_batches if operators.needs_batches(s.operator) else None,
+                exact_kind=s.exact_kind,
+                rng=jax.random.fold_in(rng, 2),
+            )
+        return self._operator
+
+    # -- scores ---
+    def load_query(self, query: str | ExampleSet) -> ExampleSet:
+        if isinstance(query, ExampleSet):
+            return query
+        with self._timed("load query data"):
+            return load_examples(
+                query,
+                self.tokenizer,
+                group_field="capability",
+                max_len=self.settings.max_len,
+                truncate=self.settings.truncate,
+                what="query",
+            )
+
+    def query_gradients(self, query: ExampleSet) -> gradients.GroupGradients:
+        """∇L̄_q of every query (its mean loss over its response tokens), one row per query; one
+        query per batch row, every row as long as the longest query (one compilation)."""
+        k = loss_rows_per_example(list(query.tokenized))
+        length = row_length(max(len(t.input_ids) for t in query.tokenized), self.settings.max_len)
+        ids_of = {name: g for g, name in enumerate(query.group_names)}
+
+        def one_per_batch():
+            for q, t in enumerate(query.tokenized):
+                b = batching.fill_rows(
+                    [t], [np.asarray([0])], length, ids_of, pad_id=self._pad_id()
+                )
+                yield q, kfac_lib.add_loss_positions(b, k)
+
+        return gradients.single_group_mean_gradients(
+            self.problem, self.params, one_per_batch(), query.ids, what="queries"
+        )
+
+    def score(self, query: str | ExampleSet) -> InfluenceScores:
+        """Scores [N, Q] of `query` against the training set, and α (rows "all" + capabilities)."""
+        s = self.settings
+        query = self.load_query(query)
+        operator = self.operator()
+        with self._timed("query gradients"):
+            per_query = self.query_gradients(query)
+            by_capability = _grouped_means(per_query, query.groups, query.group_names)
+        ref_rows = alpha_lib.reference_rows(by_capability, s.reference_weighting)
+        with self._timed("inverse products"):
+            vectors = operator.many(
+                [per_query.row(q) for q in range(len(query))] + [g for _, g in ref_rows]
+            )
+        with self._timed("training gradients and scores"):
+            plan = self._grouped_batches(self.train, s.batch_size)
+            domain_grads, terms = gradients.single_group_gradients_and_contributions(
+                self.problem,
+                self.params,
+                ((g, b) for g, b, _ in plan),
+                self.train.group_names,
+                vectors,
+                what="training examples",
+            )
+        order = np.concatenate([np.asarray(idx, np.int64) for _, _, idx in plan])
+        if terms.c.shape[0] != len(order):  # every example has a response token (load_examples)
+            raise AssertionError(f"{terms.c.shape[0]} example terms for {len(order)} examples")
+        n_query = len(query)
+        c_nr, w_n = np.empty_like(terms.c), np.empty_like(terms.w)
+        c_nr[order], w_n[order] = terms.c, terms.w
+        scores = c_nr[:, :n_query] / w_n[:, None]  # S = c / w: the example's mean-loss gradient
+        alpha = alpha_lib.compute_alpha(
+            by_capability,
+            domain_grads,
+            operator,
+            layers=self.layers,
+            scaling=s.scaling,
+            reference_weighting=s.reference_weighting,
+            inverse_vectors=vectors[n_query:],
+        )
+        group_n = np.asarray([self.train.group_names.index(g) for g in self.train.groups])
+        stderr = alpha_lib.standard_errors(
+            c_nr[:, n_query:],
+            w_n,
+            group_n,
+            len(self.train.group_names),
+            scaling=s.scaling,
+            domain_sizes=alpha.domain_sizes,
+        )
+        result = InfluenceScores(
+            scores=scores,
+            train=self.train,
+            query=query,
+            alpha=alpha,
+            stderr=stderr,
+            train_weights=w_n,
+            query_weights=np.asarray(per_query.weights, np.float64),
+            settings=s,
+            damping={p: float(v) for p, v in operator.damping.items()},
+            timings=dict(self.timings),
+            factors_file=self.factors_file,
+            model_path=self.model_path,
+        )
+        return result
+
+    def _timed(self, name: str):
+        return _Timer(self.timings, name)
+
+
+def _grouped_means(
+    per_row: gradients.GroupGradients, groups: Sequence[str], names: Sequence[str]
+) -> gradients.GroupGradients:
+    """Token-weighted mean gradient of each group of rows: Σ_{q∈c} w_q ∇L̄_q / Σ_{q∈c} w_q."""
+    w_q = np.asarray(per_row.weights, np.float64)
+    member_cq = np.asarray([[g == c for g in groups] for c in names], np.float64)
+    mix_cq = member_cq * w_q[None] / (member_cq @ w_q)[:, None]
+    mix = jnp.asarray(mix_cq, jnp.float32)
+    grads = jax.tree.map(lambda x: jnp.tensordot(mix, x, axes=1), per_row.grads)
+    return gradients.GroupGradients(
+        tuple(names), grads, member_cq @ w_q, per_row.overall, per_row.overall_weight
+    )
+
+
+class _Timer:
+    """`with`: a progress stage (log lines) whose duration is added to timings[name]."""
+
+    def __init__(self, timings: dict, name: str):
+        self.timings, self.name = timings, name
+
+    def __enter__(self):
+        self._stage = progress.stage(self.name)
+        self._stage.__enter__()
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.timings[self.name] = self.timings.get(self.name, 0.0) + time.perf_counter() - self.t0
+        return self._stage.__exit__(*exc)
+
+
+# -- Kronfluence's conventions (docs/influence_conventions.md) ------------------------------------
+def to_kronfluence_scores(
+    scores_nq: np.ndarray,
+    train_weights_n: Sequence[float],
+    query_weights_q: Sequence[float],
+    mean_train_weight: float | None = None,
+) -> np.ndarray:
+    """ideal_jax scores [N, Q] → Kronfluence's pairwise scores [Q, N] for the same damping.
+
+    Kronfluence: S_K[q, n] = ∇f_q · (H_K + λ_K)⁻¹ ∇ℓ_n with summed losses (f_q = Σ_t w_t ℓ_t of the
+    query, ℓ_n the same of the training example) and H_K = (1/N) Σ_n (per-example curvature of the
+    summed loss); positive = helpful. Ours: S[n, q] = −∇ℓ̄_n · (H + λ)⁻¹ ∇L̄_q with mean losses
+    (ℓ̄_n = ℓ_n / w_n, L̄_q = f_q / w_q) and H = H_K / w̄, w̄ = W / N the mean training tokens. So
+    (H + λ)⁻¹ = w̄ (H_K + w̄ λ)⁻¹ and, with λ_K = w̄ λ (`to_kronfluence_damping`),
+        S_K[q, n] = −(w_n w_q / w̄) S[n, q].
+    """
+    w_n = np.asarray(train_weights_n, np.float64)
+    w_q = np.asarray(query_weights_q, np.float64)
+    w_bar = float(np.mean(w_n)) if mean_train_weight is None else float(mean_train_weight)
+    return (-(w_n[:, None] * w_q[None, :] / w_bar) * np.asarray(scores_nq, np.float64)).T
+
+
+def to_kronfluence_damping(absolute_damping: float, mean_train_weight: float) -> float:
+    """Our absolute λ (units of the mean-loss curvature) → Kronfluence's `damping_factor`
+    (units of its per-example summed-loss curvature): λ_K = w̄ λ. A relative damping (our
+    `damping` × mean eigenvalue, Kronfluence's `damping_factor=None` = 0.1 × mean eigenvalue) is
+    unit-free: the same factor on both sides gives the same preconditioner."""
+    return float(absolute_damping) * float(mean_train_weight)
