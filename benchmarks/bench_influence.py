@@ -5,10 +5,10 @@
 
 For each scale (one model, one mixture: D_0 of the demo suite; "large" is the demo suite grown
 to 27,400 examples, on the same tiny model):
-  * SFT (stages.train_round, one epoch from the base model): step time (compile excluded) and
+  * SFT (train_stage.train_round, one epoch from the base model): step time (compile excluded) and
     compile time, from run_sft's summary;
-  * the influence stage (stages.influence_round) called twice in one process: the first call
-    includes compilation, the second is the steady state (its jitted passes are built once per
+  * the influence stage (influence/stage.py influence_for_round) called twice in one process: the
+    first call includes compilation, the second is the steady state (its jitted passes are built once per
     process); its sub-stage timings and α's standard errors relative to |α|;
   * K-FAC factor memory and a FLOP model of the stage, projected to Llama-3.1-8B (lines "model").
 The last line is one JSON object {"scales": [...]}, each entry with examples, sft_epoch_s,
@@ -32,12 +32,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ideal_jax import sharding, stages  # noqa: E402
+from ideal_jax import sharding  # noqa: E402
 from ideal_jax.curvature import layers as layers_lib  # noqa: E402
 from ideal_jax.data import batching  # noqa: E402
 from ideal_jax.data import mixture as mixture_lib  # noqa: E402
+from ideal_jax.data import suite as suite_lib  # noqa: E402
 from ideal_jax.influence import stage as influence_stage  # noqa: E402
+from ideal_jax.model import loading  # noqa: E402
 from ideal_jax.model.config import preset  # noqa: E402
+from ideal_jax.train import stage as train_stage  # noqa: E402
 
 GIB = 2**30
 COMPILE_EVENTS = (  # tracing, lowering to MLIR and XLA compilation: everything before running
@@ -153,20 +156,32 @@ def run_scale(scale: str, args, clock: CompileClock) -> dict:
     cfg = make_config(scale, args)
     with tempfile.TemporaryDirectory() as workdir:
         mesh = sharding.make_mesh(dict(cfg.mesh))
-        suite = stages.load_suite(cfg, workdir)
-        model_cfg, base = stages.load_model(cfg, mesh, suite.tokenizer)
+        suite = suite_lib.load_suite(cfg, workdir)
+        model_cfg, base = loading.load_model(cfg.model, mesh, suite.tokenizer, seed=cfg.seed)
         ids = {name: [t.example_id for t in items] for name, items in suite.tokenized.items()}
         mix = mixture_lib.build_mixture(ids, None, seed=cfg.seed)
         rdir = os.path.join(workdir, "round_0")
         t0 = time.perf_counter()
-        params = stages.train_round(cfg, model_cfg, mesh, rdir, suite, mix, base)
+        params = train_stage.train_round(
+            cfg.train, cfg.data, model_cfg, mesh, rdir, suite, mix, base
+        )
         sft_wall = time.perf_counter() - t0
         with open(os.path.join(rdir, "train", "summary.json")) as f:
             sft = json.load(f)
         calls = []
         for _ in range(2):  # first call (compiles) and steady state (jitted passes reused)
             t0 = time.perf_counter()
-            out = stages.influence_round(cfg, model_cfg, params, suite, mix, mesh)
+            out = influence_stage.influence_for_round(
+                cfg.curvature,
+                cfg.influence,
+                model_cfg,
+                params,
+                suite,
+                mix,
+                mesh,
+                seed=cfg.seed,
+                train_seq_len=cfg.train.seq_len,
+            ).to_json()
             end = time.perf_counter()
             calls.append(
                 {

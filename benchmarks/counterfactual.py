@@ -81,15 +81,19 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from ideal_jax import sharding, stages  # noqa: E402
+from ideal_jax import sharding  # noqa: E402
 from ideal_jax.curvature import ekfac, operators  # noqa: E402
 from ideal_jax.curvature import kfac as kfac_lib  # noqa: E402
 from ideal_jax.curvature import layers as layers_lib  # noqa: E402
 from ideal_jax.data import batching  # noqa: E402
 from ideal_jax.data import mixture as mixture_lib  # noqa: E402
+from ideal_jax.data import suite as suite_lib  # noqa: E402
+from ideal_jax.evaluate import stage as evaluate_stage  # noqa: E402
 from ideal_jax.influence import alpha as alpha_lib  # noqa: E402
 from ideal_jax.influence import gradients  # noqa: E402
 from ideal_jax.influence import stage as influence_stage  # noqa: E402
+from ideal_jax.model import loading  # noqa: E402
+from ideal_jax.train import stage as train_stage  # noqa: E402
 
 OPERATORS = ("identity", "kfac", "ekfac", "exact_block")
 SIDES = ("plus", "minus", "symmetric")
@@ -487,8 +491,8 @@ def run_counterfactual(
     """Steps 1–4 and the noise floor of the module docstring; the numbers, JSON-ready."""
     t_start = time.perf_counter()
     mesh = sharding.make_mesh(dict(cfg.mesh))
-    suite = stages.load_suite(cfg, workdir)
-    model_cfg, base = stages.load_model(cfg, mesh, suite.tokenizer)
+    suite = suite_lib.load_suite(cfg, workdir)
+    model_cfg, base = loading.load_model(cfg.model, mesh, suite.tokenizer, seed=cfg.seed)
     ids = {name: [t.example_id for t in items] for name, items in suite.tokenized.items()}
     pad_id = suite.tokenizer.pad_token_id or 0
     weighting = cfg.influence.get("reference_weighting", "capability")
@@ -501,9 +505,11 @@ def run_counterfactual(
             run_cfg.train.seed = cfg.train.seed + seed_offset  # the data order only
         mix = mixture_lib.build_mixture(ids, beta_by_domain, seed=cfg.seed, keep_total=False)
         rdir = os.path.join(workdir, tag)
-        params = stages.train_round(run_cfg, model_cfg, mesh, rdir, suite, mix, init)
+        params = train_stage.train_round(
+            run_cfg.train, run_cfg.data, model_cfg, mesh, rdir, suite, mix, init
+        )
         curve = epoch_losses(os.path.join(rdir, "train"))
-        losses = stages.reference_losses(
+        losses = evaluate_stage.reference_losses(
             model_cfg, params, suite, mesh, cfg.influence.batch_size, cfg.train.seq_len, pad_id
         )
         run = {
@@ -546,7 +552,9 @@ def run_counterfactual(
         seed_cfg = cfg.copy_and_resolve_references()
         with seed_cfg.unlocked():
             seed_cfg.seed = cfg.seed + s  # the base model's init (the data suite stays)
-        _, other_base = stages.load_model(seed_cfg, mesh, suite.tokenizer)
+        _, other_base = loading.load_model(
+            seed_cfg.model, mesh, suite.tokenizer, seed=seed_cfg.seed
+        )
         seeds.append(retrain(f"init_and_order_seed+{s}", {}, init=other_base, seed_offset=s)["q"])
     noise = noise_floor(q0, rerun_q, order, seeds)
     noise["same_seed_max_param_diff"] = rerun_params_diff

@@ -18,7 +18,7 @@ training seed and budget, then scored by exact match on the test split:
 
 DaaR runs with configs/daar_demo.py's cfg.daar (the library defaults plus feature_layer=2 for the
 2-layer model); the centroid pairs come from a scripted "perfect instruct model" that writes fresh
-items of each described capability. Paired 95% t intervals over seeds (ideal_jax.compare.stats);
+items of each described capability. Paired 95% t intervals over seeds (ideal_jax.stats);
 every seed's scores are cached under --workdir, so a rerun resumes. The last line printed is one
 JSON object: method -> {"mean", "ci95"} of the average exact match. About 20 minutes on a shared
 2-core CPU; the results and their diagnosis are in docs/method_choices.md (DaaR).
@@ -43,12 +43,19 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import daar_demo  # noqa: E402
-from ideal_jax import sharding, stages, summary  # noqa: E402
-from ideal_jax.compare import stats  # noqa: E402
+from ideal_jax import (  # noqa: E402
+    sharding,
+    stats,  # noqa: E402
+    summary,
+)
 from ideal_jax.daar import centroids as cen  # noqa: E402
 from ideal_jax.daar import demo_pools, job, pipeline  # noqa: E402
 from ideal_jax.daar import selection as sel  # noqa: E402
 from ideal_jax.data import demo_suite, mixture  # noqa: E402
+from ideal_jax.data import suite as suite_lib  # noqa: E402
+from ideal_jax.evaluate import stage as evaluate_stage  # noqa: E402
+from ideal_jax.model import loading  # noqa: E402
+from ideal_jax.train import stage as train_stage  # noqa: E402
 
 METHODS = ("daar_top", "daar_per_domain", "random", "kcenter", "daar_top_dedup")
 
@@ -123,8 +130,17 @@ def train_and_score(cfg, rdir: str, suite, model_cfg, params, mesh, ids: list[st
         by_domain[example_id.split(":")[0]].append(example_id)
     mix = mixture.build_mixture(by_domain, None, seed=cfg.seed)
     os.makedirs(rdir, exist_ok=True)
-    final = stages.train_round(cfg, model_cfg, mesh, rdir, suite, mix, params)
-    result = stages.evaluate_round(cfg, model_cfg, final, suite, mesh)
+    final = train_stage.train_round(cfg.train, cfg.data, model_cfg, mesh, rdir, suite, mix, params)
+    result = evaluate_stage.evaluate_round(
+        cfg.eval,
+        model_cfg,
+        final,
+        suite,
+        mesh,
+        seed=cfg.seed,
+        loss_batch_size=cfg.influence.batch_size,
+        seq_len=cfg.train.seq_len,
+    )
     losses = {c: v for c, v in result["reference_loss"].items() if c != "all"}
     losses["average"] = float(np.mean(list(losses.values())))
     return summary.round_scores({"eval": result}), losses
@@ -146,8 +162,8 @@ def _setup(args, seed: int, workdir: str):
     cfg.train.epochs = args.epochs
     cfg.eval.limit = 0
     mesh = sharding.make_mesh(dict(cfg.mesh))
-    suite = stages.load_suite(cfg, workdir)
-    model_cfg, params = stages.load_model(cfg, mesh, suite.tokenizer)
+    suite = suite_lib.load_suite(cfg, workdir)
+    model_cfg, params = loading.load_model(cfg.model, mesh, suite.tokenizer, seed=cfg.seed)
     return pp, cfg, mesh, suite, model_cfg, params
 
 

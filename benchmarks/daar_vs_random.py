@@ -22,8 +22,12 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import daar_demo  # noqa: E402
-from ideal_jax import main, sharding, stages, summary  # noqa: E402
+from ideal_jax import main, sharding, summary  # noqa: E402
 from ideal_jax.data import mixture  # noqa: E402
+from ideal_jax.data import suite as suite_lib  # noqa: E402
+from ideal_jax.evaluate import stage as evaluate_stage  # noqa: E402
+from ideal_jax.model import loading  # noqa: E402
+from ideal_jax.train import stage as train_stage  # noqa: E402
 
 
 def train_and_score(cfg, workdir: str, suite, model_cfg, params, mesh, ids: list[str]) -> dict:
@@ -33,8 +37,19 @@ def train_and_score(cfg, workdir: str, suite, model_cfg, params, mesh, ids: list
         by_domain[example_id.split(":")[0]].append(example_id)
     mix = mixture.build_mixture(by_domain, None, seed=cfg.seed)
     os.makedirs(workdir, exist_ok=True)
-    final = stages.train_round(cfg, model_cfg, mesh, workdir, suite, mix, params)
-    scores = stages.evaluate_round(cfg, model_cfg, final, suite, mesh)
+    final = train_stage.train_round(
+        cfg.train, cfg.data, model_cfg, mesh, workdir, suite, mix, params
+    )
+    scores = evaluate_stage.evaluate_round(
+        cfg.eval,
+        model_cfg,
+        final,
+        suite,
+        mesh,
+        seed=cfg.seed,
+        loss_batch_size=cfg.influence.batch_size,
+        seq_len=cfg.train.seq_len,
+    )
     return summary.round_scores({"eval": scores})
 
 
@@ -55,8 +70,8 @@ def main_(argv=None):
         manifest = json.load(open(out["manifest"]))
         chosen = [s["id"] for s in manifest["selected"]]
         mesh = sharding.make_mesh(dict(cfg.mesh))
-        suite = stages.load_suite(cfg, workdir)
-        model_cfg, params = stages.load_model(cfg, mesh, suite.tokenizer)
+        suite = suite_lib.load_suite(cfg, workdir)
+        model_cfg, params = loading.load_model(cfg.model, mesh, suite.tokenizer, seed=cfg.seed)
         pool = [t.example_id for name in suite.domain_names for t in suite.tokenized[name]]
         random_ids = list(np.random.default_rng(seed).choice(pool, len(chosen), replace=False))
         for name, ids in (("daar", chosen), ("random", random_ids)):

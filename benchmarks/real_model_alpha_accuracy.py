@@ -37,9 +37,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from ideal_jax import sharding, stages  # noqa: E402
+from ideal_jax import sharding  # noqa: E402
 from ideal_jax.data import mixture as mixture_lib  # noqa: E402
+from ideal_jax.data import suite as suite_lib  # noqa: E402
 from ideal_jax.influence import stage as influence_stage  # noqa: E402
+from ideal_jax.model import loading  # noqa: E402
 
 _build_operator = influence_stage.operators.build_operator
 
@@ -75,7 +77,7 @@ def main() -> None:
         cfg.curvature.examples_per_domain = 0  # every kept example (σ = 1)
     workdir = tempfile.mkdtemp(prefix="alpha_accuracy_")
     mesh = sharding.make_mesh(dict(cfg.mesh))
-    suite = stages.load_suite(cfg, workdir)
+    suite = suite_lib.load_suite(cfg, workdir)
     keep = {n: items[: args.per_domain] for n, items in suite.tokenized.items()}
     caps = {}
     ref = []
@@ -83,10 +85,10 @@ def main() -> None:
         if caps.get(t.domain, 0) < args.per_domain:
             caps[t.domain] = caps.get(t.domain, 0) + 1
             ref.append(t)
-    suite = stages.Suite(
+    suite = suite_lib.Suite(
         suite.domains, suite.reference, suite.tokenizer, keep, ref, suite.format_stats, {}
     )
-    model_cfg, params = stages.load_model(cfg, mesh, suite.tokenizer)
+    model_cfg, params = loading.load_model(cfg.model, mesh, suite.tokenizer, seed=cfg.seed)
     ids = {n: [t.example_id for t in items] for n, items in keep.items()}
     mix = mixture_lib.build_mixture(ids, None, seed=cfg.seed)
 

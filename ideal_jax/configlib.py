@@ -77,6 +77,23 @@ RANGES: dict[str, tuple[Any, str]] = {
 
 _MISSING = object()
 
+# The methods mode=compare knows (ideal_jax/compare/run.py runs them in this order).
+COMPARE_METHODS = ("ideal", "d0", "uniform", "random", "regmix", "doremi")
+
+
+def parse_compare_methods(cfg) -> tuple[str, ...]:
+    """cfg.compare.methods ("ideal,uniform,...") in COMPARE_METHODS order, with d0 (the pairing
+    base); InputError naming an unknown method."""
+    names = [m.strip() for m in str(cfg.compare.methods).split(",") if m.strip()]
+    unknown = [m for m in names if m not in COMPARE_METHODS]
+    if unknown or not names:
+        raise InputError(
+            (f"unknown method {unknown[0]!r}" if unknown else "no method named")
+            + f"; allowed: {', '.join(COMPARE_METHODS)} (comma-separated)",
+            field="compare.methods",
+        )
+    return tuple(m for m in COMPARE_METHODS if m in names or m == "d0")
+
 
 def _get(cfg: Any, dotted: str) -> Any:
     node = cfg
@@ -112,9 +129,7 @@ def validate_config(cfg: ml_collections.ConfigDict | dict) -> None:
                 field=field,
             )
     if _get(cfg, "compare.methods") is not _MISSING:
-        from ideal_jax.compare.methods import parse_methods
-
-        parse_methods(cfg)
+        parse_compare_methods(cfg)
     for field, (check, what) in RANGES.items():
         value = _get(cfg, field)
         if value is _MISSING:
@@ -138,6 +153,11 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def to_json(cfg: ml_collections.ConfigDict | dict) -> str:
     return json.dumps(to_dict(cfg), indent=2, sort_keys=True, default=str)
+
+
+def flat_fields(cfg: ml_collections.ConfigDict | dict) -> dict[str, Any]:
+    """{"train.learning_rate": 0.01, ...}: every leaf field of the config, as JSON values."""
+    return _flatten(json.loads(to_json(cfg)))
 
 
 def fingerprint(cfg: ml_collections.ConfigDict | dict, ignore=RESUMABLE_FIELDS) -> str:
@@ -168,25 +188,46 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
-def check_same_config(path: str, current: dict, ignore: tuple, advice: str) -> dict:
+def check_same_config(
+    path: str, current: dict, ignore: tuple, advice: str, defaults: dict | None = None
+) -> dict:
     """The config stored at `path`; InputError (naming the first differing fields) unless it
-    equals `current` outside the `ignore`d fields."""
+    equals `current` outside the `ignore`d fields.
+
+    defaults: flat {field: default}; a field the stored config does not have (added to the
+    package after the run was made) counts as equal when its current value is that default.
+    """
     try:
         with open(path) as f:
             previous = json.load(f)
     except json.JSONDecodeError as e:
         raise InputError(f"existing config is not valid JSON ({e})", path=path) from None
-    if fingerprint(previous, ignore) != fingerprint(current, ignore):
-        old, new = _flatten(previous), _flatten(current)
-        differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        differ = [k for k in differ if k not in ignore]
+    old, new = _flatten(previous), _flatten(current)
+    defaults = defaults or {}
+    differ = sorted(
+        k
+        for k in set(old) | set(new)
+        if k not in ignore
+        and old.get(k, _MISSING) != new.get(k, _MISSING)
+        and not (k not in old and k in defaults and new.get(k) == defaults[k])
+    )
+    if differ:
         raise InputError(
             "this workdir was created by a different config (differing fields: "
             f"{', '.join(differ[:8])}); {advice}",
             path=path,
-            field=differ[0] if differ else None,
+            field=differ[0],
         )
     return previous
+
+
+def default_fields() -> dict[str, Any]:
+    """Every field's default (configs/common.py base_config), flat; {} if configs is absent."""
+    try:
+        from configs import common
+    except ImportError:
+        return {}
+    return flat_fields(common.base_config())
 
 
 def prepare_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> bool:
@@ -199,7 +240,11 @@ def prepare_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> bool:
     current = json.loads(to_json(cfg))
     if os.path.exists(path):
         previous = check_same_config(
-            path, current, RESUMABLE_FIELDS, "use a new --workdir or the original config"
+            path,
+            current,
+            RESUMABLE_FIELDS,
+            "use a new --workdir or the original config",
+            defaults=default_fields(),
         )
         if previous != current:  # resumable fields (e.g. rounds) changed; else write nothing
             write_json_atomic(path, current)

@@ -29,7 +29,8 @@ import numpy as np
 from absl import logging
 
 from ideal_jax import configlib
-from ideal_jax.model import hf_io
+from ideal_jax.data import suite as suite_lib
+from ideal_jax.model import hf_io, loading
 from ideal_jax.model.config import ModelConfig
 from ideal_jax.model.transformer import Params, abstract_params
 from ideal_jax.utils.errors import InputError
@@ -113,14 +114,13 @@ def write_hf_dir(
 
 def export_round(cfg, workdir: str, k: int, out_dir: str, *, model_cfg=None, tokenizer=None) -> str:
     """Round k's trained model → out_dir (a Hugging Face directory); returns out_dir."""
-    from ideal_jax import stages
 
     start = time.perf_counter()
     logging.info("export: round %d -> %s", k, out_dir)
     if tokenizer is None:
-        tokenizer = stages.load_run_tokenizer(cfg, workdir)
+        tokenizer = suite_lib.load_run_tokenizer(cfg, workdir)
     if model_cfg is None:
-        model_cfg = stages.model_config(cfg, tokenizer)
+        model_cfg = loading.model_config(cfg.model, tokenizer)
     params = round_params(workdir, k, model_cfg)
     write_hf_dir(out_dir, model_cfg, params, tokenizer, dtype=export_settings(cfg)["dtype"])
     logging.info("export: done in %.1f s", time.perf_counter() - start)

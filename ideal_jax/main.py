@@ -81,11 +81,11 @@ def run(cfg, workdir: str) -> dict:
         print(summary.format_table(result["scores"]))
         return result
     if cfg.mode == "sft":
-        result = ideal.run_ideal(cfg, workdir, rounds=0)
+        result = ideal.run_sft(cfg, workdir)
         export.export_final(cfg, workdir)
         return result
     if cfg.mode == "influence":
-        return ideal.run_ideal(cfg, workdir, rounds=0, train=False, influence_last=True)
+        return ideal.run_influence(cfg, workdir)
     if cfg.mode == "eval":
         return ideal.run_eval_only(cfg, workdir)
     from ideal_jax.daar import job as daar_job

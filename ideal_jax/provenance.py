@@ -133,3 +133,37 @@ def with_upstream(inputs: Mapping[str, str], **artifacts: str) -> dict[str, str]
     for name, path in artifacts.items():
         out[name] = file_sha256(path)[:16] if os.path.isfile(path) else "absent"
     return out
+
+
+# The config sections (or single fields) each stage's artifacts depend on. An artifact is reused
+# only if these are unchanged, so a new field in another section (e.g. cfg.daar) does not
+# invalidate a finished IDEAL round. Upstream artifacts (the mixture, the influence.json a step
+# was computed from) enter through their content fingerprints (`with_upstream`).
+_TRAINED = ("seed", "data", "model", "mesh", "train")
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "mixture": ("seed", "data", "reweight.keep_total"),
+    "train": _TRAINED,
+    "eval": (*_TRAINED, "eval", "influence.batch_size"),
+    "eval_base": ("seed", "data", "model", "mesh", "eval", "influence.batch_size", "train.seq_len"),
+    "influence": (*_TRAINED, "curvature", "influence"),
+    "reweight": (*_TRAINED, "curvature", "influence", "reweight"),
+    "daar": ("seed", "data", "model", "mesh", "daar"),
+    "compare": (*_TRAINED, "eval", "influence.batch_size", "compare"),
+}
+
+
+def stage_inputs(cfg, stage: str, data: str) -> dict[str, str]:
+    """{"config.<section>": fingerprint, ..., "data": data} for an artifact of `stage` (fields
+    that never change results, configlib.RESUMABLE_FIELDS, left out)."""
+    flat = configlib.flat_fields(cfg)
+    out = {}
+    for section in STAGE_SECTIONS[stage]:
+        chosen = {
+            k: v
+            for k, v in flat.items()
+            if (k == section or k.startswith(section + ".")) and k not in configlib.RESUMABLE_FIELDS
+        }
+        digest = hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()
+        out[f"config.{section}"] = digest[:12]
+    out["data"] = data
+    return out

@@ -237,15 +237,29 @@ def _optax_update(g_j: np.ndarray, cfg: ReweightConfig, saved: dict | None):
     state = optimizer.init(position)
     if saved is not None:
         treedef = jax.tree.structure(state)
-        leaves = [
-            jnp.asarray(x, leaf.dtype) for x, leaf in zip(saved["leaves"], jax.tree.leaves(state))
-        ]
+        try:
+            leaves = [
+                jnp.asarray(x, leaf.dtype)
+                for x, leaf in zip(saved["leaves"], jax.tree.leaves(state))
+            ]
+            position = jnp.asarray(saved["position"], jnp.float32)
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(
+                f"saved optimizer state is malformed ({e!r})", field="optimizer_state"
+            ) from None
         if len(leaves) != treedef.num_leaves:
             raise InputError(
                 "saved optimizer state does not match reweight.optimizer", field="optimizer_state"
             )
+        shapes = [tuple(x.shape) for x in leaves]
+        expected = [tuple(leaf.shape) for leaf in jax.tree.leaves(state)]
+        if shapes != expected or position.shape != (n,):
+            raise InputError(
+                f"saved optimizer state is for {position.shape[0] if position.ndim else 0} "
+                f"domains, the mixture has {n}",
+                field="optimizer_state",
+            )
         state = jax.tree.unflatten(treedef, leaves)
-        position = jnp.asarray(saved["position"], jnp.float32)
     updates, state = optimizer.update(jnp.asarray(g_j, jnp.float32), state, position)
     update = np.asarray(updates, np.float64)
     new_saved = {

@@ -117,8 +117,8 @@ def plot_rounds(result: dict[str, Any], path: str, title: str = "IDEAL rounds") 
 
 def aggregate_seeds(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean ± 95% CI over seeds of every round's per-capability scores, and each round's paired
-    difference to D0 (the same seed's round 0) with its CI and significance (compare/stats.py)."""
-    from ideal_jax.compare import stats
+    difference to D0 (the same seed's round 0) with its CI and significance (ideal_jax/stats.py)."""
+    from ideal_jax import stats
 
     n_rounds = len(results[0]["scores"])
     table = []

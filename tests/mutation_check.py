@@ -43,21 +43,22 @@ MUTATIONS = [
     (
         "summary_records_nominal",
         "summary.json rows[K].beta is the nominal β",
-        "ideal_jax/ideal.py",
-        "beta=dict(zip(mix.domain_names, step.beta_applied.tolist())),",
-        "beta=dict(zip(mix.domain_names, step.beta_nominal.tolist())),",
+        "ideal_jax/round.py",
+        "beta=dict(zip(names, the_step.beta_applied.tolist())),",
+        "beta=dict(zip(names, the_step.beta_nominal.tolist())),",
         ["tests/test_cli.py::test_each_step_is_applied_as_computed_and_recorded_as_applied"],
     ),
     (
         "redraw_from_source",
         "D_k+1 redrawn from the sources with a new seed (not nested in D_k)",
-        "ideal_jax/ideal.py",
-        "mix = mixture_lib.resample_from(\n"
-        "                mix, step.volumes_after, seed=cfg.seed + k + 1, "
-        "beta_nominal=step.beta_nominal\n"
-        "            )",
-        "mix = mixture_lib.build_mixture(source_ids, list(step.volumes_after / np.asarray("
-        "mix.source_sizes) - 1), seed=cfg.seed + k + 1, keep_total=True)",
+        "ideal_jax/round.py",
+        "next_mix = mixture_lib.resample_from(\n"
+        "        mix, the_step.volumes_after, seed=cfg.seed + k + 1, "
+        "beta_nominal=the_step.beta_nominal\n"
+        "    )",
+        "next_mix = mixture_lib.build_mixture({n: [t.example_id for t in run.suite.tokenized[n]] "
+        "for n in mix.domain_names}, list(the_step.volumes_after / np.asarray(mix.source_sizes) "
+        "- 1), seed=cfg.seed + k + 1, keep_total=True)",
         ["tests/test_cli.py::test_each_step_is_applied_as_computed_and_recorded_as_applied"],
     ),
     (
@@ -96,10 +97,10 @@ MUTATIONS = [
     (
         "optax_state_restarts",
         "the optax state restarts every round",
-        "ideal_jax/ideal.py",
-        'state = stages.read_json(previous).get("optimizer_state")',
-        "state = None",
-        ["tests/test_reweight.py"],
+        "ideal_jax/round.py",
+        "            state.optimizer_state,\n            outer_problem,",
+        "            None,\n            outer_problem,",
+        ["tests/test_round_state.py"],
     ),
     (
         "ekfac_multiplies",
@@ -223,7 +224,7 @@ MUTATIONS = [
     (
         "compare_unpaired",
         "compare: differences to D0 taken between seed means, not paired per seed",
-        "ideal_jax/compare/stats.py",
+        "ideal_jax/stats.py",
         "diffs = [float(a) - float(b) for a, b in zip(values, baseline)]",
         "diffs = [float(a) - float(np.mean(baseline)) for a in values]",
         ["tests/test_compare_stats.py"],
@@ -231,7 +232,7 @@ MUTATIONS = [
     (
         "compare_normal_quantile",
         "compare: 95% CI with the normal quantile instead of Student's t (too narrow, 5 seeds)",
-        "ideal_jax/compare/stats.py",
+        "ideal_jax/stats.py",
         "if df <= len(_T975):\n        return _T975[df - 1]",
         "if df <= len(_T975):\n        return 1.959963984540054",
         ["tests/test_compare_stats.py"],
@@ -259,6 +260,38 @@ MUTATIONS = [
         '"one seed: round-to-round differences here cannot be separated from training noise "',
         '"one seed "',
         ["tests/test_compare_stats.py"],
+    ),
+    (
+        "stage_fingerprint_whole_config",
+        "artifacts fingerprinted over the whole config (a DaaR field invalidates IDEAL rounds)",
+        "ideal_jax/provenance.py",
+        'if (k == section or k.startswith(section + "."))',
+        "if True",
+        ["tests/test_config_evolution.py"],
+    ),
+    (
+        "added_field_refused",
+        "a field added to the package later (at its default) refuses every existing workdir",
+        "ideal_jax/configlib.py",
+        "and not (k not in old and k in defaults and new.get(k) == defaults[k])",
+        "and True",
+        ["tests/test_config_evolution.py"],
+    ),
+    (
+        "state_drops_optimizer",
+        "the saved round state loses the reweight optimizer state on resume",
+        "ideal_jax/round.py",
+        'optimizer_state=obj.get("optimizer_state"),',
+        "optimizer_state=None,",
+        ["tests/test_round_state.py"],
+    ),
+    (
+        "resume_reruns_rounds",
+        "finished rounds run again on resume (the round-level resume wrapper ignored)",
+        "ideal_jax/ideal.py",
+        "    if os.path.exists(row_path):",
+        "    if False:",
+        ["tests/test_round_state.py"],
     ),
 ]
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from ideal_jax.compare import baselines, stats
+from ideal_jax import stats
+from ideal_jax.compare import baselines
 from ideal_jax.utils.errors import InputError
 
 

@@ -181,21 +181,21 @@ def test_exact_block_operator_matches_dense_exact_block(small_problem):
 def test_pipeline_on_a_minimal_case_with_stubbed_training(tmp_path, monkeypatch):
     """Five 4-example domains, both signs, every noise run; training replaced by a deterministic
     function of (init, mixture, data-order seed) so that the test is fast; α and Q are real."""
-    from ideal_jax import stages
+    from ideal_jax.train import stage as train_stage
 
     calls, inits = [], {}
 
-    def fake_train_round(cfg, model_cfg, mesh, rdir, suite, mix, init_params):
-        calls.append((os.path.basename(rdir), tuple(mix.target_sizes), int(cfg.train.seed)))
+    def fake_train_round(train_cfg, data_cfg, model_cfg, mesh, rdir, suite, mix, init_params):
+        calls.append((os.path.basename(rdir), tuple(mix.target_sizes), int(train_cfg.seed)))
         inits[os.path.basename(rdir)] = float(sum(jnp.sum(x) for x in jax.tree.leaves(init_params)))
         os.makedirs(os.path.join(rdir, "train"), exist_ok=True)
         with open(os.path.join(rdir, "train", "metrics.jsonl"), "w") as f:
             f.write('{"step": 1, "epoch": 0, "loss": 2.0}\n{"step": 2, "epoch": 0, "loss": 1.0}\n')
         # a smooth response to the volumes plus "order noise" from the seed
-        scale = 1e-2 * np.dot(mix.target_sizes, [1.0, -2.0, 0.5, 3.0, -1.0]) + 1e-3 * cfg.train.seed
+        scale = 1e-2 * np.dot(mix.target_sizes, [1.0, -2.0, 0.5, 3.0, -1.0]) + 1e-3 * train_cfg.seed
         return jax.tree.map(lambda x: x * (1 + scale), init_params)
 
-    monkeypatch.setattr(stages, "train_round", fake_train_round)
+    monkeypatch.setattr(train_stage, "train_round", fake_train_round)
     cfg = cf.make_config(1, 1, n_ref=2, harmful=False)
     with cfg.unlocked():
         cfg.data.demo_train_sizes = {k: 4 for k in cfg.data.demo_train_sizes}
@@ -309,17 +309,33 @@ def test_counterfactual_default_settings(tmp_path):
         assert max(residuals) < 0.3
     # The benchmark shares one pass between operators; it must be what the IDEAL stage computes:
     # both in-process (the suite's 8 devices), from the base run's final checkpoint.
-    from ideal_jax import sharding, stages
+    from ideal_jax import sharding
     from ideal_jax.data import mixture as mixture_lib
+    from ideal_jax.data import suite as suite_lib
+    from ideal_jax.influence import stage as influence_stage
+    from ideal_jax.model import loading
+    from ideal_jax.train import stage as train_stage
 
     cfg = cf.make_config()
     mesh = sharding.make_mesh(dict(cfg.mesh))
-    suite = stages.load_suite(cfg, str(tmp_path))
-    model_cfg, base = stages.load_model(cfg, mesh, suite.tokenizer)
+    suite = suite_lib.load_suite(cfg, str(tmp_path))
+    model_cfg, base = loading.load_model(cfg.model, mesh, suite.tokenizer, seed=cfg.seed)
     ids = {name: [t.example_id for t in items] for name, items in suite.tokenized.items()}
     mix = mixture_lib.build_mixture(ids, {}, seed=cfg.seed, keep_total=False)
-    params = stages.train_round(cfg, model_cfg, mesh, str(tmp_path / "base"), suite, mix, base)
-    out = stages.influence_round(cfg, model_cfg, params, suite, mix, mesh)
+    params = train_stage.train_round(
+        cfg.train, cfg.data, model_cfg, mesh, str(tmp_path / "base"), suite, mix, base
+    )
+    out = influence_stage.influence_for_round(
+        cfg.curvature,
+        cfg.influence,
+        model_cfg,
+        params,
+        suite,
+        mix,
+        mesh,
+        seed=cfg.seed,
+        train_seq_len=cfg.train.seq_len,
+    ).to_json()
     ours = cf.alpha_matrices(cfg, model_cfg, params, suite, mix, mesh, ("ekfac",))
     key = f"{cfg.influence.operator}/{cfg.influence.scaling}"
     np.testing.assert_allclose(ours["alpha"][key]["matrix"], out["matrix"], rtol=1e-3, atol=1e-6)

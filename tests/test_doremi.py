@@ -16,9 +16,10 @@ import optax
 import pytest
 
 from configs import tiny
-from ideal_jax import sharding, stages
+from ideal_jax import sharding
 from ideal_jax.compare import doremi
 from ideal_jax.data import formatting, mixture
+from ideal_jax.data import suite as suite_lib
 from ideal_jax.model.config import preset
 from ideal_jax.model.transformer import init_params
 from ideal_jax.train.step import weighted_token_losses
@@ -48,7 +49,7 @@ def _config(**compare) -> ml_collections.ConfigDict:
     return cfg
 
 
-def _suite(names=("seen", "unseen"), per_domain: int = 24) -> stages.Suite:
+def _suite(names=("seen", "unseen"), per_domain: int = 24) -> suite_lib.Suite:
     tokenized = {}
     for name in names:
         prompt, response = PROMPTS[name], RESPONSES[name]
@@ -57,7 +58,7 @@ def _suite(names=("seen", "unseen"), per_domain: int = 24) -> stages.Suite:
         tokenized[name] = [
             formatting.TokenizedExample(ids, mask, f"{name}-{i}", name) for i in range(per_domain)
         ]
-    return stages.Suite(
+    return suite_lib.Suite(
         domains={name: [] for name in names},
         reference={},
         tokenizer=types.SimpleNamespace(pad_token_id=0),
@@ -68,7 +69,7 @@ def _suite(names=("seen", "unseen"), per_domain: int = 24) -> stages.Suite:
     )
 
 
-def _uniform(suite: stages.Suite) -> mixture.Mixture:
+def _uniform(suite: suite_lib.Suite) -> mixture.Mixture:
     ids = {n: [t.example_id for t in items] for n, items in suite.tokenized.items()}
     return mixture.build_mixture(ids, None, seed=0)
 
@@ -124,7 +125,7 @@ def _train_reference(model_cfg, params, cfg, suite, epochs):
         updates, opt_state = optimizer.update(jax.grad(mean_loss)(p), opt_state, p)
         return optax.apply_updates(p, updates), opt_state
 
-    batches, steps = stages.mixture_batches(suite, _uniform(suite), cfg.train, cfg.data, 0)
+    batches, steps = suite_lib.mixture_batches(suite, _uniform(suite), cfg.train, cfg.data, 0)
     opt_state = optimizer.init(params)
     for epoch in range(epochs):
         for batch in list(batches(epoch))[:steps]:
@@ -189,7 +190,7 @@ def _written_out_step():
     """The batch, a reference, and what one step must give: λ, α and the SGD(1) parameters."""
     model_cfg, params, _ = _setup()
     cfg, suite = _config(), _suite()
-    batches, _ = stages.mixture_batches(suite, _uniform(suite), cfg.train, cfg.data, 0)
+    batches, _ = suite_lib.mixture_batches(suite, _uniform(suite), cfg.train, cfg.data, 0)
     batch = {k: jnp.asarray(v) for k, v in next(iter(batches(0))).items()}
     noise = jax.tree.map(lambda p: np.random.default_rng(p.size).normal(size=p.shape), params)
     reference = jax.tree.map(lambda p, n: (p + 0.05 * n).astype(np.float32), params, noise)
@@ -258,7 +259,7 @@ def test_learnable_gap_is_upweighted(known_run):
     assert result["eta"] == 1.0 and result["smoothing"] == 1e-3  # defaults without cfg.compare
     floor = result["smoothing"] / 2
     assert floor * (1 - 1e-5) <= result["final_weights"]["unseen"] < 3 * floor
-    _, steps_per_epoch = stages.mixture_batches(suite, _uniform(suite), cfg.train, cfg.data, 0)
+    _, steps_per_epoch = suite_lib.mixture_batches(suite, _uniform(suite), cfg.train, cfg.data, 0)
     steps = result["steps"]
     assert steps == cfg.train.epochs * steps_per_epoch
     assert result["trajectory_steps"] == list(range(1, steps + 1))
@@ -278,7 +279,7 @@ def test_resume_returns_the_file_without_training(known_run, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("resumed DoReMi must not train")
 
-    monkeypatch.setattr(stages, "mixture_batches", no_training)
+    monkeypatch.setattr(suite_lib, "mixture_batches", no_training)
     monkeypatch.setattr(doremi, "make_doremi_step", no_training)
     args = (model_cfg, mesh, suite, _uniform(suite), params, known_run["reference"], workdir)
     assert doremi.doremi_weights(known_run["cfg"], *args) == on_disk

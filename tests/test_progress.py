@@ -1,5 +1,5 @@
 """Log lines at the start and end of every stage (with its duration) and progress bars labelled
-with the round (ideal_jax/utils/progress.py, stages.Timer)."""
+with the round (ideal_jax/utils/progress.py, artifacts.Timer)."""
 
 import logging as std_logging
 import os
@@ -8,7 +8,8 @@ import re
 import pytest
 from absl import logging
 
-from ideal_jax import stages
+from ideal_jax import artifacts
+from ideal_jax.data import suite as suite_lib
 from ideal_jax.utils import progress
 
 
@@ -40,14 +41,14 @@ def test_timer_logs_start_end_and_labels_bars_with_the_round(tmp_path, absl_info
         labels.append(bar.desc)
         return sum(bar)
 
-    timer = stages.Timer(str(tmp_path / "round_2" / "timings.json"))
+    timer = artifacts.Timer(str(tmp_path / "round_2" / "timings.json"))
     assert timer.run("influence", fake_stage, 4) == 6
     assert labels == ["round 2 influence: curvature factors"]
     lines = _messages(absl_info)
     assert lines[0] == "round 2 influence: start"
     assert re.fullmatch(r"round 2 influence: done in \d+\.\d s", lines[1]), lines
     assert progress.label() == ""  # the label ends with the stage
-    assert "influence" in stages.read_json(timer.path)
+    assert "influence" in artifacts.read_json(timer.path)
 
 
 def test_failed_stage_is_logged_and_reraised(tmp_path, absl_info):
@@ -55,7 +56,7 @@ def test_failed_stage_is_logged_and_reraised(tmp_path, absl_info):
         raise ValueError("boom")
 
     with pytest.raises(ValueError, match="boom"):
-        stages.Timer(str(tmp_path / "round_0" / "timings.json")).run("train", broken)
+        artifacts.Timer(str(tmp_path / "round_0" / "timings.json")).run("train", broken)
     assert re.fullmatch(r"round 0 train: failed in \d+\.\d s", _messages(absl_info)[-1])
 
 
@@ -81,7 +82,7 @@ def test_only_ideal_jax_info_lines_pass_the_filter():
 def test_load_suite_logs_and_labels_tokenising(tmp_path, absl_info, capsys):
     from configs import tiny
 
-    stages.load_suite(tiny.get_config(), str(tmp_path))
+    suite_lib.load_suite(tiny.get_config(), str(tmp_path))
     lines = _messages(absl_info)
     assert lines[0] == "load data: start" and lines[-1].startswith("load data: done in")
     assert "load data: tokenize" in capsys.readouterr().err

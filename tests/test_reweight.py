@@ -136,27 +136,6 @@ def test_step_json_round_trip_records_applied_beta():
     np.testing.assert_allclose(back.beta_applied, step.beta_applied)
 
 
-def test_loop_continues_the_optax_state_from_the_previous_round(tmp_path):
-    """ideal.reweight_round reads round_{k-1}/reweight.json: a resumed run continues the state."""
-    from ideal_jax import ideal
-    from ideal_jax.data import mixture
-
-    ids = {f"d{i}": [f"d{i}:{j}" for j in range(n)] for i, n in enumerate(DEMO_SIZES)}
-    mix = mixture.build_mixture(ids, None, seed=0, keep_total=True)
-    cfg = reweight.ReweightConfig(rule="optax", optimizer="adam", learning_rate=0.05)
-    for k in (0, 1):
-        (tmp_path / f"round_{k}").mkdir()
-    first = ideal.reweight_round(str(tmp_path), 0, DEMO_ALPHA, mix, cfg)
-    second = ideal.reweight_round(str(tmp_path), 1, DEMO_ALPHA, mix, cfg)
-    assert first.optimizer_state["leaves"][0] == 1
-    assert second.optimizer_state["leaves"][0] == 2  # Adam's step count carried over
-    expected = reweight.compute_step(DEMO_ALPHA, mix.target_sizes, cfg, first.optimizer_state)
-    np.testing.assert_allclose(second.beta_nominal, expected.beta_nominal)
-    # A rerun reads the recorded step back instead of recomputing it.
-    again = ideal.reweight_round(str(tmp_path), 1, DEMO_ALPHA * 5, mix, cfg)
-    np.testing.assert_array_equal(again.volumes_after, second.volumes_after)
-
-
 def test_outer_rule_needs_the_round_objective():
     with pytest.raises(InputError, match="outer objective"):
         reweight.compute_step(DEMO_ALPHA, DEMO_SIZES, reweight.ReweightConfig(rule="outer"))

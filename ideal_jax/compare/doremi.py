@@ -37,7 +37,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ideal_jax import configlib, sharding, stages
+from ideal_jax import artifacts, configlib, sharding
+from ideal_jax.data import suite as suite_lib
 from ideal_jax.model.config import ModelConfig
 from ideal_jax.train.loop import BATCH_KEYS, NonFiniteLossError
 from ideal_jax.train.state import abstract_train_state, make_optimizer, state_shardings
@@ -329,7 +330,7 @@ def doremi_weights(
     path = os.path.join(workdir, ARTIFACT)
     fingerprint = _fingerprint(cfg, model_cfg, suite, mix, eta, smoothing)
     if os.path.exists(path):
-        previous = stages.read_json(path)
+        previous = artifacts.read_json(path)
         if previous.get("config") != fingerprint:
             raise InputError(
                 "this DoReMi result was computed from other inputs (config, mixture or DoReMi "
@@ -350,7 +351,7 @@ def doremi_weights(
             field="train.batch_size",
         )
     pad_id = suite.tokenizer.pad_token_id or 0
-    batches_for_epoch, steps_per_epoch = stages.mixture_batches(
+    batches_for_epoch, steps_per_epoch = suite_lib.mixture_batches(
         suite, mix, train_cfg, cfg.data, pad_id
     )
     total_steps = int(train_cfg.epochs) * int(steps_per_epoch)

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from ideal_jax.compare import stats
+from ideal_jax import stats
 
 SINGLE_SEED_NOTE = (
     "one seed: these differences cannot be separated from training noise (the same mixture "

@@ -30,15 +30,16 @@ from typing import Any
 
 import numpy as np
 
-from ideal_jax import configlib, ideal, provenance, sharding, stages, summary
+from ideal_jax import artifacts, configlib, ideal, summary
+from ideal_jax import round as round_lib
 from ideal_jax.compare import baselines, report
-from ideal_jax.compare.methods import parse_methods
 from ideal_jax.data import mixture as mixture_lib
 from ideal_jax.utils import progress
+from ideal_jax.utils.distributed import is_lead_host
 
 
 def run_compare(cfg, workdir: str) -> dict[str, Any]:
-    methods = parse_methods(cfg)
+    methods = configlib.parse_compare_methods(cfg)
     configlib.prepare_workdir(cfg, workdir)
     per_seed = []
     for s in range(cfg.seeds):
@@ -47,7 +48,7 @@ def run_compare(cfg, workdir: str) -> dict[str, Any]:
             seed_cfg = ideal.seed_config(cfg, s, mode="ideal")
             per_seed.append(run_seed(seed_cfg, os.path.join(workdir, f"seed_{seed}"), methods))
     comparison = report.build(per_seed, methods, cfg)
-    stages.write_json(os.path.join(workdir, "comparison.json"), comparison)
+    artifacts.write_json(os.path.join(workdir, "comparison.json"), comparison)
     report.plot(comparison, os.path.join(workdir, "comparison.png"))
     print(report.format_table(comparison))
     return comparison
@@ -55,10 +56,12 @@ def run_compare(cfg, workdir: str) -> dict[str, Any]:
 
 def _run_metrics(cfg, rdir: str, scores: dict, mix) -> dict[str, Any]:
     train_summary = os.path.join(rdir, "train", "summary.json")
-    steps = stages.read_json(train_summary)["total_steps"] if os.path.exists(train_summary) else 0
+    steps = (
+        artifacts.read_json(train_summary)["total_steps"] if os.path.exists(train_summary) else 0
+    )
     return {
         "scores": summary.round_scores({"eval": scores}),
-        "reference_loss": ideal.reference_objective(scores, cfg),
+        "reference_loss": round_lib.reference_objective(scores, cfg),
         "volumes": dict(zip(mix.domain_names, map(int, mix.target_sizes))),
         "train_steps": int(steps),
         "dir": rdir,
@@ -67,20 +70,17 @@ def _run_metrics(cfg, rdir: str, scores: dict, mix) -> dict[str, Any]:
 
 def _train_seconds(rdir: str) -> float:
     path = os.path.join(rdir, "timings.json")
-    return float(stages.read_json(path).get("train", 0.0)) if os.path.exists(path) else 0.0
+    return float(artifacts.read_json(path).get("train", 0.0)) if os.path.exists(path) else 0.0
 
 
 def run_seed(cfg, sdir: str, methods: tuple[str, ...]) -> dict[str, Any]:
     """Every method for one seed; returns {method: metrics} plus the seed's compute figures."""
     os.makedirs(sdir, exist_ok=True)
-    mesh = sharding.make_mesh(dict(cfg.mesh))
-    suite = stages.load_suite(cfg, sdir)
-    model_cfg, base_params = stages.load_model(cfg, mesh, suite.tokenizer)
-    loaded = (mesh, suite, model_cfg, base_params)
+    run = ideal.load_run(cfg, sdir)
+    mesh, suite, model_cfg, base_params = run.mesh, run.suite, run.model_cfg, run.base_params
     source_ids = {name: [t.example_id for t in items] for name, items in suite.tokenized.items()}
     names = list(source_ids)
     total = sum(len(v) for v in source_ids.values())
-    inputs = provenance.run_inputs(cfg, suite)
     epochs = max(int(cfg.train.epochs), 1)
     results: dict[str, Any] = {}
 
@@ -90,25 +90,21 @@ def run_seed(cfg, sdir: str, methods: tuple[str, ...]) -> dict[str, Any]:
         os.makedirs(rdir, exist_ok=True)
         mix = baselines.mixture_from_weights(source_ids, weights, total, cfg.seed)
         mix_path = os.path.join(rdir, "mixture.json")
-        mix = stages.fix_mixture(mix_path, mix, inputs)
-        timer = stages.Timer(os.path.join(rdir, "timings.json"))
+        mix = artifacts.cached(
+            mix_path,
+            lambda: mix,
+            inputs=run.stage_inputs("compare"),
+            load=mixture_lib.read_manifest,
+            save=lambda path, m: is_lead_host() and mixture_lib.write_manifest(m, path),
+        )
+        timer = artifacts.Timer(os.path.join(rdir, "timings.json"))
         with progress.stage(name):
-            params, scores = ideal.train_and_evaluate(
-                cfg,
-                rdir,
-                timer,
-                model_cfg,
-                base_params,
-                suite,
-                mix,
-                mesh,
-                provenance.with_upstream(inputs, mixture=mix_path),
-            )
+            params, scores = round_lib.train_and_evaluate(run, rdir, timer, base_params, mix)
         return _run_metrics(cfg, rdir, scores, mix), params
 
     # IDEAL: D0 is its round 0; the method "ideal" is its last round (D_rounds).
     ideal_dir = os.path.join(sdir, "ideal")
-    ideal_run = ideal.run_ideal(cfg, ideal_dir, loaded=loaded)
+    ideal_run = ideal.run_ideal(cfg, ideal_dir, loaded=run)
     rounds = len(ideal_run["rounds"]) - 1
     for method, k in (("d0", 0), ("ideal", rounds)):
         rdir = os.path.join(ideal_dir, f"round_{k}")
@@ -167,7 +163,7 @@ def run_seed(cfg, sdir: str, methods: tuple[str, ...]) -> dict[str, Any]:
 
         proxy_dir = os.path.join(sdir, "doremi", "proxy")
         uniform_mix = mixture_lib.read_manifest(os.path.join(sdir, "uniform", "mixture.json"))
-        timer = stages.Timer(os.path.join(sdir, "doremi", "proxy_timings.json"))
+        timer = artifacts.Timer(os.path.join(sdir, "doremi", "proxy_timings.json"))
         with progress.stage("doremi"):
             found = timer.run(
                 "doremi_proxy",

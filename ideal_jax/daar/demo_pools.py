@@ -11,7 +11,7 @@ DaaR (METHOD.md §2) argues that an unlabeled SFT pool is dominated by a few ove
 redundant kinds of data, so that a random subset spends most of its budget on them and starves the
 capabilities the evaluation needs. This builder writes such a pool from the demo suite's
 capabilities (ideal_jax/data/demo_suite.py), in the demo suite's directory layout, so the usual
-loaders (`stages.load_suite` with cfg.data.demo) read it:
+loaders (`suite_lib.load_suite` with cfg.data.demo) read it:
 
   head capabilities (default reverse, uppercase): most of the pool, every example a copy of one of
       only `head_unique` distinct items per capability: exact duplicates, redundant;

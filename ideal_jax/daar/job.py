@@ -21,6 +21,8 @@ from typing import Any
 from ideal_jax.daar import pipeline
 from ideal_jax.daar.generation import ModelGenerator
 from ideal_jax.data import records
+from ideal_jax.data import suite as suite_lib
+from ideal_jax.model import loading
 from ideal_jax.utils.errors import InputError
 
 
@@ -131,12 +133,12 @@ def make_generator(cfg, model_cfg, params, suite):
 
 def run_from_config(cfg, workdir: str) -> dict[str, Any]:
     """mode=daar: select from the pool; writes WORKDIR/daar/ (manifest, selected.jsonl)."""
-    from ideal_jax import sharding, stages
+    from ideal_jax import sharding
 
     daar_cfg = daar_config(cfg.daar)  # bad cfg.daar values fail before any data or model loads
     mesh = sharding.make_mesh(dict(cfg.mesh))
-    suite = stages.load_suite(cfg, workdir)
-    model_cfg, params = stages.load_model(cfg, mesh, suite.tokenizer)
+    suite = suite_lib.load_suite(cfg, workdir)
+    model_cfg, params = loading.load_model(cfg.model, mesh, suite.tokenizer, seed=cfg.seed)
     pool, probe = load_pool(cfg, suite)
     result = pipeline.run_daar(
         daar_cfg,

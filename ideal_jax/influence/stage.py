@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
 
 import jax
 import numpy as np
@@ -38,6 +37,7 @@ from ideal_jax.data import batching
 from ideal_jax.data import mixture as mixture_lib
 from ideal_jax.influence import alpha as alpha_lib
 from ideal_jax.influence import gradients, outer
+from ideal_jax.influence.result import GroupInfluence, RoundInfluence, combine_groups
 from ideal_jax.model import decoding
 from ideal_jax.utils import progress
 
@@ -123,37 +123,53 @@ def device_memory_bytes(curv_cfg) -> int | None:
     return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
 
 
-def layer_groups(cfg, model_cfg, layers: tuple[str, ...], mesh) -> list[tuple[str, ...]]:
-    memory = device_memory_bytes(cfg.curvature)
+def layer_groups(
+    curv_cfg, operator: str, model_cfg, layers: tuple[str, ...], mesh
+) -> list[tuple[str, ...]]:
+    memory = device_memory_bytes(curv_cfg)
     if memory is None:
         return [layers]
     from ideal_jax.memory_plan import plan_curvature_layer_groups
 
     groups = plan_curvature_layer_groups(
-        model_cfg, list(layers), mesh, memory, ekfac=cfg.influence.operator == "ekfac"
+        model_cfg, list(layers), mesh, memory, ekfac=operator == "ekfac"
     )
     return [tuple(g) for g in groups]
 
 
 def influence_for_round(
-    cfg, model_cfg, params, suite, mix, mesh, *, with_outer: bool = False
-) -> dict[str, Any] | tuple[dict[str, Any], Any]:
-    """influence.json's content; with_outer=True also the round's outer objective problem
-    (ideal_jax/influence/outer.py: θ*, u_j = H⁻¹ ∇L̄_j over all layer groups, p, L_ref)."""
-    curv, infl = cfg.curvature, cfg.influence
+    curv,
+    infl,
+    model_cfg,
+    params,
+    suite,
+    mix,
+    mesh,
+    *,
+    seed: int,
+    train_seq_len: int,
+    with_outer: bool = False,
+    keep_group_state: bool = False,
+) -> RoundInfluence:
+    """The round's influence (cfg.curvature, cfg.influence) on the trained `params` over `mix`.
+
+    with_outer=True also builds the round's outer objective problem (ideal_jax/influence/outer.py:
+    θ*, u_j = H⁻¹ ∇L̄_j over all layer groups, p, L_ref); keep_group_state keeps each layer
+    group's operator and gradients in the result (memory: one copy of the selected layers each).
+    """
     pad_id = suite.tokenizer.pad_token_id or 0
     layers = layers_lib.select_layers(params, curv.layers)
-    train_items, subsample_info = subsample(suite, mix, curv, cfg.seed)
-    rng = jax.random.key(cfg.seed)
+    train_items, subsample_info = subsample(suite, mix, curv, seed)
+    rng = jax.random.key(seed)
     # Pad mode, one example per row (EK-FAC's "per example" is a row), never truncated. Examples
     # are batched in order of length and each batch is as long as its longest example (bucketed),
     # with the loss taken at the response positions only (row_plan).
     longest = max(len(t.input_ids) for t in train_items + suite.reference_tokenized)
-    seq_len = row_length(longest, cfg.train.seq_len)
+    seq_len = row_length(longest, train_seq_len)
 
     def batches(items, names, batch_size, *, by_length=True, k=None):
         plans = (
-            row_plan(items, batch_size, cfg.train.seq_len, k)
+            row_plan(items, batch_size, train_seq_len, k)
             if by_length
             else [(list(items), seq_len, None)]
         )
@@ -163,7 +179,7 @@ def influence_for_round(
                 batch_size,
                 length,
                 "pad",
-                cfg.seed,
+                seed,
                 0,
                 jax.process_index(),
                 jax.process_count(),
@@ -182,13 +198,13 @@ def influence_for_round(
 
     train_batches = lambda: batches(train_items, suite.domain_names, curv.batch_size)
     timings = {"factors": 0.0, "eigen_correction": 0.0, "gradients": 0.0, "inverse_products": 0.0}
-    groups = layer_groups(cfg, model_cfg, layers, mesh)
+    groups = layer_groups(curv, infl.operator, model_cfg, layers, mesh)
     # "exact" scaling needs |D_j| in the unit of the loss: response tokens of domain j in the mix.
     tokens_j = [
         float(_response_tokens(suite.tokenized[name], ids))
         for name, ids in zip(mix.domain_names, mix.example_ids)
     ]
-    total, last, directions, terms, operator_info = None, None, {}, None, {}
+    parts, directions, terms = [], {}, None
     weighting = infl.get("reference_weighting", "capability")
     for group in groups:
         problem = kfac_lib.lm_problem(model_cfg, group)
@@ -239,8 +255,6 @@ def influence_for_round(
             inverse_vectors = operator.many(
                 [g for _, g in alpha_lib.reference_rows(ref_grads, weighting)]
             )
-        if operator.info:  # e.g. cg: iterations and residuals of the solves
-            operator_info[",".join(group)] = dict(operator.info)
         timings["inverse_products"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         with progress.stage("domain gradients"):
@@ -256,7 +270,7 @@ def influence_for_round(
         # H is block-diagonal over layers: the groups' per-example terms add up, example by example
         terms = part if terms is None else dataclasses.replace(terms, c=terms.c + part.c)
         t0 = time.perf_counter()
-        last = alpha_lib.compute_alpha(
+        part_alpha = alpha_lib.compute_alpha(
             ref_grads,
             domain_grads,
             operator,
@@ -270,8 +284,16 @@ def influence_for_round(
         if with_outer:  # u_j for this group's layers (H is block-diagonal over groups)
             directions.update(outer.directions(operator, domain_grads))
         timings["inverse_products"] += time.perf_counter() - t0
-        # H is block-diagonal over layers: each group adds its layers' share of every dot product.
-        total = last.to_json() if total is None else _add(total, last.to_json())
+        keep = keep_group_state
+        parts.append(
+            GroupInfluence(
+                alpha=part_alpha,
+                operator_info=dict(operator.info) if operator.info else None,
+                operator=operator if keep else None,
+                domain_gradients=domain_grads if keep else None,
+                reference_gradients=ref_grads if keep else None,
+            )
+        )
     stderr = alpha_lib.standard_errors(
         terms.c,
         terms.w,
@@ -280,24 +302,25 @@ def influence_for_round(
         scaling=infl.scaling,
         domain_sizes=tokens_j,
     )
-    total["stderr"] = alpha_lib._nested(stderr)
     counts = np.bincount(terms.group, minlength=len(suite.domain_names))
     subsample_info["examples"] = {n: int(c) for n, c in zip(suite.domain_names, counts)}
-    total.update(
-        layers=list(layers),
-        layer_groups=[list(g) for g in groups],
+    # H is block-diagonal over layers: each group adds its layers' share of every dot product.
+    alpha = dataclasses.replace(
+        combine_groups([g.alpha for g in parts], stderr=stderr), layers=tuple(layers)
+    )
+    result = RoundInfluence(
+        alpha=alpha,
+        groups=tuple(parts),
         estimator=curv.estimator,
         relative_damping=bool(curv.relative_damping),
         correction=curv.correction if infl.operator == "ekfac" else None,
-        subsample_examples=len(train_items),
         subsample=subsample_info,
+        subsample_examples=len(train_items),
         seq_len=seq_len,
         timings=timings,
     )
-    if operator_info:
-        total["operator_info"] = operator_info
     if not with_outer:
-        return total
+        return result
     # One row length, all token rows: the outer objective stacks these batches into one array.
     ref_batches = list(
         batches(suite.reference_tokenized, suite.capabilities, infl.batch_size, by_length=False)
@@ -308,13 +331,8 @@ def influence_for_round(
     )
     # p_j: domain j's share of the training loss weight (response tokens), as in the inner problem.
     shares = np.asarray(tokens_j) / np.sum(tokens_j)
-    return total, outer.outer_problem(problem_all, params, directions, shares, ref_loss)
-
-
-def _add(total: dict, part: dict) -> dict:
-    total["matrix"] = (np.asarray(total["matrix"]) + np.asarray(part["matrix"])).tolist()
-    total["damping"] = {**total["damping"], **part["damping"]}
-    return total
+    problem = outer.outer_problem(problem_all, params, directions, shares, ref_loss)
+    return dataclasses.replace(result, outer_problem=problem)
 
 
 def _response_tokens(tokenized, ids) -> int:

@@ -1,0 +1,190 @@
+"""The run's data: training domains, reference set, tokenizer and evaluation tasks (a Suite),
+loaded once per run from cfg.data (building the embedded demo suite if asked), and the batches of
+a round's mixture for training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any
+
+import jax
+
+from ideal_jax.data import batching, demo_suite, formatting, mixture, records
+from ideal_jax.model import hf_io
+from ideal_jax.utils import progress, workdir_lock
+from ideal_jax.utils.errors import InputError
+
+
+@dataclasses.dataclass
+class Suite:
+    """Everything loaded once per run: domains, reference set, tokenizer, evaluation tasks."""
+
+    domains: dict[str, list[records.Example]]
+    reference: dict[str, list[records.Example]]
+    tokenizer: Any
+    tokenized: dict[str, list[formatting.TokenizedExample]]
+    reference_tokenized: list[formatting.TokenizedExample]
+    format_stats: dict[str, Any]
+    eval_tasks: dict[str, dict]
+
+    @property
+    def domain_names(self) -> tuple[str, ...]:
+        return tuple(self.domains)
+
+    @property
+    def capabilities(self) -> tuple[str, ...]:
+        return tuple(self.reference)
+
+
+def load_suite(cfg, workdir: str) -> Suite:
+    """Domains, reference set and tokenizer from cfg.data (building the demo suite if asked)."""
+    with progress.stage("load data"):
+        return _load_suite(cfg, workdir)
+
+
+def _load_suite(cfg, workdir: str) -> Suite:
+    data = cfg.data
+    field_map = dict(data.field_map) or None
+    eval_tasks = {name: dict(task) for name, task in cfg.eval.tasks.items()}
+    if data.demo:
+        demo_dir = os.path.join(workdir, "demo_data")
+        if not os.path.exists(os.path.join(demo_dir, "tokenizer", "tokenizer.json")):
+            # Built into a temporary directory and renamed: a crash leaves no half-built suite.
+            tmp = workdir_lock.unique_tmp(demo_dir)  # unique per process
+            demo_suite.build_demo_suite(
+                tmp,
+                seed=cfg.seed,
+                train_sizes=dict(data.demo_train_sizes),
+                n_test=data.demo_n_test,
+                n_ref=data.demo_n_ref,
+            )
+            os.replace(tmp, demo_dir)
+        train_paths = {
+            cap: os.path.join(demo_dir, "train", f"{cap}.jsonl")
+            for cap in data.demo_train_sizes
+            if data.demo_train_sizes[cap] > 0
+        }
+        domains = records.load_domains(train_paths)
+        # Capabilities: those with a training domain (a harmful domain is none; demo_suite.py).
+        capabilities = tuple(c for c in demo_suite.CAPABILITIES if c in train_paths)
+        reference = records.load_reference(
+            os.path.join(demo_dir, "ref.jsonl"), capability_names=capabilities
+        )
+        tokenizer = load_run_tokenizer(cfg, workdir)
+        if cfg.eval.demo:
+            test_records = []
+            for cap in capabilities:  # eval.limit applies per capability
+                with open(os.path.join(demo_dir, "test", f"{cap}.jsonl")) as f:
+                    lines = [json.loads(line) for line in f if line.strip()]
+                test_records += lines[: cfg.eval.limit or None]
+            eval_tasks["demo"] = {
+                "type": "exact_match",
+                "records": test_records,
+                "max_new_tokens": cfg.eval.max_new_tokens,
+                "batch_size": cfg.eval.batch_size,
+            }
+    else:
+        sources = dict(data.domains) or data.source
+        if not sources:
+            raise InputError(
+                "no training data: set data.domains or data.source (or data.demo)",
+                field="data.domains",
+            )
+        domains = records.load_domains(
+            sources,
+            domain_names=tuple(data.domain_names) or None,
+            field_map=field_map,
+            group_field=data.domain_field,
+        )
+        reference = records.load_reference(
+            dict(data.reference) or data.reference_source, field_map=field_map
+        )
+        tokenizer = load_run_tokenizer(cfg, workdir)
+    tokenize = functools.partial(
+        formatting.tokenize_examples,
+        tokenizer=tokenizer,
+        max_len=data.max_len,
+        truncate=data.truncate,
+    )
+    tokenized, stats = tokenize_domains(domains, tokenize)
+    # Reference examples are grouped by capability: the capability is their "domain" in batches.
+    ref_examples = [
+        dataclasses.replace(ex, domain=cap) for cap, exs in reference.items() for ex in exs
+    ]
+    ref_tokenized, ref_stats = tokenize(progress.bar(ref_examples, "tokenize reference", unit="ex"))
+    stats["reference"] = ref_stats.to_dict()
+    if not ref_tokenized:
+        raise InputError(
+            "the reference set has no example with response tokens", field="data.reference"
+        )
+    return Suite(domains, reference, tokenizer, tokenized, ref_tokenized, stats, eval_tasks)
+
+
+def tokenize_domains(domains, tokenize) -> tuple[dict, dict]:
+    tokenized, stats = {}, {}
+    bar = progress.bar(total=sum(len(exs) for exs in domains.values()), desc="tokenize", unit="ex")
+    for name, examples in domains.items():
+        bar.set_postfix_str(name)
+        tokenized[name], domain_stats = tokenize(examples)
+        bar.update(len(examples))
+        stats[name] = domain_stats.to_dict()
+    bar.close()
+    return tokenized, stats
+
+
+def with_domains(suite: Suite, domains: dict[str, list[records.Example]], data_cfg) -> Suite:
+    """The suite with other training domains (e.g. DaaR pseudo-domains of an unlabeled pool)."""
+    tokenize = functools.partial(
+        formatting.tokenize_examples,
+        tokenizer=suite.tokenizer,
+        max_len=data_cfg.max_len,
+        truncate=data_cfg.truncate,
+    )
+    tokenized, stats = tokenize_domains(domains, tokenize)
+    return dataclasses.replace(
+        suite, domains=domains, tokenized=tokenized, format_stats={**suite.format_stats, **stats}
+    )
+
+
+def load_run_tokenizer(cfg, workdir: str):
+    """The run's tokenizer: the demo suite's, else data.tokenizer or model.path (dir or .gguf)."""
+    if cfg.data.demo:
+        return hf_io.load_tokenizer(os.path.join(workdir, "demo_data", "tokenizer"))
+    tok_dir = cfg.data.tokenizer or cfg.model.path
+    if not tok_dir:
+        raise InputError("no tokenizer: set data.tokenizer or model.path", field="data.tokenizer")
+    return hf_io.load_tokenizer(tok_dir)
+
+
+def mixture_batches(suite: Suite, mix: mixture.Mixture, train_cfg, data_cfg, pad_id: int):
+    """(batches_for_epoch, steps_per_epoch) over the round's mixture, this host's rows only."""
+    items = mixture.materialize(mix, suite.tokenized)
+    seed = int(train_cfg.seed)
+
+    def batches_for_epoch(epoch: int):
+        return batching.iterate_batches(
+            items,
+            train_cfg.batch_size,
+            train_cfg.seq_len,
+            data_cfg.batching,
+            seed,
+            epoch,
+            jax.process_index(),
+            jax.process_count(),
+            domain_names=suite.domain_names,
+            pad_id=pad_id,
+        )
+
+    # Packing makes the row count depend on each epoch's shuffle; the trainer needs one
+    # steps-per-epoch, so take the smallest (an epoch with more rows skips its last partial batch).
+    steps = min(
+        batching.steps_per_epoch(
+            items, train_cfg.batch_size, train_cfg.seq_len, data_cfg.batching, seed, epoch
+        )
+        for epoch in range(max(int(train_cfg.epochs), 1))
+    )
+    return batches_for_epoch, steps

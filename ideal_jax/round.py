@@ -1,0 +1,343 @@
+"""Where a round starts: `run_round(run, state)` takes round k's state and returns round k+1's
+state and round k's summary row (METHOD.md §1.2):
+
+    θ_k = SFT(init, D_k) → scores → α_k (influence stage) → β_k (reweight rule) → D_k+1
+
+A `RoundState` is what goes into a round: its index, the mixture D_k, the parameters to warm-start
+from (or the round whose checkpoint holds them), the reweight rule's optimizer state and, for the
+outer rule, Q's prediction of this round's reference loss. It is saved as round_K/state.json
+before the round runs. Each stage inside a round is one `artifacts.cached` call keyed by the
+stage's own fingerprints (provenance.stage_inputs), so a crash mid-round resumes at the stage it
+stopped in; the loop in ideal.py skips whole rounds whose row and successor state exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import numpy as np
+
+from ideal_jax import artifacts, provenance, reweight
+from ideal_jax.data import mixture as mixture_lib
+from ideal_jax.data.suite import Suite
+from ideal_jax.utils import distributed
+from ideal_jax.utils.errors import InputError
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What every round of one run shares (loaded once)."""
+
+    cfg: Any
+    workdir: str
+    mesh: Any
+    suite: Suite
+    model_cfg: Any
+    base_params: Any
+    inputs: dict  # run-level fingerprints (data); stage fingerprints add config sections
+    reweight_cfg: reweight.ReweightConfig
+
+    def rdir(self, k: int) -> str:
+        return os.path.join(self.workdir, f"round_{k}")
+
+    def stage_inputs(self, stage: str, **upstream: str) -> dict[str, str]:
+        """Fingerprints an artifact of `stage` depends on: data, the config sections the stage
+        reads, and the content of the upstream artifacts named."""
+        own = provenance.stage_inputs(self.cfg, stage, self.inputs["data"])
+        return provenance.with_upstream(own, **upstream)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundState:
+    """What goes into round k."""
+
+    k: int
+    mixture: mixture_lib.Mixture  # D_k
+    params: Any = None  # round k-1's trained parameters (warm start), when in memory
+    params_round: int | None = None  # else the round whose checkpoint holds them
+    optimizer_state: dict | None = None  # the reweight rule's state after round k-1's step
+    predicted_reference_loss: float | None = None  # rule "outer": Q's prediction for θ_k
+
+    def to_json(self, run: Run) -> dict:
+        return {
+            "round": self.k,
+            "mixture": os.path.join(f"round_{self.k}", "mixture.json"),
+            "volumes": dict(zip(self.mixture.domain_names, map(int, self.mixture.target_sizes))),
+            "params_round": self.params_round,  # its checkpoint: round_{params_round}/train
+            "optimizer_state": self.optimizer_state,
+            "predicted_reference_loss": self.predicted_reference_loss,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict, run: Run, path: str) -> RoundState:
+        """The state saved in round_K/state.json (its mixture read from round_K/mixture.json)."""
+        try:
+            k = int(obj["round"])
+            mix = mixture_lib.read_manifest(os.path.join(run.workdir, obj["mixture"]))
+            params_round = obj.get("params_round")
+            return cls(
+                k=k,
+                mixture=mix,
+                params_round=None if params_round is None else int(params_round),
+                optimizer_state=obj.get("optimizer_state"),
+                predicted_reference_loss=obj.get("predicted_reference_loss"),
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise InputError(
+                f"round state is malformed ({e!r}); delete it to recompute the round",
+                path=path,
+                field=str(e.args[0]) if isinstance(e, KeyError) else None,
+            ) from None
+
+
+def fix_mixture(run: Run, state: RoundState) -> mixture_lib.Mixture:
+    """round_K/mixture.json: the state's mixture, written once (with its provenance: the config,
+    the data and the step that produced it); a resumed round reads it back."""
+    k = state.k
+    previous_step = os.path.join(run.rdir(k - 1), "reweight.json")
+    return artifacts.cached(
+        os.path.join(run.rdir(k), "mixture.json"),
+        lambda: state.mixture,
+        inputs=run.stage_inputs("mixture", **({"step": previous_step} if k else {})),
+        load=mixture_lib.read_manifest,
+        save=_save_manifest,
+    )
+
+
+def save_state(run: Run, state: RoundState) -> None:
+    """round_K/state.json and round_K/mixture.json: what round K starts from."""
+    os.makedirs(run.rdir(state.k), exist_ok=True)
+    fix_mixture(run, state)
+    artifacts.write_json(os.path.join(run.rdir(state.k), "state.json"), state.to_json(run))
+
+
+def initial_state(run: Run) -> RoundState:
+    """Round 0: D_0 = the given mixture (β = 0), no optimizer state."""
+    source_ids = {n: [t.example_id for t in items] for n, items in run.suite.tokenized.items()}
+    mix = mixture_lib.build_mixture(
+        source_ids, None, seed=run.cfg.seed, keep_total=run.reweight_cfg.keep_total
+    )
+    return RoundState(k=0, mixture=mix)
+
+
+def run_round(
+    run: Run, state: RoundState, *, train: bool = True, step: bool = True
+) -> tuple[RoundState | None, dict]:
+    """Round k: train on D_k (train=False: evaluate the base model as it is), evaluate, and —
+    with step — measure α and take the reweight step; (round k+1's state or None, row)."""
+    cfg, k, rdir = run.cfg, state.k, run.rdir(state.k)
+    os.makedirs(rdir, exist_ok=True)
+    timer = artifacts.Timer(os.path.join(rdir, "timings.json"))
+    mix_path = os.path.join(rdir, "mixture.json")
+    mix = fix_mixture(run, state)
+    init = run.base_params
+    if cfg.train.warm_start and k > 0:
+        init = state.params if state.params is not None else _restore(run, state.params_round)
+    params, scores = train_and_evaluate(run, rdir, timer, init, mix, train=train)
+    row = {"round": k, "mixture": _mixture_row(mix), "eval": scores}
+    row["timings"] = dict(timer.times)
+    if state.predicted_reference_loss is not None:  # rule "outer": Q's prediction vs retrained
+        row["reference_loss_predicted"] = state.predicted_reference_loss
+        row["reference_loss_measured"] = reference_objective(scores, cfg)
+    if not step:
+        return None, row
+    influence_path = os.path.join(rdir, "influence.json")
+    influence_inputs = run.stage_inputs("influence", mixture=mix_path)
+    reweight_path = os.path.join(rdir, "reweight.json")
+    influence = None
+    if provenance.reuse(influence_path, influence_inputs):
+        influence = _read_influence(influence_path)
+    # rule "outer": Q needs the stage's operator and gradients, not only α, so the stage runs
+    # again when the step is still to be taken (the recorded α stays the one used).
+    with_outer = run.reweight_cfg.rule == "outer" and not os.path.exists(reweight_path)
+    outer_problem = None
+    if influence is None or with_outer:
+        computed = timer.run(
+            "influence", _influence_stage, run, params, mix, with_outer, record=influence is None
+        )
+        outer_problem = computed.outer_problem
+        if influence is None:
+            influence = artifacts.cached(
+                influence_path,
+                lambda: computed,
+                inputs=influence_inputs,
+                save=lambda path, result: artifacts.write_json(path, result.to_json()),
+            )
+    influence.check_domains(mix.domain_names, influence_path)
+    alpha_j, stderr_j = influence.row("all"), influence.stderr_row("all")
+    # β is relative to this round's volumes (β = 0 is D_k, where α was measured); stateful rules
+    # continue from the optimizer state the previous round's step left.
+    the_step = artifacts.cached(
+        reweight_path,
+        lambda: reweight.compute_step(
+            alpha_j,
+            mix.target_sizes,
+            run.reweight_cfg,
+            state.optimizer_state,
+            outer_problem,
+            stderr_j,
+        ),
+        inputs=run.stage_inputs("reweight", mixture=mix_path, influence=influence_path),
+        load=lambda p: reweight.Step.from_json(artifacts.read_json(p), mix.domain_names, path=p),
+        save=lambda p, s: artifacts.write_json(p, s.to_json(mix.domain_names)),
+    )
+    predicted = None
+    if the_step.objective:
+        predicted = the_step.objective["predicted_reference_loss"]
+        row["objective"] = {
+            key: the_step.objective[key] for key in ("q_before", "q_after", "steps")
+        }
+    if stderr_j is not None:
+        row["alpha_stderr"] = dict(zip(mix.domain_names, stderr_j.tolist()))
+    names = mix.domain_names
+    row.update(
+        alpha=dict(zip(names, alpha_j.tolist())),
+        beta=dict(zip(names, the_step.beta_applied.tolist())),
+        beta_nominal=dict(zip(names, the_step.beta_nominal.tolist())),
+        indistinguishable=[
+            d
+            for d, flag in zip(names, the_step.indistinguishable(run.reweight_cfg.significance_z))
+            if flag
+        ],
+        timings=dict(timer.times),
+    )
+    # D_k+1 = (1 + β)·D_k: nested resampling of D_k itself (β = 0 keeps D_k).
+    next_mix = mixture_lib.resample_from(
+        mix, the_step.volumes_after, seed=cfg.seed + k + 1, beta_nominal=the_step.beta_nominal
+    )
+    return RoundState(
+        k=k + 1,
+        mixture=next_mix,
+        params=params,
+        params_round=k,
+        optimizer_state=the_step.optimizer_state,
+        predicted_reference_loss=predicted,
+    ), row
+
+
+def train_and_evaluate(
+    run: Run, rdir: str, timer, init_params, mix, *, train: bool = True
+) -> tuple[Any, dict[str, Any]]:
+    """SFT on `mix` from `init_params` into RDIR/train, then RDIR/eval.json; (params, scores).
+
+    Training resumes from its own checkpoints (a finished run restores its parameters); the
+    evaluation is reused if its inputs match. train=False evaluates `init_params` as they are.
+    """
+    from ideal_jax.train.stage import train_done, train_round
+
+    cfg, mix_path = run.cfg, os.path.join(rdir, "mixture.json")
+    params = init_params
+    if train:
+        train_dir = os.path.join(rdir, "train")
+        train_inputs = run.stage_inputs("train", mixture=mix_path)
+        if not provenance.reuse(train_dir, train_inputs):
+            os.makedirs(train_dir, exist_ok=True)
+            provenance.record(train_dir, train_inputs)
+        params = timer.run(
+            "train",
+            train_round,
+            cfg.train,
+            cfg.data,
+            run.model_cfg,
+            run.mesh,
+            rdir,
+            run.suite,
+            mix,
+            init_params,
+            show_progress=cfg.progress,
+            record=not train_done(rdir),
+        )
+    eval_inputs = run.stage_inputs("eval" if train else "eval_base", mixture=mix_path)
+    return params, evaluate(run, rdir, timer, params, eval_inputs)
+
+
+def evaluate(run: Run, directory: str, timer, params, inputs) -> dict[str, Any]:
+    """DIRECTORY/eval.json (computed once; a rerun reads it back if its inputs match)."""
+    from ideal_jax.evaluate.stage import evaluate_round
+
+    cfg = run.cfg
+    return artifacts.cached(
+        os.path.join(directory, "eval.json"),
+        lambda: evaluate_round(
+            cfg.eval,
+            run.model_cfg,
+            params,
+            run.suite,
+            run.mesh,
+            seed=cfg.seed,
+            loss_batch_size=cfg.influence.batch_size,
+            seq_len=cfg.train.seq_len,
+            show_progress=cfg.progress,
+        ),
+        inputs=inputs,
+        timer=timer,
+        name="eval",
+    )
+
+
+def reference_objective(scores: dict, cfg) -> float | None:
+    """The measured reference loss in Q's weighting (capability mean, or the token-weighted all)."""
+    losses = scores.get("reference_loss") or {}
+    if cfg.influence.get("reference_weighting", "capability") == "token":
+        return losses.get("all")
+    caps = [v for key, v in losses.items() if key != "all"]
+    return float(np.mean(caps)) if caps else None
+
+
+def _influence_stage(run: Run, params, mix, with_outer: bool):
+    from ideal_jax.influence.stage import influence_for_round
+
+    cfg = run.cfg
+    return influence_for_round(
+        cfg.curvature,
+        cfg.influence,
+        run.model_cfg,
+        params,
+        run.suite,
+        mix,
+        run.mesh,
+        seed=cfg.seed,
+        train_seq_len=cfg.train.seq_len,
+        with_outer=with_outer,
+    )
+
+
+def _read_influence(path: str, obj: dict | None = None):
+    from ideal_jax.influence.result import RoundInfluence
+
+    return RoundInfluence.from_json(artifacts.read_json(path) if obj is None else obj, path)
+
+
+def _restore(run: Run, k: int | None):
+    """Round k's trained parameters, from its finished training run's checkpoint."""
+    from ideal_jax.train.stage import train_round
+
+    if k is None:
+        return run.base_params
+    rdir = run.rdir(k)
+    mix = mixture_lib.read_manifest(os.path.join(rdir, "mixture.json"))
+    init = run.base_params  # only its structure matters: a finished run restores its own
+    return train_round(
+        run.cfg.train,
+        run.cfg.data,
+        run.model_cfg,
+        run.mesh,
+        rdir,
+        run.suite,
+        mix,
+        init,
+        show_progress=False,
+    )
+
+
+def _save_manifest(path: str, mix) -> None:
+    if distributed.is_lead_host():
+        mixture_lib.write_manifest(mix, path)
+
+
+def _mixture_row(mix) -> dict:
+    from ideal_jax import summary
+
+    return summary.mixture_row(mix)

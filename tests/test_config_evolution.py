@@ -1,0 +1,83 @@
+"""A newer package with more config fields must not invalidate finished runs: each stage's
+artifacts are fingerprinted over the config sections that stage reads (provenance.stage_inputs),
+and a field the stored config.json lacks counts as unchanged when it has its default value."""
+
+import json
+import os
+
+import pytest
+
+from configs import tiny
+from ideal_jax import configlib, provenance
+from ideal_jax.utils.errors import InputError
+
+
+def _cfg(**changes):
+    cfg = tiny.get_config()
+    for key, value in changes.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    return cfg
+
+
+def test_stage_fingerprints_cover_exactly_the_sections_the_stage_reads():
+    base = {s: provenance.stage_inputs(_cfg(), s, "d") for s in provenance.STAGE_SECTIONS}
+    # a DaaR knob changes only DaaR's artifacts
+    daar = {s: provenance.stage_inputs(_cfg(**{"daar.probe_lr": 0.5}), s, "d") for s in base}
+    assert [s for s in base if base[s] != daar[s]] == ["daar"]
+    # the damping changes the influence and the step, not training, evaluation or mixtures
+    damp = {s: provenance.stage_inputs(_cfg(**{"curvature.damping": 0.5}), s, "d") for s in base}
+    assert sorted(s for s in base if base[s] != damp[s]) == ["influence", "reweight"]
+    changed = [k for k in base["influence"] if base["influence"][k] != damp["influence"][k]]
+    assert changed == ["config.curvature"]  # the message names the section that changed
+    # the learning rate changes everything downstream of training
+    lr = {s: provenance.stage_inputs(_cfg(**{"train.learning_rate": 0.5}), s, "d") for s in base}
+    assert sorted(s for s in base if base[s] != lr[s]) == [
+        "compare",
+        "eval",
+        "influence",
+        "reweight",
+        "train",
+    ]
+    # fields that never change results (logging cadence) change no fingerprint
+    log = {s: provenance.stage_inputs(_cfg(**{"train.log_every": 7}), s, "d") for s in base}
+    assert log == base
+
+
+def _stored(tmp_path, cfg, drop=()):
+    workdir = str(tmp_path / "w")
+    configlib.prepare_workdir(cfg, workdir)
+    path = os.path.join(workdir, "config.json")
+    with open(path) as f:
+        stored = json.load(f)
+    for dotted in drop:  # as written by an older version that did not have these fields
+        *parents, leaf = dotted.split(".")
+        node = stored
+        for name in parents:
+            node = node[name]
+        del node[leaf]
+    with open(path, "w") as f:
+        json.dump(stored, f)
+    return workdir
+
+
+def test_a_field_added_later_at_its_default_does_not_refuse_the_workdir(tmp_path):
+    workdir = _stored(tmp_path, _cfg(), drop=("daar.feature_norm", "compare.doremi_eta"))
+    assert configlib.prepare_workdir(_cfg(), workdir) is True  # resumes
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert "feature_norm" in json.load(f)["daar"]  # the stored config is completed
+
+
+def test_a_field_added_later_at_another_value_is_refused(tmp_path):
+    workdir = _stored(tmp_path, _cfg(), drop=("compare.doremi_eta",))
+    with pytest.raises(InputError, match="compare.doremi_eta"):
+        configlib.prepare_workdir(_cfg(**{"compare.doremi_eta": 3.0}), workdir)
+
+
+def test_a_changed_field_that_the_stored_config_has_is_still_refused(tmp_path):
+    workdir = _stored(tmp_path, _cfg())
+    with pytest.raises(InputError, match="curvature.damping"):
+        configlib.prepare_workdir(_cfg(**{"curvature.damping": 0.5}), workdir)
