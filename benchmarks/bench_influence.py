@@ -8,7 +8,8 @@ to 27,400 examples, on the same tiny model):
   * SFT (train_stage.train_round, one epoch from the base model): step time (compile excluded) and
     compile time, from run_sft's summary;
   * the influence stage (influence/stage.py influence_for_round) called twice in one process: the
-    first call includes compilation, the second is the steady state (its jitted passes are built once per
+    first call includes compilation, the second is the steady state (its jitted passes are built
+    once per
     process); its sub-stage timings and α's standard errors relative to |α|;
   * K-FAC factor memory and a FLOP model of the stage, projected to Llama-3.1-8B (lines "model").
 The last line is one JSON object {"scales": [...]}, each entry with examples, sft_epoch_s,
