@@ -60,14 +60,11 @@ case "${command}" in
     config=$1
     workdir=$2
     shift 2
-    # Worker addresses in worker order; gcloud separates list values with ';'.
-    hosts=$(gcloud compute tpus tpu-vm describe "${TPU_NAME}" "${GCLOUD_ARGS[@]}" \
-      --format='value(networkEndpoints.ipAddress)' | tr ';' ',')
-    metadata='http://metadata.google.internal/computeMetadata/v1/instance/attributes'
+    # Multi-host start-up needs no variables here: ideal_jax.utils.distributed finds the slice's
+    # workers from the TPU VM's metadata server.
     extra=$(printf '%q ' "$@")
-    on_all_workers "cd ${REMOTE_DIR} && export TPU_WORKER_HOSTNAMES=${hosts} \
-      TPU_WORKER_ID=\$(curl -s -H 'Metadata-Flavor: Google' ${metadata}/agent-worker-number) \
-      ${EXTRA_ENV:-} && ${REMOTE_PYTHON} -m ideal_jax.main --config $(printf '%q' "${config}") \
+    on_all_workers "cd ${REMOTE_DIR} ${EXTRA_ENV:+&& export ${EXTRA_ENV}} && ${REMOTE_PYTHON} \
+      -m ideal_jax.main --config $(printf '%q' "${config}") \
       --workdir $(printf '%q' "${workdir}") ${extra}"
     ;;
   ssh)
