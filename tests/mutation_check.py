@@ -262,6 +262,22 @@ MUTATIONS = [
         ["tests/test_compare_stats.py"],
     ),
     (
+        "slurm_per_node_as_per_gpu",
+        "a one-task-per-node SLURM job left to JAX's one-GPU-per-task detection",
+        "ideal_jax/utils/distributed.py",
+        'return "slurm_per_node" if slurm_tasks_per_node(env) == 1 else "slurm"',
+        'return "slurm"',
+        ["tests/test_distributed.py"],
+    ),
+    (
+        "tpu_needs_hostnames",
+        "a TPU VM slice without TPU_WORKER_HOSTNAMES started as a single process",
+        "ideal_jax/utils/distributed.py",
+        'endpoints = metadata("worker-network-endpoints") or ""',
+        'endpoints = ""',
+        ["tests/test_distributed.py"],
+    ),
+    (
         "stage_fingerprint_whole_config",
         "artifacts fingerprinted over the whole config (a DaaR field invalidates IDEAL rounds)",
         "ideal_jax/provenance.py",
