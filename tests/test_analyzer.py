@@ -195,6 +195,24 @@ def test_settings_defaults_are_the_configs():
     )
 
 
+def test_gguf_model_is_accepted(files, tmp_path):
+    """A llama.cpp `.gguf` file is a model like a Hugging Face directory (its own tokenizer)."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("torch")
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from test_gguf_import import write_tiny_gguf
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path)
+    analyzer = analyzer_lib.Analyzer(
+        os.fspath(path), files["train"], operator="identity", batch_size=8, max_len=128
+    )
+    result = analyzer.score(files["query"])
+    assert result.scores.shape == (len(TRAIN), len(QUERY))
+    assert np.all(np.isfinite(result.scores)) and np.any(result.scores != 0)
+    assert result.alpha.domains == ("add", "rev")
+
+
 # -- Kronfluence's conventions, from their definitions (dense, exact) ------------------------------
 def test_kronfluence_conversion_exact(files):
     """docs/influence_conventions.md: with H_K = (1/N) Σ_n u_n u_nᵀ (u_n the gradient of example
