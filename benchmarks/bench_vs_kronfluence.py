@@ -7,10 +7,12 @@ both libraries; random token sequences (every token counts) are the training and
 Both run EK-FAC with the same Fisher estimator (default empirical, deterministic; --estimator fisher
 samples targets on each side with its own generator), damping 0.1 × mean eigenvalue per layer,
 and pairwise scores train × query; each side runs twice (first call with compilation / warm-up,
-then steady state). Units differ by constants only (Kronfluence: summed losses and H of the
-summed loss per example; ideal_jax: token-weighted means), so parity is the Pearson correlation of
-the scores. Kronfluence is an optional benchmark-only dependency: without it the script says so
-and exits 0. Install it without its CUDA torch:  pip install --no-deps kronfluence einops einconv
+then steady state). Kronfluence's side runs through ideal_jax.influence.kronfluence_ref on the
+same rows; ideal_jax's scores are converted to Kronfluence's units (summed losses, H of the summed
+loss per example, positive = helpful) with analyzer.to_kronfluence_scores
+(docs/influence_conventions.md), and parity is the Pearson correlation of the scores.
+Kronfluence is an optional benchmark-only dependency: without it the script says so and exits 0.
+Install it without its CUDA torch:  pip install --no-deps kronfluence einops einconv
 The last line is one JSON object with the timings, their ratios and the parity.
 """
 
@@ -27,23 +29,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-try:
-    import torch
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
-    from kronfluence.task import Task
-except ImportError as e:  # optional dependency
-    print(f"kronfluence not available ({e}); skipping")
+from ideal_jax.influence import kronfluence_ref  # noqa: E402
+
+if not kronfluence_ref.available():  # optional dependency
+    print("kronfluence not available (needs torch and kronfluence); skipping")
     print(json.dumps({"skipped": "kronfluence not installed"}))
     sys.exit(0)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from ideal_jax.curvature import ekfac, operators  # noqa: E402
 from ideal_jax.curvature import kfac as kfac_lib  # noqa: E402
 from ideal_jax.curvature import layers as layers_lib  # noqa: E402
+from ideal_jax.influence import analyzer as analyzer_lib  # noqa: E402
 from ideal_jax.influence import gradients, per_example  # noqa: E402
 from ideal_jax.model import hf_io  # noqa: E402
 
@@ -65,62 +66,22 @@ def make_checkpoint(path: str, args) -> None:
     transformers.LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
 
 
-class LmTask(Task):
-    sample_targets = False  # True: true Fisher (sampled targets); False: empirical Fisher
-
-    def compute_train_loss(self, batch, model, sample=False):
-        sample = sample and self.sample_targets
-        logits = model(input_ids=batch[0]).logits[:, :-1].float()
-        logits = logits.reshape(-1, logits.size(-1))
-        if sample:
-            with torch.no_grad():
-                targets = torch.multinomial(torch.softmax(logits.detach(), -1), 1).flatten()
-        else:
-            targets = batch[0][:, 1:].flatten()
-        return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
-
-    def compute_measurement(self, batch, model):
-        return self.compute_train_loss(batch, model, sample=False)
-
-    def get_influence_tracked_modules(self):
-        return [f"model.layers.{i}.mlp.{m}" for i in range(N_LAYERS) for m in MLP]
-
-
 def run_kronfluence(path, train, query, args) -> tuple[dict, np.ndarray]:
-    torch.set_num_threads(args.threads)
-    model = transformers.LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
-    task = LmTask()
-    task.sample_targets = args.estimator == "fisher"
-    model = prepare_model(model, task)
-    out, scores = {}, None
-    train_ds = torch.utils.data.TensorDataset(torch.as_tensor(train))
-    query_ds = torch.utils.data.TensorDataset(torch.as_tensor(query))
-    with tempfile.TemporaryDirectory() as out_dir:
-        analyzer = Analyzer("bench", model, task, output_dir=out_dir, disable_tqdm=True)
-        for call in (1, 2):
-            name = f"f{call}"
-            t0 = time.perf_counter()
-            analyzer.fit_all_factors(
-                name,
-                train_ds,
-                per_device_batch_size=args.batch,
-                factor_args=FactorArguments(strategy="ekfac"),
-                overwrite_output_dir=True,
-            )
-            t1 = time.perf_counter()
-            analyzer.compute_pairwise_scores(
-                f"s{call}",
-                name,
-                query_ds,
-                train_ds,
-                per_device_query_batch_size=args.query,
-                per_device_train_batch_size=args.batch,
-                score_args=ScoreArguments(damping_factor=None),  # None: 0.1 × mean eigenvalue
-                overwrite_output_dir=True,
-            )
-            t2 = time.perf_counter()
-            out[call] = {"factors_s": t1 - t0, "scores_s": t2 - t1, "total_s": t2 - t0}
-            scores = analyzer.load_pairwise_scores(f"s{call}")["all_modules"].numpy()
+    """Kronfluence on the same rows as ideal_jax (tokens[:-1] → tokens[1:], every token counts):
+    ideal_jax.influence.kronfluence_ref, two calls (warm-up, steady state)."""
+    modules = [f"model.layers.{i}.mlp.{m}" for i in range(args.layers) for m in MLP]
+    out, scores, _ = kronfluence_ref.pairwise_scores(
+        path,
+        kronfluence_ref.dataset([_batch(train)]),
+        kronfluence_ref.dataset([_batch(query)]),
+        modules,
+        damping_factor=None,  # None: 0.1 × mean eigenvalue
+        sample_targets=args.estimator == "fisher",
+        train_batch_size=args.batch,
+        query_batch_size=args.query,
+        threads=args.threads,
+        calls=2,
+    )
     return out, scores  # scores [Q, N]
 
 
@@ -166,14 +127,12 @@ def run_ideal_jax(path, train, query, args) -> tuple[dict, np.ndarray]:
         scores = per_example.per_example_scores(problem, params, train_batches, vs)
         t2 = time.perf_counter()
         out[call] = {"factors_s": t1 - t0, "scores_s": t2 - t1, "total_s": t2 - t0}
-    return out, -scores.T  # ours: −∇ℓ̄_n·H⁻¹g_q (loss change); Kronfluence: ∇ℓ_q·H⁻¹∇ℓ_n
-
-
-N_LAYERS = 2
+    w_n = np.full(len(train), train.shape[1] - 1.0)  # every token after the first counts
+    w_q = np.full(len(query), query.shape[1] - 1.0)
+    return out, analyzer_lib.to_kronfluence_scores(scores, w_n, w_q)  # [Q, N], their units
 
 
 def main() -> None:
-    global N_LAYERS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", type=int, default=256)
     parser.add_argument("--query", type=int, default=8)
@@ -190,7 +149,6 @@ def main() -> None:
         help="empirical: deterministic on both sides (parity); fisher: sampled targets",
     )
     args = parser.parse_args()
-    N_LAYERS = args.layers
     rng = np.random.default_rng(0)
     train = rng.integers(0, args.vocab, (args.train, args.seq)).astype(np.int64)
     query = rng.integers(0, args.vocab, (args.query, args.seq)).astype(np.int64)
