@@ -8,8 +8,8 @@ import sys
 from collections import Counter
 
 import pytest
+from config_helpers import tiny_config
 
-from configs import tiny
 from ideal_jax import main
 from ideal_jax.data import suite as suite_lib
 from ideal_jax.utils.errors import InputError
@@ -18,15 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(**changes):
-    cfg = tiny.get_config()
-    cfg.progress = False
-    for key, value in changes.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
-    return cfg
+    return tiny_config(**changes)
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import sys
 
 import numpy as np
 import pytest
+from config_helpers import tiny_config
 
-from configs import tiny
 from ideal_jax import main
 from ideal_jax.utils.errors import InputError
 
@@ -18,20 +18,8 @@ METHODS = "ideal,uniform,random,regmix,doremi"
 
 
 def _config(**changes):
-    cfg = tiny.get_config()
-    cfg.progress = False
-    cfg.mode = "compare"
-    cfg.seeds = 2
-    cfg.compare.k = 2
-    cfg.compare.methods = METHODS
-    cfg.export.final_model = False
-    for key, value in changes.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
-    return cfg
+    defaults = {"mode": "compare", "seeds": 2, "compare.k": 2, "compare.methods": METHODS}
+    return tiny_config(**{**defaults, "export.final_model": False, **changes})
 
 
 @pytest.fixture(scope="module")

@@ -6,21 +6,14 @@ import json
 import os
 
 import pytest
+from config_helpers import tiny_config
 
-from configs import tiny
 from ideal_jax import configlib, provenance
 from ideal_jax.utils.errors import InputError
 
 
 def _cfg(**changes):
-    cfg = tiny.get_config()
-    for key, value in changes.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
-    return cfg
+    return tiny_config(**changes)
 
 
 def test_stage_fingerprints_cover_exactly_the_sections_the_stage_reads():

@@ -10,8 +10,8 @@ import os
 
 import numpy as np
 import pytest
+from config_helpers import tiny_config
 
-from configs import tiny
 from ideal_jax import ideal
 from ideal_jax import round as round_lib
 from ideal_jax.influence.alpha import InfluenceResult
@@ -22,17 +22,7 @@ WEIGHTS = np.array([1.0, -2.0, 0.5, 3.0, -1.0])
 
 
 def _config(**changes):
-    cfg = tiny.get_config()
-    cfg.progress = False
-    cfg.reweight.rule = "optax"
-    cfg.reweight.optimizer = "adam"
-    for key, value in changes.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
-    return cfg
+    return tiny_config(**{"reweight.rule": "optax", "reweight.optimizer": "adam", **changes})
 
 
 @pytest.fixture
