@@ -51,6 +51,7 @@ from ideal_jax import (  # noqa: E402
 from ideal_jax.daar import centroids as cen  # noqa: E402
 from ideal_jax.daar import demo_pools, job, pipeline  # noqa: E402
 from ideal_jax.daar import selection as sel  # noqa: E402
+from ideal_jax.daar.config import DaarConfig  # noqa: E402
 from ideal_jax.data import demo_suite, mixture  # noqa: E402
 from ideal_jax.data import suite as suite_lib  # noqa: E402
 from ideal_jax.evaluate import stage as evaluate_stage  # noqa: E402
@@ -73,7 +74,7 @@ def equal_size(picked_n: np.ndarray, scores_n: np.ndarray, count: int) -> np.nda
 
 def selections(cfg, seed: int, workdir: str, suite, model_cfg, params, mesh, pp):
     """{method: pool indices} and DaaR's probe stats for one seed."""
-    daar_cfg = job.daar_config(cfg.daar)
+    daar_cfg = DaarConfig.from_section(cfg.daar)
     pairs = {
         cap: demo_suite.generate_items(cap, 30, 10_000 + seed) for cap in daar_demo.DESCRIPTIONS
     }

@@ -89,18 +89,19 @@ def base_config() -> ml_collections.ConfigDict:
 
     # --- reweight: β from α (ideal_jax/reweight.py) ---
     cfg.reweight = ml_collections.ConfigDict()
+    # Every ReweightConfig field, with the only defaults it has (tests/test_reweight.py).
     # paper (largest |β| = m) | optax (state kept across rounds) | outer (steps on Q, trust m)
     cfg.reweight.rule = "paper"
-    cfg.reweight.step_size = 0.15  # m
-    cfg.reweight.keep_total = True  # equal training tokens across rounds
-    cfg.reweight.beta_min = -0.9
+    cfg.reweight.step_size = 0.15  # m; the paper tried 0.1, 0.15, 0.3 and recommends 0.15
+    cfg.reweight.keep_total = True  # the total volume stays N: equal training tokens across rounds
+    cfg.reweight.beta_min = -0.9  # never drop more than 90% of a domain in one round
     cfg.reweight.beta_max = 3.0
-    cfg.reweight.min_volume = 1
+    cfg.reweight.min_volume = 1  # examples a domain keeps at least
     # Domains whose |α| < significance_z standard errors are reported (summary.json
     # rounds[K].indistinguishable); hold_indistinguishable keeps their volume this round.
     cfg.reweight.significance_z = 2.0
     cfg.reweight.hold_indistinguishable = False
-    cfg.reweight.optimizer = "sgd"
+    cfg.reweight.optimizer = "sgd"  # rule = optax: an optax constructor name
     cfg.reweight.learning_rate = 0.15  # optax: the gradient it sees is scale-free (max |g| = 1)
     # rule = outer: optax steps on the outer objective Q(w) in the trust region |β| <= step_size;
     # sgd = projected gradient on the logits (Adam stalled at the box's faces on the known answer)
@@ -147,12 +148,13 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.daar.tau = ml_collections.ConfigDict()  # name -> similarity threshold (0.85; 0.9 math)
     cfg.daar.generator = "model"  # model: the base model writes the pairs | file: seed_pairs
     cfg.daar.seed_pairs = ""  # JSONL of {domain, prompt, response} pairs for generator=file
-    # Every DaarConfig field, same defaults (tests/test_daar_config.py); paper deviations and the
-    # measurements behind them: docs/method_choices.md, DaaR.
+    # Every DaarConfig field, with the only defaults it has (ideal_jax/daar/config.py has none;
+    # tests/test_daar_config.py); paper deviations and the measurements behind them:
+    # docs/method_choices.md, DaaR.
     cfg.daar.seeds_per_domain = 5
     cfg.daar.target_per_domain = 10  # paper: 10-30
-    cfg.daar.min_per_domain = 3
-    cfg.daar.max_attempts_per_domain = 100
+    cfg.daar.min_per_domain = 3  # fewer accepted pairs when the budget is spent: an error
+    cfg.daar.max_attempts_per_domain = 100  # every generation counts, parseable or not
     cfg.daar.counter_examples = 3
     cfg.daar.seed_temperature = 0.9
     cfg.daar.augment_temperature = 0.95

@@ -52,27 +52,40 @@ _FLOOR_EPS = 1e-9
 
 @dataclasses.dataclass(frozen=True)
 class ReweightConfig:
-    rule: str = "paper"  # "paper" | "optax" | "outer"
-    step_size: float = 0.15  # m; the paper tried 0.1, 0.15, 0.3 and recommends 0.15
-    beta_min: float = -0.9  # never drop more than 90% of a domain in one round
-    beta_max: float = 3.0
-    min_volume: int = 1  # examples a domain keeps at least
-    optimizer: str = "sgd"  # for rule="optax": an optax constructor name
-    learning_rate: float = 0.15  # for rule="optax"; the gradient it sees has max |g| = 1
-    keep_total: bool = True  # the total volume stays N (equal training tokens across rounds)
-    # Domains whose α is within `significance_z` standard errors of 0 (influence.json "stderr")
-    # are reported; with hold_indistinguishable they keep their volume (d_j = 0) this round.
-    significance_z: float = 2.0
-    hold_indistinguishable: bool = False
-    outer_optimizer: str = "sgd"  # rule="outer": optax optimizer on the proportions' logits
-    outer_learning_rate: float = 0.05  # log-proportion per step (the gradient is scale-free)
-    outer_steps: int = 20
+    """cfg.reweight as a typed, validated value: `ReweightConfig.from_config_dict(cfg.reweight)`.
+
+    Every field is a cfg.reweight field; their meanings and defaults live in configs/common.py
+    only (no defaults here).
+    """
+
+    rule: str  # "paper" | "optax" | "outer"
+    step_size: float  # m
+    beta_min: float
+    beta_max: float
+    min_volume: int
+    optimizer: str  # rule="optax": an optax constructor name
+    learning_rate: float  # rule="optax"
+    keep_total: bool
+    significance_z: float
+    hold_indistinguishable: bool
+    outer_optimizer: str  # rule="outer"
+    outer_learning_rate: float
+    outer_steps: int
 
     @classmethod
-    def from_config_dict(cls, section) -> ReweightConfig:
-        values = dict(section.to_dict() if hasattr(section, "to_dict") else section)
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
+    def from_config_dict(cls, section, **overrides) -> ReweightConfig:
+        """From cfg.reweight (an ml_collections section or a dict), `overrides` replacing fields;
+        a field missing from the section is an InputError naming it."""
+        values = dict(section.to_dict() if hasattr(section, "to_dict") else section) | overrides
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [name for name in names if name not in values]
+        if missing:
+            raise InputError(
+                f"cfg.reweight has no field {missing[0]!r} (configs/common.py's base_config() "
+                "defines every reweight field; start the config from it)",
+                field=f"reweight.{missing[0]}",
+            )
+        return cls(**{name: values[name] for name in names})
 
     def __post_init__(self):
         if self.rule not in RULES:

@@ -30,7 +30,7 @@ from test_sandbox_escapes import (  # noqa: E402
     escape_programs,
 )
 
-from ideal_jax.evaluate import code_exec  # noqa: E402
+from ideal_jax.evaluate import sandbox as sandbox_lib  # noqa: E402
 
 SURVIVOR = (  # a wrong answer whose grandchild, in its own session, should outlive the run
     "import posix\nif posix.fork() == 0:\n    posix.setsid()\n    if posix.fork() == 0:\n"
@@ -67,9 +67,9 @@ def runner(backend: str, name: str) -> dict:
     prog = progs[name]
     if backend == "inprocess" and name == "kill_parent":
         prog = prog.replace("(os.getppid(), 1, -1)", "(os.getppid(),)")
-    limits = FORKING if name == "setsid_survivor" else code_exec.SandboxLimits(timeout_s=5.0)
+    limits = FORKING if name == "setsid_survivor" else sandbox_lib.SandboxLimits(timeout_s=5.0)
     try:
-        r = code_exec.run_program(prog, limits, sandbox=backend)
+        r = sandbox_lib.run_program(prog, limits, sandbox=backend)
     finally:
         stop.set()
         for t in threads:

@@ -1,4 +1,4 @@
-"""cfg.daar and DaarConfig: every knob settable from the config, one set of defaults, bad input.
+"""cfg.daar and DaarConfig: every knob set from the config, defaults only there, bad input.
 
 Bad input through the command line exits 2 with one line naming the domain and the field (empty
 domain list, τ outside (0, 1]); the probe-overlap and unparseable-generator cases run `main.run`
@@ -17,31 +17,56 @@ import pytest
 
 from configs import common, daar_demo
 from ideal_jax import main
-from ideal_jax.daar import job, pipeline
+from ideal_jax.daar import pipeline
+from ideal_jax.daar.config import STAGE_FIELDS, DaarConfig, DomainSpec
 from ideal_jax.utils.errors import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_every_daar_config_field_is_in_cfg_daar_with_the_same_default():
+def _fields():
+    return [f for f in dataclasses.fields(DaarConfig) if f.name != "domains"]
+
+
+def test_defaults_live_in_cfg_daar_only():
+    """DaarConfig has no defaults of its own; configs/common.py's cfg.daar holds every field."""
+    with_default = [
+        f.name
+        for f in dataclasses.fields(DaarConfig)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    ]
+    assert not with_default, f"defaults belong in configs/common.py's cfg.daar: {with_default}"
     section = common.base_config().daar
-    fields = [f for f in dataclasses.fields(pipeline.DaarConfig) if f.name != "domains"]
-    missing = [f.name for f in fields if f.name not in section]
-    assert not missing, f"DaarConfig fields missing from cfg.daar: {missing}"
-    # Through the path a run takes (job.daar_config), the base cfg.daar gives DaarConfig's defaults.
     section.domains = {"reasoning": "Solve a logic puzzle."}
-    from_config = job.daar_config(section)
-    defaults = pipeline.DaarConfig(
-        domains=(pipeline.DomainSpec("reasoning", "Solve a logic puzzle.", 0.85),)
-    )
-    assert from_config == defaults
-    # And field by field, so a mismatch names the field.
-    for f in fields:
-        assert getattr(from_config, f.name) == f.default, f.name
+    cfg = DaarConfig.from_section(section)  # every field present, defaults valid
+    for f in _fields():
+        expected = section[f.name]
+        if f.name == "customized_target":
+            expected = expected or None
+        elif isinstance(expected, tuple | list):
+            expected = tuple(expected)
+        assert getattr(cfg, f.name) == expected, f.name
+    assert cfg.domains == (DomainSpec("reasoning", "Solve a logic puzzle.", 0.85),)
+
+
+@pytest.mark.parametrize("name", [f.name for f in _fields()])
+def test_a_field_missing_from_the_config_is_named(name):
+    section = common.base_config().daar.to_dict()
+    section["domains"] = {"a": "x"}
+    del section[name]
+    with pytest.raises(InputError, match=f"no field '{name}'") as e:
+        DaarConfig.from_section(section)
+    assert e.value.field == f"daar.{name}"
+
+
+def test_every_field_is_fingerprinted_by_a_stage():
+    """A field no stage lists would change results without invalidating a cached artifact."""
+    listed = {name for names in STAGE_FIELDS.values() for name in names}
+    assert {f.name for f in dataclasses.fields(DaarConfig)} <= listed
 
 
 def test_every_field_reaches_the_pipeline():
-    """A non-default value of each scalar cfg.daar field survives into DaarConfig."""
+    """A non-default value of every cfg.daar field survives into DaarConfig and its users."""
     section = common.base_config().daar
     section.domains = {"a": "x"}
     changed = dict(
@@ -54,11 +79,19 @@ def test_every_field_reaches_the_pipeline():
         probe_cross_fit_folds=3, select_fraction=0.3, select_method="per_domain",
         customized_target="a", customized_fractions=(0.6, 0.2), seed=7,
     )  # fmt: skip
+    assert set(changed) == {f.name for f in _fields()}, "a DaarConfig field this test does not set"
     for key, value in changed.items():
         section[key] = value
-    cfg = job.daar_config(section)
+    cfg = DaarConfig.from_section(section)
     assert {key: getattr(cfg, key) for key in changed} == changed
-    kwargs = pipeline.probe_kwargs(cfg)
+    assert all(
+        cfg.fingerprint(s)
+        != DaarConfig.from_section(
+            common.base_config().daar.to_dict() | {"domains": {"a": "x"}}
+        ).fingerprint(s)
+        for s in STAGE_FIELDS
+    )
+    kwargs = cfg.probe_kwargs()
     assert kwargs == dict(
         hidden=(16, 8), lr=1e-4, epochs=3, batch_size=8, val_fraction=0.1, weight_decay=0.01,
         patience=2, seed=7,
@@ -85,14 +118,14 @@ def test_bad_values_name_the_field(field, value, message):
     section.domains = {"a": "x"}
     section[field] = value
     with pytest.raises(InputError, match=re.escape(message)) as e:
-        job.daar_config(section)
+        DaarConfig.from_section(section)
     assert e.value.field == f"daar.{field}"
 
 
 def test_patience_needs_a_validation_split():
-    section = dict(domains=[{"name": "a", "description": "x"}], probe_patience=2)
+    section = common.base_config().daar.to_dict() | {"domains": {"a": "x"}, "probe_patience": 2}
     with pytest.raises(InputError, match="validation split") as e:
-        pipeline.DaarConfig.from_config(section | {"probe_val_fraction": 0.0})
+        DaarConfig.from_section(section | {"probe_val_fraction": 0.0})
     assert e.value.field == "daar.probe_patience"
 
 
@@ -101,17 +134,17 @@ def test_tau_outside_unit_interval_names_domain_and_field(tau):
     cfg = daar_demo.get_config().unlock()
     cfg.daar.tau = {"sort": tau}
     with pytest.raises(InputError, match="'sort'.*tau") as e:
-        job.daar_config(cfg.daar)
+        DaarConfig.from_section(cfg.daar)
     assert e.value.field == "daar.tau.sort"
     cfg.daar.tau = {"sort": 1.0}  # the closed end is allowed
-    assert {d.name: d.tau for d in job.daar_config(cfg.daar).domains}["sort"] == 1.0
+    assert {d.name: d.tau for d in DaarConfig.from_section(cfg.daar).domains}["sort"] == 1.0
 
 
 def test_empty_description_names_the_domain():
     cfg = daar_demo.get_config().unlock()
     cfg.daar.domains = dict(daar_demo.DESCRIPTIONS, sort=" ")
     with pytest.raises(InputError, match="'sort'") as e:
-        job.daar_config(cfg.daar)
+        DaarConfig.from_section(cfg.daar)
     assert e.value.field == "daar.domains.sort"
 
 

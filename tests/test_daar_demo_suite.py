@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+from configs import common
 from ideal_jax.daar import generation, pipeline, selection
 from ideal_jax.data import demo_suite
 from ideal_jax.data.records import load_domains
@@ -49,10 +50,10 @@ def test_demo_suite_pseudo_domains_recover_capabilities(tmp_path):
     examples = [ex for exs in load_domains(paths["train"]).values() for ex in exs]
     random.Random(0).shuffle(examples)
     probe, pool = examples[:700], examples[700:]
-    section = dict(
-        domains=[
-            {"name": c, "description": f"tasks of the capability {c}.", "tau": 0.99} for c in CAPS
-        ],
+    section = common.base_config().daar.to_dict()
+    section.update(
+        domains={c: f"tasks of the capability {c}." for c in CAPS},
+        tau={c: 0.99 for c in CAPS},
         target_per_domain=10,
         feature_layer=2,
         max_len=64,

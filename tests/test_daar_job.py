@@ -7,7 +7,7 @@ import pytest
 
 from configs import daar_demo
 from ideal_jax import main
-from ideal_jax.daar import job
+from ideal_jax.daar.config import DaarConfig
 from ideal_jax.utils.errors import InputError
 
 
@@ -49,4 +49,4 @@ def test_tau_for_unknown_domain_is_an_error():
     cfg.unlock()
     cfg.daar.tau = {"geometry": 0.9}
     with pytest.raises(InputError, match="geometry"):
-        job.daar_config(cfg.daar)
+        DaarConfig.from_section(cfg.daar)

@@ -22,7 +22,9 @@ import jax
 import numpy as np
 import pytest
 
+from configs import common
 from ideal_jax.daar import generation, pipeline, selection
+from ideal_jax.daar.config import DaarConfig
 from ideal_jax.data import demo_suite
 from ideal_jax.data.records import Example, load_domains
 from ideal_jax.model.config import ModelConfig
@@ -73,15 +75,14 @@ def respond(prompt: str, rng: random.Random) -> str:
 
 
 def daar_section(**overrides):
-    section = dict(
-        domains=[
-            {
-                "name": f"d{d}",
-                "description": f"texts written with the characters {chars}.",
-                "tau": 0.95,
-            }
+    """configs/common.py's cfg.daar (every field's default) with this test's domains and sizes."""
+    section = common.base_config().daar.to_dict()
+    section.update(
+        domains={
+            f"d{d}": f"texts written with the characters {chars}."
             for d, chars in enumerate(CHARSETS)
-        ],
+        },
+        tau={f"d{d}": 0.95 for d in range(len(CHARSETS))},
         seeds_per_domain=5,
         target_per_domain=8,
         min_per_domain=3,
@@ -212,9 +213,19 @@ def test_resume_skips_stages_and_is_deterministic(setup, tmp_path):
     fresh = pipeline.run_daar(daar_section(), *args, tmp_path / "fresh", generator=gen)
     np.testing.assert_array_equal(fresh.probe_labels_n, setup["result"].probe_labels_n)
     np.testing.assert_array_equal(fresh.selected_n, setup["result"].selected_n)
-    # The workdir refuses a different config.
-    with pytest.raises(InputError, match="different config"):
+    # The workdir refuses a different config (provenance.json: the stage's fields changed).
+    with pytest.raises(InputError, match="generation.json was produced from other inputs"):
         pipeline.run_daar(daar_section(seed=1), *args, setup["workdir"], generator=gen)
+    # And a hand-edited artifact.
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    for name in ("generation.json", "centroids.npz", "provenance.json"):
+        (edited / name).write_bytes((setup["workdir"] / name).read_bytes())
+    stats = json.loads((edited / "generation.json").read_text())
+    stats["stats"]["d0"]["accepted"] += 1
+    (edited / "generation.json").write_text(json.dumps(stats))
+    with pytest.raises(InputError, match="modified after it was written"):
+        pipeline.run_daar(daar_section(), *args, edited, generator=gen)
 
 
 def test_pseudo_domains_and_customized_selection(setup, tmp_path):
@@ -234,7 +245,7 @@ def test_pseudo_domains_and_customized_selection(setup, tmp_path):
     custom_dir = tmp_path / "custom"
     custom_dir.mkdir()
     for name in os.listdir(setup["workdir"]):
-        if name not in ("selection", "config.json"):
+        if name != "selection":
             os.link(setup["workdir"] / name, custom_dir / name)
     custom = pipeline.run_daar(
         daar_section(customized_target="d3"),
@@ -270,14 +281,6 @@ def test_probe_set_smaller_than_k_fails_before_generation(setup, tmp_path):
 
 def test_config_validation():
     with pytest.raises(InputError, match="customized_target"):
-        pipeline.DaarConfig.from_config(daar_section(customized_target="nope"))
-    with pytest.raises(InputError, match="unique"):
-        pipeline.DaarConfig.from_config(
-            daar_section(domains=[{"name": "a", "description": "x"}] * 2)
-        )
-    cfg = pipeline.DaarConfig.from_config(
-        daar_section(
-            domains=[{"name": "math", "description": "x"}, {"name": "code", "description": "y"}]
-        )
-    )
+        DaarConfig.from_section(daar_section(customized_target="nope"))
+    cfg = DaarConfig.from_section(daar_section(domains={"math": "x", "code": "y"}, tau={}))
     assert [d.tau for d in cfg.domains] == [0.9, 0.85]

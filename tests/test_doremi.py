@@ -17,7 +17,7 @@ import pytest
 
 from configs import tiny
 from ideal_jax import sharding
-from ideal_jax.compare import doremi
+from ideal_jax.compare import doremi, doremi_proxy
 from ideal_jax.data import formatting, mixture
 from ideal_jax.data import suite as suite_lib
 from ideal_jax.model.config import preset
@@ -98,7 +98,9 @@ def known_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("doremi"))
     with pytest.MonkeyPatch.context() as patch:
         # One trace of the step for the whole run.
-        patch.setattr(doremi, "doremi_step", chex.assert_max_traces(doremi.doremi_step, n=1))
+        patch.setattr(
+            doremi_proxy, "doremi_step", chex.assert_max_traces(doremi_proxy.doremi_step, n=1)
+        )
         result = doremi.doremi_weights(
             cfg,
             model_cfg,
@@ -170,10 +172,10 @@ def test_weight_update_matches_numpy():
     expected = np.full(k, 1 / k)
     for proxy, ref, domains in steps:
         w = np.where(domains >= 0, weights, 0).astype(np.float32)
-        stats = doremi.domain_statistics(proxy * w, ref * w, w, domains, k)
+        stats = doremi_proxy.domain_statistics(proxy * w, ref * w, w, domains, k)
         present = stats["tokens"] > 0
         excess = jnp.where(present, stats["excess_sums"] / jnp.maximum(stats["tokens"], 1), 99.0)
-        log_alpha, alpha = doremi.update_domain_weights(log_alpha, excess, present, eta, c)
+        log_alpha, alpha = doremi_proxy.update_domain_weights(log_alpha, excess, present, eta, c)
         want_excess, want_present = _numpy_excess(proxy * w, ref * w, w, domains, k)
         np.testing.assert_array_equal(np.asarray(present), want_present)
         expected = _numpy_update(expected, want_excess, want_present, eta, c)
@@ -223,10 +225,10 @@ def test_step_matches_written_out_objective(grad_accum):
     model_cfg, params, mesh = _setup()
     batch, reference, excess, alpha, value, want_params = _written_out_step()
     optimizer = optax.sgd(1.0)
-    step = doremi.make_doremi_step(
+    step = doremi_proxy.make_doremi_step(
         model_cfg,
         optimizer,
-        doremi.doremi_shardings(model_cfg, optimizer, mesh),
+        doremi_proxy.doremi_shardings(model_cfg, optimizer, mesh),
         mesh,
         num_domains=DOMAINS,
         eta=ETA,
@@ -234,7 +236,9 @@ def test_step_matches_written_out_objective(grad_accum):
         grad_accum=grad_accum,
         compiler_options=FAST_COMPILE,
     )
-    state, metrics = step(doremi.init_doremi_state(params, optimizer, DOMAINS), batch, reference)
+    state, metrics = step(
+        doremi_proxy.init_doremi_state(params, optimizer, DOMAINS), batch, reference
+    )
     np.testing.assert_allclose(np.asarray(metrics["excess_j"]), excess, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(metrics["alpha_j"]), alpha, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(state.alpha_sum_j), alpha, rtol=1e-5)
@@ -280,7 +284,7 @@ def test_resume_returns_the_file_without_training(known_run, monkeypatch):
         raise AssertionError("resumed DoReMi must not train")
 
     monkeypatch.setattr(suite_lib, "mixture_batches", no_training)
-    monkeypatch.setattr(doremi, "make_doremi_step", no_training)
+    monkeypatch.setattr(doremi_proxy, "make_doremi_step", no_training)
     args = (model_cfg, mesh, suite, _uniform(suite), params, known_run["reference"], workdir)
     assert doremi.doremi_weights(known_run["cfg"], *args) == on_disk
     # The defaults written out in a compare section are the same inputs.

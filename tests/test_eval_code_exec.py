@@ -7,6 +7,7 @@ import time
 import pytest
 
 from ideal_jax.evaluate import code_exec
+from ideal_jax.evaluate import sandbox as sandbox_lib
 
 
 def _humaneval_problems():
@@ -60,8 +61,10 @@ def test_mbpp_program_runs_asserts():
         "test_list": ["assert add(2, 3) == 5"],
         "test_setup_code": "",
     }
-    ok = code_exec.run_program(code_exec.mbpp_program(prob, "def add(a, b):\n    return a + b\n"))
-    bad = code_exec.run_program(code_exec.mbpp_program(prob, "def add(a, b):\n    return a - b\n"))
+    ok = sandbox_lib.run_program(code_exec.mbpp_program(prob, "def add(a, b):\n    return a + b\n"))
+    bad = sandbox_lib.run_program(
+        code_exec.mbpp_program(prob, "def add(a, b):\n    return a - b\n")
+    )
     assert ok.passed and not bad.passed
 
 
@@ -98,8 +101,8 @@ def test_hostile_completions_fail_without_harm(tmp_path, sandbox):
         "huge_output": "while True:\n    print('x' * 100000)",
     }
     programs = list(hostile.values()) + ["assert sum([1, 2]) == 3"]
-    limits = code_exec.SandboxLimits(timeout_s=3.0, memory_bytes=512 << 20, fsize_bytes=1 << 20)
-    results = code_exec.run_programs(programs, limits, sandbox=sandbox)
+    limits = sandbox_lib.SandboxLimits(timeout_s=3.0, memory_bytes=512 << 20, fsize_bytes=1 << 20)
+    results = sandbox_lib.run_programs(programs, limits, sandbox=sandbox)
     failed = {name for name, r in zip(hostile, results) if not r.passed}
     assert failed == set(hostile)
     assert results[-1].passed  # the run went on and still scores a correct program
@@ -115,4 +118,4 @@ def test_hostile_completions_fail_without_harm(tmp_path, sandbox):
 def test_sandbox_allows_writes_inside_its_directory():
     prog = "open('f.txt', 'w').write('hi')\nassert open('f.txt').read() == 'hi'\n"
     prog += "import os, shutil\nos.mkdir('d')\nos.remove('f.txt')\nshutil.rmtree('d')"
-    assert code_exec.run_program(prog).passed
+    assert sandbox_lib.run_program(prog).passed

@@ -20,6 +20,7 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from configs import common
 from ideal_jax import reweight
 from ideal_jax.curvature import ekfac as ekfac_lib
 from ideal_jax.curvature import kfac as kfac_lib
@@ -193,7 +194,7 @@ def test_ground_truth_has_the_known_signs(fitted):
 @pytest.mark.parametrize("operator", ["identity", "kfac", "ekfac", "exact"])
 def test_ideal_step_upweights_needed_and_downweights_harmful(fitted, operator):
     params, train_batch, ref_batch, true_alpha = fitted
-    cfg = reweight.ReweightConfig(step_size=0.15)
+    cfg = reweight.ReweightConfig.from_config_dict(common.base_config().reweight, step_size=0.15)
     for scaling, alpha_j in influence(params, train_batch, ref_batch, operator).items():
         assert alpha_j[NEEDED] < 0 < alpha_j[HARMFUL], (scaling, alpha_j, true_alpha)
         step = reweight.compute_step(alpha_j, list(SIZES.values()), cfg)

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import test_known_answer as ka
 
+from configs import common
 from ideal_jax import reweight
 from ideal_jax.curvature import ekfac as ekfac_lib
 from ideal_jax.curvature import kfac as kfac_lib
@@ -65,7 +66,9 @@ def _round_pieces(params, weights_j, train_batch, ref_batch, operator):
 def _run(rule, fitted, operator="ekfac", rounds=3):
     params, train_batch, ref_batch, _ = fitted
     weights_j = np.ones(len(SIZES))
-    cfg = reweight.ReweightConfig(rule=rule, step_size=0.15)
+    cfg = reweight.ReweightConfig.from_config_dict(
+        common.base_config().reweight, rule=rule, step_size=0.15
+    )
     trace = []
     for _ in range(rounds):
         alpha, q_problem = _round_pieces(params, weights_j, train_batch, ref_batch, operator)

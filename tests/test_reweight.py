@@ -1,8 +1,12 @@
-"""β from α: the keep-total step as a constraint, realised volumes, bounds, the optax rule."""
+"""β from α: the keep-total step as a constraint, realised volumes, bounds, the optax rule; the
+config (every field from cfg.reweight, no defaults of its own)."""
+
+import dataclasses
 
 import numpy as np
 import pytest
 
+from configs import common
 from ideal_jax import reweight
 from ideal_jax.utils.errors import InputError
 
@@ -11,8 +15,51 @@ DEMO_ALPHA = np.array([-7.19, -2.19, -10.34, -2.42, -16.84])
 DEMO_SIZES = [400, 800, 2000, 1000, 1600]
 
 
+def _cfg(**kw):
+    """configs/common.py's cfg.reweight (the only defaults) with `kw` replaced."""
+    return reweight.ReweightConfig.from_config_dict(common.base_config().reweight, **kw)
+
+
 def _paper(**kw):
-    return reweight.ReweightConfig(**{"rule": "paper", "step_size": 0.15, **kw})
+    return _cfg(**{"rule": "paper", "step_size": 0.15, **kw})
+
+
+def test_defaults_live_in_cfg_reweight_only():
+    """ReweightConfig has no defaults of its own; cfg.reweight sets every field."""
+    fields = dataclasses.fields(reweight.ReweightConfig)
+    assert all(f.default is dataclasses.MISSING for f in fields)
+    section = common.base_config().reweight
+    cfg = reweight.ReweightConfig.from_config_dict(section)
+    assert {f.name: getattr(cfg, f.name) for f in fields} == {
+        f.name: section[f.name] for f in fields
+    }
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(reweight.ReweightConfig)])
+def test_a_field_missing_from_the_config_is_named(name):
+    section = common.base_config().reweight.to_dict()
+    del section[name]
+    with pytest.raises(InputError, match=f"no field '{name}'") as e:
+        reweight.ReweightConfig.from_config_dict(section)
+    assert e.value.field == f"reweight.{name}"
+
+
+def test_every_field_is_set_from_the_config():
+    """A non-default value of every cfg.reweight field reaches ReweightConfig."""
+    changed = dict(
+        rule="optax", step_size=0.3, beta_min=-0.5, beta_max=2.0, min_volume=3,
+        optimizer="adam", learning_rate=0.05, keep_total=False, significance_z=1.5,
+        hold_indistinguishable=True, outer_optimizer="adam", outer_learning_rate=0.01,
+        outer_steps=7,
+    )  # fmt: skip
+    fields = {f.name for f in dataclasses.fields(reweight.ReweightConfig)}
+    assert set(changed) == fields, "a ReweightConfig field this test does not set"
+    section = common.base_config().reweight
+    for key, value in changed.items():
+        assert section[key] != value, key
+        section[key] = value
+    cfg = reweight.ReweightConfig.from_config_dict(section)
+    assert {key: getattr(cfg, key) for key in changed} == changed
 
 
 def test_keep_total_step_is_projected_and_reaches_m():
@@ -86,20 +133,20 @@ def test_non_finite_alpha_and_bad_rule_are_input_errors():
     with pytest.raises(InputError, match="non-finite"):
         reweight.compute_step(np.array([1.0, np.nan]), [1, 1], _paper())
     with pytest.raises(InputError, match="reweight.rule"):
-        reweight.ReweightConfig(rule="doremi")
+        _cfg(rule="doremi")
     with pytest.raises(InputError, match="reweight.optimizer"):
-        reweight.ReweightConfig(rule="optax", optimizer="nope")
+        _cfg(rule="optax", optimizer="nope")
 
 
 def test_optax_sgd_at_lr_m_is_the_paper_step():
-    optax_cfg = reweight.ReweightConfig(rule="optax", optimizer="sgd", learning_rate=0.15)
+    optax_cfg = _cfg(rule="optax", optimizer="sgd", learning_rate=0.15)
     a = reweight.compute_step(DEMO_ALPHA, DEMO_SIZES, optax_cfg)
     b = reweight.compute_step(DEMO_ALPHA, DEMO_SIZES, _paper())
     np.testing.assert_allclose(a.beta_nominal, b.beta_nominal, rtol=1e-5)
 
 
 def test_optax_is_scale_free_and_bounded_by_m():
-    cfg = reweight.ReweightConfig(rule="optax", optimizer="sgd", learning_rate=1.0)
+    cfg = _cfg(rule="optax", optimizer="sgd", learning_rate=1.0)
     small = reweight.compute_step(DEMO_ALPHA * 1e-6, DEMO_SIZES, cfg)
     large = reweight.compute_step(DEMO_ALPHA * 1e6, DEMO_SIZES, cfg)
     np.testing.assert_allclose(small.beta_nominal, large.beta_nominal, rtol=1e-5)
@@ -107,7 +154,7 @@ def test_optax_is_scale_free_and_bounded_by_m():
 
 
 def test_optax_adam_first_step_moves_and_state_continues():
-    cfg = reweight.ReweightConfig(rule="optax", optimizer="adam", learning_rate=0.05)
+    cfg = _cfg(rule="optax", optimizer="adam", learning_rate=0.05)
     first = reweight.compute_step(DEMO_ALPHA, DEMO_SIZES, cfg)
     assert np.any(first.volumes_after != np.asarray(DEMO_SIZES))
     assert np.all(np.sign(first.beta_nominal) == np.sign(first.direction))
@@ -138,9 +185,9 @@ def test_step_json_round_trip_records_applied_beta():
 
 def test_outer_rule_needs_the_round_objective():
     with pytest.raises(InputError, match="outer objective"):
-        reweight.compute_step(DEMO_ALPHA, DEMO_SIZES, reweight.ReweightConfig(rule="outer"))
+        reweight.compute_step(DEMO_ALPHA, DEMO_SIZES, _cfg(rule="outer"))
     with pytest.raises(InputError, match="reweight.outer_optimizer"):
-        reweight.ReweightConfig(rule="outer", outer_optimizer="nope")
+        _cfg(rule="outer", outer_optimizer="nope")
 
 
 def test_indistinguishable_domains_are_reported_and_optionally_held():

@@ -23,18 +23,19 @@ import time
 import pytest
 
 from ideal_jax.evaluate import code_exec
+from ideal_jax.evaluate import sandbox as sandbox_lib
 from ideal_jax.utils.errors import InputError
 
-LIMITS = code_exec.SandboxLimits(timeout_s=5.0, memory_bytes=512 << 20, fsize_bytes=1 << 20)
+LIMITS = sandbox_lib.SandboxLimits(timeout_s=5.0, memory_bytes=512 << 20, fsize_bytes=1 << 20)
 # Processes allowed, so the shell-based escapes really run and containment is the namespaces' doing.
-FORKING = code_exec.SandboxLimits(
+FORKING = sandbox_lib.SandboxLimits(
     timeout_s=5.0, memory_bytes=512 << 20, fsize_bytes=1 << 20, nproc=16
 )
 
 
 @pytest.fixture(scope="module")
 def bwrap():
-    ok, why = code_exec.bwrap_status()
+    ok, why = sandbox_lib.bwrap_status()
     assert ok, f"bubblewrap is needed for these tests (.ci/run installs it): {why}"
 
 
@@ -186,7 +187,7 @@ def test_escapes_contained_under_bwrap(bwrap, dirs, monkeypatch):
     try:
         progs = escape_programs(hidden, shown, token, tcp.getsockname()[1])
         del progs["fork"]  # allowed under FORKING; test_fork_blocked_by_default_limits
-        results = code_exec.run_programs(list(progs.values()), FORKING, sandbox="bwrap")
+        results = sandbox_lib.run_programs(list(progs.values()), FORKING, sandbox="bwrap")
     finally:
         stop.set()
         for t in servers:
@@ -210,25 +211,25 @@ def test_escapes_contained_under_bwrap(bwrap, dirs, monkeypatch):
     assert by_name["output_log_symlink_fifo"].status == "failed"  # finished, did not hang
     assert not os.path.exists(f"/dev/shm/ideal_sbx_{token}")
     # /dev/shm is private per run: a second program does not see the first one's file
-    again = code_exec.run_program(
+    again = sandbox_lib.run_program(
         f"import os\nassert os.path.exists('/dev/shm/ideal_sbx_{token}')", LIMITS
     )
     assert not again.passed
     # the evaluator survived kill(getppid()) and kill(-1) and still scores programs
-    assert code_exec.run_program("assert sum([1, 2]) == 3", LIMITS).passed
+    assert sandbox_lib.run_program("assert sum([1, 2]) == 3", LIMITS).passed
 
 
 def test_no_process_outlives_a_run(bwrap):
     """setsid / double-fork children die with the run, also when the run is killed at timeout."""
     token = secrets.token_hex(8)
-    limits = code_exec.SandboxLimits(timeout_s=2.0, nproc=16)
+    limits = sandbox_lib.SandboxLimits(timeout_s=2.0, nproc=16)
     survivor = (
         "import posix\nif posix.fork() == 0:\n    posix.setsid()\n    if posix.fork() == 0:\n"
         f"        posix.execv('/bin/sh', ['sh', '-c', 'sleep 30; : {token}'])\n    posix._exit(0)\n"
         "import time\ntime.sleep(0.3)\n"
     )
-    exits_at_once = code_exec.run_program(survivor, limits)
-    hangs = code_exec.run_program(survivor + "while True:\n    pass\n", limits)
+    exits_at_once = sandbox_lib.run_program(survivor, limits)
+    hangs = sandbox_lib.run_program(survivor + "while True:\n    pass\n", limits)
     assert exits_at_once.passed  # forking is allowed under nproc=16, and harmless
     assert hangs.status == "timeout"
     time.sleep(0.2)
@@ -240,20 +241,20 @@ def test_no_process_outlives_a_run(bwrap):
 
 def test_fork_blocked_by_default_limits(bwrap):
     """nproc=1 (the default): no fork, no thread; with more, test_no_process_outlives_a_run."""
-    r = code_exec.run_program(escape_programs("/h", "/s", "t", 1)["fork"])
+    r = sandbox_lib.run_program(escape_programs("/h", "/s", "t", 1)["fork"])
     assert not r.passed and "Resource temporarily unavailable" in r.detail
 
 
 def test_fork_bomb_bounded_by_nproc(bwrap):
     bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
-    r = code_exec.run_program(bomb, code_exec.SandboxLimits(timeout_s=2.0, nproc=32))
+    r = sandbox_lib.run_program(bomb, sandbox_lib.SandboxLimits(timeout_s=2.0, nproc=32))
     assert not r.passed and r.status == "timeout"
 
 
 def test_output_and_verdict_are_bounded(bwrap):
     """Output past fsize_bytes closes the pipe; closing stdout and the verdict pipe ends nothing."""
-    limits = code_exec.SandboxLimits(timeout_s=3.0, fsize_bytes=1 << 20)
-    flood = code_exec.run_program("import os\nwhile True:\n    os.write(1, b'x' * 65536)", limits)
+    limits = sandbox_lib.SandboxLimits(timeout_s=3.0, fsize_bytes=1 << 20)
+    flood = sandbox_lib.run_program("import os\nwhile True:\n    os.write(1, b'x' * 65536)", limits)
     assert not flood.passed and "[output limit reached]" in flood.detail
     assert len(flood.detail) < 4000
     closer = (
@@ -261,7 +262,7 @@ def test_output_and_verdict_are_bounded(bwrap):
     )
     closer += "        pass\nwhile True:\n    pass"
     start = time.monotonic()
-    r = code_exec.run_program(closer, limits)
+    r = sandbox_lib.run_program(closer, limits)
     assert r.status == "timeout" and time.monotonic() - start < 6
 
 
@@ -278,13 +279,13 @@ def test_sandbox_view_is_minimal(bwrap):
         "    except OSError:\n        pass\n    else:\n        raise SystemExit(d + ' writable')\n"
         "open('/tmp/t', 'w').write('ok')\nopen('/dev/shm/t', 'w').write('ok')\n"
     )
-    r = code_exec.run_program(prog, LIMITS)
+    r = sandbox_lib.run_program(prog, LIMITS)
     assert r.passed, r.detail
 
 
 def test_exit_paths_that_skip_the_checks_fail(bwrap):
     for prog in ("import sys\nsys.exit(0)", "import os\nos._exit(0)", "raise SystemExit", "exit()"):
-        assert not code_exec.run_program(prog + "\nassert False", LIMITS).passed, prog
+        assert not sandbox_lib.run_program(prog + "\nassert False", LIMITS).passed, prog
 
 
 @pytest.mark.xfail(strict=True, reason="known limit (docs/sandbox.md): harness emulation")
@@ -296,15 +297,15 @@ def test_known_limit_program_imitating_the_harness(bwrap):
     """
     forge = "import os\nfor fd in range(3, 64):\n    try:\n        os.write(fd, b'PASS\\n')\n"
     forge += "    except OSError:\n        pass\nos._exit(0)\nassert False"
-    assert not code_exec.run_program(forge, LIMITS).passed
+    assert not sandbox_lib.run_program(forge, LIMITS).passed
 
 
 def test_without_bwrap_generated_code_is_refused_unless_inprocess_is_asked(monkeypatch):
     from ideal_jax.evaluate import runner
 
-    monkeypatch.setattr(code_exec, "bwrap_status", lambda: (False, "bwrap is not installed"))
+    monkeypatch.setattr(sandbox_lib, "bwrap_status", lambda: (False, "bwrap is not installed"))
     with pytest.raises(InputError, match="eval.code_sandbox") as e:
-        code_exec.run_program("assert True")
+        sandbox_lib.run_program("assert True")
     assert e.value.field == "eval.code_sandbox" and "inprocess" in str(e.value)
     with pytest.raises(InputError):
         code_exec.score_code([{}], [["x"]], lambda p, c: "assert True")
@@ -323,7 +324,7 @@ def test_without_bwrap_generated_code_is_refused_unless_inprocess_is_asked(monke
     out = runner.evaluate_tasks(task, generate, None, progress=False, code_sandbox="inprocess")
     assert out["tasks"]["he"]["sandbox"] == "inprocess"
     with pytest.raises(InputError, match="allowed: bwrap, inprocess, auto"):
-        code_exec.resolve_sandbox("docker")
+        sandbox_lib.resolve_sandbox("docker")
 
 
 def test_eval_output_names_the_backend(bwrap):
@@ -342,7 +343,7 @@ def test_config_field_validated():
 
     cfg = tiny.get_config().unlock()
     assert cfg.eval.code_sandbox == "bwrap"
-    assert set(configlib.CHOICES["eval.code_sandbox"]) == set(code_exec.SANDBOXES)
+    assert set(configlib.CHOICES["eval.code_sandbox"]) == set(sandbox_lib.SANDBOXES)
     cfg.eval.code_sandbox = "none"
     with pytest.raises(InputError, match="bwrap, inprocess, auto"):
         configlib.validate_config(cfg)

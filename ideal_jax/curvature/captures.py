@@ -26,7 +26,14 @@ import jax.numpy as jnp
 import kfac_jax
 
 from ideal_jax.curvature import layers as layers_lib
-from ideal_jax.curvature.kfac import Batch, CurvatureProblem, Params, flat_rows, loss_rows
+from ideal_jax.curvature.problem import (
+    Batch,
+    CurvatureProblem,
+    Params,
+    flat_rows,
+    loss_rows,
+    row_losses,
+)
 from ideal_jax.utils.errors import InputError
 
 
@@ -106,7 +113,6 @@ def layer_captures(
 
 def loss_cotangent(problem: CurvatureProblem, batch: Batch, coeff_r: jax.Array, targets=None):
     """outputs_rc ↦ ∂(Σ_r c_r ℓ_r(outputs, targets))/∂outputs (data targets by default)."""
-    from ideal_jax.curvature.kfac import row_losses
 
     def cotangent(outputs_rc):
         t = loss_rows(problem, batch)[0] if targets is None else targets

@@ -33,16 +33,8 @@ import numpy as np
 
 from ideal_jax.curvature import captures
 from ideal_jax.curvature import layers as layers_lib
-from ideal_jax.curvature.kfac import (
-    Batch,
-    CurvatureState,
-    KfacCurvature,
-    Params,
-    check_finite,
-    flat_rows,
-    loss_rows,
-    row_losses,
-)
+from ideal_jax.curvature.kfac import CurvatureState, KfacCurvature, check_finite
+from ideal_jax.curvature.problem import Batch, Params, flat_rows, loss_rows, row_losses
 from ideal_jax.utils import progress
 from ideal_jax.utils.errors import InputError
 

@@ -18,7 +18,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from ideal_jax.curvature import layers as layers_lib
-from ideal_jax.curvature.kfac import (
+from ideal_jax.curvature.problem import (
     Batch,
     CurvatureProblem,
     Params,

@@ -22,14 +22,8 @@ import jax.numpy as jnp
 from ideal_jax.curvature import ekfac as ekfac_lib
 from ideal_jax.curvature import exact as exact_lib
 from ideal_jax.curvature import layers as layers_lib
-from ideal_jax.curvature.kfac import (
-    Batch,
-    CurvatureProblem,
-    CurvatureState,
-    KfacCurvature,
-    Params,
-    block_damping,
-)
+from ideal_jax.curvature.kfac import CurvatureState, KfacCurvature, block_damping
+from ideal_jax.curvature.problem import Batch, CurvatureProblem, Params
 from ideal_jax.utils.errors import InputError
 
 OPERATORS = ("identity", "kfac", "ekfac", "exact", "exact_block", "cg")

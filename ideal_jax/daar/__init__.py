@@ -5,7 +5,10 @@
   kmeans.py      jitted Lloyd k-means, initialized at the domain centroids → pseudo-labels
   probes.py      ψ_dom (domain classifier) and ψ_div (predicts ψ_dom's entropy) MLP probes
   selection.py   top-fraction / per-domain / customized selection (+ a k-center baseline), writer
-  pipeline.py    run_daar (resumable stages under a workdir), pseudo_domains, relabel; DaarConfig
+  config.py      DaarConfig.from_section(cfg.daar): typed, validated; the fields each stage reads
+  pipeline.py    run_daar (stages cached under a workdir via ideal_jax.artifacts), pseudo_domains,
+                 relabel
+  store.py       atomic .npz / text writers of DaaR's non-JSON artifacts
   job.py         mode=daar and pseudo-domains for IDEAL from an ml_collections config
   demo_pools.py  pools with known hidden domains (premise, charset) for benchmarks and tests
 

@@ -18,7 +18,9 @@ import random
 from collections import defaultdict
 from typing import Any
 
+from ideal_jax import provenance
 from ideal_jax.daar import pipeline
+from ideal_jax.daar.config import DaarConfig
 from ideal_jax.daar.generation import ModelGenerator
 from ideal_jax.data import records
 from ideal_jax.data import suite as suite_lib
@@ -26,20 +28,14 @@ from ideal_jax.model import loading
 from ideal_jax.utils.errors import InputError
 
 
-def daar_config(section) -> pipeline.DaarConfig:
-    """cfg.daar (descriptions and τ keyed by domain name) as a validated DaarConfig."""
-    values = dict(section.to_dict() if hasattr(section, "to_dict") else section)
-    descriptions = dict(values.pop("domains") or {})
-    taus = dict(values.pop("tau") or {})
-    unknown = sorted(set(taus) - set(descriptions))
-    if unknown:
-        raise InputError(f"τ given for unknown domains {unknown}", field="daar.tau")
-    values["domains"] = [
-        {"name": n, "description": d, "tau": taus.get(n)} for n, d in descriptions.items()
-    ]
-    values["customized_target"] = values.get("customized_target") or None
-    values["probe_hidden"] = tuple(values.get("probe_hidden") or ())
-    return pipeline.DaarConfig.from_config(values)
+def run_inputs(cfg, pool, probe) -> dict[str, str]:
+    """What the DaaR artifacts of a config's run depend on besides cfg.daar's own fields (each
+    stage fingerprints the fields it reads, config.STAGE_FIELDS) and the examples: the model and
+    data sections (provenance.stage_inputs) and the generator."""
+    inputs = provenance.stage_inputs(cfg, "daar", pipeline.examples_fingerprint(pool, probe))
+    del inputs["config.daar"]
+    inputs["generator"] = f"{cfg.daar.generator}:{cfg.daar.seed_pairs}"
+    return inputs
 
 
 class FilePairsGenerator:
@@ -135,7 +131,8 @@ def run_from_config(cfg, workdir: str) -> dict[str, Any]:
     """mode=daar: select from the pool; writes WORKDIR/daar/ (manifest, selected.jsonl)."""
     from ideal_jax import sharding
 
-    daar_cfg = daar_config(cfg.daar)  # bad cfg.daar values fail before any data or model loads
+    # Bad cfg.daar values fail before any data or model loads.
+    daar_cfg = DaarConfig.from_section(cfg.daar)
     mesh = sharding.make_mesh(dict(cfg.mesh))
     suite = suite_lib.load_suite(cfg, workdir)
     model_cfg, params = loading.load_model(cfg.model, mesh, suite.tokenizer, seed=cfg.seed)
@@ -150,6 +147,7 @@ def run_from_config(cfg, workdir: str) -> dict[str, Any]:
         os.path.join(workdir, "daar"),
         make_generator(cfg, model_cfg, params, suite),
         mesh,
+        inputs=run_inputs(cfg, pool, probe),
     )
     return {
         "manifest": result.manifest_path,
@@ -162,7 +160,7 @@ def run_from_config(cfg, workdir: str) -> dict[str, Any]:
 def pseudo_domain_examples(cfg, workdir: str, suite, model_cfg, params, mesh):
     """IDEAL on an unlabeled pool: run (or resume) DaaR, then group the pool by pseudo-domain."""
     pool, probe = load_pool(cfg, suite)
-    daar_cfg = daar_config(cfg.daar)
+    daar_cfg = DaarConfig.from_section(cfg.daar)
     daar_dir = os.path.join(workdir, "daar")
     pipeline.run_daar(
         daar_cfg,
@@ -174,6 +172,7 @@ def pseudo_domain_examples(cfg, workdir: str, suite, model_cfg, params, mesh):
         daar_dir,
         make_generator(cfg, model_cfg, params, suite),
         mesh,
+        inputs=run_inputs(cfg, pool, probe),
     )
     labels = pipeline.pseudo_domains(
         daar_cfg, model_cfg, params, suite.tokenizer, pool, daar_dir, mesh

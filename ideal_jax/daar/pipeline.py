@@ -1,22 +1,25 @@
 """DaaR end to end (METHOD.md §2): generate → centroids → pseudo-labels → probes → scores → select.
 
-`run_daar` runs the stages in order; each writes its output under `workdir` atomically and is
-skipped when that output already exists, so an interrupted run resumes where it stopped. The
-workdir remembers the config and a fingerprint of the pool / probe ids it was made with and refuses
-to resume with different ones.
+`run_daar` runs the stages in order. Each stage's output goes through the package's one artifact
+cache (ideal_jax/artifacts.py `cached`): written atomically, recorded in the workdir's
+provenance.json with the fingerprints of what produced it, and on a rerun reused only if those
+match: the DaarConfig fields the stage reads (config.STAGE_FIELDS), the pool and probe examples
+(ids and texts), the caller's `inputs` (mode=daar: the model and data config sections,
+provenance.stage_inputs) and the content of the upstream artifacts. An interrupted run resumes
+where it stopped; a changed input or a hand-edited artifact is an InputError naming it, nothing is
+overwritten; a new selection variant reuses the finished stages before it.
 
 Workdir layout:
-  config.json                 the DaarConfig + pool/probe fingerprints
   generation.json        "generate": accepted pairs and per-domain generation stats
   centroids.npz          "centroids": centroids_kd
   pseudo_labels.npz      "pseudo_labels": probe-set k-means labels, centres, convergence info
   probe_domain.npz, probe_diversity.npz, probe_stats.json    "probes"
   scores.npz             "scores": ψ_div score, ψ_dom entropy and argmax per pool example
   selection/manifest.json, selection/selected.jsonl          "select"
+  provenance.json (selection/provenance.json), timings.json (wall time per stage)
 
-Config fields: every field of `DaarConfig` (its comments give the meaning; configs/common.py's
-cfg.daar has the same defaults). domains: list of {name, description, tau (None: 0.9 if "math" is
-in the name, else 0.85)}.
+Config: `DaarConfig.from_section(cfg.daar)` (ideal_jax/daar/config.py; the fields and their defaults
+are configs/common.py's cfg.daar).
 
 Probe stage: ψ_dom is trained on the probe set's pseudo-labels (cfg.daar.probe_*); ψ_div regresses
 ψ_dom's entropy *cross-fitted* (probe_cross_fit_folds folds: each example's entropy comes from a
@@ -33,200 +36,26 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from jax.sharding import Mesh
 
+from ideal_jax import artifacts, provenance
 from ideal_jax.daar import centroids as cen
 from ideal_jax.daar import generation as gen
 from ideal_jax.daar import kmeans as km
 from ideal_jax.daar import probes as pr
 from ideal_jax.daar import selection as sel
+from ideal_jax.daar import store
+from ideal_jax.daar.config import STAGE_FIELDS, DaarConfig
 from ideal_jax.data.records import Example
 from ideal_jax.model.config import ModelConfig
 from ideal_jax.model.transformer import Params
 from ideal_jax.utils.errors import InputError
 
-STAGES = ("generate", "centroids", "pseudo_labels", "probes", "scores", "select")
-
-
-@dataclasses.dataclass(frozen=True)
-class DomainSpec:
-    name: str
-    description: str  # one sentence, shown to the generator
-    tau: float  # similarity threshold for accepting a generated pair
-
-
-def _tau(domain: str, tau: Any) -> float:
-    """The domain's τ: given, else the paper's 0.9 for math and 0.85 for the rest; in (0, 1]."""
-    if tau is None:
-        return 0.9 if "math" in domain.lower() else 0.85
-    try:
-        value = float(tau)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if not 0.0 < value <= 1.0:  # NaN fails too
-        raise InputError(
-            f"domain {domain!r}: tau (the similarity threshold) must be in (0, 1], got {tau!r}",
-            field=f"daar.tau.{domain}",
-        )
-    return value
-
-
-@dataclasses.dataclass(frozen=True)
-class DaarConfig:
-    """cfg.daar as a typed, validated value.
-
-    The defaults equal configs/common.py's cfg.daar (tests/test_daar_config.py keeps them equal);
-    docs/method_choices.md (DaaR) says where they differ from the paper and what was measured.
-    """
-
-    domains: tuple[DomainSpec, ...]
-    seeds_per_domain: int = 5
-    target_per_domain: int = 10  # paper: 10-30
-    min_per_domain: int = 3  # fewer accepted pairs when the budget is spent: InputError
-    max_attempts_per_domain: int = 100  # every generation counts, parseable or not
-    counter_examples: int = 3
-    seed_temperature: float = 0.9
-    augment_temperature: float = 0.95
-    top_p: float = 0.95
-    max_new_tokens: int = 256
-    centroid_source: str = "input"  # paper: input embeddings
-    centroid_layer: int = 0  # for centroid_source="hidden"
-    feature_layer: int = 3  # probe features: hidden state after this many layers (paper: 3)
-    feature_norm: bool = True  # the final RMSNorm on the probe features (public code)
-    max_len: int = 256  # tokens embedded per text
-    embed_batch_size: int = 64
-    kmeans_metric: str = "euclidean"  # paper (sklearn KMeans); "cosine" = spherical
-    kmeans_max_iters: int = 100
-    probe_lr: float = 1e-3  # paper: 1e-5 (measured: 0.77 vs 0.97 val accuracy, method_choices)
-    probe_epochs: int = 20  # paper: 1
-    probe_batch_size: int = 32  # paper: 1
-    probe_hidden: tuple[int, ...] = ()  # (): the paper's 2d, d, d/2, 256
-    probe_val_fraction: float = 0.03  # paper: 97/3
-    probe_weight_decay: float = 0.0  # paper: none (Adam)
-    probe_patience: int = 0  # early stopping after this many epochs without a better val loss
-    probe_cross_fit_folds: int = 5  # ψ_div's entropy targets from held-out folds; 0: in-sample
-    select_fraction: float = 0.2
-    select_method: str = "top_fraction"  # paper; "per_domain" = top fraction within each domain
-    customized_target: str | None = None
-    customized_fractions: tuple[float, float] = (0.5, 0.1)
-    seed: int = 0
-
-    @property
-    def domain_names(self) -> list[str]:
-        return [d.name for d in self.domains]
-
-    @classmethod
-    def from_config(cls, section: Any) -> DaarConfig:
-        """From an ml_collections section or a dict; bad values raise InputError (named field)."""
-        values = dict(section.to_dict() if hasattr(section, "to_dict") else section)
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in values.items() if k in known}
-        raw_domains = values.pop("domains", None)
-        if not raw_domains:
-            raise InputError(
-                "at least one domain {name: one-sentence description} is required (the domain "
-                "description list is empty)",
-                field="daar.domains",
-            )
-        domains = []
-        for i, d in enumerate(raw_domains):
-            d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
-            name, description = d.get("name"), d.get("description")
-            if not isinstance(name, str) or not name:
-                raise InputError(f"domain {i} needs a non-empty 'name'", field=f"daar.domains[{i}]")
-            if not isinstance(description, str) or not description.strip():
-                raise InputError(
-                    f"domain {name!r} needs a non-empty one-sentence description",
-                    field=f"daar.domains.{name}",
-                )
-            domains.append(DomainSpec(name, description, _tau(name, d.get("tau"))))
-        if len({d.name for d in domains}) != len(domains):
-            raise InputError("domain names must be unique", field="daar.domains")
-        for key in ("probe_hidden", "customized_fractions"):
-            if values.get(key) is not None:
-                values[key] = tuple(values[key])
-        if values.get("probe_hidden") is None:
-            values.pop("probe_hidden", None)
-        if values.get("customized_target") == "":
-            values["customized_target"] = None
-        cfg = cls(domains=tuple(domains), **values)
-        cfg.validate()
-        return cfg
-
-    def validate(self) -> None:
-        """InputError naming the first cfg.daar field whose value cannot work."""
-        if self.customized_target is not None and self.customized_target not in self.domain_names:
-            raise InputError(
-                f"customized_target {self.customized_target!r} is not one of {self.domain_names}",
-                field="daar.customized_target",
-            )
-        choices = {
-            "select_method": ("top_fraction", "per_domain"),
-            "kmeans_metric": km.METRICS,
-            "centroid_source": cen.SOURCES,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise InputError(
-                    f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}",
-                    field=f"daar.{name}",
-                )
-        ranges = {
-            "select_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
-            "probe_val_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
-            "probe_lr": (lambda v: v > 0, "> 0"),
-            "probe_weight_decay": (lambda v: v >= 0, ">= 0"),
-            "probe_epochs": (lambda v: v >= 1, ">= 1"),
-            "probe_batch_size": (lambda v: v >= 1, ">= 1"),
-            "probe_patience": (lambda v: v >= 0, ">= 0"),
-            "probe_cross_fit_folds": (lambda v: v == 0 or v >= 2, "0 (off) or >= 2"),
-            "seeds_per_domain": (lambda v: v >= 1, ">= 1"),
-            "max_attempts_per_domain": (lambda v: v >= 1, ">= 1"),
-            "counter_examples": (lambda v: v >= 1, ">= 1"),
-            "seed_temperature": (lambda v: v >= 0, ">= 0"),
-            "augment_temperature": (lambda v: v >= 0, ">= 0"),
-            "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
-            "max_new_tokens": (lambda v: v >= 1, ">= 1"),
-            "max_len": (lambda v: v >= 1, ">= 1"),
-            "embed_batch_size": (lambda v: v >= 1, ">= 1"),
-            "kmeans_max_iters": (lambda v: v >= 1, ">= 1"),
-            "centroid_layer": (lambda v: v >= 0, ">= 0"),
-        }
-        for name, (check, what) in ranges.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not check(value):
-                raise InputError(f"must be {what}, got {value!r}", field=f"daar.{name}")
-        if self.probe_patience > 0 and self.probe_val_fraction == 0:
-            raise InputError(
-                "early stopping needs a validation split: set probe_val_fraction > 0",
-                field="daar.probe_patience",
-            )
-        if not all(0 < f <= 1 for f in self.customized_fractions):
-            raise InputError("both fractions must be in (0, 1]", field="daar.customized_fractions")
-        if not 1 <= self.min_per_domain <= self.target_per_domain:
-            raise InputError(
-                "need 1 <= min_per_domain <= target_per_domain", field="daar.min_per_domain"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-    def generation_kwargs(self) -> dict[str, Any]:
-        """Arguments of `generation.generate_domain_pairs` besides the domain itself."""
-        names = ("counter_examples", "seed_temperature", "augment_temperature", "top_p")
-        return dict(
-            seeds=self.seeds_per_domain,
-            target=self.target_per_domain,
-            min_accepted=self.min_per_domain,
-            max_attempts=self.max_attempts_per_domain,
-            max_new_tokens=self.max_new_tokens,
-            seed=self.seed,
-            **{name: getattr(self, name) for name in names},
-        )
+STAGES = tuple(STAGE_FIELDS)
 
 
 @dataclasses.dataclass
@@ -250,52 +79,18 @@ class DaarResult:
         return [self.domain_names[int(k)] for k in self.pool_labels_n]
 
 
-def _fingerprint(examples: Sequence[Example]) -> str:
-    return hashlib.sha256("\n".join(ex.id for ex in examples).encode()).hexdigest()[:16]
+def _as_config(daar_cfg: DaarConfig | Any) -> DaarConfig:
+    return daar_cfg if isinstance(daar_cfg, DaarConfig) else DaarConfig.from_section(daar_cfg)
 
 
-def _save_npz(path: str, **arrays: np.ndarray) -> None:
-    sel.atomic_write(path, arrays)  # atomic: a stage output on disk is always complete
-
-
-def _save_json(path: str, value: Any) -> None:
-    sel.atomic_write(path, json.dumps(value, indent=1))
-
-
-def _load_json(path: str) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _check_workdir(
-    workdir: str, cfg: DaarConfig, pool: Sequence[Example], probe: Sequence[Example]
-):
-    os.makedirs(workdir, exist_ok=True)
-    identity = {"daar": cfg.to_dict(), "pool": _fingerprint(pool), "probe": _fingerprint(probe)}
-    path = os.path.join(workdir, "config.json")
-    if os.path.exists(path):
-        if _load_json(path) != identity:
-            raise InputError(
-                "this DaaR workdir was made with a different config or pool/probe set; "
-                "use a new workdir (or delete it) to start over",
-                path=path,
-            )
-    else:
-        _save_json(path, identity)
-
-
-def probe_kwargs(cfg: DaarConfig) -> dict[str, Any]:
-    """`probes.train_probe` settings from the config (both probes and every cross-fit fold)."""
-    return dict(
-        hidden=cfg.probe_hidden or None,
-        lr=cfg.probe_lr,
-        epochs=cfg.probe_epochs,
-        batch_size=cfg.probe_batch_size,
-        val_fraction=cfg.probe_val_fraction,
-        weight_decay=cfg.probe_weight_decay,
-        patience=cfg.probe_patience,
-        seed=cfg.seed,
-    )
+def examples_fingerprint(pool: Sequence[Example], probe: Sequence[Example]) -> str:
+    """SHA-256 over the id and text of every pool and probe example."""
+    h = hashlib.sha256()
+    for tag, examples in (("pool", pool), ("probe", probe)):
+        h.update(f"\0{tag} {len(examples)}\0".encode())
+        for ex in examples:
+            h.update(f"{ex.id}\0{cen.example_text(ex)}\0".encode())
+    return h.hexdigest()[:16]
 
 
 def check_disjoint(pool: Sequence[Example], probe: Sequence[Example]) -> None:
@@ -349,9 +144,14 @@ def run_daar(
     workdir: str | os.PathLike,
     generator: gen.Generator | None = None,
     mesh: Mesh | None = None,
+    inputs: Mapping[str, str] | None = None,
 ) -> DaarResult:
-    """Runs (or resumes) DaaR and returns the selection; `daar_cfg` may be the raw cfg.daar."""
-    cfg = daar_cfg if isinstance(daar_cfg, DaarConfig) else DaarConfig.from_config(daar_cfg)
+    """Runs (or resumes) DaaR and returns the selection; `daar_cfg` may be the raw cfg.daar.
+
+    inputs: fingerprints of what the artifacts depend on besides cfg.daar and the examples (the
+    model, its tokenizer, the generator); job.run_inputs gives them for a config's run.
+    """
+    cfg = _as_config(daar_cfg)
     if not 1 <= cfg.feature_layer <= model_cfg.num_layers:
         raise InputError(
             f"feature_layer={cfg.feature_layer} but the model has {model_cfg.num_layers} layers",
@@ -361,41 +161,57 @@ def run_daar(
         raise InputError("the DaaR pool is empty", field="daar.pool")
     check_disjoint(pool_examples, probe_examples)
     workdir = os.fspath(workdir)
-    _check_workdir(workdir, cfg, pool_examples, probe_examples)
+    os.makedirs(workdir, exist_ok=True)
     path = lambda name: os.path.join(workdir, name)
     emb = embedder(cfg, model_cfg, params, tokenizer, mesh)
     names, k = cfg.domain_names, len(cfg.domains)
+    context = {"data": examples_fingerprint(pool_examples, probe_examples), **(inputs or {})}
+    timer = artifacts.Timer(path("timings.json"))
     run: list[str] = []
 
+    def stage_inputs(stage: str, *upstream: str) -> dict[str, str]:
+        own = {**context, "config.daar": cfg.fingerprint(stage)}
+        return provenance.with_upstream(own, **{os.path.basename(p): p for p in upstream})
+
+    def cached(stage: str, file: str, compute, inputs: Mapping[str, str], **load_save):
+        def computed():
+            run.append(stage)
+            return compute()
+
+        return artifacts.cached(file, computed, inputs=inputs, timer=timer, name=stage, **load_save)
+
+    npz = dict(load=store.load_npz, save=store.save_npz)
     km.check_enough_rows(len(probe_examples), k)  # fail before spending the generation budget
 
     # 1. Model-aware synthetic pairs per domain.
-    if not os.path.exists(path("generation.json")):
-        generator = generator or gen.ModelGenerator(model_cfg, params, tokenizer)
+    def generate():
+        writer = generator or gen.ModelGenerator(model_cfg, params, tokenizer)
         domains = [dataclasses.asdict(d) for d in cfg.domains]
         pairs, _, stats = gen.generate_all_domains(
-            generator, emb.centroid_space, domains, **cfg.generation_kwargs()
+            writer, emb.centroid_space, domains, **cfg.generation_kwargs()
         )
         as_json = {d: [{"instruction": i, "response": r} for i, r in ps] for d, ps in pairs.items()}
-        stats_json = {d: s.to_dict() for d, s in stats.items()}
-        _save_json(path("generation.json"), {"pairs": as_json, "stats": stats_json})
-        run.append("generate")
-    generated = _load_json(path("generation.json"))
+        return {"pairs": as_json, "stats": {d: s.to_dict() for d, s in stats.items()}}
+
+    generated = cached("generate", path("generation.json"), generate, stage_inputs("generate"))
 
     # 2. Centroids: mean centroid-space embedding of each domain's accepted pairs.
-    if not os.path.exists(path("centroids.npz")):
+    def centroids():
         per_domain = [
             emb.centroid_space(
                 [cen.pair_text(p["instruction"], p["response"]) for p in generated["pairs"][d]]
             )
             for d in names
         ]
-        _save_npz(path("centroids.npz"), centroids_kd=cen.domain_centroids(per_domain))
-        run.append("centroids")
-    centroids_kd = np.load(path("centroids.npz"))["centroids_kd"]
+        return {"centroids_kd": cen.domain_centroids(per_domain)}
+
+    centroid_inputs = stage_inputs("centroids", path("generation.json"))
+    centroids_kd = cached("centroids", path("centroids.npz"), centroids, centroid_inputs, **npz)[
+        "centroids_kd"
+    ]
 
     # 3. Pseudo-labels: k-means on the probe set, initialized at the centroids.
-    if not os.path.exists(path("pseudo_labels.npz")):
+    def pseudo_labels():
         probe_emb_nd = emb.centroid_space([cen.example_text(ex) for ex in probe_examples])
         res = km.kmeans(
             probe_emb_nd,
@@ -405,20 +221,22 @@ def run_daar(
             mesh=mesh,
         )
         info = dict(iterations=res.iterations, converged=res.converged, inertia=res.inertia)
-        _save_npz(
-            path("pseudo_labels.npz"),
-            labels_n=res.labels_n,
-            centers_kd=res.centers_kd,
-            info=np.array(json.dumps(info)),
+        return dict(
+            labels_n=res.labels_n, centers_kd=res.centers_kd, info=np.array(json.dumps(info))
         )
-        run.append("pseudo_labels")
-    pseudo = np.load(path("pseudo_labels.npz"))
+
+    label_inputs = stage_inputs("pseudo_labels", path("centroids.npz"))
+    pseudo = cached("pseudo_labels", path("pseudo_labels.npz"), pseudo_labels, label_inputs, **npz)
     probe_labels_n = pseudo["labels_n"]
 
-    # 4. ψ_dom on the pseudo-labels, then ψ_div on ψ_dom's entropy.
-    if not os.path.exists(path("probe_stats.json")):
+    # 4. ψ_dom on the pseudo-labels, then ψ_div on ψ_dom's entropy. probe_stats.json is the stage's
+    # artifact; the two probes' .npz files are written (and recorded) before it.
+    probe_files = {"domain": path("probe_domain.npz"), "diversity": path("probe_diversity.npz")}
+    probe_inputs = stage_inputs("probes", path("pseudo_labels.npz"))
+
+    def probes():
         probe_feat_nd = emb.features(probe_examples)
-        common = probe_kwargs(cfg) | dict(mesh=mesh)
+        common = cfg.probe_kwargs() | dict(mesh=mesh)
         dom, dom_stats = pr.train_probe(
             probe_feat_nd, probe_labels_n, kind="classify", out=k, **common
         )
@@ -442,32 +260,54 @@ def run_daar(
         stats["in_sample_mean_entropy"] = float(np.mean(pr.entropy(pr.predict(dom, probe_feat_nd))))
         div, div_stats = pr.train_probe(probe_feat_nd, entropy_n, kind="regress", out=1, **common)
         stats["diversity"] = div_stats.to_dict()
-        _save_npz(path("probe_domain.npz"), **pr.probe_to_arrays(dom))
-        _save_npz(path("probe_diversity.npz"), **pr.probe_to_arrays(div))
-        _save_json(path("probe_stats.json"), stats | {"kmeans": json.loads(str(pseudo["info"]))})
-        run.append("probes")
-    probe_stats = _load_json(path("probe_stats.json"))
+        stats["kmeans"] = json.loads(str(pseudo["info"]))
+        return {
+            "stats": stats,
+            "domain": pr.probe_to_arrays(dom),
+            "diversity": pr.probe_to_arrays(div),
+        }
+
+    def save_probes(stats_path: str, out: dict) -> None:
+        for key, file in probe_files.items():
+            store.save_npz(file, out[key])
+            provenance.record(file, probe_inputs)
+        artifacts.write_json(stats_path, out["stats"])
+
+    def load_probes(stats_path: str) -> dict:
+        for file in probe_files.values():
+            provenance.check(file, probe_inputs)
+        return {"stats": artifacts.read_json(stats_path)}
+
+    probe_stats = cached(
+        "probes",
+        path("probe_stats.json"),
+        probes,
+        probe_inputs,
+        load=load_probes,
+        save=save_probes,
+    )["stats"]
 
     # 5. Score the pool.
-    if not os.path.exists(path("scores.npz")):
-        dom = pr.probe_from_arrays(dict(np.load(path("probe_domain.npz"))))
-        div = pr.probe_from_arrays(dict(np.load(path("probe_diversity.npz"))))
+    def scores():
+        dom = pr.probe_from_arrays(store.load_npz(probe_files["domain"]))
+        div = pr.probe_from_arrays(store.load_npz(probe_files["diversity"]))
         pool_feat_nd = emb.features(pool_examples)
         logits_nk = pr.predict(dom, pool_feat_nd)
-        _save_npz(
-            path("scores.npz"),
+        return dict(
             scores_n=pr.predict(div, pool_feat_nd)[:, 0],
             entropy_n=pr.entropy(logits_nk),
             labels_n=logits_nk.argmax(-1).astype(np.int32),
         )
-        run.append("scores")
-    scores = np.load(path("scores.npz"))
-    scores_n, labels_n = scores["scores_n"], scores["labels_n"]
 
-    # 6. Select and write the manifest + records.
+    score_inputs = stage_inputs("scores", *probe_files.values())
+    pool_scores = cached("scores", path("scores.npz"), scores, score_inputs, **npz)
+    scores_n, labels_n = pool_scores["scores_n"], pool_scores["labels_n"]
+
+    # 6. Select: the manifest (the stage's artifact) and the selected records.
     sel_dir = path("selection")
     manifest_path = os.path.join(sel_dir, "manifest.json")
-    if not os.path.exists(manifest_path):
+
+    def select():
         selected_n, method, fractions = sel.choose(
             scores_n,
             labels_n,
@@ -477,8 +317,7 @@ def run_daar(
             customized_target=cfg.customized_target,
             customized_fractions=cfg.customized_fractions,
         )
-        sel.write_selection(
-            sel_dir,
+        return sel.manifest_of(
             pool_examples,
             selected_n,
             scores_n,
@@ -488,8 +327,14 @@ def run_daar(
             fractions=fractions,
             seed=cfg.seed,
         )
-        run.append("select")
-    manifest = _load_json(manifest_path)
+
+    manifest = cached(
+        "select",
+        manifest_path,
+        select,
+        stage_inputs("select", path("scores.npz")),
+        save=lambda _, m: sel.write_selection_files(sel_dir, pool_examples, m),
+    )
     index_of = {ex.id: i for i, ex in enumerate(pool_examples)}
     selected_n = np.array([index_of[s["id"]] for s in manifest["selected"]], np.int64)
 
@@ -500,7 +345,7 @@ def run_daar(
         probe_labels_n=probe_labels_n,
         probe_stats=probe_stats,
         pool_scores_n=scores_n,
-        pool_entropy_n=scores["entropy_n"],
+        pool_entropy_n=pool_scores["entropy_n"],
         pool_labels_n=labels_n,
         selected_n=selected_n,
         manifest_path=manifest_path,
@@ -519,11 +364,11 @@ def pseudo_domains(
     mesh: Mesh | None = None,
 ) -> list[str]:
     """The pseudo-domain name (argmax ψ_dom) of each example, from a finished `run_daar` workdir."""
-    cfg = daar_cfg if isinstance(daar_cfg, DaarConfig) else DaarConfig.from_config(daar_cfg)
+    cfg = _as_config(daar_cfg)
     probe_path = os.path.join(os.fspath(workdir), "probe_domain.npz")
     if not os.path.exists(probe_path):
         raise InputError("no trained domain probe: run run_daar first", path=probe_path)
-    dom = pr.probe_from_arrays(dict(np.load(probe_path)))
+    dom = pr.probe_from_arrays(store.load_npz(probe_path))
     feats_nd = embedder(cfg, model_cfg, params, tokenizer, mesh).features(examples)
     return [cfg.domain_names[int(k)] for k in pr.predict(dom, feats_nd).argmax(-1)]
 

@@ -15,7 +15,7 @@ Ties are broken by pool index, so a selection is a pure function of (scores, lab
 `write_selection` writes a JSON manifest (method, fractions, counts per pseudo-domain, seed,
 selected ids with scores) and the selected records as chat-form JSONL that `ideal_jax.data.records`
 reads back (`domain` = the pseudo-domain, `source_domain` = the label the record came with), both
-written atomically.
+written atomically (artifacts.write_json, store.write_text).
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from ideal_jax import artifacts
+from ideal_jax.daar import store
 from ideal_jax.data.records import Example
 from ideal_jax.utils.errors import InputError
 
@@ -144,19 +146,6 @@ def kl_to_uniform(labels_n: np.ndarray, k: int) -> float:
     return float(np.sum(p[nz] * np.log(p[nz] * k)))
 
 
-def atomic_write(path: str, content: str | dict[str, np.ndarray]) -> None:
-    """Writes text, or a dict of arrays as .npz, via a temporary file and os.replace."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    if isinstance(content, str):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(content)
-    else:
-        with open(tmp, "wb") as f:
-            np.savez(f, **content)
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-
-
 def record_of(example: Example, pseudo_domain: str, score: float) -> dict[str, Any]:
     """A chat-form JSONL record that `ideal_jax.data.records` reads back."""
     record: dict[str, Any] = {
@@ -171,8 +160,7 @@ def record_of(example: Example, pseudo_domain: str, score: float) -> dict[str, A
     return record
 
 
-def write_selection(
-    out_dir: str | os.PathLike,
+def manifest_of(
     examples: Sequence[Example],
     selected_n: np.ndarray,
     scores_n: np.ndarray,
@@ -183,14 +171,13 @@ def write_selection(
     fractions: dict[str, float],
     seed: int,
     extra: dict[str, Any] | None = None,
-) -> tuple[str, str]:
-    """Writes manifest.json and selected.jsonl under `out_dir`; returns their paths."""
-    out_dir = os.fspath(out_dir)
+) -> dict[str, Any]:
+    """The selection's manifest: method, fractions, counts per pseudo-domain, selected ids."""
     k = len(domain_names)
     selected_n = np.asarray(selected_n, np.int64)
     pool_counts = np.bincount(np.asarray(labels_n, np.int64), minlength=k)
     sel_counts = np.bincount(np.asarray(labels_n, np.int64)[selected_n], minlength=k)
-    manifest = {
+    return {
         "method": method,
         "fractions": fractions,
         "seed": int(seed),
@@ -211,13 +198,49 @@ def write_selection(
         ],
         **(extra or {}),
     }
+
+
+def write_selection_files(
+    out_dir: str | os.PathLike, examples: Sequence[Example], manifest: dict[str, Any]
+) -> tuple[str, str]:
+    """Writes selected.jsonl (the manifest's selected examples as records) and manifest.json."""
+    out_dir = os.fspath(out_dir)
     manifest_path = os.path.join(out_dir, "manifest.json")
     records_path = os.path.join(out_dir, "selected.jsonl")
+    by_id = {ex.id: ex for ex in examples}
     lines = [
-        json.dumps(record_of(examples[i], domain_names[int(labels_n[i])], scores_n[i]))
-        for i in selected_n
+        json.dumps(record_of(by_id[s["id"]], s["pseudo_domain"], s["score"]))
+        for s in manifest["selected"]
     ]
     # Records first, manifest last: a manifest on disk means the selection is complete.
-    atomic_write(records_path, "".join(line + "\n" for line in lines))
-    atomic_write(manifest_path, json.dumps(manifest, indent=1) + "\n")
+    store.write_text(records_path, "".join(line + "\n" for line in lines))
+    artifacts.write_json(manifest_path, manifest)
     return manifest_path, records_path
+
+
+def write_selection(
+    out_dir: str | os.PathLike,
+    examples: Sequence[Example],
+    selected_n: np.ndarray,
+    scores_n: np.ndarray,
+    labels_n: np.ndarray,
+    domain_names: Sequence[str],
+    *,
+    method: str,
+    fractions: dict[str, float],
+    seed: int,
+    extra: dict[str, Any] | None = None,
+) -> tuple[str, str]:
+    """Writes manifest.json and selected.jsonl under `out_dir`; returns their paths."""
+    manifest = manifest_of(
+        examples,
+        selected_n,
+        scores_n,
+        labels_n,
+        domain_names,
+        method=method,
+        fractions=fractions,
+        seed=seed,
+        extra=extra,
+    )
+    return write_selection_files(out_dir, examples, manifest)

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ideal_jax.configlib import write_json_atomic
 from ideal_jax.evaluate import answers, code_exec, ifeval, multiple_choice
+from ideal_jax.evaluate import sandbox as sandbox_lib
 from ideal_jax.evaluate.loaders import load_benchmark, normalize_records
 from ideal_jax.utils import progress as progress_lib
 from ideal_jax.utils.errors import InputError
@@ -169,7 +170,7 @@ def _run_generative(kind: str, cfg: dict, recs: list[dict], shots, generate_fn, 
             prompts = [code_exec.mbpp_prompt(r, shots(i)) for i, r in enumerate(recs)]
             build = code_exec.mbpp_program
         gens = _generate(generate_fn, prompts, cfg, bar)
-        limits = code_exec.SandboxLimits(
+        limits = sandbox_lib.SandboxLimits(
             timeout_s=float(cfg["timeout_s"]), memory_bytes=int(cfg["memory_mb"]) << 20
         )
         ks = [int(x) for x in cfg["ks"]]
@@ -190,13 +191,13 @@ def evaluate_tasks(
 
     ``task_cfgs`` is a list of task configs, or a mapping name -> task config. Code tasks run
     under ``code_sandbox`` (a task's own ``sandbox`` key wins); if that backend is unusable here,
-    InputError before any generation (code_exec.resolve_sandbox).
+    InputError before any generation (sandbox_lib.resolve_sandbox).
     """
     items = task_cfgs.items() if isinstance(task_cfgs, Mapping) else [(None, c) for c in task_cfgs]
     for _, raw_cfg in items:
         user = _as_dict(raw_cfg)
         if user.get("type") in ("humaneval", "mbpp"):
-            code_exec.resolve_sandbox(user.get("sandbox", code_sandbox))
+            sandbox_lib.resolve_sandbox(user.get("sandbox", code_sandbox))
     tasks: dict[str, dict] = {}
     for name, raw_cfg in tqdm(list(items), desc=_desc("eval tasks"), disable=not progress):
         user = _as_dict(raw_cfg)

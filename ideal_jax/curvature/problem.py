@@ -1,0 +1,174 @@
+"""The model and loss the curvature and influence code work on, and the loss rows of a batch.
+
+A `CurvatureProblem` says how to run the model with tagged layers and which loss to register; the
+training loss is the token-weighted mean L = Σ_t w_t ℓ_t / Σ_t w_t (w = 1 on response tokens).
+`flat_rows` / `loss_rows` give the rows that loss is made of: every token row of a [B, T] batch, or
+the K rows per example named by batch[LOSS_POSITIONS] (`add_loss_positions` adds them host-side).
+The K-FAC estimator over such a problem is ideal_jax/curvature/kfac.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ideal_jax.utils.errors import InputError
+
+Batch = Mapping[str, jax.Array]
+Params = dict
+OutputsFn = Callable[[Params, Batch, frozenset], jax.Array]
+LOSSES = ("softmax_cross_entropy", "squared_error")
+
+
+@dataclasses.dataclass(frozen=True)
+class CurvatureProblem:
+    """A model and its loss as the curvature and influence code see them.
+
+    outputs_fn(params, batch, tagged_layers) -> outputs [..., C]: runs the model and wraps each
+      layer whose path is in `tagged_layers` in `kfac_jax.register_dense`.
+    loss: "softmax_cross_entropy" (batch["targets"] int [...]) or "squared_error" (½‖y − t‖²,
+      batch["targets"] float [..., C]). batch["weights"] [...] holds 0/1 token weights.
+    token_mask_key: batch field whose non-zero entries are real (non-padding) rows.
+    """
+
+    outputs_fn: OutputsFn
+    layers: tuple[str, ...]
+    loss: str = "softmax_cross_entropy"
+    token_mask_key: str | None = "segment_ids"
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise InputError(f"unknown loss {self.loss!r}; one of {LOSSES}", field="curvature.loss")
+
+
+@functools.lru_cache(maxsize=32)
+def lm_problem(model_cfg: Any, layers: tuple[str, ...]) -> CurvatureProblem:
+    """The decoder LM of `ideal_jax.model.transformer` with response-token cross-entropy.
+
+    Cached: the same (model, layers) gives the same object, so every jitted pass built on it is
+    compiled once per process (IDEAL's rounds reuse them).
+    """
+    from ideal_jax.model import transformer
+
+    def outputs_fn(params: Params, batch: Batch, tagged: frozenset) -> jax.Array:
+        tags = None
+        if tagged:
+            tags = transformer.KfacTags(frozenset(tagged), token_mask_bt=batch["segment_ids"] != 0)
+        return transformer.forward(
+            model_cfg,
+            params,
+            batch["tokens"],
+            batch["positions"],
+            batch["segment_ids"],
+            kfac_tags=tags,
+        )
+
+    return CurvatureProblem(outputs_fn=outputs_fn, layers=tuple(layers))
+
+
+# Optional batch fields [B, K]: the positions (along T) of the rows that carry loss weight, and
+# which of the K slots are real (1) or filler (0). With them the loss, its softmax and the Fisher's
+# sampled targets are formed at those K positions only, not at all T (prompt and padding rows have
+# weight 0 and contribute nothing). The layers still see all T rows.
+LOSS_POSITIONS = "loss_positions"
+LOSS_VALID = "loss_valid"
+
+
+def _at_loss_positions(x: jax.Array, batch: Batch) -> jax.Array:
+    """x [B, T, ...] → [B, K, ...] at batch[LOSS_POSITIONS] (x itself without that field)."""
+    if LOSS_POSITIONS not in batch:
+        return x
+    idx_bk = batch[LOSS_POSITIONS]
+    idx = idx_bk.reshape(idx_bk.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, idx, axis=1)
+
+
+def loss_outputs(problem: CurvatureProblem, outputs: jax.Array, batch: Batch) -> jax.Array:
+    """The model outputs of the loss rows, [R, C] in float32."""
+    del problem
+    outputs = _at_loss_positions(outputs, batch)
+    return outputs.reshape(-1, outputs.shape[-1]).astype(jnp.float32)
+
+
+def loss_rows(problem: CurvatureProblem, batch: Batch):
+    """(targets [R] or [R, C], weights [R], real-row mask [R]) of the loss rows."""
+    targets = _at_loss_positions(batch["targets"], batch)
+    if problem.loss == "softmax_cross_entropy":
+        targets = targets.reshape(-1)
+    else:
+        targets = targets.reshape(-1, targets.shape[-1])
+    weights = _at_loss_positions(batch["weights"].astype(jnp.float32), batch)
+    key = problem.token_mask_key
+    real = (batch[key] != 0) if key and key in batch else jnp.ones_like(batch["weights"])
+    real = _at_loss_positions(real.astype(jnp.float32), batch)
+    if LOSS_POSITIONS in batch:
+        valid = batch[LOSS_VALID].astype(jnp.float32)
+        weights, real = weights * valid, real * valid
+    return targets, weights.reshape(-1), real.reshape(-1)
+
+
+def flat_rows(problem: CurvatureProblem, outputs: jax.Array, batch: Batch):
+    """(outputs [R, C], targets [R] or [R, C], weights [R], real-row mask [R]) of the loss rows:
+    every token row, or the K rows per example named by batch[LOSS_POSITIONS]."""
+    return (loss_outputs(problem, outputs, batch), *loss_rows(problem, batch))
+
+
+def with_loss_positions(batch: Batch) -> Batch:
+    """`batch` with LOSS_POSITIONS naming every token row when it has none ([B, T] batches only).
+
+    kfac-jax traces its loss once per estimator and refuses a batch of another structure; with this
+    the estimator (cached per problem) takes batches with and without loss positions alike.
+    """
+    if LOSS_POSITIONS in batch or jnp.ndim(batch["weights"]) != 2:
+        return batch
+    b, t = jnp.shape(batch["weights"])
+    return {
+        **batch,
+        LOSS_POSITIONS: jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
+        LOSS_VALID: jnp.ones((b, t), jnp.float32),
+    }
+
+
+def add_loss_positions(batch: dict, k: int | None = None, minimum: int = 8) -> dict:
+    """Host-side: `batch` (numpy, [B, T] fields) with LOSS_POSITIONS / LOSS_VALID [B, K] added.
+
+    K: `k`, else the largest number of weighted tokens in a row rounded up to a power of two (at
+    least `minimum`; few shapes, few compilations). Filler slots point at position 0, valid 0.
+    """
+    weighted_bt = np.asarray(batch["weights"]) > 0
+    counts_b = weighted_bt.sum(axis=1)
+    most = int(counts_b.max()) if counts_b.size else 0
+    if k is None:
+        k = max(minimum, 1 << (max(most, 1) - 1).bit_length())
+    if most > k:
+        raise ValueError(f"a row has {most} weighted tokens, more than k={k}")
+    b = weighted_bt.shape[0]
+    positions_bk = np.zeros((b, k), np.int32)
+    valid_bk = np.zeros((b, k), np.float32)
+    rows_n, cols_n = np.nonzero(weighted_bt)  # row-major: each row's positions in order
+    slot_n = np.arange(rows_n.size) - np.repeat(np.cumsum(counts_b) - counts_b, counts_b)
+    positions_bk[rows_n, slot_n] = cols_n
+    valid_bk[rows_n, slot_n] = 1.0
+    return {**batch, LOSS_POSITIONS: positions_bk, LOSS_VALID: valid_bk}
+
+
+def row_losses(problem: CurvatureProblem, outputs_rc: jax.Array, targets: jax.Array) -> jax.Array:
+    """Unweighted per-row loss ℓ_r [R]."""
+    if problem.loss == "softmax_cross_entropy":
+        logp_rc = jax.nn.log_softmax(outputs_rc, axis=-1)
+        return -jnp.take_along_axis(logp_rc, targets[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    return 0.5 * jnp.sum((outputs_rc - targets) ** 2, axis=-1)
+
+
+def weighted_loss_sum(problem: CurvatureProblem, params: Params, batch: Batch):
+    """(Σ_r w_r ℓ_r, Σ_r w_r) of one batch, untagged forward."""
+    outputs_rc, targets, weights_r, _ = flat_rows(
+        problem, problem.outputs_fn(params, batch, frozenset()), batch
+    )
+    return jnp.sum(weights_r * row_losses(problem, outputs_rc, targets)), jnp.sum(weights_r)
