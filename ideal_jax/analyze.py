@@ -86,12 +86,14 @@ def table(result, top: int) -> str:
 
     mean = result.mean_scores()
     order = np.argsort(mean, kind="stable")
+    helpful = [n for n in order[:top] if mean[n] < 0]
+    harmful = [n for n in order[::-1][:top] if mean[n] > 0]
     lines = [
         f"{len(result.train)} training examples × {len(result.query)} queries; "
-        "score = change of the query's mean loss when the example is upweighted",
+        "score = change of the query's mean loss when the example is upweighted (< 0: helpful)",
         f"{'':10} {'mean score':>12}  {'domain':<16} id",
     ]
-    for label, idx in (("helpful", order[:top]), ("harmful", order[::-1][:top])):
+    for label, idx in (("helpful", helpful), ("harmful", harmful)):
         for n in idx:
             lines.append(
                 f"{label:10} {mean[n]:>12.4g}  {result.train.groups[n]:<16} {result.train.ids[n]}"
@@ -127,6 +129,7 @@ def run(args: argparse.Namespace) -> dict:
         args.train,
         tokenizer=args.tokenizer,
         factors_dir=args.factors or os.path.join(args.out, "factors"),
+        log=_say,
         layers=args.layers,
         operator=args.operator,
         estimator=args.estimator,
@@ -145,8 +148,6 @@ def run(args: argparse.Namespace) -> dict:
         f"{len(analyzer.layers)} layers; operator {args.operator}"
     )
     result = analyzer.score(args.query)
-    for name, seconds in result.timings.items():
-        _say(f"{name}: {seconds:.2f} s")
     if result.factors_file:
         _say(f"curvature factors: {result.factors_file}")
     paths = result.write(args.out, overwrite=args.overwrite)

@@ -45,7 +45,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -329,6 +329,7 @@ class Analyzer:
         *,
         tokenizer: str | None = None,
         factors_dir: str | None = None,
+        log: Callable[[str], None] | None = None,
         **settings: Any,
     ):
         model = os.fspath(model)
@@ -337,6 +338,7 @@ class Analyzer:
         self.model_path = model
         self.settings = Settings(**settings)
         self.factors_dir = factors_dir
+        self.log = log  # called with one line at the start and the end of every stage
         self.timings: dict[str, float] = {}
         with self._timed("load model"):
             self.tokenizer = hf_io.load_tokenizer(tokenizer or model)
@@ -545,7 +547,7 @@ class Analyzer:
         return result
 
     def _timed(self, name: str):
-        return _Timer(self.timings, name)
+        return _Timer(self.timings, name, self.log)
 
 
 def _grouped_means(
@@ -565,16 +567,21 @@ def _grouped_means(
 class _Timer:
     """`with`: a progress stage (log lines) whose duration is added to timings[name]."""
 
-    def __init__(self, timings: dict, name: str):
-        self.timings, self.name = timings, name
+    def __init__(self, timings: dict, name: str, log: Callable[[str], None] | None = None):
+        self.timings, self.name, self.log = timings, name, log
 
     def __enter__(self):
         self._stage = progress.stage(self.name)
         self._stage.__enter__()
+        if self.log:
+            self.log(f"{self.name} ...")
         self.t0 = time.perf_counter()
 
     def __exit__(self, *exc):
-        self.timings[self.name] = self.timings.get(self.name, 0.0) + time.perf_counter() - self.t0
+        seconds = time.perf_counter() - self.t0
+        self.timings[self.name] = self.timings.get(self.name, 0.0) + seconds
+        if self.log:
+            self.log(f"{self.name}: {'done' if exc[0] is None else 'failed'} in {seconds:.2f} s")
         return self._stage.__exit__(*exc)
 
 
