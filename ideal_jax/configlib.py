@@ -48,8 +48,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "influence.reference_weighting": ("capability", "token"),  # influence/alpha.py
     "reweight.rule": ("paper", "optax", "outer"),  # reweight.py
     "daar.generator": ("model", "file"),  # daar/job.py
-    "daar.select_method": ("top_fraction", "per_domain"),  # daar/pipeline.py
-    "eval.code_sandbox": ("bwrap", "inprocess", "auto"),  # evaluate/code_exec.py
+    "daar.select_method": ("top_fraction", "per_domain"),  # daar/config.py
+    "eval.code_sandbox": ("bwrap", "inprocess", "auto"),  # evaluate/sandbox.py
 }
 
 # Numeric fields with an obvious valid range: field -> (check, what it must be).
