@@ -378,8 +378,10 @@ def test_scores_match_kronfluence(files, relative):
         result.scores, result.train_weights, result.query_weights
     )
     pearson = float(np.corrcoef(ours.ravel(), theirs.ravel())[0, 1])
+    worst = float(np.max(np.abs(ours - theirs)) / np.abs(theirs).max())
+    print(f"relative={relative}: Pearson {pearson:.6f}, max |diff| / max |score| {worst:.2e}")
     assert pearson >= 0.999, pearson
-    np.testing.assert_allclose(ours, theirs, rtol=2e-2, atol=2e-3 * np.abs(theirs).max())
+    np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=1e-4 * np.abs(theirs).max())
     state_means = {
         p: float(np.mean(v)) for p, v in ekfac.ekfac_eigenvalues(analyzer.curvature_state).items()
     }
