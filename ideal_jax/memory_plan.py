@@ -43,7 +43,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
 from ideal_jax import sharding
 from ideal_jax.curvature import layers as layers_lib
@@ -159,22 +159,17 @@ def compile_train_step(
 
 
 def factor_partition_spec(shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
-    """Rows over every mesh axis (data, fsdp, tensor) whose product divides them; rest replicated.
+    """The factors' placement (curvature/kfac.py, where the pass uses it)."""
+    from ideal_jax.curvature.kfac import factor_partition_spec as spec
 
-    Applied to the K-FAC factors, their eigenvectors and the EK-FAC correction (module docstring).
-    """
-    if len(shape) != 2:
-        return PartitionSpec()
-    return sharding.spec_for(
-        ("factor_rows", None), shape, mesh, {"factor_rows": sharding.MESH_AXES}
-    )
+    return spec(shape, mesh)
 
 
 def curvature_state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
     """NamedShardings for a CurvatureState: 2-D leaves row-sharded, everything else replicated."""
-    return jax.tree.map(
-        lambda a: NamedSharding(mesh, factor_partition_spec(a.shape, mesh)), abstract_state
-    )
+    from ideal_jax.curvature.kfac import state_shardings
+
+    return state_shardings(abstract_state, mesh)
 
 
 def compile_curvature_pass(
@@ -193,7 +188,7 @@ def compile_curvature_pass(
     from ideal_jax.curvature import kfac as kfac_lib
 
     model_cfg = model_cfg.replace(dtype="float32", remat=False)  # how the curvature pass runs
-    curvature = kfac_lib.KfacCurvature(kfac_lib.lm_problem(model_cfg, tuple(layers)), mode)
+    curvature = kfac_lib.curvature_for(kfac_lib.lm_problem(model_cfg, tuple(layers)), mode)
     params_sh = sharding.param_shardings(abstract_params(model_cfg), logical_axes(model_cfg), mesh)
     params = with_shardings(abstract_params(model_cfg), params_sh)
     batch = abstract_batch(mesh, batch_size, seq_len)
@@ -201,17 +196,8 @@ def compile_curvature_pass(
     # eval_shape traces kfac-jax's init (it finds the tagged blocks) without allocating factors.
     abstract_state = jax.eval_shape(curvature.init, params, batch, key)
     state_sh = curvature_state_shardings(abstract_state, mesh)
-    update = jax.jit(
-        curvature.update,
-        in_shardings=(
-            state_sh,
-            params_sh,
-            sharding.batch_sharding(mesh),
-            sharding.replicated(mesh),
-        ),
-        out_shardings=state_sh,
-        donate_argnums=0,
-    )
+    # The very jitted object the influence stage runs (kfac.accumulate_factors on a mesh).
+    update = curvature.update_fn(mesh, abstract_state)
     return update.lower(with_shardings(abstract_state, state_sh), params, batch, key).compile()
 
 

@@ -278,6 +278,22 @@ MUTATIONS = [
         ["tests/test_distributed.py"],
     ),
     (
+        "plan_lowers_its_own_jit",
+        "memory_plan lowers a jit of its own, not the factor update the influence stage runs",
+        "ideal_jax/memory_plan.py",
+        "update = curvature.update_fn(mesh, abstract_state)",
+        "update = jax.jit(curvature.update, donate_argnums=0)",
+        ["tests/test_curvature_placement.py"],
+    ),
+    (
+        "factor_state_not_donated",
+        "the placed factor update copies the state instead of updating it in place",
+        "ideal_jax/curvature/kfac.py",
+        "                out_shardings=state_sh,\n                donate_argnums=0,\n",
+        "                out_shardings=state_sh,\n",
+        ["tests/test_curvature_placement.py"],
+    ),
+    (
         "stage_fingerprint_whole_config",
         "artifacts fingerprinted over the whole config (a DaaR field invalidates IDEAL rounds)",
         "ideal_jax/provenance.py",

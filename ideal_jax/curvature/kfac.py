@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import flax.struct
@@ -28,7 +28,9 @@ import jax
 import jax.numpy as jnp
 import kfac_jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ideal_jax import sharding
 from ideal_jax.curvature import layers as layers_lib
 from ideal_jax.curvature.problem import (  # noqa: F401  (re-exported: kfac.lm_problem etc.)
     LOSS_POSITIONS,
@@ -102,6 +104,7 @@ class KfacCurvature:
             distributed_cache_updates=False,
         )
         self._update = jax.jit(self._update_impl)
+        self._sharded_updates: dict = {}  # mesh -> the placed, donating update (update_fn)
         self._cache = jax.jit(self._cache_impl)
         self._inverse = jax.jit(self._inverse_impl)
 
@@ -177,6 +180,24 @@ class KfacCurvature:
     def update(self, state: CurvatureState, params: Params, batch: Batch, rng) -> CurvatureState:
         """Adds one batch to the (exact, weighted) average of the factors."""
         return self._update(state, params, batch, rng)
+
+    def update_fn(self, mesh: Mesh, state_like: Any):
+        """The factor update placed on `mesh`: the state row-sharded in and out
+        (`state_shardings`) and donated, params and batch as they come (already sharded).
+
+        One jitted object per mesh for the process: the influence stage runs it and
+        memory_plan.compile_curvature_pass lowers the very same object for its memory table.
+        `state_like`: a state or its abstract shapes (only their shapes are read, once per mesh).
+        """
+        if mesh not in self._sharded_updates:
+            state_sh = state_shardings(state_like, mesh)
+            self._sharded_updates[mesh] = jax.jit(
+                self._update_impl,
+                in_shardings=(state_sh, None, None, None),
+                out_shardings=state_sh,
+                donate_argnums=0,
+            )
+        return self._sharded_updates[mesh]
 
     def _cache_impl(self, state: CurvatureState) -> CurvatureState:
         kstate = self.estimator.update_cache(
@@ -267,6 +288,40 @@ def check_finite(state: CurvatureState) -> None:
             )
 
 
+def factor_partition_spec(shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """Rows over every mesh axis (data, fsdp, tensor) whose product divides them; rest replicated.
+
+    Applied to the K-FAC factors, their eigenvectors and the EK-FAC correction (memory_plan.py's
+    docstring says why rows over every device).
+    """
+    if len(shape) != 2:
+        return PartitionSpec()
+    return sharding.spec_for(
+        ("factor_rows", None), shape, mesh, {"factor_rows": sharding.MESH_AXES}
+    )
+
+
+def state_shardings(state_like: Any, mesh: Mesh) -> Any:
+    """NamedShardings for a CurvatureState: 2-D leaves row-sharded, everything else replicated."""
+    return jax.tree.map(
+        lambda a: NamedSharding(mesh, factor_partition_spec(a.shape, mesh)), state_like
+    )
+
+
+def place_state(state: CurvatureState, mesh: Mesh) -> CurvatureState:
+    """The state row-sharded on `mesh`, every leaf its own buffer (kfac-jax's init may share
+    one zeros buffer between leaves, which a donating update cannot take twice)."""
+    copy = jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=state_shardings(state, mesh))
+    return copy(state)
+
+
+def params_mesh(params: Params) -> Mesh | None:
+    """The mesh the parameters are placed on (None for single-device or unplaced arrays)."""
+    leaf = jax.tree.leaves(params)[0]
+    placed = getattr(leaf, "sharding", None)
+    return placed.mesh if isinstance(placed, NamedSharding) else None
+
+
 def accumulate_factors(
     curvature: KfacCurvature,
     params: Params,
@@ -274,11 +329,19 @@ def accumulate_factors(
     rng: jax.Array,
     state: CurvatureState | None = None,
 ) -> CurvatureState:
-    """One streamed pass over `batches` → finalized (eigendecomposed) K-FAC state."""
+    """One streamed pass over `batches` → finalized (eigendecomposed) K-FAC state.
+
+    Parameters placed on a mesh: the factors live row-sharded on it and each update donates the
+    previous state (`KfacCurvature.update_fn`); otherwise the plain jitted update.
+    """
+    mesh, update = params_mesh(params), curvature.update
     for i, batch in enumerate(progress.bar(batches, "curvature factors")):
         if state is None:
             state = curvature.init(params, batch, rng)
-        state = curvature.update(state, params, batch, jax.random.fold_in(rng, i))
+            if mesh is not None:
+                update = curvature.update_fn(mesh, state)
+                state = place_state(state, mesh)
+        state = update(state, params, batch, jax.random.fold_in(rng, i))
     if state is None:
         raise InputError("no batches for the curvature pass", field="data")
     return curvature.finalize(state)
