@@ -9,7 +9,7 @@ samples targets on each side with its own generator), damping 0.1 × mean eigenv
 and pairwise scores train × query; each side runs twice (first call with compilation / warm-up,
 then steady state). Kronfluence's side runs through ideal_jax.influence.kronfluence_ref on the
 same rows; ideal_jax's scores are converted to Kronfluence's units (summed losses, H of the summed
-loss per example, positive = helpful) with analyzer.to_kronfluence_scores
+loss per example, positive = helpful) with analysis_io.to_kronfluence_scores
 (docs/influence_conventions.md), and parity is the Pearson correlation of the scores.
 Kronfluence is an optional benchmark-only dependency: without it the script says so and exits 0.
 Install it without its CUDA torch:  pip install --no-deps kronfluence einops einconv
@@ -44,8 +44,12 @@ import transformers  # noqa: E402
 from ideal_jax.curvature import ekfac, operators  # noqa: E402
 from ideal_jax.curvature import kfac as kfac_lib  # noqa: E402
 from ideal_jax.curvature import layers as layers_lib  # noqa: E402
-from ideal_jax.influence import analyzer as analyzer_lib  # noqa: E402
-from ideal_jax.influence import gradients, per_example  # noqa: E402
+from ideal_jax.curvature import problem as problem_lib  # noqa: E402
+from ideal_jax.influence import (  # noqa: E402
+    analysis_io,  # noqa: E402
+    gradients,
+    per_example,
+)
 from ideal_jax.model import hf_io  # noqa: E402
 
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -101,7 +105,7 @@ def run_ideal_jax(path, train, query, args) -> tuple[dict, np.ndarray]:
     model_cfg = hf_io.load_hf_config(path)
     params = hf_io.load_hf_params(path, model_cfg)
     layers = layers_lib.select_layers(params, "mlp")
-    problem = kfac_lib.lm_problem(model_cfg, layers)
+    problem = problem_lib.lm_problem(model_cfg, layers)
     curvature = kfac_lib.curvature_for(problem, args.estimator)
     train_batches = [_batch(train[i : i + args.batch]) for i in range(0, len(train), args.batch)]
     out, scores = {}, None
@@ -129,7 +133,7 @@ def run_ideal_jax(path, train, query, args) -> tuple[dict, np.ndarray]:
         out[call] = {"factors_s": t1 - t0, "scores_s": t2 - t1, "total_s": t2 - t0}
     w_n = np.full(len(train), train.shape[1] - 1.0)  # every token after the first counts
     w_q = np.full(len(query), query.shape[1] - 1.0)
-    return out, analyzer_lib.to_kronfluence_scores(scores, w_n, w_q)  # [Q, N], their units
+    return out, analysis_io.to_kronfluence_scores(scores, w_n, w_q)  # [Q, N], their units
 
 
 def main() -> None:

@@ -85,6 +85,7 @@ from ideal_jax import sharding  # noqa: E402
 from ideal_jax.curvature import ekfac, operators  # noqa: E402
 from ideal_jax.curvature import kfac as kfac_lib  # noqa: E402
 from ideal_jax.curvature import layers as layers_lib  # noqa: E402
+from ideal_jax.curvature import problem as problem_lib  # noqa: E402
 from ideal_jax.data import batching  # noqa: E402
 from ideal_jax.data import mixture as mixture_lib  # noqa: E402
 from ideal_jax.data import suite as suite_lib  # noqa: E402
@@ -209,7 +210,7 @@ def exact_block_operator(
     per_layer = {}
     zeros = jax.tree.map(jax.numpy.zeros_like, layers_lib.split_params(params, layers)[0])
     for i, path in enumerate(layers):
-        problem = kfac_lib.lm_problem(model_cfg, (path,))
+        problem = problem_lib.lm_problem(model_cfg, (path,))
         selected, _ = layers_lib.split_params(params, (path,))
         matvec = exact_lib.make_matvec(problem, "ggn", params, batches)
         if curv.relative_damping:
@@ -260,19 +261,19 @@ def alpha_matrices(cfg, model_cfg, params, suite, mix, mesh, operator_names, *, 
     weighting = infl.get("reference_weighting", "capability")
     pad_id = suite.tokenizer.pad_token_id or 0
     layers = layers_lib.select_layers(params, curv.layers)
-    problem = kfac_lib.lm_problem(model_cfg, layers)
+    problem = problem_lib.lm_problem(model_cfg, layers)
     items, _ = influence_stage.subsample(suite, mix, curv, cfg.seed)
     rng = jax.random.key(cfg.seed)
 
     def batches(examples, names, batch_size, *, k=None):
         # as the stage: one example per row, examples in order of length, each batch as long as
-        # its longest example, the loss at K response positions per row (kfac.add_loss_positions)
+        # its longest example, the loss at K response positions per row (problem.add_loss_positions)
         plans = influence_stage.row_plan(examples, batch_size, cfg.train.seq_len, k)
         for chunk, length, k_rows in plans:
             for b in batching.iterate_batches(
                 chunk, batch_size, length, "pad", cfg.seed, 0, domain_names=names, pad_id=pad_id
             ):
-                yield sharding.shard_batch(kfac_lib.add_loss_positions(b, k_rows), mesh)
+                yield sharding.shard_batch(problem_lib.add_loss_positions(b, k_rows), mesh)
 
     def grouped(examples, names, batch_size):  # every batch from one group (one K for all)
         k = influence_stage.loss_rows_per_example(examples)

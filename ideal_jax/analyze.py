@@ -41,7 +41,7 @@ OUTPUTS = ("scores.jsonl", "scores.npy", "alpha.json", "analysis.json")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from ideal_jax.influence.analyzer import Settings
+    from ideal_jax.influence.analysis_io import Settings
 
     d = Settings()
     p = argparse.ArgumentParser(

@@ -186,9 +186,10 @@ def compile_curvature_pass(
     The factor state is row-sharded (`curvature_state_shardings`) in and out, and donated.
     """
     from ideal_jax.curvature import kfac as kfac_lib
+    from ideal_jax.curvature import problem as problem_lib
 
     model_cfg = model_cfg.replace(dtype="float32", remat=False)  # how the curvature pass runs
-    curvature = kfac_lib.curvature_for(kfac_lib.lm_problem(model_cfg, tuple(layers)), mode)
+    curvature = kfac_lib.curvature_for(problem_lib.lm_problem(model_cfg, tuple(layers)), mode)
     params_sh = sharding.param_shardings(abstract_params(model_cfg), logical_axes(model_cfg), mesh)
     params = with_shardings(abstract_params(model_cfg), params_sh)
     batch = abstract_batch(mesh, batch_size, seq_len)

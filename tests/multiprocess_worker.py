@@ -98,6 +98,7 @@ def main(argv: list[str]) -> None:
     from ideal_jax.curvature import kfac as kfac_lib
     from ideal_jax.curvature import layers as layers_lib
     from ideal_jax.curvature import operators
+    from ideal_jax.curvature import problem as problem_lib
     from ideal_jax.data.batching import iterate_batches, steps_per_epoch
     from ideal_jax.influence import alpha as alpha_lib
     from ideal_jax.influence import gradients
@@ -167,7 +168,7 @@ def main(argv: list[str]) -> None:
         train_batches = global_batches(train, DOMAINS)
         ref_batches = global_batches(reference, CAPABILITIES)
         layers = layers_lib.select_layers(params, "mlp")
-        problem = kfac_lib.lm_problem(model_cfg, layers)
+        problem = problem_lib.lm_problem(model_cfg, layers)
         curvature = kfac_lib.KfacCurvature(problem, "empirical")
         state = kfac_lib.accumulate_factors(curvature, params, train_batches, jax.random.key(0))
         _log("factors done")

@@ -18,9 +18,10 @@ from jax.flatten_util import ravel_pytree
 from ideal_jax.curvature import ekfac, operators
 from ideal_jax.curvature import kfac as kfac_lib
 from ideal_jax.curvature import layers as layers_lib
+from ideal_jax.curvature import problem as problem_lib
 from ideal_jax.data import batching, demo_suite
+from ideal_jax.influence import analysis_io, gradients, per_example
 from ideal_jax.influence import analyzer as analyzer_lib
-from ideal_jax.influence import gradients, per_example
 from ideal_jax.model import hf_io
 from ideal_jax.model.config import ModelConfig
 from ideal_jax.model.transformer import init_params
@@ -178,7 +179,7 @@ def test_settings_defaults_are_the_configs():
     from configs import common
 
     cfg = common.base_config()
-    d = analyzer_lib.Settings()
+    d = analysis_io.Settings()
     assert (d.layers, d.estimator, d.correction) == (
         cfg.curvature.layers,
         cfg.curvature.estimator,
@@ -236,16 +237,18 @@ def test_kronfluence_conversion_exact(files):
     pad = analyzer.tokenizer.pad_token_id
 
     def summed_loss_grad(batch):
-        fn = lambda s: kfac_lib.weighted_loss_sum(problem, layers_lib.merge_params(s, rest), batch)
+        fn = lambda s: problem_lib.weighted_loss_sum(
+            problem, layers_lib.merge_params(s, rest), batch
+        )
         return np.asarray(ravel_pytree(jax.grad(fn, has_aux=True)(selected)[0])[0], np.float64)
 
     u_train = np.stack([summed_loss_grad(b) for b in _lower_level_batches(result.train, 1, pad)])
     u_query = np.stack([summed_loss_grad(b) for b in _lower_level_batches(result.query, 1, pad)])
     h_k = u_train.T @ u_train / len(u_train)
     w_bar = float(np.mean(result.train_weights))
-    lam_k = analyzer_lib.to_kronfluence_damping(lam, w_bar)
+    lam_k = analysis_io.to_kronfluence_damping(lam, w_bar)
     s_k = u_query @ np.linalg.solve(h_k + lam_k * np.eye(len(h_k)), u_train.T)  # [Q, N]
-    converted = analyzer_lib.to_kronfluence_scores(
+    converted = analysis_io.to_kronfluence_scores(
         result.scores, result.train_weights, result.query_weights
     )
     np.testing.assert_allclose(converted, s_k, rtol=1e-3, atol=1e-4 * np.abs(s_k).max())
@@ -257,10 +260,10 @@ def test_worked_example_numbers():
     """docs/influence_conventions.md's worked example through the two conversion functions."""
     w_n = [10, 20, 30, 40]
     assert float(np.mean(w_n)) == 25.0
-    assert analyzer_lib.to_kronfluence_damping(0.01, np.mean(w_n)) == pytest.approx(0.25)
+    assert analysis_io.to_kronfluence_damping(0.01, np.mean(w_n)) == pytest.approx(0.25)
     s = np.zeros((4, 1))
     s[2, 0] = -0.003
-    k = analyzer_lib.to_kronfluence_scores(s, w_n, [8])
+    k = analysis_io.to_kronfluence_scores(s, w_n, [8])
     assert k.shape == (1, 4) and k[0, 2] == pytest.approx(0.0288)
     assert -k[0, 2] * 25 / (30 * 8) == pytest.approx(-0.003)
 
@@ -370,11 +373,11 @@ def test_scores_match_kronfluence(files, relative):
         kronfluence_ref.dataset(_lower_level_batches(result.train, 1, pad)),
         kronfluence_ref.dataset(_lower_level_batches(result.query, 1, pad)),
         modules,
-        damping_factor=None if relative else analyzer_lib.to_kronfluence_damping(lam, w_bar),
+        damping_factor=None if relative else analysis_io.to_kronfluence_damping(lam, w_bar),
         train_batch_size=4,
         query_batch_size=3,
     )
-    ours = analyzer_lib.to_kronfluence_scores(
+    ours = analysis_io.to_kronfluence_scores(
         result.scores, result.train_weights, result.query_weights
     )
     pearson = float(np.corrcoef(ours.ravel(), theirs.ravel())[0, 1])

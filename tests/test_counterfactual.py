@@ -113,8 +113,8 @@ def test_analyse_uses_the_right_quantities():
 @pytest.fixture(scope="module")
 def small_problem():
     """A 1-layer model small enough for the dense GGN (3 MLP layers of 128 weights)."""
-    from ideal_jax.curvature import kfac as kfac_lib
     from ideal_jax.curvature import layers as layers_lib
+    from ideal_jax.curvature import problem as problem_lib
     from ideal_jax.model.config import ModelConfig
     from ideal_jax.model.transformer import init_params
 
@@ -134,7 +134,7 @@ def small_problem():
             "segment_ids": np.ones((3, 6), np.int32),
             "positions": np.tile(np.arange(6, dtype=np.int32), (3, 1)),
         })  # fmt: skip
-    return model_cfg, params, layers, batches, kfac_lib.lm_problem(model_cfg, layers)
+    return model_cfg, params, layers, batches, problem_lib.lm_problem(model_cfg, layers)
 
 
 def test_exact_block_operator_matches_dense_exact_block(small_problem):

@@ -10,6 +10,7 @@ from ideal_jax.curvature import ekfac as ekfac_lib
 from ideal_jax.curvature import kfac as kfac_lib
 from ideal_jax.curvature import layers as layers_lib
 from ideal_jax.curvature import operators
+from ideal_jax.curvature import problem as problem_lib
 
 
 def _rel_err(a, b):
@@ -101,7 +102,7 @@ def test_lm_single_token_all_operators_agree():
         "weights": jnp.asarray(seg, jnp.float32),
         "positions": jnp.zeros((2, 6), jnp.int32),
     }
-    problem = kfac_lib.lm_problem(cfg, layers_lib.select_layers(params, "mlp"))
+    problem = problem_lib.lm_problem(cfg, layers_lib.select_layers(params, "mlp"))
     curvature = kfac_lib.KfacCurvature(problem, "empirical")
     state = kfac_lib.accumulate_factors(curvature, params, [batch], jax.random.key(0))
     state = ekfac_lib.fit_eigen_correction(curvature, state, params, [batch], jax.random.key(1))
@@ -138,7 +139,7 @@ def test_kfac_bias_factor_counts_real_tokens_only():
             }
         )
     layers = layers_lib.select_layers(params, r"fc\d+")
-    problem = kfac_lib.CurvatureProblem(
+    problem = problem_lib.CurvatureProblem(
         mlp_problem(params).outputs_fn, layers, loss="squared_error", token_mask_key="segment_ids"
     )
     curvature = kfac_lib.KfacCurvature(problem, "ggn_exact")

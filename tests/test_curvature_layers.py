@@ -8,6 +8,7 @@ from test_curvature_models import lm_batches, tiny_lm
 from ideal_jax.curvature import ekfac as ekfac_lib
 from ideal_jax.curvature import kfac as kfac_lib
 from ideal_jax.curvature import layers as layers_lib
+from ideal_jax.curvature import problem as problem_lib
 from ideal_jax.utils.errors import InputError
 
 
@@ -22,7 +23,7 @@ def test_presets_and_block_list():
         layers_lib.select_layers(params, "lm_head")
     with pytest.raises(InputError, match="match no linear layer"):
         layers_lib.select_layers(params, r"nothing\.here")
-    problem = kfac_lib.lm_problem(cfg, layers_lib.select_layers(params, "mlp"))
+    problem = problem_lib.lm_problem(cfg, layers_lib.select_layers(params, "mlp"))
     curvature = kfac_lib.KfacCurvature(problem)
     state = curvature.init(params, lm_batches(cfg.vocab_size, 1, 2, 8)[0], jax.random.key(0))
     assert sorted(curvature.block_paths()) == sorted(problem.layers)
@@ -33,7 +34,7 @@ def test_presets_and_block_list():
 def test_bad_input_and_state_roundtrip(tmp_path):
     cfg, params = tiny_lm()
     batch = lm_batches(cfg.vocab_size, 1, 2, 8)[0]
-    problem = kfac_lib.lm_problem(cfg, layers_lib.select_layers(params, "mlp"))
+    problem = problem_lib.lm_problem(cfg, layers_lib.select_layers(params, "mlp"))
     curvature = kfac_lib.KfacCurvature(problem)
     empty = {**batch, "weights": jnp.zeros_like(batch["weights"])}
     with pytest.raises(InputError, match="no response tokens"):
@@ -51,7 +52,7 @@ def test_bad_input_and_state_roundtrip(tmp_path):
         kfac_lib.check_finite(bad)
     other_cfg, other_params = tiny_lm(hidden=24)
     other = kfac_lib.KfacCurvature(
-        kfac_lib.lm_problem(other_cfg, layers_lib.select_layers(other_params, "mlp"))
+        problem_lib.lm_problem(other_cfg, layers_lib.select_layers(other_params, "mlp"))
     )
     other_template = other.init(other_params, batch, jax.random.key(0))
     with pytest.raises(InputError, match="shape"):

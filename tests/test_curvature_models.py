@@ -8,6 +8,7 @@ import numpy as np
 
 from ideal_jax.curvature import kfac as kfac_lib
 from ideal_jax.curvature import layers as layers_lib
+from ideal_jax.curvature import problem as problem_lib
 
 
 def mlp_outputs(params, batch, tagged):
@@ -58,7 +59,7 @@ def classification_batches(sizes, num_batches, batch_size, num_domains=4, seed=1
 
 def mlp_problem(params, loss="softmax_cross_entropy", patterns=r"fc\d+"):
     layers = layers_lib.select_layers(params, patterns)
-    return kfac_lib.CurvatureProblem(mlp_outputs, layers, loss=loss, token_mask_key=None)
+    return problem_lib.CurvatureProblem(mlp_outputs, layers, loss=loss, token_mask_key=None)
 
 
 def tiny_lm(vocab=32, hidden=16, inter=24, layers=1):

@@ -10,6 +10,7 @@ from jax.sharding import NamedSharding
 
 from ideal_jax import memory_plan, sharding
 from ideal_jax.curvature import kfac as kfac_lib
+from ideal_jax.curvature import problem as problem_lib
 from ideal_jax.model.config import preset
 from ideal_jax.model.transformer import abstract_params, init_params, logical_axes
 
@@ -38,7 +39,7 @@ def test_the_stage_and_the_memory_plan_share_one_placed_donating_update(monkeypa
         mesh,
         jax.random.key(0),
     )
-    curvature = kfac_lib.curvature_for(kfac_lib.lm_problem(TINY, LAYERS), "fisher")
+    curvature = kfac_lib.curvature_for(problem_lib.lm_problem(TINY, LAYERS), "fisher")
     built = []
     original = kfac_lib.KfacCurvature.update_fn
 
@@ -71,7 +72,7 @@ def test_the_placed_update_donates_the_previous_state():
         mesh,
         jax.random.key(0),
     )
-    curvature = kfac_lib.curvature_for(kfac_lib.lm_problem(TINY, LAYERS), "fisher")
+    curvature = kfac_lib.curvature_for(problem_lib.lm_problem(TINY, LAYERS), "fisher")
     batch = sharding.shard_batch(_batch(np.random.default_rng(1)), mesh)
     state = curvature.init(params, batch, jax.random.key(0))
     state = kfac_lib.place_state(state, mesh)

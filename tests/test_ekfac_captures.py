@@ -15,6 +15,7 @@ from test_curvature_models import (
 from ideal_jax.curvature import ekfac as ekfac_lib
 from ideal_jax.curvature import kfac as kfac_lib
 from ideal_jax.curvature import layers as layers_lib
+from ideal_jax.curvature import problem as problem_lib
 
 
 def _both(curvature, params, batches, unit):
@@ -39,7 +40,7 @@ def test_lm_captured_correction_equals_per_row(mode, length):
     forms X̃ᵀΔ first (the cheaper order for those shapes)."""
     cfg, params = tiny_lm()
     batches = lm_batches(cfg.vocab_size, 2, 4, length)
-    problem = kfac_lib.lm_problem(cfg, layers_lib.select_layers(params, "mlp"))
+    problem = problem_lib.lm_problem(cfg, layers_lib.select_layers(params, "mlp"))
     reference, batched = _both(kfac_lib.curvature_for(problem, mode), params, batches, "example")
     assert set(batched) == set(problem.layers)
     for path in reference:

@@ -20,6 +20,7 @@ from ideal_jax.curvature import ekfac as ekfac_lib
 from ideal_jax.curvature import kfac as kfac_lib
 from ideal_jax.curvature import layers as layers_lib
 from ideal_jax.curvature import operators
+from ideal_jax.curvature import problem as problem_lib
 from ideal_jax.influence import alpha as alpha_lib
 from ideal_jax.influence import gradients
 
@@ -73,7 +74,7 @@ def lm_metrics():
         {**b, "domain_ids": np.where(b["domain_ids"] >= 0, b["domain_ids"] % 2, -1)}
         for b in lm_batches(cfg.vocab_size, 2, 8, 12, len(DOMAINS), seed=7)
     ]
-    problem = kfac_lib.lm_problem(cfg, layers_lib.select_layers(params, "mlp"))
+    problem = problem_lib.lm_problem(cfg, layers_lib.select_layers(params, "mlp"))
     return _measure(problem, params, train, reference)
 
 

@@ -3,9 +3,9 @@
 import jax
 import numpy as np
 
-from ideal_jax.curvature import kfac as kfac_lib
 from ideal_jax.curvature import layers as layers_lib
 from ideal_jax.curvature import operators
+from ideal_jax.curvature import problem as problem_lib
 from ideal_jax.influence import alpha as alpha_lib
 from ideal_jax.influence import gradients, per_example
 from ideal_jax.model.config import ModelConfig
@@ -40,7 +40,7 @@ def test_per_example_scores_average_to_domain_alpha():
         head_dim=8,
     )
     params = jax.tree.map(lambda x: 3 * x, init_params(cfg, jax.random.key(0)))
-    problem = kfac_lib.lm_problem(cfg, layers_lib.select_layers(params, "mlp"))
+    problem = problem_lib.lm_problem(cfg, layers_lib.select_layers(params, "mlp"))
     rng = np.random.default_rng(0)
     domains = [[_batch(rng, 4, 12, 40, g) for _ in range(2)] for g in range(2)]
     reference = [_batch(rng, 4, 12, 40, 0)]

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from test_influence_per_example import _batch
 
-from ideal_jax.curvature import kfac as kfac_lib
 from ideal_jax.curvature import layers as layers_lib
 from ideal_jax.curvature import operators
+from ideal_jax.curvature import problem as problem_lib
 from ideal_jax.influence import alpha as alpha_lib
 from ideal_jax.influence import gradients
 from ideal_jax.model.config import ModelConfig
@@ -26,7 +26,7 @@ def test_fused_pass_gives_domain_gradients_and_alpha_terms():
         head_dim=8,
     )
     params = jax.tree.map(lambda x: 3 * x, init_params(cfg, jax.random.key(0)))
-    problem = kfac_lib.lm_problem(cfg, layers_lib.select_layers(params, "mlp"))
+    problem = problem_lib.lm_problem(cfg, layers_lib.select_layers(params, "mlp"))
     rng = np.random.default_rng(0)
     train = [(g, _batch(rng, 4, 12, 40, g)) for g in (0, 1, 1)]
     refs = [(c, _batch(rng, 4, 12, 40, c)) for c in (0, 1)]
@@ -83,7 +83,7 @@ def test_scores_of_a_biased_mlp_equal_per_row_gradients():
     """One backward pass per batch gives −v · ∇ℓ̄_n of each row, bias entries included."""
     from test_curvature_models import classification_batches, mlp_params, mlp_problem
 
-    from ideal_jax.curvature.kfac import weighted_loss_sum
+    from ideal_jax.curvature.problem import weighted_loss_sum
     from ideal_jax.influence import per_example
 
     sizes = (5, 7, 3)

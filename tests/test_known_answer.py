@@ -25,6 +25,7 @@ from ideal_jax import reweight
 from ideal_jax.curvature import ekfac as ekfac_lib
 from ideal_jax.curvature import kfac as kfac_lib
 from ideal_jax.curvature import operators
+from ideal_jax.curvature import problem as problem_lib
 from ideal_jax.influence import alpha as alpha_lib
 from ideal_jax.influence import gradients
 
@@ -153,7 +154,7 @@ def fitted():
 
 def influence(params, train_batch, ref_batch, operator, damping=0.1):
     """α row "all" per scaling via the library: factors, EK-FAC correction, gradients, inverse."""
-    problem = kfac_lib.CurvatureProblem(linear_outputs, ("fc0",), token_mask_key=None)
+    problem = problem_lib.CurvatureProblem(linear_outputs, ("fc0",), token_mask_key=None)
     n = len(train_batch["targets"])
     batches = [jax.tree.map(lambda x, i=i: x[i : i + 100], train_batch) for i in range(0, n, 100)]
     curvature = state = None

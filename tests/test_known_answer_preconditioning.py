@@ -28,6 +28,7 @@ from test_curvature_models import mlp_outputs
 from ideal_jax.curvature import ekfac as ekfac_lib
 from ideal_jax.curvature import kfac as kfac_lib
 from ideal_jax.curvature import operators
+from ideal_jax.curvature import problem as problem_lib
 from ideal_jax.influence import alpha as alpha_lib
 from ideal_jax.influence import gradients
 
@@ -114,7 +115,7 @@ def setup():
     perm = np.random.default_rng(100).permutation(n + PAD)
     train = [_batch(xp[i], tp[i], mask[i], dp[i]) for i in np.array_split(perm, NUM_BATCHES)]
     reference = [_batch(x_ref, t_ref, np.ones(len(x_ref)), np.zeros(len(x_ref)))]
-    problem = kfac_lib.CurvatureProblem(
+    problem = problem_lib.CurvatureProblem(
         mlp_outputs, ("fc0",), loss="squared_error", token_mask_key="mask"
     )
     names = tuple(f"d{j}" for j in range(len(SIZES)))

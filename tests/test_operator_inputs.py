@@ -4,7 +4,7 @@ batches exactly to the operators that are built from them (operators.needs_batch
 import pytest
 
 from ideal_jax.curvature import operators
-from ideal_jax.curvature.kfac import CurvatureProblem
+from ideal_jax.curvature.problem import CurvatureProblem
 from ideal_jax.utils.errors import InputError
 
 

@@ -19,6 +19,7 @@ from ideal_jax.curvature import ekfac as ekfac_lib
 from ideal_jax.curvature import kfac as kfac_lib
 from ideal_jax.curvature import layers as layers_lib
 from ideal_jax.curvature import operators
+from ideal_jax.curvature import problem as problem_lib
 from ideal_jax.influence import alpha as alpha_lib
 from ideal_jax.influence import gradients, outer
 
@@ -39,7 +40,7 @@ def _grouped(batches, n):
 def round_pieces():
     cfg, params = tiny_lm(vocab=32, hidden=16, inter=24, layers=1)
     layers = layers_lib.select_layers(params, "mlp")
-    problem = kfac_lib.lm_problem(cfg, layers)
+    problem = problem_lib.lm_problem(cfg, layers)
     train = lm_batches(32, 4, 8, 12, num_domains=4, seed=2)
     ref = lm_batches(32, 2, 8, 12, num_domains=3, seed=7)
     curvature = kfac_lib.curvature_for(problem, "fisher")

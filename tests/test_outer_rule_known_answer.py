@@ -25,11 +25,12 @@ from ideal_jax import reweight
 from ideal_jax.curvature import ekfac as ekfac_lib
 from ideal_jax.curvature import kfac as kfac_lib
 from ideal_jax.curvature import operators
+from ideal_jax.curvature import problem as problem_lib
 from ideal_jax.influence import alpha as alpha_lib
 from ideal_jax.influence import gradients, outer
 
 SIZES = np.asarray(list(ka.SIZES.values()), float)
-PROBLEM = kfac_lib.CurvatureProblem(ka.linear_outputs, ("fc0",), token_mask_key=None)
+PROBLEM = problem_lib.CurvatureProblem(ka.linear_outputs, ("fc0",), token_mask_key=None)
 
 
 def _round_pieces(params, weights_j, train_batch, ref_batch, operator):

@@ -1,6 +1,6 @@
 """The influence stage on a real LM (SmolLM2: a 49,152-token vocabulary, short answers after long
 prompts): the loss — its vocabulary-sized softmax and the Fisher's sampled targets — is formed at
-the response positions only (kfac.add_loss_positions), and examples are batched by length, each
+the response positions only (problem.add_loss_positions), and examples are batched by length, each
 batch padded only to its own longest example (stage.row_plan).
 
 Only tokens with weight enter the loss, so every curvature and gradient quantity is the same as
@@ -19,6 +19,7 @@ from ideal_jax.curvature import ekfac as ekfac_lib
 from ideal_jax.curvature import exact as exact_lib
 from ideal_jax.curvature import kfac as kfac_lib
 from ideal_jax.curvature import layers as layers_lib
+from ideal_jax.curvature import problem as problem_lib
 from ideal_jax.data.formatting import TokenizedExample
 from ideal_jax.influence import per_example, stage
 
@@ -26,7 +27,7 @@ from ideal_jax.influence import per_example, stage
 def _with_positions(batches, k=None):
     out = []
     for b in batches:
-        host = kfac_lib.add_loss_positions({key: np.asarray(v) for key, v in b.items()}, k)
+        host = problem_lib.add_loss_positions({key: np.asarray(v) for key, v in b.items()}, k)
         out.append({key: jnp.asarray(v) for key, v in host.items()})
     return out
 
@@ -34,7 +35,7 @@ def _with_positions(batches, k=None):
 def _setup(length=12):
     cfg, params = tiny_lm()
     batches = lm_batches(cfg.vocab_size, 2, 4, length)
-    problem = kfac_lib.lm_problem(cfg, layers_lib.select_layers(params, "mlp"))
+    problem = problem_lib.lm_problem(cfg, layers_lib.select_layers(params, "mlp"))
     # K = the most weighted tokens of a row (not bucketed: fewer than T, some filler slots)
     k = max(int(np.max(np.sum(np.asarray(b["weights"]) > 0, axis=1))) for b in batches)
     return params, problem, batches, _with_positions(batches, k)
@@ -42,17 +43,17 @@ def _setup(length=12):
 
 def test_add_loss_positions_lists_each_rows_weighted_tokens():
     weights = np.array([[0, 1, 1, 0, 1], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]], np.float32)
-    out = kfac_lib.add_loss_positions({"weights": weights}, k=4)
+    out = problem_lib.add_loss_positions({"weights": weights}, k=4)
     np.testing.assert_array_equal(
-        out[kfac_lib.LOSS_POSITIONS], [[1, 2, 4, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+        out[problem_lib.LOSS_POSITIONS], [[1, 2, 4, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
     )
     np.testing.assert_array_equal(
-        out[kfac_lib.LOSS_VALID], [[1, 1, 1, 0], [0, 0, 0, 0], [1, 0, 0, 0]]
+        out[problem_lib.LOSS_VALID], [[1, 1, 1, 0], [0, 0, 0, 0], [1, 0, 0, 0]]
     )
-    default = kfac_lib.add_loss_positions({"weights": weights})
-    assert default[kfac_lib.LOSS_POSITIONS].shape == (3, 8)  # a power of two, at least 8
+    default = problem_lib.add_loss_positions({"weights": weights})
+    assert default[problem_lib.LOSS_POSITIONS].shape == (3, 8)  # a power of two, at least 8
     with pytest.raises(ValueError, match="more than k=2"):
-        kfac_lib.add_loss_positions({"weights": weights}, k=2)
+        problem_lib.add_loss_positions({"weights": weights}, k=2)
 
 
 def test_row_plan_sorts_by_length_and_pads_each_batch_to_its_own_longest():
@@ -75,12 +76,12 @@ def test_row_plan_sorts_by_length_and_pads_each_batch_to_its_own_longest():
 
 def test_loss_rows_give_the_same_losses_factors_correction_and_gradients():
     params, problem, batches, positioned = _setup()
-    assert positioned[0][kfac_lib.LOSS_POSITIONS].shape[1] < batches[0]["weights"].shape[1]
-    assert not np.all(positioned[0][kfac_lib.LOSS_VALID])
+    assert positioned[0][problem_lib.LOSS_POSITIONS].shape[1] < batches[0]["weights"].shape[1]
+    assert not np.all(positioned[0][problem_lib.LOSS_VALID])
     for plain, rows in zip(batches, positioned):
         np.testing.assert_allclose(
-            kfac_lib.weighted_loss_sum(problem, params, rows),
-            kfac_lib.weighted_loss_sum(problem, params, plain),
+            problem_lib.weighted_loss_sum(problem, params, rows),
+            problem_lib.weighted_loss_sum(problem, params, plain),
             rtol=1e-6,
         )
     curvature = kfac_lib.curvature_for(problem, "empirical")
@@ -156,7 +157,7 @@ def test_fisher_draws_targets_for_response_rows_only():
     padding row were most of the factor pass's time."""
     params, problem, batches, positioned = _setup(length=24)
     b, t = batches[0]["weights"].shape
-    k = positioned[0][kfac_lib.LOSS_POSITIONS].shape[1]
+    k = positioned[0][problem_lib.LOSS_POSITIONS].shape[1]
     vocab = 32  # tiny_lm's
     assert k < t
     curvature = kfac_lib.curvature_for(problem, "fisher")

@@ -32,21 +32,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ideal_jax import sharding
 from ideal_jax.curvature import layers as layers_lib
-from ideal_jax.curvature.problem import (  # noqa: F401  (re-exported: kfac.lm_problem etc.)
-    LOSS_POSITIONS,
-    LOSS_VALID,
-    LOSSES,
+from ideal_jax.curvature.problem import (
     Batch,
     CurvatureProblem,
-    OutputsFn,
     Params,
-    add_loss_positions,
     flat_rows,
-    lm_problem,
-    loss_outputs,
-    loss_rows,
     row_losses,
-    weighted_loss_sum,
     with_loss_positions,
 )
 from ideal_jax.utils import progress

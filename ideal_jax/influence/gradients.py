@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ideal_jax.curvature import layers as layers_lib
-from ideal_jax.curvature.kfac import Batch, CurvatureProblem, Params, weighted_loss_sum
+from ideal_jax.curvature.problem import Batch, CurvatureProblem, Params, weighted_loss_sum
 from ideal_jax.influence import per_example
 from ideal_jax.utils import progress
 from ideal_jax.utils.errors import InputError

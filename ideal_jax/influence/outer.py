@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ideal_jax.curvature import layers as layers_lib
-from ideal_jax.curvature.kfac import CurvatureProblem, Params, flat_rows, row_losses
 from ideal_jax.curvature.operators import InverseOperator
+from ideal_jax.curvature.problem import CurvatureProblem, Params, flat_rows, row_losses
 from ideal_jax.influence.gradients import GroupGradients
 from ideal_jax.outer_objective import OuterProblem
 from ideal_jax.utils.errors import InputError

@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ideal_jax.curvature import captures
-from ideal_jax.curvature import kfac as kfac_lib
 from ideal_jax.curvature import layers as layers_lib
-from ideal_jax.curvature.kfac import Batch, CurvatureProblem, Params
+from ideal_jax.curvature import problem as problem_lib
+from ideal_jax.curvature.problem import Batch, CurvatureProblem, Params
 from ideal_jax.utils import progress
 
 
@@ -38,7 +38,7 @@ def contributions_and_gradient(
     """(c [B, R] = −v_r · Σ_{t∈n} w_t ∇ℓ_t, w [B] = Σ_{t∈n} w_t, Σ_n w_n ∇ℓ̄_n summed gradient)
     from one forward + one backward pass of `batch` (vs: leading [R] axis on every leaf)."""
     selected, rest = layers_lib.split_params(params, problem.layers)
-    weights_r = kfac_lib.loss_rows(problem, batch)[1]
+    weights_r = problem_lib.loss_rows(problem, batch)[1]
     cotangent = captures.loss_cotangent(problem, batch, weights_r)
     _, caught = captures.layer_captures(problem, selected, rest, batch, cotangent)
     b = batch["weights"].shape[0]

@@ -33,6 +33,7 @@ from ideal_jax import sharding
 from ideal_jax.curvature import ekfac, operators
 from ideal_jax.curvature import kfac as kfac_lib
 from ideal_jax.curvature import layers as layers_lib
+from ideal_jax.curvature import problem as problem_lib
 from ideal_jax.data import batching
 from ideal_jax.data import mixture as mixture_lib
 from ideal_jax.influence import alpha as alpha_lib
@@ -100,7 +101,7 @@ def row_plan(
 ) -> list[tuple[list, int, int]]:
     """[(examples, row length, loss rows K)] per global batch: the examples in order of length (a
     stable sort, so every host plans the same batches), each batch padded only to its own longest
-    example (`row_length`), and the loss formed at K positions per row (kfac.add_loss_positions):
+    example (`row_length`), and the loss formed at K positions per row (problem.add_loss_positions):
     `k`, else `loss_rows_per_example(items)`: one K for the pass, so that a pass compiles at most
     one program per row length. Prompt and padding tokens carry no loss weight: the vocabulary-
     sized softmax and the Fisher's sampled targets are computed for response tokens only.
@@ -186,7 +187,7 @@ def influence_for_round(
                 domain_names=names,
                 pad_id=pad_id,
             ):
-                b = b if k is None else kfac_lib.add_loss_positions(b, k)
+                b = b if k is None else problem_lib.add_loss_positions(b, k)
                 yield sharding.shard_batch(b, mesh)
 
     def grouped(items, names, batch_size):
@@ -207,7 +208,7 @@ def influence_for_round(
     parts, directions, terms = [], {}, None
     weighting = infl.get("reference_weighting", "capability")
     for group in groups:
-        problem = kfac_lib.lm_problem(model_cfg, group)
+        problem = problem_lib.lm_problem(model_cfg, group)
         t0 = time.perf_counter()
         curvature = state = None
         if infl.operator in ("kfac", "ekfac"):
@@ -325,7 +326,7 @@ def influence_for_round(
     ref_batches = list(
         batches(suite.reference_tokenized, suite.capabilities, infl.batch_size, by_length=False)
     )
-    problem_all = kfac_lib.lm_problem(model_cfg, tuple(layers))
+    problem_all = problem_lib.lm_problem(model_cfg, tuple(layers))
     ref_loss = outer.reference_loss_fn(
         problem_all, params, ref_batches, len(suite.capabilities), weighting
     )
