@@ -294,6 +294,22 @@ MUTATIONS = [
         ["tests/test_curvature_placement.py"],
     ),
     (
+        "curvature_batch_unchecked",
+        "a curvature batch over the device's plan goes ahead (OOM mid-pass instead of exit 2)",
+        "ideal_jax/influence/stage.py",
+        "    if memory is not None:  # a batch that does not fit",
+        "    if False:  # a batch that does not fit",
+        ["tests/test_memory_plan.py"],
+    ),
+    (
+        "activation_scores_dropped",
+        "the curvature-batch plan ignores the dense attention scores",
+        "ideal_jax/memory_plan.py",
+        "2 * c.num_heads * seq_len / t + ",
+        "",
+        ["tests/test_memory_plan.py"],
+    ),
+    (
         "stage_fingerprint_whole_config",
         "artifacts fingerprinted over the whole config (a DaaR field invalidates IDEAL rounds)",
         "ideal_jax/provenance.py",

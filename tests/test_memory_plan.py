@@ -118,3 +118,84 @@ def test_tiny_plan_on_the_test_mesh():
     assert jax.device_count() == 8
     groups = memory_plan.plan_curvature_layer_groups(TINY, "mlp", mesh, memory_plan.GiB)
     assert groups == [["layers.0.mlp.down_proj", "layers.0.mlp.gate_proj", "layers.0.mlp.up_proj"]]
+
+
+@pytest.mark.parametrize(
+    ("hidden", "layers"), [(64, 1), pytest.param(128, 2, marks=pytest.mark.slow)]
+)
+def test_curvature_pass_estimate_tracks_the_compiled_pass(hidden, layers):
+    """The planner's per-device bytes vs the compiled factor pass (8 CPU devices, rows of 128
+    tokens, where activations dominate): an estimate, within 0.8-1.6x of what XLA allocates."""
+    model = preset("tiny", 256).replace(
+        num_layers=layers, hidden_size=hidden, intermediate_size=4 * hidden, head_dim=hidden // 4
+    )
+    mesh = sharding.make_mesh((2, 2, 2))
+    mlp = tuple(memory_plan.layer_shapes(model, "mlp"))
+    compiled = memory_plan.compile_curvature_pass(model, mesh, mlp, batch_size=32, seq_len=128)
+    total = memory_plan.report_from_compiled("pass", compiled, mesh).total_bytes
+    estimate = memory_plan.curvature_pass_bytes(model, mlp, mesh, 32, 128)
+    assert 0.8 <= estimate / total <= 1.6, (estimate, total)
+
+
+def test_8b_mlp_curvature_batch_is_sized_to_fit_8x80gib():
+    mesh = _mesh((1, 8, 1))
+    memory = 80 * memory_plan.GiB
+    # per token, by hand: 32 layers × (6·4096 + 2·32·128 + 2·8·128 + 2·32·1024 scores
+    # + 4·14336) + 2·128256·256/1024 logits + 2·4096, in f32
+    per_layer = 6 * 4096 + 2 * 32 * 128 + 2 * 8 * 128 + 2 * 32 * 1024 + 4 * 14336
+    by_hand = 4 * (32 * per_layer + 2 * 128256 * 256 // 1024 + 2 * 4096)
+    got = memory_plan.curvature_activation_bytes_per_token(LLAMA_8B, mesh, 1024, loss_rows=256)
+    assert got == by_hand
+    batch = memory_plan.plan_curvature_batch(LLAMA_8B, "mlp", mesh, memory, 1024, loss_rows=256)
+    groups = memory_plan.plan_curvature_layer_groups(LLAMA_8B, "mlp", mesh, memory)
+
+    def need(b):
+        return max(
+            memory_plan.curvature_pass_bytes(LLAMA_8B, g, mesh, b, 1024, loss_rows=256)
+            for g in groups
+        )
+
+    usable = memory * (1 - memory_plan.HEADROOM)
+    assert batch >= 8 and batch % 8 == 0
+    assert need(batch) <= usable < need(2 * batch)  # the largest that fits
+    with pytest.raises(InputError, match=f"the plan says {batch} would") as err:
+        memory_plan.check_curvature_batch(LLAMA_8B, "mlp", mesh, memory, 1024, 2 * batch)
+    assert err.value.field == "curvature.batch_size"
+    # rows too long for even one per data shard: said so, with the sizes
+    with pytest.raises(InputError, match="one row per data shard"):
+        memory_plan.plan_curvature_batch(LLAMA_8B, "mlp", mesh, memory, 8192)
+
+
+def test_the_influence_stage_refuses_a_curvature_batch_that_does_not_fit(tmp_path, monkeypatch):
+    """Device memory given (curvature.device_memory_gib): a batch over the plan stops the stage
+    before any pass, naming the field and the size that would fit."""
+    from config_helpers import tiny_config
+
+    from ideal_jax.curvature import kfac as kfac_lib
+    from ideal_jax.data import mixture
+    from ideal_jax.data import suite as suite_lib
+    from ideal_jax.influence import stage
+    from ideal_jax.model import loading
+
+    cfg = tiny_config()
+    mesh = sharding.make_mesh(dict(cfg.mesh))
+    suite = suite_lib.load_suite(cfg, str(tmp_path))
+    model_cfg, params = loading.load_model(cfg.model, mesh, suite.tokenizer, seed=0)
+    layers = tuple(memory_plan.layer_shapes(model_cfg, cfg.curvature.layers))
+    rows = sharding.batch_divisor(mesh)
+    # room for one row per data shard of 16 tokens (shorter than any row the stage forms),
+    # not for cfg's 32 rows
+    gib = memory_plan.curvature_pass_bytes(model_cfg, layers, mesh, rows, 16)
+    gib = gib / (1 - memory_plan.HEADROOM) / memory_plan.GiB * 1.05
+    cfg = tiny_config(**{"curvature.device_memory_gib": gib})
+    ids = {name: [t.example_id for t in items] for name, items in suite.tokenized.items()}
+    mix = mixture.build_mixture(ids, None, seed=0, keep_total=True)
+    passes = []
+    monkeypatch.setattr(kfac_lib, "accumulate_factors", lambda *a, **k: passes.append(1))
+    with pytest.raises(InputError, match="the plan says") as err:
+        stage.influence_for_round(
+            cfg.curvature, cfg.influence, model_cfg, params, suite, mix, mesh,
+            seed=0, train_seq_len=cfg.train.seq_len,
+        )  # fmt: skip
+    assert err.value.field == "curvature.batch_size"
+    assert passes == []  # refused before the factor pass

@@ -200,6 +200,20 @@ def influence_for_round(
     train_batches = lambda: batches(train_items, suite.domain_names, curv.batch_size)
     timings = {"factors": 0.0, "eigen_correction": 0.0, "gradients": 0.0, "inverse_products": 0.0}
     groups = layer_groups(curv, infl.operator, model_cfg, layers, mesh)
+    memory = device_memory_bytes(curv)
+    if memory is not None:  # a batch that does not fit: an error now, not an OOM mid-pass
+        from ideal_jax.memory_plan import check_curvature_batch
+
+        check_curvature_batch(
+            model_cfg,
+            list(layers),
+            mesh,
+            memory,
+            seq_len,
+            curv.batch_size,
+            ekfac=infl.operator == "ekfac",
+            loss_rows=loss_rows_per_example(train_items),
+        )
     # "exact" scaling needs |D_j| in the unit of the loss: response tokens of domain j in the mix.
     tokens_j = [
         float(_response_tokens(suite.tokenized[name], ids))
