@@ -37,9 +37,11 @@ setup(
     extras_require={
         # Optional features: each module that needs one says so (InputError naming the extra).
         "gguf": ["gguf>=0.10"],  # model.path = a llama.cpp .gguf file (ideal_jax/model/gguf_io.py)
-        # benchmarks/bench_vs_kronfluence.py only (skips cleanly without it). Install with
-        # `pip install --no-deps kronfluence einops einconv` (its torchvision pin pulls CUDA torch).
-        "bench": ["kronfluence", "einops", "einconv"],
+        # benchmarks/bench_vs_kronfluence.py and ideal_jax/influence/kronfluence_ref.py (the
+        # Analyzer's Kronfluence comparison; both skip cleanly without it). Install with
+        # `pip install --no-deps kronfluence einops einconv` (its torchvision pin pulls CUDA torch)
+        # after a CPU torch.
+        "bench": ["kronfluence", "einops", "einconv", "torch"],
         "test": [
             "pytest>=8",
             "chex>=0.1.87",
