@@ -172,16 +172,8 @@ def run_scale(scale: str, args, clock: CompileClock) -> dict:
         calls = []
         for _ in range(2):  # first call (compiles) and steady state (jitted passes reused)
             t0 = time.perf_counter()
-            out = influence_stage.influence_for_round(
-                cfg.curvature,
-                cfg.influence,
-                model_cfg,
-                params,
-                suite,
-                mix,
-                mesh,
-                seed=cfg.seed,
-                train_seq_len=cfg.train.seq_len,
+            out = influence_stage.influence_from_config(
+                cfg, model_cfg, params, suite, mix, mesh
             ).to_json()
             end = time.perf_counter()
             calls.append(

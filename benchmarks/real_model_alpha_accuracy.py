@@ -8,7 +8,7 @@ The model as loaded (no training: the pretrained SmolLM2-135M-Instruct for the d
 the config's domains and reference set (at most --per_domain examples of each, with the influence
 stage's batching), curvature restricted to --layers (two MLP layers by default). For each
 operator the full α matrix (rows "all" + capabilities, columns domains) is computed through the
-influence stage (`influence_for_round`), with the same σ-subsample, damping and estimator; the
+influence stage (`influence_from_config`), with the same σ-subsample, damping and estimator; the
 reference is `cg` (exact GGN of the selected layers, solved by conjugate gradient: a dense block
 of one 576×1536 layer would have 8·10^11 entries; all reference rows are solved together, one
 batched GGN product per step; --cg_tol / --cg_max_iters bound the solve and the reached relative
@@ -97,7 +97,9 @@ def main() -> None:
         with cfg.unlocked():
             cfg.influence.operator = name
         t0 = time.perf_counter()
-        out = influence_stage.influence_for_round(cfg, model_cfg, params, suite, mix, mesh)
+        out = influence_stage.influence_from_config(
+            cfg, model_cfg, params, suite, mix, mesh
+        ).to_json()
         times[name] = time.perf_counter() - t0
         results[name] = np.asarray(out["matrix"], np.float64)
         if name == "cg":

@@ -287,20 +287,10 @@ def reference_objective(scores: dict, cfg) -> float | None:
 
 
 def _influence_stage(run: Run, params, mix, with_outer: bool):
-    from ideal_jax.influence.stage import influence_for_round
+    from ideal_jax.influence.stage import influence_from_config
 
-    cfg = run.cfg
-    return influence_for_round(
-        cfg.curvature,
-        cfg.influence,
-        run.model_cfg,
-        params,
-        run.suite,
-        mix,
-        run.mesh,
-        seed=cfg.seed,
-        train_seq_len=cfg.train.seq_len,
-        with_outer=with_outer,
+    return influence_from_config(
+        run.cfg, run.model_cfg, params, run.suite, mix, run.mesh, with_outer=with_outer
     )
 
 

@@ -325,17 +325,7 @@ def test_counterfactual_default_settings(tmp_path):
     params = train_stage.train_round(
         cfg.train, cfg.data, model_cfg, mesh, str(tmp_path / "base"), suite, mix, base
     )
-    out = influence_stage.influence_for_round(
-        cfg.curvature,
-        cfg.influence,
-        model_cfg,
-        params,
-        suite,
-        mix,
-        mesh,
-        seed=cfg.seed,
-        train_seq_len=cfg.train.seq_len,
-    ).to_json()
+    out = influence_stage.influence_from_config(cfg, model_cfg, params, suite, mix, mesh).to_json()
     ours = cf.alpha_matrices(cfg, model_cfg, params, suite, mix, mesh, ("ekfac",))
     key = f"{cfg.influence.operator}/{cfg.influence.scaling}"
     np.testing.assert_allclose(ours["alpha"][key]["matrix"], out["matrix"], rtol=1e-3, atol=1e-6)

@@ -30,7 +30,8 @@ def _batch(rng, b=8, t=16):
     }
 
 
-def test_the_stage_and_the_memory_plan_share_one_placed_donating_update(monkeypatch):
+def _placed_tiny():
+    """A (2, 2, 2) mesh and the tiny model's parameters initialised on it."""
     mesh = sharding.make_mesh((2, 2, 2))
     params, _ = sharding.sharded_init(
         functools.partial(init_params, TINY),
@@ -39,6 +40,11 @@ def test_the_stage_and_the_memory_plan_share_one_placed_donating_update(monkeypa
         mesh,
         jax.random.key(0),
     )
+    return mesh, params
+
+
+def test_the_stage_and_the_memory_plan_share_one_placed_donating_update(monkeypatch):
+    mesh, params = _placed_tiny()
     curvature = kfac_lib.curvature_for(problem_lib.lm_problem(TINY, LAYERS), "fisher")
     built = []
     original = kfac_lib.KfacCurvature.update_fn
@@ -64,14 +70,7 @@ def test_the_stage_and_the_memory_plan_share_one_placed_donating_update(monkeypa
 
 
 def test_the_placed_update_donates_the_previous_state():
-    mesh = sharding.make_mesh((2, 2, 2))
-    params, _ = sharding.sharded_init(
-        functools.partial(init_params, TINY),
-        abstract_params(TINY),
-        logical_axes(TINY),
-        mesh,
-        jax.random.key(0),
-    )
+    mesh, params = _placed_tiny()
     curvature = kfac_lib.curvature_for(problem_lib.lm_problem(TINY, LAYERS), "fisher")
     batch = sharding.shard_batch(_batch(np.random.default_rng(1)), mesh)
     state = curvature.init(params, batch, jax.random.key(0))

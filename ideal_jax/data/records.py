@@ -258,14 +258,7 @@ def _normalize_all(
             field_map=field_map,
             chat_tags=chat_tags,
         )
-        if ex.id in seen:
-            raise InputError(
-                f"duplicate id {ex.id!r} (first at {seen[ex.id]})",
-                path=path,
-                record=location,
-                field="id",
-            )
-        seen[ex.id] = location
+        note_unique_id(seen, ex.id, path, location)
         examples.append(ex)
     return examples
 
@@ -398,3 +391,15 @@ def _load_grouped(
             raise InputError(f"{kind} {name!r} is empty (no records name it)", path=path, field=key)
         result[name] = _normalize_all(((name, r) for r in groups[name]), path, field_map)
     return result
+
+
+def note_unique_id(seen: dict, example_id: str, path, location) -> None:
+    """Remember where `example_id` was read; InputError naming both places if seen before."""
+    if example_id in seen:
+        raise InputError(
+            f"duplicate id {example_id!r} (first at {seen[example_id]})",
+            path=path,
+            record=location,
+            field="id",
+        )
+    seen[example_id] = location

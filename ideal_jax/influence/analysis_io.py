@@ -124,14 +124,7 @@ def load_examples(
         ex = records.normalize_record(
             record, domain=group, index=index, path=path, location=location
         )
-        if ex.id in seen:
-            raise InputError(
-                f"duplicate id {ex.id!r} (first at {seen[ex.id]})",
-                path=path,
-                record=location,
-                field="id",
-            )
-        seen[ex.id] = location
+        records.note_unique_id(seen, ex.id, path, location)
         examples.append((location, ex))
     try:
         kept, _ = formatting.tokenize_examples(

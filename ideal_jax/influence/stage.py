@@ -350,6 +350,25 @@ def influence_for_round(
     return dataclasses.replace(result, outer_problem=problem)
 
 
+def influence_from_config(
+    cfg, model_cfg, params, suite, mix, mesh, *, with_outer: bool = False
+) -> RoundInfluence:
+    """`influence_for_round` with the sections it reads taken from a whole run config
+    (cfg.curvature, cfg.influence, cfg.seed, cfg.train.seq_len)."""
+    return influence_for_round(
+        cfg.curvature,
+        cfg.influence,
+        model_cfg,
+        params,
+        suite,
+        mix,
+        mesh,
+        seed=cfg.seed,
+        train_seq_len=cfg.train.seq_len,
+        with_outer=with_outer,
+    )
+
+
 def _response_tokens(tokenized, ids) -> int:
     counts = {t.example_id: int(np.sum(t.loss_mask)) for t in tokenized}
     return sum(counts.get(i, 0) for i in ids)
