@@ -23,6 +23,12 @@ def get_config(arg: str | None = None):
     ideal = arg is not None and "ideal=1" in arg
     cfg = demo.get_config()
     cfg.unlock()
+    # The copy family of the demo suite (its capabilities are those of DESCRIPTIONS); the IDEAL
+    # demo's table family keys its rows by one character, too little text to cluster on.
+    cfg.data.demo_train_sizes = dict(
+        arithmetic=400, reverse=2000, sort=1000, lookup=800, uppercase=1600, arithmetic_wrong=600
+    )
+    cfg.data.demo_n_test = 200
     cfg.mode = "ideal" if ideal else "daar"
     cfg.daar.domains = DESCRIPTIONS
     cfg.daar.generator = "file"

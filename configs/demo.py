@@ -8,11 +8,13 @@ confidence intervals), e.g.
 and with --config.mode=compare the same seeds train the baselines (uniform, best of k random,
 RegMix, DoReMi) at D0's volume beside IDEAL → runs/demo5/comparison.json.
 
-The starting mixture D0 is wrong in three known ways, and the reference set weights the five
-capabilities equally:
-  - arithmetic, needed as much as the others, is starved (400 of 6,400 examples);
-  - reverse and uppercase are oversized (2,000 and 1,600) and saturate early;
-  - arithmetic_wrong (600) is harmful: arithmetic's prompt format with answers off by 1-3.
+The suite (ideal_jax/data/demo_suite.py): five capabilities, each a fixed table of 64 facts whose
+rows the training domain shows with graded frequencies, so that accuracy grows smoothly with volume
+(docs/demo_results.md: curves, seed spread). The starting mixture D0 is wrong in three known ways,
+and the reference set weights the five capabilities equally:
+  - cities, needed as much as the others, is starved (300 of 7,000 examples);
+  - times is oversized (2,600): it is saturated long before that;
+  - translate_wrong (600) is harmful: translate's very prompts with a conflicting table.
 A good mixer moves volume from the saturated and harmful domains to the starved capability.
 Rounds keep the total fixed (equal training tokens).
 """
@@ -26,9 +28,9 @@ def get_config(arg: str | None = None):
     cfg.rounds = 2
     cfg.data.demo = True
     cfg.data.demo_train_sizes = dict(
-        arithmetic=400, reverse=2000, sort=1000, lookup=800, uppercase=1600, arithmetic_wrong=600
+        times=2600, facts=1300, translate=1100, codes=1100, cities=300, translate_wrong=600
     )
-    cfg.data.demo_n_test = 200
+    cfg.data.demo_n_test = 64  # every row of each table (a larger value is the same)
     cfg.data.demo_n_ref = 40
     cfg.data.max_len = 96
     cfg.data.batching = "pack"

@@ -21,7 +21,7 @@ from ideal_jax.data.records import load_domains
 from ideal_jax.model.config import ModelConfig
 from ideal_jax.model.transformer import init_params
 
-CAPS = list(demo_suite.CAPABILITIES)
+CAPS = list(demo_suite.COPY_CAPABILITIES)  # SIZES: the copy family
 SIZES = {"arithmetic": 100, "reverse": 500, "sort": 250, "lookup": 200, "uppercase": 400}
 
 

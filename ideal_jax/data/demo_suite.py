@@ -1,20 +1,50 @@
 """A synthetic multi-capability SFT suite with exactly checkable answers, for CPU demos and tests.
 
-Five capabilities, one training domain each:
+Two families of capabilities, one training domain each.
+
+The demo's family (`TABLE_CAPABILITIES`, configs/demo.py): each capability is a fixed, finite table
+of 64 (prompt, answer) rows, the same for every seed, keyed by one character so that a row is one
+key token to memorise:
+  times      "7*8"      -> "56"      the multiplication table of 2..9
+  facts      "fact A"   -> "qzv"     an invented three-letter fact for each of 64 keys
+  translate  "fr t"     -> "kiza"    an invented translation for each key
+  codes      "code #"   -> "ZC"      an invented two-letter code for each key
+  cities     "city e"   -> "Nag"     an invented city for each key
+Training, test and reference items are all rows of the table, on purpose: exact-match accuracy is
+the share of the table the model holds. A training domain of v examples shows the rows with graded,
+exact frequencies (row i is FREQUENCY_RANGE ** (i / 63) times rarer than row 0), so frequent rows
+are learnt at small volumes and rare ones only at large volumes: accuracy grows smoothly with v
+(about +10% of the rows per doubling for the long-tailed tables), with no phase transition of the
+kind an algorithm (copying, sorting) has. The times table is drilled almost evenly (range 10) and
+saturates.
+Test rows are the whole table (n_test >= 64); reference rows are a seeded sample (they overlap the
+test rows when n_test + n_ref > 64). Answers are high-entropy (no answer is guessable), which keeps
+the seed spread low: docs/demo_results.md.
+
+The harmful domain `translate_wrong` uses translate's very prompts ("fr t") with a consistent,
+conflicting table (every key gets the next row's translation), every row equally often: training
+on it raises the reference loss on translate directly, and a good mixer must shrink it.
+
+The older family (`COPY_CAPABILITIES`: configs/tiny.py, the DaaR demo) needs an algorithm:
   arithmetic  "calc 37+5"            -> "42"
   reverse     "reverse: abcde"       -> "edcba"
   sort        "sort: 5 2 8 1"        -> "1 2 5 8"
   lookup      "a=3 b=7 c=1 get b"    -> "7"
   uppercase   "upper: hello"         -> "HELLO"
+Their train, test and reference prompts are disjoint. The copy tasks learn through phase
+transitions (a tiny model either gets copying or it does not), which made the seed spread of the
+old demo too large to see a mixture's effect (docs/demo_results.md). Its harmful domain,
+arithmetic_wrong, answers off by 1-3.
+
 Prompts are short ASCII strings and the tokenizer is character level, so a 2-layer transformer with
-d = 64..128 learns them in minutes on a CPU. The default training volumes are deliberately
-imbalanced (reverse has 5x the data of arithmetic, which the reference set needs as much as the
-others), giving IDEAL a mixture to fix.
+d = 64..128 learns them in minutes on a CPU. A suite is built for the families whose domains appear
+in `train_sizes`: test and reference items are written for every capability of those families.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -25,14 +55,28 @@ from pathlib import Path
 
 from ideal_jax.utils.errors import InputError
 
-CAPABILITIES = ("arithmetic", "reverse", "sort", "lookup", "uppercase")
-# Imbalanced on purpose: reverse = 5x arithmetic; arithmetic (needed by the reference set) is rare.
+TABLE_CAPABILITIES = ("times", "facts", "translate", "codes", "cities")
+COPY_CAPABILITIES = ("arithmetic", "reverse", "sort", "lookup", "uppercase")
+CAPABILITIES = TABLE_CAPABILITIES + COPY_CAPABILITIES
+TABLE_SIZE = 64
+# How much more often a table domain shows its most frequent row than its rarest one: the times
+# table is drilled almost evenly (it saturates); the invented tables are long-tailed (row i of 64 is
+# 1000 ** (i / 63) times rarer than row 0, so each doubling of volume reaches ~10% more rows).
+FREQUENCY_RANGE = {
+    "times": 10.0,
+    "facts": 1000.0,
+    "translate": 1000.0,
+    "codes": 1000.0,
+    "cities": 1000.0,
+}
+# The demo's starting mixture (configs/demo.py holds the same): wrong in three known ways.
 DEFAULT_TRAIN_SIZES = {
-    "arithmetic": 400,
-    "reverse": 2000,
-    "sort": 1000,
-    "lookup": 800,
-    "uppercase": 1600,
+    "times": 2600,  # oversized: saturated long before this
+    "facts": 1300,
+    "translate": 1100,
+    "codes": 1100,
+    "cities": 300,  # starved: the reference set needs it as much as the others
+    "translate_wrong": 600,  # harmful: translate's prompts, conflicting answers
 }
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -94,25 +138,92 @@ def _uppercase(rng: random.Random) -> tuple[str, str]:
     return f"upper: {word}", word.upper()
 
 
+_CONSONANTS = "bdfgklmnprstvz"
+_VOWELS = "aeiou"
+_KEYS = string.ascii_letters + string.digits + "#$"
+
+
+def _syllables(n: int) -> list[str]:
+    """Every consonant-vowel(-consonant...) word of `n` letters, in a fixed order."""
+    words = [""]
+    for i in range(n):
+        words = [w + c for w in words for c in (_CONSONANTS if i % 2 == 0 else _VOWELS)]
+    return words
+
+
+@functools.cache
+def table(domain: str) -> tuple[tuple[str, str], ...]:
+    """The fixed (prompt, answer) table of a table capability or of its harmful domain.
+
+    The same for every seed (a seed draws training order, test and reference rows, not the facts).
+    """
+    if domain in HARMFUL_DOMAINS and HARMFUL_DOMAINS[domain] in TABLE_CAPABILITIES:
+        # The same prompts, each answered with the next row's answer: a consistent conflicting
+        # mapping (answers are distinct across rows, so every one of them is wrong).
+        rows = table(HARMFUL_DOMAINS[domain])
+        return tuple((p, rows[(i + 1) % len(rows)][1]) for i, (p, _) in enumerate(rows))
+    if domain not in TABLE_CAPABILITIES:
+        raise ValueError(f"{domain!r} is no table capability; known: {TABLE_CAPABILITIES}")
+    rng = random.Random(zlib.crc32(f"table:{domain}".encode()))
+    if domain == "times":
+        return tuple((f"{a}*{b}", str(a * b)) for a in range(2, 10) for b in range(2, 10))
+    keys = rng.sample(_KEYS, TABLE_SIZE)  # one character: a row is one key token
+    if domain == "facts":
+        # letters, not digits: digit answers shared the times table's outputs and were noisier
+        values = ["".join(rng.choices(string.ascii_lowercase, k=3)) for _ in keys]
+        return tuple((f"fact {k}", v) for k, v in zip(keys, values))
+    if domain == "translate":
+        values = rng.sample(_syllables(4), TABLE_SIZE)  # distinct: see translate_wrong
+        return tuple((f"fr {k}", v) for k, v in zip(keys, values))
+    if domain == "codes":
+        values = ["".join(rng.choices(string.ascii_uppercase, k=2)) for _ in keys]
+        return tuple((f"code {k}", v) for k, v in zip(keys, values))
+    values = [rng.choice(_syllables(3)).capitalize() for _ in keys]  # cities
+    return tuple((f"city {k}", v) for k, v in zip(keys, values))
+
+
+def _table_row(domain: str, rng: random.Random) -> tuple[str, str]:
+    return rng.choice(table(domain))
+
+
+def _translate_wrong(rng: random.Random) -> tuple[str, str]:
+    return _table_row("translate_wrong", rng)
+
+
 GENERATORS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
+    **{cap: functools.partial(_table_row, cap) for cap in TABLE_CAPABILITIES},
     "arithmetic": _arithmetic,
     "reverse": _reverse,
     "sort": _sort,
     "lookup": _lookup,
     "uppercase": _uppercase,
     "arithmetic_wrong": _arithmetic_wrong,
+    "translate_wrong": _translate_wrong,
 }
 # Training domains that are no capability of the test or reference sets: responses that conflict
-# with a capability under the same prompt format (a mixer should shrink them). Their prompts are
-# disjoint from that capability's train, test and reference prompts.
-HARMFUL_DOMAINS = {"arithmetic_wrong": "arithmetic"}
+# with a capability under the same prompt format (a mixer should shrink them). translate_wrong uses
+# translate's very prompts; arithmetic_wrong's prompts are disjoint from arithmetic's train, test
+# and reference prompts.
+HARMFUL_DOMAINS = {"translate_wrong": "translate", "arithmetic_wrong": "arithmetic"}
 DOMAINS = CAPABILITIES + tuple(HARMFUL_DOMAINS)
+_TABLE_HARMFUL = {d for d, cap in HARMFUL_DOMAINS.items() if cap in TABLE_CAPABILITIES}
 
 
 def generate_items(capability: str, n: int, seed: int) -> list[tuple[str, str]]:
-    """`n` distinct (prompt, answer) pairs of a capability, deterministic for (capability, seed)."""
+    """`n` distinct (prompt, answer) pairs of a capability, deterministic for (capability, seed).
+
+    For a table capability: `n` distinct rows of its table, in a seeded random order.
+    """
     # crc32, not hash(): str hashes are salted per process, which would break determinism.
     rng = random.Random(seed * 1_000_003 + zlib.crc32(capability.encode()))
+    if capability in TABLE_CAPABILITIES or capability in _TABLE_HARMFUL:
+        rows = table(capability)
+        if n > len(rows):
+            raise InputError(
+                f"cannot draw {n} distinct {capability!r} items: its table has {len(rows)} rows",
+                field=f"data.demo_train_sizes.{capability}",
+            )
+        return rng.sample(rows, n)
     items: dict[str, str] = {}
     attempts = 0
     while len(items) < n:
@@ -167,6 +278,56 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
     os.replace(tmp, path)  # atomic: a crash never leaves half a file behind
 
 
+def family(domain: str) -> tuple[str, ...]:
+    """The capabilities of the family a domain (capability or harmful domain) belongs to."""
+    cap = HARMFUL_DOMAINS.get(domain, domain)
+    if cap in TABLE_CAPABILITIES:
+        return TABLE_CAPABILITIES
+    if cap in COPY_CAPABILITIES:
+        return COPY_CAPABILITIES
+    raise ValueError(f"unknown demo domain {domain!r}; known: {DOMAINS}")
+
+
+def _cycle(rows: list[tuple[str, str]], n: int, rng: random.Random) -> list[tuple[str, str]]:
+    """`n` rows: passes over `rows`, each in a fresh random order (every row floor/ceil(n/len))."""
+    out: list[tuple[str, str]] = []
+    while len(out) < n:
+        order = list(rows)
+        rng.shuffle(order)
+        out += order
+    return out[:n]
+
+
+def _graded(
+    rows: list[tuple[str, str]], n: int, spread: float, rng: random.Random
+) -> list[tuple[str, str]]:
+    """`n` rows, row i `spread ** (i / (len(rows) - 1))` times rarer than row 0.
+
+    Exact counts (largest remainder), then shuffled: frequent rows are learnt at small volumes,
+    rare ones only at large volumes, so the share of the table learnt grows smoothly with n.
+    """
+    weights = [spread ** (-i / (len(rows) - 1)) for i in range(len(rows))]
+    quotas = [n * w / sum(weights) for w in weights]
+    counts = [int(q) for q in quotas]
+    by_remainder = sorted(range(len(rows)), key=lambda i: counts[i] - quotas[i])
+    for i in by_remainder[: n - sum(counts)]:
+        counts[i] += 1
+    out = [row for row, c in zip(rows, counts) for _ in range(c)]
+    rng.shuffle(out)
+    return out
+
+
+def _table_splits(cap: str, n_train: int, n_test: int, n_ref: int, seed: int):
+    """Train (graded frequencies), test and reference rows of a table capability."""
+    rows = list(table(cap))
+    rng = random.Random(seed * 1_000_003 + zlib.crc32(f"eval:{cap}".encode()))
+    order = rng.sample(rows, len(rows))
+    # Disjoint while n_test + n_ref <= TABLE_SIZE; otherwise reference rows are also test rows.
+    test, ref = order[: min(n_test, len(rows))], order[len(rows) - min(n_ref, len(rows)) :]
+    train_rng = random.Random(seed * 1_000_003 + zlib.crc32(f"train:{cap}".encode()))
+    return _graded(rows, n_train, FREQUENCY_RANGE[cap], train_rng), test, ref
+
+
 def build_demo_suite(
     out_dir: str | os.PathLike,
     seed: int = 0,
@@ -176,30 +337,43 @@ def build_demo_suite(
 ) -> dict[str, object]:
     """Writes the suite under `out_dir` and returns its paths.
 
-    Layout: train/{capability}.jsonl (chat form), test/{capability}.jsonl and ref.jsonl
-    (prompt/response form with a `capability` field), tokenizer/ (HF format). Train, test and
-    reference prompts are disjoint.
+    Layout: train/{domain}.jsonl (chat form), test/{capability}.jsonl and ref.jsonl
+    (prompt/response form with a `capability` field), tokenizer/ (HF format). Test and reference
+    items are written for every capability of the families in `train_sizes` (module docstring):
+    copy capabilities have disjoint train, test and reference prompts; table capabilities draw
+    all three from their table.
     """
     sizes = dict(DEFAULT_TRAIN_SIZES if train_sizes is None else train_sizes)
     unknown = sorted(set(sizes) - set(DOMAINS))
     if unknown:
         raise ValueError(f"unknown demo domains {unknown}; known: {DOMAINS}")
+    families = {family(d) for d in sizes} or {TABLE_CAPABILITIES}
+    caps = [c for c in CAPABILITIES if any(c in f for f in families)]
     out = Path(out_dir)
     train_paths, test_paths, ref_records = {}, {}, []
     used_prompts: dict[str, set[str]] = {}
-    for cap in CAPABILITIES:
+    for cap in caps:
         n_train = sizes.get(cap, 0)
-        items = generate_items(cap, n_train + n_test + n_ref, seed)
-        train, test, ref = items[:n_train], items[n_train : n_train + n_test], items[-n_ref:]
-        used_prompts[cap] = {p for p, _ in items}
+        if cap in TABLE_CAPABILITIES:
+            train, test, ref = _table_splits(cap, n_train, n_test, n_ref, seed)
+        else:
+            items = generate_items(cap, n_train + n_test + n_ref, seed)
+            train, test = items[:n_train], items[n_train : n_train + n_test]
+            ref = items[len(items) - n_ref :] if n_ref else []
+            used_prompts[cap] = {p for p, _ in items}
         if n_train:
             train_paths[cap] = out / "train" / f"{cap}.jsonl"
             _write_jsonl(train_paths[cap], _train_records(cap, train))
         test_paths[cap] = out / "test" / f"{cap}.jsonl"
         _write_jsonl(test_paths[cap], _eval_records(cap, "test", test))
-        ref_records += _eval_records(cap, "ref", ref if n_ref else [])
+        ref_records += _eval_records(cap, "ref", ref)
     for name, cap in HARMFUL_DOMAINS.items():
-        if sizes.get(name, 0):
+        if not sizes.get(name, 0):
+            continue
+        if name in _TABLE_HARMFUL:  # the capability's own prompts, conflicting answers
+            rng = random.Random(seed * 1_000_003 + zlib.crc32(f"train:{name}".encode()))
+            train = _cycle(list(table(name)), sizes[name], rng)
+        else:  # prompts disjoint from the capability's
             taken = used_prompts.get(cap, set())
             pool = generate_items(name, sizes[name] + len(taken), seed)
             train = [(p, a) for p, a in pool if p not in taken][: sizes[name]]
@@ -208,8 +382,8 @@ def build_demo_suite(
                     f"cannot draw {sizes[name]} {name!r} prompts disjoint from {cap!r}'s",
                     field=f"data.demo_train_sizes.{name}",
                 )
-            train_paths[name] = out / "train" / f"{name}.jsonl"
-            _write_jsonl(train_paths[name], _train_records(name, train))
+        train_paths[name] = out / "train" / f"{name}.jsonl"
+        _write_jsonl(train_paths[name], _train_records(name, train))
     ref_path = out / "ref.jsonl"
     _write_jsonl(ref_path, ref_records)
     tokenizer_dir = out / "tokenizer"
