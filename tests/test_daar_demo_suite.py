@@ -16,7 +16,7 @@ import pytest
 
 from configs import common
 from ideal_jax.daar import generation, pipeline, selection
-from ideal_jax.data import demo_suite
+from ideal_jax.data import demo_suite, demo_tasks
 from ideal_jax.data.records import load_domains
 from ideal_jax.model.config import ModelConfig
 from ideal_jax.model.transformer import init_params
@@ -28,7 +28,7 @@ SIZES = {"arithmetic": 100, "reverse": 500, "sort": 250, "lookup": 200, "upperca
 def respond(prompt: str, rng: random.Random) -> str:
     for cap in CAPS:
         if f"capability {cap}." in prompt:
-            question, answer = demo_suite.GENERATORS[cap](rng)
+            question, answer = demo_tasks.GENERATORS[cap](rng)
             return f"Instruction: {question}\nResponse: {answer}"
     return "unknown domain"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ideal_jax.data import demo_suite
+from ideal_jax.data import demo_suite, demo_tasks
 from ideal_jax.data.records import load_domains, load_reference
 from ideal_jax.utils.errors import InputError
 
@@ -118,7 +118,7 @@ def test_table_splits(table_suite):
     assert list(test) == list(demo_suite.TABLE_CAPABILITIES) == list(ref)
     for cap in demo_suite.TABLE_CAPABILITIES:
         rows = set(demo_suite.table(cap))
-        assert len(rows) == demo_suite.TABLE_SIZE == len({p for p, _ in rows})  # distinct keys
+        assert len(rows) == demo_tasks.TABLE_SIZE == len({p for p, _ in rows})  # distinct keys
         train_rows = [(ex.messages[-1][1], ex.response) for ex in train[cap]]
         assert len(train_rows) == TABLES[cap] and set(train_rows) <= rows
         # test: the whole table (n_test >= 64); reference: 30 distinct rows of it
@@ -177,12 +177,12 @@ def test_answers_are_correct(suite, table_suite):
         for split in ("test", "ref"):
             for items in demo_suite.load_eval_items(root, split).values():
                 for item in items:
-                    assert demo_suite.exact_match(_solve(item.capability, item.prompt), item.answer)
+                    assert demo_tasks.exact_match(_solve(item.capability, item.prompt), item.answer)
         for domain, exs in load_domains(paths["train"]).items():
             if domain in demo_suite.HARMFUL_DOMAINS:
                 continue
             for ex in exs:
-                assert demo_suite.exact_match(_solve(domain, ex.messages[-1][1]), ex.response)
+                assert demo_tasks.exact_match(_solve(domain, ex.messages[-1][1]), ex.response)
 
 
 def test_invented_tables_have_their_format_and_one_answer_per_prompt():
@@ -209,7 +209,7 @@ def test_harmful_domains_conflict(table_suite, tmp_path):
         assert re.fullmatch(FORMATS["translate"], ex.response)  # same format, other answer
         answers[prompt].add(ex.response)
     assert all(len(a) == 1 for a in answers.values())  # consistent: a conflicting mapping
-    assert len(answers) == demo_suite.TABLE_SIZE  # 90 >= 64: every prompt of the table conflicts
+    assert len(answers) == demo_tasks.TABLE_SIZE  # 90 >= 64: every prompt of the table conflicts
     assert demo_suite.HARMFUL_DOMAINS["translate_wrong"] == "translate"
     # arithmetic_wrong: arithmetic's format, wrong answers, prompts disjoint from arithmetic's
     paths = demo_suite.build_demo_suite(
@@ -232,15 +232,15 @@ def test_generate_items_and_families():
         demo_suite.generate_items("codes", 65, seed=5)
     assert demo_suite.family("translate_wrong") == demo_suite.TABLE_CAPABILITIES
     assert demo_suite.family("arithmetic_wrong") == demo_suite.COPY_CAPABILITIES
-    assert set(demo_suite.DOMAINS) == set(demo_suite.GENERATORS)
+    assert set(demo_suite.DOMAINS) == set(demo_tasks.GENERATORS)
     for cap in demo_suite.TABLE_CAPABILITIES:  # GENERATORS draw rows of the fixed table
-        assert demo_suite.GENERATORS[cap](random.Random(0)) in demo_suite.table(cap)
+        assert demo_tasks.GENERATORS[cap](random.Random(0)) in demo_suite.table(cap)
 
 
 def test_exact_match_normalization():
-    assert demo_suite.exact_match(" 1 2  3\n", "1 2 3")
-    assert not demo_suite.exact_match("hello", "HELLO")
-    assert not demo_suite.exact_match("12", "1 2")
+    assert demo_tasks.exact_match(" 1 2  3\n", "1 2 3")
+    assert not demo_tasks.exact_match("hello", "HELLO")
+    assert not demo_tasks.exact_match("12", "1 2")
 
 
 def test_tokenizer_round_trip_offline(suite, monkeypatch):

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ideal_jax.data import demo_suite
+from ideal_jax.data import demo_suite, demo_tasks
 from ideal_jax.data.records import Example
 
 HEAD = ("reverse", "uppercase")
@@ -199,7 +199,7 @@ def demo_respond(prompt: str, rng: random.Random) -> str:
     """
     for cap in demo_suite.CAPABILITIES:
         if f"capability {cap}." in prompt:
-            question, answer = demo_suite.GENERATORS[cap](rng)
+            question, answer = demo_tasks.GENERATORS[cap](rng)
             return f"Instruction: {question}\nResponse: {answer}"
     return "I do not know this domain."
 
