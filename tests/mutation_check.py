@@ -304,7 +304,7 @@ MUTATIONS = [
     (
         "activation_scores_dropped",
         "the curvature-batch plan ignores the dense attention scores",
-        "ideal_jax/memory_plan.py",
+        "ideal_jax/curvature_batch.py",
         "2 * c.num_heads * seq_len / t + ",
         "",
         ["tests/test_memory_plan.py"],

@@ -16,6 +16,7 @@ LAYERS = [
     {"train"},
     {"curvature", "outer_objective"},
     {"memory_plan"},
+    {"curvature_batch"},
     {"influence"},
     {"reweight"},
     {"evaluate"},

@@ -6,7 +6,7 @@ import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
 
 from configs import common
-from ideal_jax import memory_plan, sharding
+from ideal_jax import curvature_batch, memory_plan, sharding
 from ideal_jax.model.config import preset
 from ideal_jax.utils.errors import InputError
 
@@ -133,7 +133,7 @@ def test_curvature_pass_estimate_tracks_the_compiled_pass(hidden, layers):
     mlp = tuple(memory_plan.layer_shapes(model, "mlp"))
     compiled = memory_plan.compile_curvature_pass(model, mesh, mlp, batch_size=32, seq_len=128)
     total = memory_plan.report_from_compiled("pass", compiled, mesh).total_bytes
-    estimate = memory_plan.curvature_pass_bytes(model, mlp, mesh, 32, 128)
+    estimate = curvature_batch.curvature_pass_bytes(model, mlp, mesh, 32, 128)
     assert 0.8 <= estimate / total <= 1.6, (estimate, total)
 
 
@@ -144,14 +144,14 @@ def test_8b_mlp_curvature_batch_is_sized_to_fit_8x80gib():
     # + 4·14336) + 2·128256·256/1024 logits + 2·4096, in f32
     per_layer = 6 * 4096 + 2 * 32 * 128 + 2 * 8 * 128 + 2 * 32 * 1024 + 4 * 14336
     by_hand = 4 * (32 * per_layer + 2 * 128256 * 256 // 1024 + 2 * 4096)
-    got = memory_plan.curvature_activation_bytes_per_token(LLAMA_8B, mesh, 1024, loss_rows=256)
+    got = curvature_batch.curvature_activation_bytes_per_token(LLAMA_8B, mesh, 1024, loss_rows=256)
     assert got == by_hand
-    batch = memory_plan.plan_curvature_batch(LLAMA_8B, "mlp", mesh, memory, 1024, loss_rows=256)
+    batch = curvature_batch.plan_curvature_batch(LLAMA_8B, "mlp", mesh, memory, 1024, loss_rows=256)
     groups = memory_plan.plan_curvature_layer_groups(LLAMA_8B, "mlp", mesh, memory)
 
     def need(b):
         return max(
-            memory_plan.curvature_pass_bytes(LLAMA_8B, g, mesh, b, 1024, loss_rows=256)
+            curvature_batch.curvature_pass_bytes(LLAMA_8B, g, mesh, b, 1024, loss_rows=256)
             for g in groups
         )
 
@@ -159,11 +159,11 @@ def test_8b_mlp_curvature_batch_is_sized_to_fit_8x80gib():
     assert batch >= 8 and batch % 8 == 0
     assert need(batch) <= usable < need(2 * batch)  # the largest that fits
     with pytest.raises(InputError, match=f"the plan says {batch} would") as err:
-        memory_plan.check_curvature_batch(LLAMA_8B, "mlp", mesh, memory, 1024, 2 * batch)
+        curvature_batch.check_curvature_batch(LLAMA_8B, "mlp", mesh, memory, 1024, 2 * batch)
     assert err.value.field == "curvature.batch_size"
     # rows too long for even one per data shard: said so, with the sizes
     with pytest.raises(InputError, match="one row per data shard"):
-        memory_plan.plan_curvature_batch(LLAMA_8B, "mlp", mesh, memory, 8192)
+        curvature_batch.plan_curvature_batch(LLAMA_8B, "mlp", mesh, memory, 8192)
 
 
 def test_the_influence_stage_refuses_a_curvature_batch_that_does_not_fit(tmp_path, monkeypatch):
@@ -185,7 +185,7 @@ def test_the_influence_stage_refuses_a_curvature_batch_that_does_not_fit(tmp_pat
     rows = sharding.batch_divisor(mesh)
     # room for one row per data shard of 16 tokens (shorter than any row the stage forms),
     # not for cfg's 32 rows
-    gib = memory_plan.curvature_pass_bytes(model_cfg, layers, mesh, rows, 16)
+    gib = curvature_batch.curvature_pass_bytes(model_cfg, layers, mesh, rows, 16)
     gib = gib / (1 - memory_plan.HEADROOM) / memory_plan.GiB * 1.05
     cfg = tiny_config(**{"curvature.device_memory_gib": gib})
     ids = {name: [t.example_id for t in items] for name, items in suite.tokenized.items()}

@@ -202,7 +202,7 @@ def influence_for_round(
     groups = layer_groups(curv, infl.operator, model_cfg, layers, mesh)
     memory = device_memory_bytes(curv)
     if memory is not None:  # a batch that does not fit: an error now, not an OOM mid-pass
-        from ideal_jax.memory_plan import check_curvature_batch
+        from ideal_jax.curvature_batch import check_curvature_batch
 
         check_curvature_batch(
             model_cfg,
