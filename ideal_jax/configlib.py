@@ -138,6 +138,27 @@ def validate_config(cfg: ml_collections.ConfigDict | dict) -> None:
             raise InputError(f"must be {what}, got {value!r}", field=field)
 
 
+def section_fields(
+    section: Any, cls: type, name: str, *, exclude: tuple[str, ...] = (), overrides=None
+) -> dict[str, Any]:
+    """The config section `name` as a plain dict (plus `overrides`), checked to hold every field
+    of dataclass `cls` but `exclude`: the first missing one is an InputError naming it (library
+    dataclasses have no defaults of their own; configs/common.py defines them all)."""
+    import dataclasses
+
+    values = dict(section.to_dict() if hasattr(section, "to_dict") else section)
+    values |= overrides or {}
+    fields = [f.name for f in dataclasses.fields(cls) if f.name not in exclude]
+    missing = [f for f in fields if f not in values]
+    if missing:
+        raise InputError(
+            f"cfg.{name} has no field {missing[0]!r} (configs/common.py's base_config() defines "
+            f"every {name} field; start the config from it)",
+            field=f"{name}.{missing[0]}",
+        )
+    return values
+
+
 def to_dict(cfg: ml_collections.ConfigDict | dict) -> dict[str, Any]:
     return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
 

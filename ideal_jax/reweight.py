@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ideal_jax import configlib
 from ideal_jax.utils.errors import InputError
 
 RULES = ("paper", "optax", "outer")
@@ -76,16 +77,8 @@ class ReweightConfig:
     def from_config_dict(cls, section, **overrides) -> ReweightConfig:
         """From cfg.reweight (an ml_collections section or a dict), `overrides` replacing fields;
         a field missing from the section is an InputError naming it."""
-        values = dict(section.to_dict() if hasattr(section, "to_dict") else section) | overrides
-        names = [f.name for f in dataclasses.fields(cls)]
-        missing = [name for name in names if name not in values]
-        if missing:
-            raise InputError(
-                f"cfg.reweight has no field {missing[0]!r} (configs/common.py's base_config() "
-                "defines every reweight field; start the config from it)",
-                field=f"reweight.{missing[0]}",
-            )
-        return cls(**{name: values[name] for name in names})
+        values = configlib.section_fields(section, cls, "reweight", overrides=overrides)
+        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
 
     def __post_init__(self):
         if self.rule not in RULES:

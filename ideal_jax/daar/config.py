@@ -15,6 +15,7 @@ import hashlib
 import json
 from typing import Any
 
+from ideal_jax import configlib
 from ideal_jax.daar import centroids as cen
 from ideal_jax.daar import kmeans as km
 from ideal_jax.utils.errors import InputError
@@ -132,15 +133,8 @@ class DaarConfig:
     def from_section(cls, section: Any) -> DaarConfig:
         """From cfg.daar (an ml_collections section or a dict of the same shape: descriptions and
         τ keyed by domain name). A missing field or a bad value raises InputError naming it."""
-        values = dict(section.to_dict() if hasattr(section, "to_dict") else section)
+        values = configlib.section_fields(section, cls, "daar", exclude=("domains",))
         names = [f.name for f in dataclasses.fields(cls) if f.name != "domains"]
-        missing = [name for name in names if name not in values]
-        if missing:
-            raise InputError(
-                f"cfg.daar has no field {missing[0]!r} (configs/common.py's base_config() defines "
-                "every DaaR field; start the config from it)",
-                field=f"daar.{missing[0]}",
-            )
         descriptions = dict(values.get("domains") or {})
         taus = dict(values.get("tau") or {})
         unknown = sorted(set(taus) - set(descriptions))
