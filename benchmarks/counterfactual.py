@@ -336,7 +336,7 @@ def alpha_matrices(cfg, model_cfg, params, suite, mix, mesh, operator_names, *, 
                 relative_damping=curv.relative_damping,
                 curvature=curvature,
                 state=state,
-                batches=list(train_batches()) if operators.needs_batches(name) else None,
+                batches=train_batches,
                 rng=jax.random.fold_in(rng, 2),
             )
         op_rows = alpha_lib.reference_rows(reference, weighting)

@@ -14,7 +14,7 @@ Kronfluence's default 0.1) — for dense/CG operators the mean eigenvalue is tra
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -72,14 +72,15 @@ def build_operator(
     relative_damping: bool = True,
     curvature: KfacCurvature | None = None,
     state: CurvatureState | None = None,
-    batches: Sequence[Batch] | None = None,
+    batches: Sequence[Batch] | Callable[[], Iterable[Batch]] | None = None,
     exact_kind: str = "ggn",
     cg_tol: float = 1e-6,
     cg_max_iters: int = 200,
     rng: jax.Array | None = None,
 ) -> InverseOperator:
     """Builds operator `name`. kfac/ekfac need (curvature, state); those for which
-    `needs_batches(name)` (exact, exact_block, cg) need `batches`."""
+    `needs_batches(name)` (exact, exact_block, cg) need `batches` — a sequence, or a function
+    returning the pass's batches, called only by those operators (callers need not check)."""
     if name not in OPERATORS:
         raise InputError(
             f"unknown inverse operator {name!r}; one of {OPERATORS}", field="curvature.operator"
@@ -98,6 +99,8 @@ def build_operator(
         return InverseOperator(
             "ekfac", lam, lambda v: ekfac_lib.ekfac_multiply_inverse(curvature, state, v, lam)
         )
+    if callable(batches):
+        batches = list(batches())
     if not batches:
         raise InputError(f"operator {name!r} needs the training batches", field="data")
     selected, _ = layers_lib.split_params(params, problem.layers)

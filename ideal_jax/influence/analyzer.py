@@ -216,7 +216,7 @@ class Analyzer:
                 relative_damping=s.relative_damping,
                 curvature=curvature,
                 state=state,
-                batches=train_batches if operators.needs_batches(s.operator) else None,
+                batches=train_batches,
                 exact_kind=s.exact_kind,
                 rng=jax.random.fold_in(rng, 2),
             )

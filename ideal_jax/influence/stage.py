@@ -252,7 +252,7 @@ def influence_for_round(
             relative_damping=curv.relative_damping,
             curvature=curvature,
             state=state,
-            batches=list(train_batches()) if operators.needs_batches(infl.operator) else None,
+            batches=train_batches,
             rng=jax.random.fold_in(rng, 2),
         )
         with progress.stage("reference gradients"):
