@@ -20,3 +20,31 @@ def test_needs_batches_names_exactly_the_operators_built_from_batches(name):
     except Exception:  # failed later, on the empty problem: it did not ask for batches
         asked_for_batches = False
     assert asked_for_batches == operators.needs_batches(name)
+
+
+def test_batches_may_be_a_function_called_only_by_the_operators_that_need_them():
+    import jax
+    import numpy as np
+    from test_curvature_models import classification_batches, mlp_params, mlp_problem
+
+    from ideal_jax.curvature import layers as layers_lib
+
+    sizes = (6, 8, 5)
+    params = mlp_params(sizes)
+    problem = mlp_problem(params)
+    batches = classification_batches(sizes, 2, 16, num_domains=2, seed=1)
+    calls = []
+
+    def batches_fn():
+        calls.append(1)
+        return iter(batches)
+
+    from_list = operators.build_operator("exact", problem=problem, params=params, batches=batches)
+    from_fn = operators.build_operator("exact", problem=problem, params=params, batches=batches_fn)
+    assert calls == [1]
+    selected, _ = layers_lib.split_params(params, problem.layers)
+    v = jax.tree.map(lambda x: np.ones_like(x), selected)
+    for a, b in zip(jax.tree.leaves(from_list(v)), jax.tree.leaves(from_fn(v))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+    operators.build_operator("identity", problem=problem, params=params, batches=batches_fn)
+    assert calls == [1]  # not asked for by an operator that does not need them
