@@ -27,6 +27,9 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.data.source = ""  # or: one file whose records carry `domain_field`
     cfg.data.domain_field = "domain"
     cfg.data.domain_names = ()  # required domains when using `source` (empty: all found)
+    # Keep at most this many examples of each training domain (a seeded random subset, file
+    # order kept; seed = cfg.seed); 0: all. For quick runs on large files.
+    cfg.data.max_examples_per_domain = 0
     cfg.data.reference = ml_collections.ConfigDict()  # capability -> file; or:
     cfg.data.reference_source = ""  # one file whose records carry a `capability` field
     cfg.data.field_map = ml_collections.ConfigDict()  # canonical field -> your field name

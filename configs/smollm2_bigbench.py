@@ -9,8 +9,9 @@ Once: the data (ideal_jax/data/prepare_bigbench.py) and the model file:
     python -m ideal_jax.data.prepare_bigbench --source /tmp/bigbench/bigbench-1.0.0.tar.gz \
         --out data/bigbench
 
-Then (`small`: 40 training examples per domain, 1 round, for a CPU; without it: the full splits,
-2 rounds, for an accelerator; the same config runs unchanged on either):
+Then (`small`: 16 of prepare_bigbench's 40 training examples per domain, 10 test items per
+capability, 1 round, for a CPU; without it: the full splits, 2 rounds, for an accelerator; the same
+config runs unchanged on either):
 
     python -m ideal_jax.main --config configs/smollm2_bigbench.py:small,data=data/bigbench \
         --workdir runs/smollm2_bigbench_small
@@ -75,6 +76,7 @@ def get_config(arg: str | None = None):
     cfg.data.domains = {name: f"{data}/train/{name}.jsonl" for name in DOMAINS}
     cfg.data.reference_source = f"{data}/ref.jsonl"
     cfg.data.max_len = 256
+    cfg.data.max_examples_per_domain = 16 if args["small"] else 0
     cfg.data.batching = "pack"
     cfg.model.path = args["model"] or default_model()
     cfg.train.epochs = 1 if args["small"] else 2
@@ -99,7 +101,8 @@ def get_config(arg: str | None = None):
                 "type": "exact_match",
                 "path": f"{data}/test.jsonl",
                 "max_new_tokens": 24,
-                "batch_size": 20 if args["small"] else 64,
+                "batch_size": 50 if args["small"] else 64,
+                "limit_per_capability": 10 if args["small"] else 0,
             }
         }
     )

@@ -58,6 +58,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "seeds": (lambda v: v >= 1, ">= 1"),
     "curvature.sigma": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "curvature.examples_per_domain": (lambda v: v >= 0 and v == int(v), "an integer >= 0"),
+    "data.max_examples_per_domain": (lambda v: v >= 0 and v == int(v), "an integer >= 0"),
     "curvature.damping": (lambda v: v >= 0, ">= 0"),
     "reweight.step_size": (lambda v: v > 0, "> 0"),
     "reweight.learning_rate": (lambda v: v > 0, "> 0"),

@@ -341,6 +341,30 @@ MUTATIONS = [
         "    if False:",
         ["tests/test_round_state.py"],
     ),
+    (
+        "cap_first_n",
+        "data.max_examples_per_domain keeps the first N records (files sorted by topic lose topics)",
+        "ideal_jax/data/suite.py",
+        "out[name] = [examples[i] for i in sorted(keep)]",
+        "out[name] = examples[:max_examples]",
+        ["tests/test_data_cap.py"],
+    ),
+    (
+        "cap_ignored",
+        "load_suite ignores data.max_examples_per_domain",
+        "ideal_jax/data/suite.py",
+        "    domains = cap_domains(domains, data.max_examples_per_domain, seed=cfg.seed)\n",
+        "",
+        ["tests/test_data_cap.py"],
+    ),
+    (
+        "eval_limit_per_capability_ignored",
+        "an evaluation task's limit_per_capability is ignored (every item is scored)",
+        "ideal_jax/evaluate/runner.py",
+        '    recs = limit_per_capability(recs, cfg.get("limit_per_capability"))\n',
+        "",
+        ["tests/test_eval_runner.py"],
+    ),
 ]
 
 

@@ -132,3 +132,21 @@ def test_write_eval_json_converts_numpy_scalars(tmp_path):
     path = tmp_path / "eval.json"
     write_eval_json({"average": np.float32(0.5), "n": np.int64(3)}, str(path))
     assert json.loads(path.read_text()) == {"average": 0.5, "n": 3}
+
+
+def test_limit_per_capability_keeps_the_first_items_of_every_capability():
+    # DEMO is ordered knowledge, math, math, uppercase: a plain limit of 2 would drop uppercase
+    # and keep one math item; per capability, 1 keeps one of each.
+    seen = []
+
+    def generate(prompts, max_new_tokens, temperature, n):
+        seen.extend(prompts)
+        return fake_generate(prompts, max_new_tokens, temperature, n)
+
+    task = {"type": "exact_match", "records": DEMO, "limit_per_capability": 1}
+    res = evaluate_tasks([task], generate, fake_loglik, progress=False)
+    got = res["tasks"]["exact_match"]
+    assert got["n_examples"] == 3
+    assert set(got["per_capability"]) == {"knowledge", "math", "uppercase"}
+    assert got["per_capability"]["math"] == 1.0  # the first math item (2+2=4), not 3+3
+    assert not any(p.endswith("3+3=") for p in seen)

@@ -9,9 +9,12 @@ import dataclasses
 import functools
 import json
 import os
+import zlib
 from typing import Any
 
 import jax
+import numpy as np
+from absl import logging
 
 from ideal_jax.data import batching, demo_suite, formatting, mixture, records
 from ideal_jax.model import hf_io
@@ -104,6 +107,7 @@ def _load_suite(cfg, workdir: str) -> Suite:
             dict(data.reference) or data.reference_source, field_map=field_map
         )
         tokenizer = load_run_tokenizer(cfg, workdir)
+    domains = cap_domains(domains, data.max_examples_per_domain, seed=cfg.seed)
     tokenize = functools.partial(
         formatting.tokenize_examples,
         tokenizer=tokenizer,
@@ -122,6 +126,31 @@ def _load_suite(cfg, workdir: str) -> Suite:
             "the reference set has no example with response tokens", field="data.reference"
         )
     return Suite(domains, reference, tokenizer, tokenized, ref_tokenized, stats, eval_tasks)
+
+
+def cap_domains(
+    domains: dict[str, list[records.Example]], max_examples: int, *, seed: int
+) -> dict[str, list[records.Example]]:
+    """At most `max_examples` of each domain (0: all): a random subset drawn with `seed` (one
+    stream per domain, keyed by its name, so a domain's subset does not depend on the others),
+    in file order. Logs each domain it cut."""
+    if not max_examples:
+        return domains
+    out = {}
+    for name, examples in domains.items():
+        if len(examples) <= max_examples:
+            out[name] = examples
+            continue
+        key = zlib.crc32(name.encode())
+        keep = np.random.default_rng([seed, key]).choice(len(examples), max_examples, replace=False)
+        out[name] = [examples[i] for i in sorted(keep)]
+        logging.info(
+            "data.max_examples_per_domain: domain %s keeps %d of %d examples",
+            name,
+            max_examples,
+            len(examples),
+        )
+    return out
 
 
 def tokenize_domains(domains, tokenize) -> tuple[dict, dict]:

@@ -7,6 +7,8 @@ continuation's summed log-probability. A task config (a dict or ConfigDict) hold
   type          one of TASK_TYPES (below); name defaults to it
   path | records  a local benchmark file / saved HF dataset dir, or in-memory raw records
   split, limit  DatasetDict split; keep the first ``limit`` records
+  limit_per_capability  exact_match type: keep the first N records of each capability (after
+                ``limit``), so a short run still scores every capability
   num_fewshot, fewshot_path, fewshot_split   shots come from fewshot_path, else from the evaluated
                 records themselves (never an example as its own shot)
   max_new_tokens, temperature, n, ks         generation; pass@k for code tasks
@@ -88,6 +90,22 @@ def _generate(generate_fn: GenerateFn, prompts: list[str], cfg: dict, bar: tqdm)
     return out
 
 
+def limit_per_capability(recs: list[dict], limit: int | None) -> list[dict]:
+    """The first `limit` records of each capability, in order (all when `limit` is falsy)."""
+    if not limit:
+        return recs
+    if int(limit) != limit or limit < 0:
+        raise InputError(f"must be an integer >= 0, got {limit!r}", field="limit_per_capability")
+    seen: dict[str, int] = {}
+    out = []
+    for r in recs:
+        cap = r.get("capability", "all")
+        if seen.get(cap, 0) < limit:
+            seen[cap] = seen.get(cap, 0) + 1
+            out.append(r)
+    return out
+
+
 def _mean_correct(flags: list[list[bool]]) -> float:
     """Accuracy averaged over samples, then examples (plain accuracy when n = 1)."""
     return sum(sum(f) / len(f) for f in flags) / max(1, len(flags))
@@ -101,6 +119,7 @@ def _run_task(cfg: dict, generate_fn, loglik_fn, progress: bool) -> dict:
         recs = load_benchmark(kind, cfg["path"], cfg.get("split"), cfg.get("limit"))
     else:
         raise InputError(f"task {cfg['name']!r} needs 'path' or 'records'", field="path")
+    recs = limit_per_capability(recs, cfg.get("limit_per_capability"))
     k = int(cfg.get("num_fewshot") or 0)
     pool, own = recs, True
     if k and cfg.get("fewshot_path"):
