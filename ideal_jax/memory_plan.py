@@ -189,7 +189,7 @@ def compile_curvature_pass(
     from ideal_jax.curvature import problem as problem_lib
 
     model_cfg = model_cfg.replace(dtype="float32", remat=False)  # how the curvature pass runs
-    curvature = kfac_lib.curvature_for(problem_lib.lm_problem(model_cfg, tuple(layers)), mode)
+    curvature = kfac_lib.curvature_for(problem_lib.lm_problem(model_cfg, tuple(layers)), mode, mesh)
     params_sh = sharding.param_shardings(abstract_params(model_cfg), logical_axes(model_cfg), mesh)
     params = with_shardings(abstract_params(model_cfg), params_sh)
     batch = abstract_batch(mesh, batch_size, seq_len)

@@ -7,8 +7,11 @@ model runs on any mesh (tiny test models on 8 fake devices included).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -115,3 +118,55 @@ def sharded_init(init_fn, abstract: Any, logical: Any, mesh: Mesh, *args):
     """Run `init_fn(*args)` under jit with out_shardings: parameters are born sharded."""
     shardings = param_shardings(abstract, logical, mesh)
     return jax.jit(init_fn, out_shardings=shardings)(*args), shardings
+
+
+# Activation shardings. A jitted program's inputs and outputs carry shardings, but XLA must infer
+# those of the activations in between, and it infers the residual stream [B, T, D] from whatever
+# produced it: the embedding gather of a table sharded over (tensor, fsdp) yields D split over
+# fsdp, so the backward pass must move [B, T, D] from rows-over-(data, fsdp) to D-over-fsdp, which
+# the SPMD partitioner does by replicating the whole tensor ("involuntary full
+# rematerialization"). The model pins its activations to rows-over-(data, fsdp), replicated over
+# tensor, whenever it is traced inside `activation_mesh(mesh)`; `traced_in(mesh, fn)` wraps a
+# function to be jitted so that its trace runs there. Outside, nothing is constrained (one device,
+# or callers that place nothing).
+_ACTIVATION_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar(
+    "ideal_jax_activation_mesh", default=None
+)
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh: Mesh | None):
+    """While active, `constrain_rows` pins activations to rows over (data, fsdp) on `mesh`."""
+    token = _ACTIVATION_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _ACTIVATION_MESH.reset(token)
+
+
+def traced_in(mesh: Mesh | None, fn: Callable) -> Callable:
+    """`fn`, traced inside `activation_mesh(mesh)` (wrap before jax.jit)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with activation_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def constrain_spec(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    """x constrained to the sharding of its logical axes (RULES) on the activation mesh, when
+    traced inside `activation_mesh`; x unchanged otherwise."""
+    mesh = _ACTIVATION_MESH.get()
+    if mesh is None or mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(
+        x, NamedSharding(mesh, spec_for(logical, x.shape, mesh))
+    )
+
+
+def constrain_rows(x: jax.Array) -> jax.Array:
+    """x with its leading (row) axis over the mesh's data x fsdp axes (those that divide it) and
+    every other axis replicated, when traced inside `activation_mesh`; x unchanged otherwise."""
+    return constrain_spec(x, ("batch",) + (None,) * (x.ndim - 1))

@@ -343,7 +343,7 @@ MUTATIONS = [
     ),
     (
         "cap_first_n",
-        "data.max_examples_per_domain keeps the first N records (files sorted by topic lose topics)",
+        "data.max_examples_per_domain keeps the first N records (sorted files lose topics)",
         "ideal_jax/data/suite.py",
         "out[name] = [examples[i] for i in sorted(keep)]",
         "out[name] = examples[:max_examples]",
@@ -364,6 +364,22 @@ MUTATIONS = [
         '    recs = limit_per_capability(recs, cfg.get("limit_per_capability"))\n',
         "",
         ["tests/test_eval_runner.py"],
+    ),
+    (
+        "activations_unpinned",
+        "the model's residual stream is not pinned to rows (the embedding table not gathered)",
+        "ideal_jax/model/transformer.py",
+        'table_vd = sharding.constrain_spec(model.embed_tokens[...], ("vocab", None))',
+        "table_vd = model.embed_tokens[...]",
+        ["tests/test_activation_sharding.py"],
+    ),
+    (
+        "kfac_loss_outside_mesh",
+        "kfac-jax's loss traced without the activation mesh (token rows laid out like factors)",
+        "ideal_jax/curvature/kfac.py",
+        "with sharding.activation_mesh(self.mesh):",
+        "with sharding.activation_mesh(None):",
+        ["tests/test_activation_sharding.py"],
     ),
 ]
 

@@ -45,7 +45,10 @@ def _placed_tiny():
 
 def test_the_stage_and_the_memory_plan_share_one_placed_donating_update(monkeypatch):
     mesh, params = _placed_tiny()
-    curvature = kfac_lib.curvature_for(problem_lib.lm_problem(TINY, LAYERS), "fisher")
+    # As the influence stage asks for it: one curvature per mesh the parameters are placed on.
+    curvature = kfac_lib.curvature_for(
+        problem_lib.lm_problem(TINY, LAYERS), "fisher", kfac_lib.params_mesh(params)
+    )
     built = []
     original = kfac_lib.KfacCurvature.update_fn
 

@@ -80,13 +80,16 @@ class CurvatureState:
 class KfacCurvature:
     """Holds the kfac-jax estimator and jitted passes; all state is passed in and returned."""
 
-    def __init__(self, problem: CurvatureProblem, mode: str = "fisher"):
+    def __init__(self, problem: CurvatureProblem, mode: str = "fisher", mesh: Mesh | None = None):
+        """mesh: where the parameters are placed (None: one device / unplaced). kfac-jax traces
+        the loss once per batch shape and keeps the trace, so the activation shardings
+        (sharding.activation_mesh) are part of the object: one curvature per mesh."""
         if mode not in ESTIMATION_MODES:
             raise InputError(
                 f"unknown mode {mode!r}; one of {sorted(ESTIMATION_MODES)}",
                 field="curvature.estimator",
             )
-        self.problem, self.mode = problem, mode
+        self.problem, self.mode, self.mesh = problem, mode, mesh
         self.estimator = kfac_jax.BlockDiagonalCurvature(
             self._kfac_loss,
             default_estimation_mode=ESTIMATION_MODES[mode],
@@ -101,9 +104,17 @@ class KfacCurvature:
 
     # -- the loss kfac-jax traces: f32, explicit tags, response-token mask ---------------------
     def _kfac_loss(self, selected: dict, rest: Params, batch: Batch) -> jax.Array:
+        with sharding.activation_mesh(self.mesh):  # activations pinned to rows on the mesh
+            return self._kfac_loss_in_mesh(selected, rest, batch)
+
+    def _kfac_loss_in_mesh(self, selected: dict, rest: Params, batch: Batch) -> jax.Array:
         p = self.problem
         outputs = p.outputs_fn(layers_lib.merge_params(selected, rest), batch, frozenset(p.layers))
-        outputs_rc, targets, weights_r, _ = flat_rows(p, outputs, batch)
+        # Loss rows over (data, fsdp) like the batch: left to XLA, they take the layout of the
+        # row-sharded factors they feed and are replicated to move back.
+        outputs_rc, targets, weights_r, _ = jax.tree.map(
+            sharding.constrain_rows, flat_rows(p, outputs, batch)
+        )
         # fisher_empirical divides its vjp by sqrt(batch size) (R_b, the token rows the layers see,
         # not the loss rows); this weight undoes it so that every mode's G is Σ δδᵀ / R_b (see
         # module docstring).
@@ -180,6 +191,8 @@ class KfacCurvature:
         memory_plan.compile_curvature_pass lowers the very same object for its memory table.
         `state_like`: a state or its abstract shapes (only their shapes are read, once per mesh).
         """
+        if self.mesh is not None and mesh != self.mesh:
+            raise ValueError(f"this curvature was built for mesh {self.mesh}, not {mesh}")
         if mesh not in self._sharded_updates:
             state_sh = state_shardings(state_like, mesh)
             self._sharded_updates[mesh] = jax.jit(
@@ -339,6 +352,9 @@ def accumulate_factors(
 
 
 @functools.lru_cache(maxsize=32)
-def curvature_for(problem: CurvatureProblem, mode: str = "fisher") -> KfacCurvature:
-    """One KfacCurvature (and its jitted passes) per (problem, mode) for the whole process."""
-    return KfacCurvature(problem, mode=mode)
+def curvature_for(
+    problem: CurvatureProblem, mode: str = "fisher", mesh: Mesh | None = None
+) -> KfacCurvature:
+    """One KfacCurvature (and its jitted passes) per (problem, mode, mesh) for the process;
+    `mesh`: the one the parameters are placed on (`params_mesh`), None for unplaced ones."""
+    return KfacCurvature(problem, mode=mode, mesh=mesh)

@@ -226,7 +226,9 @@ def influence_for_round(
         t0 = time.perf_counter()
         curvature = state = None
         if infl.operator in ("kfac", "ekfac"):
-            curvature = kfac_lib.curvature_for(problem, curv.estimator)
+            curvature = kfac_lib.curvature_for(
+                problem, curv.estimator, kfac_lib.params_mesh(params)
+            )
             with progress.stage("factors"):
                 state = kfac_lib.accumulate_factors(curvature, params, train_batches(), rng)
             timings["factors"] += time.perf_counter() - t0

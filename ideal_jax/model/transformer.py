@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ideal_jax import sharding
 from ideal_jax.model.config import ModelConfig
 
 Params = dict[str, Any]
@@ -80,8 +81,12 @@ class Linear(nnx.Module):
         lead_shape, d_in = x.shape[:-1], x.shape[-1]
         x_nd = x.reshape(-1, d_in)
         if kfac_tags.token_mask_bt is not None:
-            x_nd = x_nd * kfac_tags.token_mask_bt.reshape(-1, 1).astype(x_nd.dtype)
-        y_nf = x_nd @ kernel
+            mask_n1 = sharding.constrain_rows(kfac_tags.token_mask_bt.reshape(-1, 1))
+            x_nd = x_nd * mask_n1.astype(x_nd.dtype)
+        # Token rows over (data, fsdp) (inside sharding.activation_mesh): else XLA lays the tag's
+        # inputs out like the row-sharded factors they feed and must replicate them to go back.
+        x_nd = sharding.constrain_rows(x_nd)
+        y_nf = sharding.constrain_rows(x_nd @ kernel)
         if bias is not None:
             y_nf = y_nf + bias
         y_nf = kfac_jax.register_dense(y_nf, x_nd, kernel, bias)
@@ -362,7 +367,10 @@ def forward(
     else:
         index_bt = cache[0]["index"] + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     dtype = cfg.compute_dtype
-    x_btd = jnp.take(model.embed_tokens[...], tokens_bt, axis=0).astype(dtype)
+    # Inside sharding.activation_mesh (sharding.py says why): the table gathered over fsdp first
+    # (vocab stays over tensor), so the lookup yields rows over (data, fsdp), not D over fsdp.
+    table_vd = sharding.constrain_spec(model.embed_tokens[...], ("vocab", None))
+    x_btd = sharding.constrain_rows(jnp.take(table_vd, tokens_bt, axis=0).astype(dtype))
     new_caches = []
     layers = list(model.layers)[: num_layers if num_layers is not None else cfg.num_layers]
     for i, layer in enumerate(layers):
@@ -374,6 +382,7 @@ def forward(
         if cfg.remat and cache is None:
             run = nnx.remat(run)
         x_btd, layer_cache = run(layer, x_btd)
+        x_btd = sharding.constrain_rows(x_btd)
         new_caches.append(layer_cache)
     if return_hidden:
         return x_btd.astype(jnp.float32)

@@ -180,7 +180,7 @@ def jit_train_step(
     optimisation level to compile about twice as fast; leave None for real runs).
     """
     return jax.jit(
-        step_fn,
+        sharding.traced_in(mesh, step_fn),
         in_shardings=(shardings, sharding.batch_sharding(mesh)),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
@@ -230,7 +230,9 @@ def make_eval_step(
 ) -> Callable[[Any, Batch], dict[str, jax.Array]]:
     """eval_step bound and jitted once (params not donated: training goes on with them)."""
     return jax.jit(
-        functools.partial(eval_step, model_cfg=model_cfg, num_groups=num_groups),
+        sharding.traced_in(
+            mesh, functools.partial(eval_step, model_cfg=model_cfg, num_groups=num_groups)
+        ),
         in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
         out_shardings=sharding.replicated(mesh),
     )
