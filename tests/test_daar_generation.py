@@ -36,6 +36,33 @@ def test_parse_pair_handles_format_drift(text, want):
     assert generation.parse_pair(text) == want
 
 
+# Drifts SmolLM2-135M-Instruct produced (benchmarks/daar_smollm2_centroids.py): plural labels, and
+# label words used in running text ("a suggestion and response:"), which are not labels.
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("Instructions: Add 4 and 5.\nResponses: 9", ("Add 4 and 5.", "9")),
+        ("**Questions:** What is 2+2?\n**Answers:** 4", ("What is 2+2?", "4")),
+        (
+            "Instruction: Sort these words.\n\nHere's a suggestion and response:\n\nThe answer",
+            None,
+        ),
+        (
+            "Instruction: Sort a b.\nHere is my answer: a b\nResponse: a b",
+            ("Sort a b.\nHere is my answer: a b", "a b"),
+        ),
+        (
+            "Instruction: Count 3 cats.\nResponse: 3, as the instruction: says",
+            ("Count 3 cats.", "3, as the instruction: says"),
+        ),
+        ("Instruction: Add 1 and 2. Response: 3", ("Add 1 and 2.", "3")),
+        ("Instruction: hi\nresponse: hello\ninstructions: more", ("hi", "hello")),
+    ],
+)
+def test_parse_pair_small_model_drift(text, want):
+    assert generation.parse_pair(text) == want
+
+
 def bag_of_chars(texts):
     """Toy centroid embedding: character counts (cosine 1.0 for anagrams / repeats)."""
     out = np.zeros((len(texts), 128), np.float32)
@@ -192,3 +219,19 @@ def test_model_generator_decodes_nonsense_counts_it_and_fails_as_designed(tiny_m
     assert (
         stats.attempts == stats.accepted + stats.empty + stats.unparseable + stats.rejected_similar
     )
+
+
+def test_model_generator_prefills_the_first_label_and_counts_tokens(tiny_model):
+    cfg, params, tokenizer = tiny_model
+    plain = generation.ModelGenerator(cfg, params, tokenizer, max_prompt_len=128, prefill="")
+    model_gen = generation.ModelGenerator(cfg, params, tokenizer, max_prompt_len=128)
+    prefill_ids = tokenizer("Instruction:", add_special_tokens=False)["input_ids"]
+    encoded = model_gen._encode("Domain: math")
+    assert encoded[-len(prefill_ids) :] == prefill_ids and encoded != plain._encode("Domain: math")
+    texts = model_gen.generate(["Domain: math"], 0.9, 0.95, 16, seed=0)
+    assert texts[0].startswith("Instruction:")
+    assert model_gen.rows == 1 and 0 <= model_gen.tokens_generated <= 16
+    assert model_gen.rows_at_limit == (model_gen.tokens_generated == 16)
+    # A model that answers in the format after the prefill yields a parseable pair.
+    answer = model_gen.prefill + " Add 2 and 3.\nResponse: 5"
+    assert generation.parse_pair(answer) == ("Add 2 and 3.", "5")
