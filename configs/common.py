@@ -76,6 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
     # (cost flat in the data size); 0: use sigma instead. See docs/method_choices.md.
     cfg.curvature.examples_per_domain = 0
     cfg.curvature.batch_size = 32
+    # The decoder layers below the lowest curvature layer run once per example and their output is
+    # kept (at most this many GiB; 0: off): the passes then run only the layers from there up.
+    cfg.curvature.prefix_cache_gib = 2.0
     cfg.curvature.correction = "per_example"  # EK-FAC eigenvalue fit: per_example | per_batch
     cfg.curvature.damping = 0.1
     cfg.curvature.relative_damping = True  # damping × mean eigenvalue of each block (Kronfluence)

@@ -60,6 +60,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "curvature.examples_per_domain": (lambda v: v >= 0 and v == int(v), "an integer >= 0"),
     "data.max_examples_per_domain": (lambda v: v >= 0 and v == int(v), "an integer >= 0"),
     "curvature.damping": (lambda v: v >= 0, ">= 0"),
+    "curvature.prefix_cache_gib": (lambda v: v >= 0, ">= 0"),
     "reweight.step_size": (lambda v: v > 0, "> 0"),
     "reweight.learning_rate": (lambda v: v > 0, "> 0"),
     "reweight.outer_learning_rate": (lambda v: v > 0, "> 0"),

@@ -381,6 +381,30 @@ MUTATIONS = [
         "with sharding.activation_mesh(None):",
         ["tests/test_activation_sharding.py"],
     ),
+    (
+        "prefix_skips_a_layer",
+        "the forward from a kept hidden state skips a decoder layer",
+        "ideal_jax/model/transformer.py",
+        "layers = list(model.layers)[start_layer:end]",
+        "layers = list(model.layers)[start_layer + (start_layer > 0) : end]",
+        ["tests/test_prefix_cache.py"],
+    ),
+    (
+        "prefix_from_the_wrong_layer",
+        "the influence stage keeps the hidden state entering a lower layer than the passes start at",
+        "ideal_jax/influence/stage.py",
+        "problem_lib.with_prefix_hidden(model_cfg, params, b, start, mesh)",
+        "problem_lib.with_prefix_hidden(model_cfg, params, b, start - 1 or start, mesh)",
+        ["tests/test_prefix_cache.py"],
+    ),
+    (
+        "head_rows_gathered_twice",
+        "logits already at the loss rows are gathered again at those positions",
+        "ideal_jax/curvature/problem.py",
+        "    if not problem.outputs_at_loss_positions:\n        outputs = _at_loss_positions",
+        "    if True:\n        outputs = _at_loss_positions",
+        ["tests/test_smollm2_loss_rows.py"],
+    ),
 ]
 
 

@@ -35,31 +35,51 @@ class CurvatureProblem:
     loss: "softmax_cross_entropy" (batch["targets"] int [...]) or "squared_error" (½‖y − t‖²,
       batch["targets"] float [..., C]). batch["weights"] [...] holds 0/1 token weights.
     token_mask_key: batch field whose non-zero entries are real (non-padding) rows.
+    outputs_at_loss_positions: outputs_fn itself returns [B, K, C] at batch[LOSS_POSITIONS] when the
+      batch has them (the LM computes its head there only); otherwise outputs are [B, T, C] and
+      the loss rows are gathered from them.
     """
 
     outputs_fn: OutputsFn
     layers: tuple[str, ...]
     loss: str = "softmax_cross_entropy"
     token_mask_key: str | None = "segment_ids"
+    outputs_at_loss_positions: bool = False
 
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise InputError(f"unknown loss {self.loss!r}; one of {LOSSES}", field="curvature.loss")
 
 
+# Optional batch field [B, T, D]: the hidden state entering decoder layer `start_layer` of an
+# lm_problem (`with_prefix_hidden`). The layers below the lowest curvature layer do not depend on
+# the parameters any pass differentiates, so their output is computed once per batch and every
+# pass (factors, correction, gradients, GGN products) runs only the layers from there up.
+PREFIX_HIDDEN = "prefix_hidden"
+
+
 @functools.lru_cache(maxsize=32)
-def lm_problem(model_cfg: Any, layers: tuple[str, ...]) -> CurvatureProblem:
+def lm_problem(model_cfg: Any, layers: tuple[str, ...], start_layer: int = 0) -> CurvatureProblem:
     """The decoder LM of `ideal_jax.model.transformer` with response-token cross-entropy.
 
-    Cached: the same (model, layers) gives the same object, so every jitted pass built on it is
-    compiled once per process (IDEAL's rounds reuse them).
+    start_layer > 0: batches carrying PREFIX_HIDDEN (the hidden state entering that decoder layer)
+    run from there; batches without it run the whole model. Every layer in `layers` must be at or
+    above it (`first_decoder_layer`).
+
+    Cached: the same (model, layers, start) gives the same object, so every jitted pass built on it
+    is compiled once per process (IDEAL's rounds reuse them).
     """
     from ideal_jax.model import transformer
+
+    if start_layer and first_decoder_layer(layers) < start_layer:
+        raise ValueError(f"layers below start_layer {start_layer}: {layers}")
 
     def outputs_fn(params: Params, batch: Batch, tagged: frozenset) -> jax.Array:
         tags = None
         if tagged:
             tags = transformer.KfacTags(frozenset(tagged), token_mask_bt=batch["segment_ids"] != 0)
+        prefix = start_layer > 0 and PREFIX_HIDDEN in batch
+        head_rows = head_at_loss_positions and LOSS_POSITIONS in batch
         return transformer.forward(
             model_cfg,
             params,
@@ -67,9 +87,60 @@ def lm_problem(model_cfg: Any, layers: tuple[str, ...]) -> CurvatureProblem:
             batch["positions"],
             batch["segment_ids"],
             kfac_tags=tags,
+            start_layer=start_layer if prefix else 0,
+            hidden_btd=batch[PREFIX_HIDDEN] if prefix else None,
+            head_positions_bk=batch[LOSS_POSITIONS] if head_rows else None,
         )
 
-    return CurvatureProblem(outputs_fn=outputs_fn, layers=tuple(layers))
+    # The head at the loss rows only, unless it is a curvature layer itself (its K-FAC input
+    # factor counts every token row, as kfac-jax's dense blocks do).
+    head_at_loss_positions = not any(path.startswith("lm_head") for path in layers)
+    return CurvatureProblem(
+        outputs_fn=outputs_fn,
+        layers=tuple(layers),
+        outputs_at_loss_positions=head_at_loss_positions,
+    )
+
+
+def first_decoder_layer(layers: tuple[str, ...] | list[str]) -> int:
+    """The lowest decoder layer index N among paths "layers.N....", 0 if any path is outside the
+    decoder layers (embedding, lm_head) or there are none."""
+    indices = []
+    for path in layers:
+        parts = path.split(".")
+        if len(parts) < 2 or parts[0] != "layers" or not parts[1].isdigit():
+            return 0
+        indices.append(int(parts[1]))
+    return min(indices, default=0)
+
+
+@functools.lru_cache(maxsize=8)
+def _prefix_fn(model_cfg: Any, start_layer: int, mesh: Any):
+    from ideal_jax import sharding
+    from ideal_jax.model import transformer
+
+    def prefix(params: Params, batch: Batch) -> jax.Array:
+        return transformer.forward(
+            model_cfg,
+            params,
+            batch["tokens"],
+            batch["positions"],
+            batch["segment_ids"],
+            num_layers=start_layer,
+            return_hidden=True,
+        )
+
+    return jax.jit(sharding.traced_in(mesh, prefix))
+
+
+def with_prefix_hidden(
+    model_cfg: Any, params: Params, batch: Batch, start_layer: int, mesh: Any = None
+) -> Batch:
+    """`batch` with PREFIX_HIDDEN: the hidden state entering decoder layer `start_layer` (float32;
+    rows over the mesh's data x fsdp axes when `mesh` is given). `batch` itself for 0."""
+    if not start_layer:
+        return batch
+    return {**batch, PREFIX_HIDDEN: _prefix_fn(model_cfg, start_layer, mesh)(params, batch)}
 
 
 # Optional batch fields [B, K]: the positions (along T) of the rows that carry loss weight, and
@@ -91,8 +162,8 @@ def _at_loss_positions(x: jax.Array, batch: Batch) -> jax.Array:
 
 def loss_outputs(problem: CurvatureProblem, outputs: jax.Array, batch: Batch) -> jax.Array:
     """The model outputs of the loss rows, [R, C] in float32."""
-    del problem
-    outputs = _at_loss_positions(outputs, batch)
+    if not problem.outputs_at_loss_positions:
+        outputs = _at_loss_positions(outputs, batch)
     return outputs.reshape(-1, outputs.shape[-1]).astype(jnp.float32)
 
 

@@ -138,6 +138,18 @@ def layer_groups(
     return [tuple(g) for g in groups]
 
 
+def prefix_start(curv, model_cfg, layers, train_items, ref_items, seq_len: int) -> int:
+    """The decoder layer the passes start from (0: the whole model): the lowest curvature layer,
+    when the hidden states entering it for every subsample and reference example (rows padded to
+    at most `seq_len`) fit curv.prefix_cache_gib."""
+    start = problem_lib.first_decoder_layer(tuple(layers))
+    rows = len(train_items) * 2 + len(ref_items)  # train batches twice (plain and by domain)
+    size = rows * seq_len * model_cfg.hidden_size * 4
+    if not start or size > curv.get("prefix_cache_gib", 0.0) * 2**30:
+        return 0
+    return start
+
+
 def influence_for_round(
     curv,
     infl,
@@ -197,8 +209,10 @@ def influence_for_round(
             for b in batches([t for t in items if t.domain == name], names, batch_size, k=k):
                 yield g, b
 
-    train_batches = lambda: batches(train_items, suite.domain_names, curv.batch_size)
     timings = {"factors": 0.0, "eigen_correction": 0.0, "gradients": 0.0, "inverse_products": 0.0}
+    train_batches = lambda: batches(train_items, suite.domain_names, curv.batch_size)
+    grouped_train = lambda: grouped(train_items, suite.domain_names, curv.batch_size)
+    grouped_ref = lambda: grouped(suite.reference_tokenized, suite.capabilities, infl.batch_size)
     groups = layer_groups(curv, infl.operator, model_cfg, layers, mesh)
     memory = device_memory_bytes(curv)
     if memory is not None:  # a batch that does not fit: an error now, not an OOM mid-pass
@@ -214,6 +228,23 @@ def influence_for_round(
             ekfac=infl.operator == "ekfac",
             loss_rows=loss_rows_per_example(train_items),
         )
+    start = prefix_start(curv, model_cfg, layers, train_items, suite.reference_tokenized, seq_len)
+    if start:  # run the layers below the curvature layers once per batch (problem.PREFIX_HIDDEN)
+        t0 = time.perf_counter()
+        with progress.stage(f"layers 0-{start - 1} (kept for every pass)"):
+
+            def keep(pairs):
+                return [
+                    (g, problem_lib.with_prefix_hidden(model_cfg, params, b, start, mesh))
+                    for g, b in pairs
+                ]
+
+            kept_train = keep(enumerate(train_batches()))
+            kept_grouped, kept_ref = keep(grouped_train()), keep(grouped_ref())
+            jax.block_until_ready((kept_train, kept_grouped, kept_ref))
+        train_batches = lambda: (b for _, b in kept_train)
+        grouped_train, grouped_ref = lambda: iter(kept_grouped), lambda: iter(kept_ref)
+        timings["prefix_layers"] = time.perf_counter() - t0
     # "exact" scaling needs |D_j| in the unit of the loss: response tokens of domain j in the mix.
     tokens_j = [
         float(_response_tokens(suite.tokenized[name], ids))
@@ -222,7 +253,7 @@ def influence_for_round(
     parts, directions, terms = [], {}, None
     weighting = infl.get("reference_weighting", "capability")
     for group in groups:
-        problem = problem_lib.lm_problem(model_cfg, group)
+        problem = problem_lib.lm_problem(model_cfg, group, start)
         t0 = time.perf_counter()
         curvature = state = None
         if infl.operator in ("kfac", "ekfac"):
@@ -261,7 +292,7 @@ def influence_for_round(
             ref_grads = gradients.single_group_mean_gradients(
                 problem,
                 params,
-                grouped(suite.reference_tokenized, suite.capabilities, infl.batch_size),
+                grouped_ref(),
                 suite.capabilities,
                 what="reference set",
             )
@@ -278,7 +309,7 @@ def influence_for_round(
             domain_grads, part = gradients.single_group_gradients_and_contributions(
                 problem,
                 params,
-                grouped(train_items, suite.domain_names, curv.batch_size),
+                grouped_train(),
                 suite.domain_names,
                 inverse_vectors,
                 what="training domains",

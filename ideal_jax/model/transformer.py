@@ -347,6 +347,9 @@ def forward(
     cache: list | None = None,
     num_layers: int | None = None,
     return_hidden: bool = False,
+    start_layer: int = 0,
+    hidden_btd: jax.Array | None = None,
+    head_positions_bk: jax.Array | None = None,
 ):
     """Logits [B, T, V] in float32 (and the updated KV cache when `cache` is given).
 
@@ -355,7 +358,12 @@ def forward(
       cache positions, not 0..T-1.
     num_layers / return_hidden: stop after the first `num_layers` decoder layers and return the
       hidden state [B, T, D] instead of logits (DaaR's shallow features).
+    start_layer / hidden_btd: start at decoder layer `start_layer` from `hidden_btd`, the hidden
+      state that `forward(..., num_layers=start_layer, return_hidden=True)` returned for these
+      tokens (the curvature passes reuse the layers below their lowest tagged one).
     """
+    if (hidden_btd is None) != (start_layer == 0) or (start_layer and cache is not None):
+        raise ValueError("start_layer > 0 needs hidden_btd (and no KV cache), and only then")
     model = _bind(cfg, params)
     b, t = tokens_bt.shape
     if segment_ids_bt is None:
@@ -369,10 +377,14 @@ def forward(
     dtype = cfg.compute_dtype
     # Inside sharding.activation_mesh (sharding.py says why): the table gathered over fsdp first
     # (vocab stays over tensor), so the lookup yields rows over (data, fsdp), not D over fsdp.
-    table_vd = sharding.constrain_spec(model.embed_tokens[...], ("vocab", None))
-    x_btd = sharding.constrain_rows(jnp.take(table_vd, tokens_bt, axis=0).astype(dtype))
+    if hidden_btd is None:
+        table_vd = sharding.constrain_spec(model.embed_tokens[...], ("vocab", None))
+        x_btd = sharding.constrain_rows(jnp.take(table_vd, tokens_bt, axis=0).astype(dtype))
+    else:
+        x_btd = sharding.constrain_rows(hidden_btd.astype(dtype))
     new_caches = []
-    layers = list(model.layers)[: num_layers if num_layers is not None else cfg.num_layers]
+    end = num_layers if num_layers is not None else cfg.num_layers
+    layers = list(model.layers)[start_layer:end]
     for i, layer in enumerate(layers):
         layer_cache = None if cache is None else cache[i]
 
@@ -386,6 +398,8 @@ def forward(
         new_caches.append(layer_cache)
     if return_hidden:
         return x_btd.astype(jnp.float32)
+    if head_positions_bk is not None:
+        x_btd = jnp.take_along_axis(x_btd, head_positions_bk[..., None], axis=1)  # [B, K, D]
     x_btd = model.norm(x_btd)
     if cfg.tie_word_embeddings:
         logits_btv = jnp.einsum("BTD,VD->BTV", x_btd, model.embed_tokens[...].astype(dtype))
