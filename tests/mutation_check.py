@@ -391,7 +391,7 @@ MUTATIONS = [
     ),
     (
         "prefix_from_the_wrong_layer",
-        "the influence stage keeps the hidden state entering a lower layer than the passes start at",
+        "the stage keeps the hidden state entering a lower layer than the passes start at",
         "ideal_jax/influence/stage.py",
         "problem_lib.with_prefix_hidden(model_cfg, params, b, start, mesh)",
         "problem_lib.with_prefix_hidden(model_cfg, params, b, start - 1 or start, mesh)",
