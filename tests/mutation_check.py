@@ -439,10 +439,14 @@ def run_one(mutation, keep: bool = False) -> dict:
             for line in proc.stdout.splitlines()
             if line.startswith("FAILED ") or line.startswith("ERROR ")
         ]
+        # pytest exits 1 when tests failed; any other non-zero code (no pytest, a collection or
+        # usage error) says nothing about the mutation and must not count as caught.
+        if proc.returncode not in (0, 1):
+            raise SystemExit(f"{name}: pytest exited {proc.returncode}:\n{proc.stdout[-2000:]}")
         return {
             "name": name,
             "what": what,
-            "caught": proc.returncode != 0,
+            "caught": proc.returncode == 1 and bool(failed),
             "failed": failed,
             "seconds": round(time.perf_counter() - start, 1),
         }
