@@ -391,10 +391,10 @@ MUTATIONS = [
     ),
     (
         "prefix_from_the_wrong_layer",
-        "the stage keeps the hidden state entering a lower layer than the passes start at",
+        "the stage keeps the hidden state leaving the layer the passes start at",
         "ideal_jax/influence/stage.py",
         "problem_lib.with_prefix_hidden(model_cfg, params, b, start, mesh)",
-        "problem_lib.with_prefix_hidden(model_cfg, params, b, start - 1 or start, mesh)",
+        "problem_lib.with_prefix_hidden(model_cfg, params, b, start + 1, mesh)",
         ["tests/test_prefix_cache.py"],
     ),
     (
