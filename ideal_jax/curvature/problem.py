@@ -80,12 +80,10 @@ def lm_problem(model_cfg: Any, layers: tuple[str, ...], start_layer: int = 0) ->
             tags = transformer.KfacTags(frozenset(tagged), token_mask_bt=batch["segment_ids"] != 0)
         prefix = start_layer > 0 and PREFIX_HIDDEN in batch
         head_rows = head_at_loss_positions and LOSS_POSITIONS in batch
-        return transformer.forward(
+        return _forward(
             model_cfg,
             params,
-            batch["tokens"],
-            batch["positions"],
-            batch["segment_ids"],
+            batch,
             kfac_tags=tags,
             start_layer=start_layer if prefix else 0,
             hidden_btd=batch[PREFIX_HIDDEN] if prefix else None,
@@ -114,21 +112,20 @@ def first_decoder_layer(layers: tuple[str, ...] | list[str]) -> int:
     return min(indices, default=0)
 
 
+def _forward(model_cfg: Any, params: Params, batch: Batch, **kwargs) -> jax.Array:
+    """transformer.forward on a [B, T] batch's tokens, positions and segment ids."""
+    from ideal_jax.model import transformer
+
+    tokens, positions, segments = batch["tokens"], batch["positions"], batch["segment_ids"]
+    return transformer.forward(model_cfg, params, tokens, positions, segments, **kwargs)
+
+
 @functools.lru_cache(maxsize=8)
 def _prefix_fn(model_cfg: Any, start_layer: int, mesh: Any):
     from ideal_jax import sharding
-    from ideal_jax.model import transformer
 
     def prefix(params: Params, batch: Batch) -> jax.Array:
-        return transformer.forward(
-            model_cfg,
-            params,
-            batch["tokens"],
-            batch["positions"],
-            batch["segment_ids"],
-            num_layers=start_layer,
-            return_hidden=True,
-        )
+        return _forward(model_cfg, params, batch, num_layers=start_layer, return_hidden=True)
 
     return jax.jit(sharding.traced_in(mesh, prefix))
 
