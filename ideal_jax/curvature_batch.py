@@ -23,9 +23,11 @@ from ideal_jax.memory_plan import (
 from ideal_jax.model.config import ModelConfig
 from ideal_jax.utils.errors import InputError
 
-# The activation estimate below came out at 0.7-1.0x of the compiled pass's total on tiny models
-# (CPU backend, tests/test_memory_plan.py); this margin makes the plan an upper bound there.
-ACTIVATION_MARGIN = 1.5
+# The activation estimate below (margin 1) comes out at 1.14x and 1.02x of the compiled pass's
+# total on the two tiny models of tests/test_memory_plan.py (CPU backend, (2,2,2) mesh) since the
+# activations are pinned to rows (sharding.activation_mesh; before, XLA's replicated temporaries
+# put it at 0.7-1.0x and the margin was 1.5); this margin keeps the plan an upper bound there.
+ACTIVATION_MARGIN = 1.15
 
 
 def curvature_activation_bytes_per_token(

@@ -182,14 +182,32 @@ def test_the_influence_stage_refuses_a_curvature_batch_that_does_not_fit(tmp_pat
     suite = suite_lib.load_suite(cfg, str(tmp_path))
     model_cfg, params = loading.load_model(cfg.model, mesh, suite.tokenizer, seed=0)
     layers = tuple(memory_plan.layer_shapes(model_cfg, cfg.curvature.layers))
-    rows = sharding.batch_divisor(mesh)
-    # room for one row per data shard of 16 tokens (shorter than any row the stage forms),
-    # not for cfg's 32 rows
-    gib = curvature_batch.curvature_pass_bytes(model_cfg, layers, mesh, rows, 16)
-    gib = gib / (1 - memory_plan.HEADROOM) / memory_plan.GiB * 1.05
-    cfg = tiny_config(**{"curvature.device_memory_gib": gib})
     ids = {name: [t.example_id for t in items] for name, items in suite.tokenized.items()}
     mix = mixture.build_mixture(ids, None, seed=0, keep_total=True)
+    # A device on which the plan (layer groups and all) has room for half of cfg's curvature rows
+    # at the stage's own row length and loss rows, found by bisection on the memory (so the
+    # check, not the estimate's constants, decides).
+    items, _ = stage.subsample(suite, mix, cfg.curvature, 0)
+    longest = max(len(t.input_ids) for t in items + suite.reference_tokenized)
+    seq_len = stage.row_length(longest, cfg.train.seq_len)
+    half = cfg.curvature.batch_size // 2
+    assert half % sharding.batch_divisor(mesh) == 0
+
+    def planned(memory: float) -> int:
+        try:
+            return curvature_batch.plan_curvature_batch(
+                model_cfg, layers, mesh, int(memory), seq_len,
+                loss_rows=stage.loss_rows_per_example(items),
+            )  # fmt: skip
+        except InputError:
+            return 0
+
+    lo, hi = 1e3, 1e12  # planned(lo) < half <= planned(hi)
+    for _ in range(200):
+        mid = (lo * hi) ** 0.5
+        lo, hi = (lo, mid) if planned(mid) >= half else (mid, hi)
+    assert planned(hi) == half
+    cfg = tiny_config(**{"curvature.device_memory_gib": hi / memory_plan.GiB})
     passes = []
     monkeypatch.setattr(kfac_lib, "accumulate_factors", lambda *a, **k: passes.append(1))
     with pytest.raises(InputError, match="the plan says") as err:
