@@ -20,3 +20,16 @@ def tiny_config(**changes):
     cfg = tiny.get_config()
     cfg.progress = False
     return set_fields(cfg, changes)
+
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module (benchmarks/ is not a package)."""
+    import importlib.util
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

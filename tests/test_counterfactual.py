@@ -10,7 +10,6 @@ Slow (-m slow): the default benchmark settings, asserting only what the measured
 (its docstring gives the figures it was calibrated on).
 """
 
-import importlib.util
 import math
 import os
 
@@ -18,20 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from config_helpers import load_benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_benchmark():
-    """benchmarks/ is not a package: load the script as a module."""
-    path = os.path.join(ROOT, "benchmarks", "counterfactual.py")
-    spec = importlib.util.spec_from_file_location("counterfactual", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-cf = _load_benchmark()
+cf = load_benchmark("counterfactual")
 
 
 def test_compare_statistics():

@@ -6,7 +6,6 @@ arms (D0: the same examples, so equal tokens too), and that the pseudo arm's dom
 ψ_dom labels of the pool (its scores.npz), not the hidden true labels.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +13,7 @@ import sys
 
 import numpy as np
 import pytest
+from config_helpers import load_benchmark
 
 from ideal_jax.daar import store
 from ideal_jax.daar.config import DaarConfig
@@ -23,10 +23,7 @@ BENCH = os.path.join(ROOT, "benchmarks", "daar_pseudo_vs_true.py")
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("daar_pseudo_vs_true", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("daar_pseudo_vs_true")
 
 
 def test_agreement_purity_and_confusion_by_hand():

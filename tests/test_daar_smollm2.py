@@ -10,12 +10,11 @@ and are counted consistently; their centroids pseudo-label an easy two-domain po
 """
 
 import argparse
-import importlib.util
-import os
 import random
 
 import numpy as np
 import pytest
+from config_helpers import load_benchmark
 
 from ideal_jax.daar import centroids as cen
 from ideal_jax.daar import generation as gen
@@ -23,19 +22,8 @@ from ideal_jax.daar import generation as gen
 pytestmark = pytest.mark.slow
 pytest.importorskip("gguf")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def _benchmark():
-    """benchmarks/ is not a package: load the script as a module."""
-    path = os.path.join(ROOT, "benchmarks", "daar_smollm2_centroids.py")
-    spec = importlib.util.spec_from_file_location("daar_smollm2_centroids", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _benchmark()
+bench = load_benchmark("daar_smollm2_centroids")
 
 
 @pytest.fixture(scope="module")
