@@ -87,7 +87,16 @@ def base_config() -> ml_collections.ConfigDict:
 
     # --- influence: α = −g_refᵀ H⁻¹ g_j (ideal_jax/influence) ---
     cfg.influence = ml_collections.ConfigDict()
-    cfg.influence.operator = "ekfac"  # identity | kfac | ekfac | exact
+    cfg.influence.operator = (
+        "ekfac"  # identity | kfac | ekfac | exact | exact_block | cg | cg_block
+    )
+    # cg / cg_block (the exact GGN of the selected layers, whole or per layer block, solved by
+    # conjugate gradient): stop at this relative residual or step count; preconditioner: none |
+    # kfac | ekfac (that damped inverse, its factors fitted first; suits cg_block, whose blocks
+    # it approximates; on SmolLM2 unpreconditioned CG had not converged after 150 steps)
+    cfg.influence.cg_tol = 1e-6
+    cfg.influence.cg_max_iters = 200
+    cfg.influence.cg_preconditioner = "none"
     cfg.influence.scaling = "paper"  # paper | exact (METHOD.md §1.1)
     # The "all" row that sets β: capability (each capability's mean loss counts equally) | token
     cfg.influence.reference_weighting = "capability"

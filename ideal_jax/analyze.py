@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
     p.add_argument("--factors", default=None, help="curvature cache directory (DIR/factors)")
     p.add_argument(
-        "--operator", default=d.operator, help="identity|kfac|ekfac|exact|exact_block|cg"
+        "--operator", default=d.operator, help="identity|kfac|ekfac|exact|exact_block|cg|cg_block"
     )
     p.add_argument("--damping", type=float, default=d.damping)
     p.add_argument(

@@ -43,7 +43,16 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.schedule": ("cosine", "linear", "constant"),  # train/state.py
     "curvature.estimator": ("empirical", "fisher", "ggn_exact"),  # curvature/kfac.py
     "curvature.correction": ("per_example", "per_batch"),  # influence/stage.py
-    "influence.operator": ("identity", "kfac", "ekfac", "exact", "exact_block", "cg"),
+    "influence.operator": (
+        "identity",
+        "kfac",
+        "ekfac",
+        "exact",
+        "exact_block",
+        "cg",
+        "cg_block",
+    ),
+    "influence.cg_preconditioner": ("none", "kfac", "ekfac"),  # curvature/operators.py
     "influence.scaling": ("paper", "exact"),  # influence/alpha.py
     "influence.reference_weighting": ("capability", "token"),  # influence/alpha.py
     "reweight.rule": ("paper", "optax", "outer"),  # reweight.py
@@ -61,6 +70,8 @@ RANGES: dict[str, tuple[Any, str]] = {
     "data.max_examples_per_domain": (lambda v: v >= 0 and v == int(v), "an integer >= 0"),
     "curvature.damping": (lambda v: v >= 0, ">= 0"),
     "curvature.prefix_cache_gib": (lambda v: v >= 0, ">= 0"),
+    "influence.cg_tol": (lambda v: v > 0, "> 0"),
+    "influence.cg_max_iters": (lambda v: v >= 1 and v == int(v), "an integer >= 1"),
     "reweight.step_size": (lambda v: v > 0, "> 0"),
     "reweight.learning_rate": (lambda v: v > 0, "> 0"),
     "reweight.outer_learning_rate": (lambda v: v > 0, "> 0"),

@@ -77,6 +77,7 @@ def test_enumerated_fields_match_the_code():
     assert choices["train.schedule"] == set(state.SCHEDULES)
     assert choices["curvature.estimator"] == set(kfac.ESTIMATION_MODES)
     assert choices["influence.operator"] == set(operators.OPERATORS)
+    assert choices["influence.cg_preconditioner"] == set(operators.CG_PRECONDITIONERS)
     assert choices["influence.scaling"] == set(alpha.SCALINGS)
     if hasattr(alpha, "REFERENCE_WEIGHTINGS"):
         assert choices["influence.reference_weighting"] == set(alpha.REFERENCE_WEIGHTINGS)

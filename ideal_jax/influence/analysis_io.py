@@ -30,7 +30,7 @@ class Settings:
     influence sections (tests/test_analyzer.py checks that they agree)."""
 
     layers: str = "mlp"  # preset (mlp | attention | all_linear) or comma-separated regexes
-    operator: str = "ekfac"  # identity | kfac | ekfac | exact | exact_block | cg
+    operator: str = "ekfac"  # identity | kfac | ekfac | exact | exact_block | cg | cg_block
     estimator: str = "fisher"  # fisher (sampled targets) | empirical (the data's targets)
     correction: str = "per_example"  # EK-FAC eigenvalue fit: per_example | per_batch
     damping: float = 0.1

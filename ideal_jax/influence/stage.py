@@ -252,18 +252,21 @@ def influence_for_round(
     ]
     parts, directions, terms = [], {}, None
     weighting = infl.get("reference_weighting", "capability")
+    # The K-FAC / EK-FAC state the operator needs: its own, or the preconditioner of `cg`.
+    cg_preconditioner = infl.get("cg_preconditioner", "none")
+    fitted = cg_preconditioner if infl.operator.startswith("cg") else infl.operator
     for group in groups:
         problem = problem_lib.lm_problem(model_cfg, group, start)
         t0 = time.perf_counter()
         curvature = state = None
-        if infl.operator in ("kfac", "ekfac"):
+        if fitted in ("kfac", "ekfac"):
             curvature = kfac_lib.curvature_for(
                 problem, curv.estimator, kfac_lib.params_mesh(params)
             )
             with progress.stage("factors"):
                 state = kfac_lib.accumulate_factors(curvature, params, train_batches(), rng)
             timings["factors"] += time.perf_counter() - t0
-            if infl.operator == "ekfac":
+            if fitted == "ekfac":
                 t0 = time.perf_counter()
                 unit = "example" if curv.correction == "per_example" else "batch"
                 with progress.stage("eigenvalue correction"):
@@ -286,6 +289,9 @@ def influence_for_round(
             curvature=curvature,
             state=state,
             batches=train_batches,
+            cg_tol=infl.get("cg_tol", 1e-6),
+            cg_max_iters=infl.get("cg_max_iters", 200),
+            cg_preconditioner=cg_preconditioner,
             rng=jax.random.fold_in(rng, 2),
         )
         with progress.stage("reference gradients"):
