@@ -26,19 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from ideal_jax import main  # noqa: E402
+from ideal_jax import configlib, main  # noqa: E402
 from ideal_jax.compare import stats  # noqa: E402
 from ideal_jax.data import demo_suite  # noqa: E402
-
-
-def load_config(spec: str):
-    import importlib.util
-
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
 
 
 def train_scores(base, sizes: dict[str, int], seed: int, workdir: str) -> dict[str, float]:
@@ -63,7 +53,7 @@ def main_(argv=None) -> dict:
     parser.add_argument("--plot", default=None, help="plot path (default WORKDIR/curves.png)")
     parser.add_argument("--workdir", default="/tmp/demo_volume_curves")
     args = parser.parse_args(argv)
-    base = load_config(args.config)
+    base = configlib.load_config_spec(args.config)
     volumes = [int(v) for v in args.volumes.split(",")]
     caps = [c for c in demo_suite.CAPABILITIES if base.data.demo_train_sizes.get(c, 0) > 0]
     curves: dict[str, list] = {c: [] for c in caps}

@@ -88,6 +88,44 @@ RANGES: dict[str, tuple[Any, str]] = {
     "compare.doremi_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
 }
 
+
+def resolve_config_path(value: str) -> str:
+    """`configs/NAME.py[:ARG]` relative to the current directory or, failing that, to the
+    installed `configs` package (so the README's command works from any directory)."""
+    path, sep, arg = value.partition(":")
+    if not path or os.path.isabs(path) or os.path.exists(path):
+        return value
+    import importlib.util
+
+    spec = importlib.util.find_spec("configs")
+    if spec is None or not spec.submodule_search_locations:
+        return value
+    package_dir = list(spec.submodule_search_locations)[0]
+    for candidate in (
+        os.path.join(os.path.dirname(package_dir), path),  # configs/NAME.py
+        os.path.join(package_dir, path),  # NAME.py
+    ):
+        if os.path.isfile(candidate):
+            return candidate + sep + arg
+    return value
+
+
+def load_config_spec(value: str) -> ml_collections.ConfigDict:
+    """The config `configs/NAME.py[:ARG]` names (as `--config` takes it; for benchmarks and
+    notebooks), resolved as `resolve_config_path` does and validated."""
+    import importlib.util
+
+    path, _, arg = resolve_config_path(value).partition(":")
+    if not os.path.isfile(path):
+        raise InputError(f"no config file {path!r}", field="config")
+    module_spec = importlib.util.spec_from_file_location("ideal_jax_config_file", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    cfg = module.get_config(arg or None)
+    validate_config(cfg)
+    return cfg
+
+
 _MISSING = object()
 
 # The methods mode=compare knows (ideal_jax/compare/run.py runs them in this order).

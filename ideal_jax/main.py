@@ -24,13 +24,13 @@ import difflib
 import errno
 import functools
 import json
-import os
 import re
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from ideal_jax import configlib
 from ideal_jax.utils import progress, workdir_lock
 from ideal_jax.utils.errors import InputError
 
@@ -47,7 +47,6 @@ def _holding_workdir_lock(fn):
 
     @functools.wraps(fn)
     def wrapper(cfg, workdir: str) -> dict:
-        from ideal_jax import configlib
 
         configlib.validate_config(cfg)  # a bad config writes nothing, not even the lock's DIR
         with workdir_lock.hold(workdir):
@@ -59,7 +58,7 @@ def _holding_workdir_lock(fn):
 @_holding_workdir_lock
 def run(cfg, workdir: str) -> dict:
     """Run the job `cfg.mode` in `workdir` (the function behind the command line)."""
-    from ideal_jax import configlib, export
+    from ideal_jax import export
 
     progress.configure(enabled=cfg.get("progress", True))
     if cfg.mode == "export":  # reads the run's own config.json; writes only DIR/round_K/hf_model
@@ -101,7 +100,6 @@ def _bad_input(message: str) -> None:
 def main(argv):
     if len(argv) > 1:
         _bad_input(f"unexpected arguments: {' '.join(argv[1:])}")
-    from ideal_jax import configlib
     from ideal_jax.utils import distributed
 
     # Stage start/end lines (ideal_jax's own INFO logs) and progress bars carry the run's story;
@@ -136,25 +134,7 @@ def _config_argument(argv: list[str]) -> tuple[int, str] | None:
     return None
 
 
-def resolve_config_path(value: str) -> str:
-    """`configs/NAME.py[:ARG]` relative to the current directory or, failing that, to the
-    installed `configs` package (so the README's command works from any directory)."""
-    path, sep, arg = value.partition(":")
-    if not path or os.path.isabs(path) or os.path.exists(path):
-        return value
-    import importlib.util
-
-    spec = importlib.util.find_spec("configs")
-    if spec is None or not spec.submodule_search_locations:
-        return value
-    package_dir = list(spec.submodule_search_locations)[0]
-    for candidate in (
-        os.path.join(os.path.dirname(package_dir), path),  # configs/NAME.py
-        os.path.join(package_dir, path),  # NAME.py
-    ):
-        if os.path.isfile(candidate):
-            return candidate + sep + arg
-    return value
+resolve_config_path = configlib.resolve_config_path
 
 
 def _error_chain(error: BaseException) -> list[BaseException]:
