@@ -136,3 +136,50 @@ def test_a_preconditioner_without_a_fitted_state_is_an_input_error(setup):
         )
     with pytest.raises(InputError, match="influence.cg_preconditioner"):
         _build(setup, "cg", cg_preconditioner="jacobi")
+
+
+def test_the_stage_fits_the_preconditioner_and_records_the_solve(tmp_path):
+    """influence.operator=cg_block with cg_preconditioner=ekfac: the stage fits the EK-FAC state
+    first, gives the unpreconditioned solve's α, and records the solve (steps, true residuals) in
+    operator_info (influence.json)."""
+    from config_helpers import tiny_config
+
+    from ideal_jax import sharding
+    from ideal_jax.data import mixture
+    from ideal_jax.data import suite as suite_lib
+    from ideal_jax.influence import stage
+    from ideal_jax.model import loading
+
+    cfg = tiny_config(
+        **{
+            "curvature.layers": r"layers\.1\.mlp\.down_proj",
+            "curvature.examples_per_domain": 8,
+            "influence.operator": "cg_block",
+            "influence.cg_tol": 1e-4,
+            "influence.cg_max_iters": 300,
+        }
+    )
+    mesh = sharding.make_mesh(dict(cfg.mesh))
+    suite = suite_lib.load_suite(cfg, str(tmp_path))
+    model_cfg, params = loading.load_model(cfg.model, mesh, suite.tokenizer, seed=0)
+    ids = {name: [t.example_id for t in items] for name, items in suite.tokenized.items()}
+    mix = mixture.build_mixture(ids, None, seed=0, keep_total=True)
+    results = {}
+    for pre in ("none", "ekfac"):
+        cfg.influence.cg_preconditioner = pre
+        results[pre] = stage.influence_for_round(
+            cfg.curvature, cfg.influence, model_cfg, params, suite, mix, mesh,
+            seed=0, train_seq_len=cfg.train.seq_len,
+        )  # fmt: skip
+    (block,) = results["ekfac"].to_json()["operator_info"].values()
+    (plain,) = results["none"].to_json()["operator_info"].values()
+    got, base = block["blocks"]["layers.1.mlp.down_proj"], plain["blocks"]["layers.1.mlp.down_proj"]
+    print(f"stage CG steps: plain {base['iterations']}, EK-FAC-preconditioned {got['iterations']}")
+    assert got["preconditioned"] and not base["preconditioned"]
+    assert max(got["true_relative_residual"]) < 1e-4 and max(base["true_relative_residual"]) < 1e-4
+    # No step-count claim here: at the default relative damping (0.1) this block's κ is small and
+    # the preconditioner did not help (measured 223 vs 185 steps); the unit test above shows
+    # where it does (small damping, κ ≈ 10⁴).
+    assert "factors" in results["ekfac"].timings and results["ekfac"].timings["factors"] > 0
+    a, b = (np.asarray(results[p].alpha.matrix) for p in ("ekfac", "none"))
+    np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3 * np.abs(b).max())
