@@ -405,6 +405,46 @@ MUTATIONS = [
         "    if True:\n        outputs = _at_loss_positions",
         ["tests/test_smollm2_loss_rows.py"],
     ),
+    (
+        "pcg_direction_unpreconditioned",
+        "preconditioned CG steps along the residual instead of the preconditioned residual",
+        "ideal_jax/curvature/exact.py",
+        "d = jnp.where(active[:, None], z + beta[:, None] * d, d)",
+        "d = jnp.where(active[:, None], r + beta[:, None] * d, d)",
+        [
+            "tests/test_cg_preconditioning.py::test_preconditioned_cg_block_reaches_exact_block_in_a_fraction_of_plain_cg_steps"
+        ],
+    ),
+    (
+        "cg_block_keeps_cross_layer_blocks",
+        "cg_block solves the whole GGN (cross-layer blocks kept) instead of exact_block",
+        "ideal_jax/curvature/operators.py",
+        'blocks = [problem.layers] if name == "cg" else [(p,) for p in problem.layers]',
+        "blocks = [problem.layers]",
+        [
+            "tests/test_cg_preconditioning.py::test_preconditioned_cg_block_reaches_exact_block_in_a_fraction_of_plain_cg_steps"
+        ],
+    ),
+    (
+        "cg_preconditioner_is_identity",
+        "the CG preconditioner returns its input (no K-FAC / EK-FAC inverse)",
+        "ideal_jax/curvature/operators.py",
+        "out = precondition({**zeros, **v}, lam_all)",
+        "out = {**zeros, **v}",
+        [
+            "tests/test_cg_preconditioning.py::test_preconditioned_cg_block_reaches_exact_block_in_a_fraction_of_plain_cg_steps"
+        ],
+    ),
+    (
+        "stage_skips_cg_preconditioner_state",
+        "the influence stage fits no K-FAC / EK-FAC state for a preconditioned cg_block",
+        "ideal_jax/influence/stage.py",
+        'fitted = cg_preconditioner if infl.operator.startswith("cg") else infl.operator',
+        "fitted = infl.operator",
+        [
+            "tests/test_cg_preconditioning.py::test_the_stage_fits_the_preconditioner_and_records_the_solve"
+        ],
+    ),
 ]
 
 
