@@ -117,6 +117,7 @@ def test_cg_solves_the_whole_ggn_with_its_cross_layer_blocks(setup):
         assert _rel(g, dense_block(v)) > 0.1
 
 
+@pytest.mark.slow  # the batched solve's agreement with one-vector CG: test_smollm2_loss_rows.py
 def test_single_vector_cg_is_the_batched_solve(setup):
     pre = _build(setup, "cg_block", cg_tol=1e-6, cg_max_iters=400, cg_preconditioner="ekfac")
     v = setup["vectors"][0]
