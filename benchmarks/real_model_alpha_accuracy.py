@@ -23,6 +23,7 @@ examples, and a tangent and a transposed pass per reference row. Printed: cosine
 sign agreement of each operator's α with the reference, and their times; last line one JSON
 object.
 """
+
 from __future__ import annotations
 
 import argparse
