@@ -199,15 +199,16 @@ def _cg_operator(
             block_lam = {p: damping for p in block}
         lam.update(block_lam)
         lam_p = exact_lib.damping_vector(exact_lib.layer_slices(sub_selected), block_lam)
-        pre = None
-        if precondition is not None:
+        pre = pre_many = None
+        if precondition is not None:  # jitted once per block, not per solve
             pre = _restricted_preconditioner(precondition, selected, block, block_lam)
-        solvers.append((block, matvec, matvec_many, lam_p, pre))
+            pre_many = jax.jit(jax.vmap(pre))
+        solvers.append((block, matvec, matvec_many, lam_p, pre, pre_many))
         infos[",".join(block)] = {"preconditioner": preconditioner}
 
     def solve_many(vectors: list) -> list:
         out = [{} for _ in vectors]
-        for block, _, matvec_many, lam_p, pre in solvers:
+        for block, _, matvec_many, lam_p, _, pre_many in solvers:
             stacked = jax.tree.map(
                 lambda *xs: jnp.stack(xs), *[{p: v[p] for p in block} for v in vectors]
             )
@@ -217,7 +218,7 @@ def _cg_operator(
                 lam_p,
                 tol=tol,
                 max_iters=max_iters,
-                precondition_many=None if pre is None else jax.jit(jax.vmap(pre)),
+                precondition_many=pre_many,
                 check_residual=True,
             )
             infos[",".join(block)].update(got)
@@ -227,7 +228,7 @@ def _cg_operator(
 
     def solve(v: dict) -> dict:
         out = {}
-        for block, matvec, _, lam_p, pre in solvers:
+        for block, matvec, _, lam_p, pre, _ in solvers:
             sub_v = {p: v[p] for p in block}
             out.update(
                 exact_lib.conjugate_gradient(
