@@ -27,19 +27,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-
-from ideal_jax.influence import kronfluence_ref  # noqa: E402
-
-if not kronfluence_ref.available():  # optional dependency
-    print("kronfluence not available (needs torch and kronfluence); skipping")
-    print(json.dumps({"skipped": "kronfluence not installed"}))
-    sys.exit(0)
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
+import numpy as np  # noqa: E402
 
 from ideal_jax.curvature import ekfac, operators  # noqa: E402
 from ideal_jax.curvature import kfac as kfac_lib  # noqa: E402
@@ -48,6 +38,7 @@ from ideal_jax.curvature import problem as problem_lib  # noqa: E402
 from ideal_jax.influence import (  # noqa: E402
     analysis_io,  # noqa: E402
     gradients,
+    kronfluence_ref,  # noqa: E402
     per_example,
 )
 from ideal_jax.model import hf_io  # noqa: E402
@@ -56,6 +47,9 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 def make_checkpoint(path: str, args) -> None:
+    import torch  # the optional torch side, imported once main() knows it is installed
+    import transformers
+
     cfg = transformers.LlamaConfig(
         vocab_size=args.vocab,
         hidden_size=args.hidden,
@@ -153,6 +147,10 @@ def main() -> None:
         help="empirical: deterministic on both sides (parity); fisher: sampled targets",
     )
     args = parser.parse_args()
+    if not kronfluence_ref.available():  # optional dependency
+        print("kronfluence not available (needs torch and kronfluence); skipping")
+        print(json.dumps({"skipped": "kronfluence not installed"}))
+        return
     rng = np.random.default_rng(0)
     train = rng.integers(0, args.vocab, (args.train, args.seq)).astype(np.int64)
     query = rng.integers(0, args.vocab, (args.query, args.seq)).astype(np.int64)

@@ -26,8 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from ideal_jax import configlib, main  # noqa: E402
-from ideal_jax.compare import stats  # noqa: E402
+from ideal_jax import configlib, main, stats  # noqa: E402
 from ideal_jax.data import demo_suite  # noqa: E402
 
 
