@@ -190,7 +190,7 @@ def fit_eigen_correction(
 ) -> CurvatureState:
     """Second pass over `batches`: returns `state` with Λ* (global averages) filled in."""
     if unit not in UNITS:
-        raise InputError(f"unknown unit {unit!r}; one of {UNITS}", field="curvature.ekfac_unit")
+        raise InputError(f"unknown unit {unit!r}; one of {UNITS}", field="curvature.correction")
     if implementation not in IMPLEMENTATIONS:
         raise InputError(
             f"unknown EK-FAC implementation {implementation!r}; one of {IMPLEMENTATIONS}"
@@ -219,7 +219,7 @@ def ekfac_eigenvalues(state: CurvatureState) -> dict[str, jax.Array]:
     if state.correction is None:
         raise InputError(
             "EK-FAC state has no eigenvalue correction; run fit_eigen_correction",
-            field="curvature.operator",
+            field="influence.operator",
         )
     return dict(state.correction)
 

@@ -81,7 +81,7 @@ def batch_matvec(
             for g, x in zip(jax.tree.leaves(per_row), jax.tree.leaves(v))
         )
         return jax.tree.map(lambda g: jnp.tensordot(dots_n, g, axes=1), per_row)
-    raise InputError(f"unknown curvature kind {kind!r}; one of {KINDS}", field="curvature.exact")
+    raise InputError(f"unknown curvature kind {kind!r}; one of {KINDS}", field="exact_kind")
 
 
 def per_row_gradients(problem: CurvatureProblem, selected: dict, rest: Params, batch: Batch):
@@ -177,7 +177,7 @@ def dense_curvature(
     if p > 20_000:
         raise InputError(
             f"dense curvature over {p} parameters is too large; use 'cg'",
-            field="curvature.operator",
+            field="influence.operator",
         )
     w = total_weight(batches)
 

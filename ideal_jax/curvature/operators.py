@@ -90,7 +90,7 @@ def build_operator(
     precondition with that inverse damped by the CG's own λ_b."""
     if name not in OPERATORS:
         raise InputError(
-            f"unknown inverse operator {name!r}; one of {OPERATORS}", field="curvature.operator"
+            f"unknown inverse operator {name!r}; one of {OPERATORS}", field="influence.operator"
         )
     if name == "identity":
         return InverseOperator("identity", {p: 0.0 for p in problem.layers}, lambda v: v)
@@ -102,7 +102,7 @@ def build_operator(
     if name in ("kfac", "ekfac") or (name.startswith("cg") and cg_preconditioner != "none"):
         if curvature is None or state is None:
             raise InputError(
-                f"operator {name!r} needs a fitted curvature state", field="curvature.operator"
+                f"operator {name!r} needs a fitted curvature state", field="influence.operator"
             )
     if name in ("kfac", "ekfac"):
         if name == "kfac":

@@ -48,7 +48,9 @@ class CurvatureProblem:
 
     def __post_init__(self):
         if self.loss not in LOSSES:
-            raise InputError(f"unknown loss {self.loss!r}; one of {LOSSES}", field="curvature.loss")
+            raise InputError(
+                f"unknown loss {self.loss!r}; one of {LOSSES}", field="CurvatureProblem.loss"
+            )
 
 
 # Optional batch field [B, T, D]: the hidden state entering decoder layer `start_layer` of an

@@ -158,7 +158,7 @@ def compute_alpha(
     if sizes.shape != (len(domains.names),) or np.any(sizes <= 0):
         raise InputError(
             f"domain_sizes must be {len(domains.names)} positive numbers",
-            field="influence.domain_sizes",
+            field="domain_sizes",
         )
     ref_rows = reference_rows(reference, reference_weighting)
     if inverse_vectors is not None and len(inverse_vectors) != len(ref_rows):
