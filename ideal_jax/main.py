@@ -77,7 +77,7 @@ def run(cfg, workdir: str) -> dict:
     if cfg.mode == "ideal":
         result = ideal.run_ideal(cfg, workdir)
         export.export_final(cfg, workdir)
-        print(summary.format_table(result["scores"]))
+        print(summary.format_table(result["scores"], result.get("reference_loss")))
         return result
     if cfg.mode == "sft":
         result = ideal.run_sft(cfg, workdir)

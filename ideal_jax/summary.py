@@ -73,7 +73,7 @@ def plot_rounds(result: dict[str, Any], path: str, title: str = "IDEAL rounds") 
     bottom = np.zeros(len(rows))
     for name in domains:
         vols = np.array([r["mixture"][name]["target"] for r in rows], float)
-        axes[0].bar(rounds, vols, bottom=bottom, label=name)
+        axes[0].bar(rounds, vols, bottom=bottom, label=plot_label(name))
         bottom += vols
     axes[0].set(
         title="training volume per domain", xlabel="round (D_k)", ylabel="examples", xticks=rounds
@@ -83,7 +83,7 @@ def plot_rounds(result: dict[str, Any], path: str, title: str = "IDEAL rounds") 
     for cap in scores[0]:
         ys = [s.get(cap, np.nan) for s in scores]
         style = dict(lw=3, color="black") if cap == "average" else {}
-        axes[1].plot(rounds, ys, marker="o", label=cap, **style)
+        axes[1].plot(rounds, ys, marker="o", label=plot_label(cap), **style)
     axes[1].set(
         title="score per capability", xlabel="round (D_k)", ylabel="accuracy", xticks=rounds
     )
@@ -102,7 +102,9 @@ def plot_rounds(result: dict[str, Any], path: str, title: str = "IDEAL rounds") 
         )
     axes[2].axhline(0, color="gray", lw=0.8)
     axes[2].set_xticks(
-        np.arange(len(domains)) + width * (len(with_alpha) - 1) / 2, domains, rotation=20
+        np.arange(len(domains)) + width * (len(with_alpha) - 1) / 2,
+        [plot_label(d) for d in domains],
+        rotation=20,
     )
     axes[2].set(title="α = ∂Q/∂β ± 2 s.e. (negative: add data)")
     if with_alpha:  # mode=sft has no influence rounds
@@ -136,15 +138,21 @@ def aggregate_seeds(results: list[dict[str, Any]]) -> dict[str, Any]:
     return {"seeds": len(results), "scores": table}
 
 
-def format_table(scores: list[dict[str, Any]]) -> str:
+def format_table(
+    scores: list[dict[str, Any]], reference_loss: list[dict[str, float]] | None = None
+) -> str:
     """A plain-text table: rows = rounds, columns = capabilities.
 
     Aggregated over seeds: mean ± 95% CI per round, then each round's paired difference to D0
     (* where its CI excludes 0). One seed: the scores, and a line saying that they cannot
-    separate an effect from training noise.
+    separate an effect from training noise. A run without evaluation tasks has no scores: the
+    table then shows the reference losses per round (`reference_loss`), or says that there are
+    none.
     """
-    caps = list(scores[0])
-    lines = ["round  " + "  ".join(f"{c:>16}" for c in caps)]
+    caps = list(scores[0]) if scores else []
+    if not caps:
+        return _reference_loss_table(reference_loss or [])
+    lines = ["round  " + "  ".join(f"{label_text(c):>16}" for c in caps)]
     aggregated = isinstance(scores[0][caps[0]], dict)
     for k, row in enumerate(scores):
         cells = []
@@ -173,3 +181,30 @@ def format_table(scores: list[dict[str, Any]]) -> str:
             "for baselines at equal volume add --config.mode=compare"
         )
     return "\n".join(lines)
+
+
+def _reference_loss_table(losses: list[dict[str, float]]) -> str:
+    note = "no evaluation scores (no eval tasks: cfg.eval.demo is off and cfg.eval.tasks is empty)"
+    caps = list(losses[0]) if losses else []
+    if not caps:
+        return note
+    lines = [note + "; reference loss per capability (lower is better):"]
+    lines.append("round  " + "  ".join(f"{label_text(c):>16}" for c in caps))
+    for k, row in enumerate(losses):
+        cells = [f"{row[c]:.4f}" if row.get(c) is not None else "-" for c in caps]
+        lines.append(f"D{k:<5} " + "  ".join(f"{x:>16}" for x in cells))
+    return "\n".join(lines)
+
+
+def label_text(name: str) -> str:
+    """A domain or capability name as table or plot text: printable (a lone surrogate or a
+    control character escaped, as Python writes it)."""
+    text = str(name).encode("utf-8", "backslashreplace").decode("utf-8")
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in text)
+
+
+def plot_label(name: str) -> str:
+    """`label_text`, with $ escaped: matplotlib parses $...$ as mathtext, and a name such as
+    "$^$" is a mathtext syntax error that would stop summary.png (and what follows it)."""
+    text = label_text(name).replace("$", r"\$")
+    return " " + text if text.startswith("_") else text  # legends skip labels starting with _

@@ -80,6 +80,28 @@ def _token_lists(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return list(tokenizer(texts, add_special_tokens=False)["input_ids"])
 
 
+def _per_example(examples: Sequence[Example], fn, what: str) -> list:
+    """fn(examples), a batched tokenizer or template call; if it fails, the first example it
+    fails on (found by calling fn on each alone) is an InputError naming its file and record,
+    not a traceback from inside the tokenizer. A failure no single example reproduces is raised
+    as it was (a bug, not bad data)."""
+    try:
+        return fn(examples)
+    except Exception as batch_error:
+        for ex in examples:
+            try:
+                fn([ex])
+            except Exception as e:
+                detail = " ".join(str(e).split())[:200]
+                raise InputError(
+                    f"{what} ({type(e).__name__}: {detail})",
+                    path=ex.source or None,
+                    record=ex.location or f"id {ex.id!r}",
+                    field="messages",
+                ) from None
+        raise batch_error
+
+
 def encode_prompt_response(
     examples: Sequence[Example], tokenizer: Any, *, use_chat_template: bool | None = None
 ) -> tuple[list[tuple[list[int], list[int]]], int]:
@@ -91,16 +113,31 @@ def encode_prompt_response(
         use_chat_template = bool(getattr(tokenizer, "chat_template", None))
     if not use_chat_template:
         bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-        prompts = _token_lists(tokenizer, [render_plain_prompt(ex.messages) for ex in examples])
-        responses = _token_lists(tokenizer, [ex.response for ex in examples])
+        prompts = _per_example(
+            examples,
+            lambda exs: _token_lists(tokenizer, [render_plain_prompt(ex.messages) for ex in exs]),
+            "the prompt could not be tokenized",
+        )
+        responses = _per_example(
+            examples,
+            lambda exs: _token_lists(tokenizer, [ex.response for ex in exs]),
+            "the response could not be tokenized",
+        )
         return [(bos + p, r + [eos]) for p, r in zip(prompts, responses)], 0
 
-    prompt_convs = [[{"role": r, "content": c} for r, c in ex.messages] for ex in examples]
-    full_convs = [ex.chat_messages() for ex in examples]
-    prompt_texts = tokenizer.apply_chat_template(
-        prompt_convs, add_generation_prompt=True, tokenize=False
+    def render(exs, full: bool):
+        if full:
+            convs = [ex.chat_messages() for ex in exs]
+            return tokenizer.apply_chat_template(convs, tokenize=False)
+        convs = [[{"role": r, "content": c} for r, c in ex.messages] for ex in exs]
+        return tokenizer.apply_chat_template(convs, add_generation_prompt=True, tokenize=False)
+
+    prompt_texts = _per_example(
+        examples, lambda exs: render(exs, False), "the chat template cannot render the prompt"
     )
-    full_texts = tokenizer.apply_chat_template(full_convs, tokenize=False)
+    full_texts = _per_example(
+        examples, lambda exs: render(exs, True), "the chat template cannot render the conversation"
+    )
     prompt_ids = _token_lists(tokenizer, prompt_texts)
     full_ids = _token_lists(tokenizer, full_texts)
     pairs, n_fallback = [], 0

@@ -39,6 +39,7 @@ __all__ = ["Example", "RawRecord", "load_domains", "load_reference", "normalize_
 __all__ += ["read_records"]
 
 ROLES = ("system", "user", "assistant", "tool")
+ALL_ROW = "all"  # α's row for the whole reference set (ideal_jax/influence/alpha.py)
 # Role names of chat turns -> ours: OpenAI / HF chat names and ShareGPT's (LLaMA-Factory's defaults:
 # a function call is an assistant turn, an observation the tool's answer).
 ROLE_NAMES = {
@@ -83,6 +84,8 @@ class Example:
     response: str
     capability: str | None = None
     source: str = ""
+    # where in `source` ("line 7", "record 3"), for error messages; not part of the example
+    location: str = dataclasses.field(default="", compare=False)
 
     def chat_messages(self) -> list[dict[str, str]]:
         """The whole conversation in chat form, the response as the last assistant message."""
@@ -100,7 +103,22 @@ def _string(value: Any, *, where: dict[str, Any], field: str, allow_empty: bool 
         raise InputError(f"field is {kind}", field=field, **where)
     if not allow_empty and not value.strip():
         raise InputError("field is empty", field=field, **where)
+    check_unicode(value, where=where, field=field)
     return value
+
+
+def check_unicode(value: str, *, where: dict[str, Any], field: str) -> None:
+    """InputError unless `value` is valid Unicode text: a lone surrogate (JSON "\\ud800"
+    escapes that pair with nothing) cannot be encoded, tokenized or written back as UTF-8."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(
+            f"text holds a lone surrogate {value[e.start]!r} at character {e.start} (an unpaired "
+            "\\ud800-\\udfff escape): not valid Unicode; fix or remove it",
+            field=field,
+            **where,
+        ) from None
 
 
 def normalize_record(
@@ -170,6 +188,7 @@ def normalize_record(
             prompt = [("system", system)] + prompt
     raw_id = _get(record, "id", fm)
     example_id = str(raw_id) if raw_id is not None else f"{domain}:{index}"
+    check_unicode(example_id, where=where, field=fm.get("id", "id"))
     capability = _get(record, "capability", fm)
     if capability is not None:
         capability = _string(capability, where=where, field=fm.get("capability", "capability"))
@@ -180,6 +199,7 @@ def normalize_record(
         response=response,
         capability=capability,
         source=path,
+        location=location,
     )
 
 
@@ -341,6 +361,7 @@ def load_reference(
     """Loads the reference set grouped by capability (one file per capability, or a field)."""
     if isinstance(sources, Mapping):
         grouped = load_domains(sources, domain_names=capability_names, field_map=field_map)
+        _check_capability_names(grouped, path=None, field="data.reference")
         return {
             cap: [dataclasses.replace(ex, capability=cap) for ex in exs]
             for cap, exs in grouped.items()
@@ -355,9 +376,22 @@ def load_reference(
         grouped = _load_grouped(
             os.fspath(sources), capability_names, field_map, group_field, "capability"
         )
+    _check_capability_names(grouped, path=os.fspath(sources), field=group_field)
     return {
         cap: [dataclasses.replace(ex, capability=cap) for ex in exs] for cap, exs in grouped.items()
     }
+
+
+def _check_capability_names(grouped: Mapping[str, Any], *, path: str | None, field: str) -> None:
+    """α's rows are "all" (the whole reference set) and then each capability: a capability named
+    "all" beside others would take the whole set's row name."""
+    if ALL_ROW in grouped and len(grouped) > 1:
+        raise InputError(
+            f"capability name {ALL_ROW!r} is reserved (α's row for the whole reference set) "
+            "when there are other capabilities; rename it",
+            path=path,
+            field=field,
+        )
 
 
 def _load_grouped(
@@ -374,8 +408,10 @@ def _load_grouped(
     groups: dict[str, list[RawRecord]] = {}
     for location, record in raw:
         group = record.get(key)
-        if not isinstance(group, str) or not group:
-            raise InputError(f"missing {kind} name", path=path, record=location, field=key)
+        if not isinstance(group, str) or not group.strip():
+            kind_of = "missing" if group is None else f"not a non-empty string ({group!r})"
+            raise InputError(f"{kind} name is {kind_of}", path=path, record=location, field=key)
+        check_unicode(group, where={"path": path, "record": location}, field=key)
         if names is not None and group not in names:
             raise InputError(
                 f"unknown {kind} {group!r}; configured: {list(names)}",

@@ -46,18 +46,29 @@ def _read_jsonl(path: str) -> list[RawRecord]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             line = _decode(raw, path, f"line {lineno}")
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark (Windows editors)
             if not line.strip():
                 continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(
-                    f"malformed JSON: {e.msg}", path=path, record=f"line {lineno}"
-                ) from e
+            value = _parse_json(json.loads, line, path, f"line {lineno}")
             if not isinstance(value, dict):
                 raise InputError("expected a JSON object", path=path, record=f"line {lineno}")
             records.append((f"line {lineno}", value))
     return records
+
+
+def _parse_json(parse, source, path: str, where: str | None):
+    """parse(source) (json.loads / json.load); every way JSON text can fail is an InputError:
+    malformed text, nesting deeper than Python's recursion limit, an integer too long to read."""
+    try:
+        return parse(source)
+    except json.JSONDecodeError as e:
+        at = f" at line {e.lineno}" if where is None else ""
+        raise InputError(f"malformed JSON{at}: {e.msg}", path=path, record=where) from None
+    except RecursionError:
+        raise InputError("JSON nested too deeply to read", path=path, record=where) from None
+    except ValueError as e:  # e.g. an integer of more than sys.get_int_max_str_digits() digits
+        raise InputError(f"unreadable JSON value: {e}", path=path, record=where) from None
 
 
 def _decode(raw: bytes, path: str, where: str) -> str:
@@ -81,11 +92,8 @@ def _read_json(path: str) -> list[RawRecord]:
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         _decode(raw.splitlines()[line - 1], path, f"line {line}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            value = json.load(f)
-        except json.JSONDecodeError as e:
-            raise InputError(f"malformed JSON at line {e.lineno}: {e.msg}", path=path) from e
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a leading byte-order mark is skipped
+        value = _parse_json(json.load, f, path, None)
     if isinstance(value, dict) and isinstance(value.get("data"), list):
         value = value["data"]
     if not isinstance(value, list):
