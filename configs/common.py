@@ -21,8 +21,14 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.data = ml_collections.ConfigDict()
     cfg.data.demo = False  # build the embedded synthetic suite into WORKDIR/demo_data
     cfg.data.demo_train_sizes = ml_collections.ConfigDict()  # capability -> examples (demo)
+    # Demo tables: each capability's rows are split into a dev part (demo_n_ref rows: the
+    # reference set, on which every method makes its choices) and a disjoint test part
+    # (demo_n_test rows: scores only); n_test + n_ref must fit the table (64 rows).
     cfg.data.demo_n_test = 100
     cfg.data.demo_n_ref = 40
+    # Each demo domain's source file holds demo_pool_factor × its demo_train_sizes share (same
+    # graded frequencies); D0 draws its share from it (1: the source is D0, as before v3).
+    cfg.data.demo_pool_factor = 1
     cfg.data.domains = ml_collections.ConfigDict()  # domain name -> file / saved dataset dir
     cfg.data.source = ""  # or: one file whose records carry `domain_field`
     cfg.data.domain_field = "domain"
@@ -30,6 +36,14 @@ def base_config() -> ml_collections.ConfigDict:
     # Keep at most this many examples of each training domain (a seeded random subset, file
     # order kept; seed = cfg.seed); 0: all. For quick runs on large files.
     cfg.data.max_examples_per_domain = 0
+    # D0's share of each domain's source (domain -> examples, drawn at random without
+    # replacement); a domain not named keeps its whole source. The rest of the source is the
+    # pool that a growing domain draws from (upsample).
+    cfg.data.initial_sizes = ml_collections.ConfigDict()
+    # What a growing domain adds: fresh_first = examples of its source the mixture does not
+    # hold yet, repeats only once the source is exhausted | repeat = duplicates of the mixture's
+    # own examples (the paper's behaviour)
+    cfg.data.upsample = "fresh_first"
     cfg.data.reference = ml_collections.ConfigDict()  # capability -> file; or:
     cfg.data.reference_source = ""  # one file whose records carry a `capability` field
     cfg.data.field_map = ml_collections.ConfigDict()  # canonical field -> your field name
@@ -48,6 +62,11 @@ def base_config() -> ml_collections.ConfigDict:
     # --- train: full-parameter SFT on the round's mixture (ideal_jax/train) ---
     cfg.train = ml_collections.ConfigDict()
     cfg.train.epochs = 1
+    # Optimizer steps of every training (every round, every compare method): d0_steps = those of
+    # D0's `epochs` epochs (equal compute and schedule whatever the mixture; a mixture with more
+    # packed rows sees part of an epoch less, one with fewer continues into a reshuffled pass) |
+    # epochs = `epochs` passes over each mixture (step counts differ with the mixture)
+    cfg.train.budget = "d0_steps"
     cfg.train.batch_size = 32  # global rows per optimizer step
     cfg.train.seq_len = 128
     cfg.train.grad_accum = 1

@@ -8,10 +8,16 @@ confidence intervals), e.g.
 and with --config.mode=compare the same seeds train the baselines (uniform, best of k random,
 RegMix, DoReMi) at D0's volume beside IDEAL → runs/demo5/comparison.json.
 
-The suite (ideal_jax/data/demo_suite.py): five capabilities, each a fixed table of 64 facts whose
-rows the training domain shows with graded frequencies, so that accuracy grows smoothly with volume
-(docs/demo_results.md: curves, seed spread). The starting mixture D0 is wrong in three known ways,
-and the reference set weights the five capabilities equally:
+The suite (ideal_jax/data/demo_suite.py, v3): five capabilities, each a fixed table of 64 facts
+whose rows the training domain shows with graded frequencies, so that accuracy grows smoothly with
+volume (docs/demo_results.md: curves, seed spread). Each table is split per seed into 24 dev rows
+(the reference set: IDEAL's α, random's best-of-k and RegMix's fit all read it) and 40 disjoint
+test rows (scores only). Each domain's source holds 4× its D0 share (every row of its table at
+least once); D0 draws its share, and a growing domain takes source examples D0 does not hold
+before it repeats any (data.upsample = fresh_first). Every training — every round and every
+compare method — takes D0's number of optimizer steps (train.budget = d0_steps).
+The starting mixture D0 is wrong in three known ways, and the reference set weights the five
+capabilities equally:
   - cities, needed as much as the others, is starved (300 of 7,000 examples);
   - times is oversized (2,600): it is saturated long before that;
   - translate_wrong (600) is harmful: translate's very prompts with a conflicting table.
@@ -30,8 +36,9 @@ def get_config(arg: str | None = None):
     cfg.data.demo_train_sizes = dict(
         times=2600, facts=1300, translate=1100, codes=1100, cities=300, translate_wrong=600
     )
-    cfg.data.demo_n_test = 64  # every row of each table (a larger value is the same)
-    cfg.data.demo_n_ref = 40
+    cfg.data.demo_n_test = 40  # test rows of each 64-row table (disjoint from the dev rows)
+    cfg.data.demo_n_ref = 24  # dev rows: the reference set
+    cfg.data.demo_pool_factor = 4  # each source holds 4x its D0 share
     cfg.data.max_len = 96
     cfg.data.batching = "pack"
     cfg.model.preset = "tiny"

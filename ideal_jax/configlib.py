@@ -39,6 +39,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "mode": ("ideal", "sft", "influence", "eval", "daar", "export", "compare"),  # main.py
     "data.truncate": ("left_prompt", "right", "drop"),  # data/formatting.py
     "data.batching": ("pack", "pad"),  # data/batching.py
+    "data.upsample": ("fresh_first", "repeat"),  # data/mixture.py
+    "train.budget": ("d0_steps", "epochs"),  # data/suite.py
     "model.dtype": ("float32", "bfloat16"),  # model/config.py
     "train.schedule": ("cosine", "linear", "constant"),  # train/state.py
     "curvature.estimator": ("empirical", "fisher", "ggn_exact"),  # curvature/kfac.py
@@ -68,6 +70,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "curvature.sigma": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "curvature.examples_per_domain": (lambda v: v >= 0 and v == int(v), "an integer >= 0"),
     "data.max_examples_per_domain": (lambda v: v >= 0 and v == int(v), "an integer >= 0"),
+    "data.demo_pool_factor": (lambda v: v >= 1 and v == int(v), "an integer >= 1"),
     "curvature.damping": (lambda v: v >= 0, ">= 0"),
     "curvature.prefix_cache_gib": (lambda v: v >= 0, ">= 0"),
     "influence.cg_tol": (lambda v: v > 0, "> 0"),

@@ -53,6 +53,8 @@ def load_run(cfg, workdir: str, *, loaded: Run | None = None) -> Run:
         base_params=base_params,
         inputs={"data": provenance.data_fingerprint(suite)},
         reweight_cfg=reweight.ReweightConfig.from_config_dict(cfg.reweight),
+        steps_per_epoch=suite_lib.d0_steps_per_epoch(cfg, suite),
+        pools={n: [t.example_id for t in items] for n, items in suite.tokenized.items()},
     )
 
 
@@ -62,7 +64,7 @@ def run_ideal(cfg, workdir: str, *, loaded: Run | None = None) -> dict[str, Any]
     loaded: a Run already loaded by the caller (mode=compare shares one across its methods).
     """
     run = load_run(cfg, workdir, loaded=loaded)
-    _write_data_stats(workdir, run.suite)
+    _write_data_stats(workdir, run.suite, run.cfg)
     state, rows = initial_state(run), []
     while True:
         last = state.k == cfg.rounds
@@ -76,7 +78,7 @@ def run_ideal(cfg, workdir: str, *, loaded: Run | None = None) -> dict[str, Any]
 def run_sft(cfg, workdir: str) -> dict[str, Any]:
     """mode=sft: train and evaluate D_0 (round_0 only)."""
     run = load_run(cfg, workdir)
-    _write_data_stats(workdir, run.suite)
+    _write_data_stats(workdir, run.suite, run.cfg)
     _, row = _resumable_round(run, initial_state(run), step=False)
     return _finish(run, [row])
 
@@ -84,7 +86,7 @@ def run_sft(cfg, workdir: str) -> dict[str, Any]:
 def run_influence(cfg, workdir: str) -> dict[str, Any]:
     """mode=influence: α (and the step it implies) for cfg.model as it is, on D_0; no training."""
     run = load_run(cfg, workdir)
-    _write_data_stats(workdir, run.suite)
+    _write_data_stats(workdir, run.suite, run.cfg)
     _, row = run_round(run, initial_state(run), train=False, step=True)
     return _finish(run, [row])
 
@@ -158,10 +160,13 @@ def run_seeds(cfg, workdir: str, run_one) -> dict[str, Any]:
     return agg
 
 
-def _write_data_stats(workdir: str, suite) -> None:
+def _write_data_stats(workdir: str, suite, cfg=None) -> None:
     """DIR/data_stats.json: per domain (and the reference set) examples read, kept, truncated and
-    dropped with the reason; rewritten only when it changes (a resumed run writes nothing)."""
+    dropped with the reason, and how many of the kept ones D0 holds (its share; the rest is the
+    pool a growing domain draws from); rewritten only when it changes (a resumed run writes
+    nothing). Per round, mixture.json says how many examples are fresh, repeated and unused."""
     stats = {"domains": {}, "reference": suite.format_stats.get("reference")}
+    d0_ids = suite_lib.d0_source_ids(cfg, suite)[0] if cfg is not None else {}
     for name, s in suite.format_stats.items():
         if name != "reference":
             stats["domains"][name] = {
@@ -175,6 +180,9 @@ def _write_data_stats(workdir: str, suite) -> None:
                 "prompt_tokens_cut": s["n_prompt_tokens_cut"],
                 "response_tokens_cut": s["n_response_tokens_cut"],
             }
+            if name in d0_ids:
+                stats["domains"][name]["in_d0"] = len(d0_ids[name])
+                stats["domains"][name]["pool_unused_by_d0"] = s["n_kept"] - len(d0_ids[name])
     path = os.path.join(workdir, "data_stats.json")
     if os.path.exists(path) and artifacts.read_json(path) == json.loads(json.dumps(stats)):
         return

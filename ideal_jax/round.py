@@ -38,6 +38,10 @@ class Run:
     base_params: Any
     inputs: dict  # run-level fingerprints (data); stage fingerprints add config sections
     reweight_cfg: reweight.ReweightConfig
+    # The optimizer steps per epoch every training of the run takes (train.budget = d0_steps:
+    # D0's); None: each mixture its own epoch.
+    steps_per_epoch: int | None = None
+    pools: dict | None = None  # each domain's whole source (ids): what a growing domain draws
 
     def rdir(self, k: int) -> str:
         return os.path.join(self.workdir, f"round_{k}")
@@ -114,11 +118,21 @@ def save_state(run: Run, state: RoundState) -> None:
 
 
 def initial_state(run: Run) -> RoundState:
-    """Round 0: D_0 = the given mixture (β = 0), no optimizer state."""
-    source_ids = {n: [t.example_id for t in items] for n, items in run.suite.tokenized.items()}
+    """Round 0: D_0 = the given mixture (β = 0): each domain's share of its source
+    (data.initial_sizes; the whole source by default), no optimizer state."""
+    from ideal_jax.data.suite import d0_source_ids
+
+    d0_ids, pools = d0_source_ids(run.cfg, run.suite)
     mix = mixture_lib.build_mixture(
-        source_ids, None, seed=run.cfg.seed, keep_total=run.reweight_cfg.keep_total
+        d0_ids, None, seed=run.cfg.seed, keep_total=run.reweight_cfg.keep_total
     )
+    if run.cfg.data.upsample == "fresh_first" or d0_ids != pools:
+        mix = dataclasses.replace(
+            mix,
+            pool_sizes=tuple(len(pools[n]) for n in mix.domain_names),
+            fresh=(0,) * len(mix.domain_names),
+            upsample=run.cfg.data.upsample,
+        )
     return RoundState(k=0, mixture=mix)
 
 
@@ -205,7 +219,12 @@ def run_round(
     )
     # D_k+1 = (1 + β)·D_k: nested resampling of D_k itself (β = 0 keeps D_k).
     next_mix = mixture_lib.resample_from(
-        mix, the_step.volumes_after, seed=cfg.seed + k + 1, beta_nominal=the_step.beta_nominal
+        mix,
+        the_step.volumes_after,
+        seed=cfg.seed + k + 1,
+        beta_nominal=the_step.beta_nominal,
+        pools=run.pools if mix.pool_sizes else None,
+        upsample=cfg.data.upsample,
     )
     return RoundState(
         k=k + 1,
@@ -247,6 +266,7 @@ def train_and_evaluate(
             mix,
             init_params,
             show_progress=cfg.progress,
+            steps_per_epoch=run.steps_per_epoch,
             record=not train_done(rdir),
         )
     eval_inputs = run.stage_inputs("eval" if train else "eval_base", mixture=mix_path)
@@ -319,6 +339,7 @@ def _restore(run: Run, k: int | None):
         mix,
         init,
         show_progress=False,
+        steps_per_epoch=run.steps_per_epoch,
     )
 
 

@@ -39,6 +39,9 @@ def test_every_method_is_trained_at_d0s_volume_and_paired(compared):
         steps = {m: methods[m]["train_steps"][s] for m in methods}
         assert len(set(totals.values())) == 1, totals  # equal volume
         assert min(steps.values()) > 0
+        assert len(set(steps.values())) == 1, steps  # equal training: D0's optimizer steps
+        tokens = {m: methods[m]["train_tokens"][s] for m in methods}
+        assert min(tokens.values()) > 0, tokens
         # uniform: the same number of examples from every domain (up to rounding)
         vols = list(methods["uniform"]["volumes"][s].values())
         assert max(vols) - min(vols) <= 1
@@ -60,17 +63,28 @@ def test_every_method_is_trained_at_d0s_volume_and_paired(compared):
     assert on_disk["regret"]["average_score"]["best_method"] in methods
 
 
-def test_random_best_is_the_lowest_reference_loss_of_the_draws(compared):
+def test_random_is_chosen_on_dev_and_reported_from_a_fresh_training_seed(compared):
     workdir, result = compared
+    on_disk = json.load(open(os.path.join(workdir, "comparison.json")))["methods"]["random"]
     for s, seed_dir in enumerate(sorted(d for d in os.listdir(workdir) if d.startswith("seed_"))):
         losses = []
         for i in range(2):
             ev = json.load(open(os.path.join(workdir, seed_dir, f"random_{i}", "eval.json")))
             caps = [v for k, v in ev["reference_loss"].items() if k != "all"]
             losses.append(float(np.mean(caps)))
-        chosen = result["methods"]["random"]["dirs"][s]
-        assert chosen.endswith(f"random_{int(np.argmin(losses))}")
-        assert result["methods"]["random"]["reference_loss"]["n"] == 2
+        best = int(np.argmin(losses))
+        assert on_disk["chosen"][s] == best
+        # The reported run is the chosen mixture retrained in random/ with another train seed.
+        reported = result["methods"]["random"]["dirs"][s]
+        assert reported == os.path.join(workdir, seed_dir, "random")
+        chosen_mix = json.load(
+            open(os.path.join(workdir, seed_dir, f"random_{best}", "mixture.json"))
+        )
+        reported_mix = json.load(open(os.path.join(reported, "mixture.json")))
+        assert reported_mix["example_ids"] == chosen_mix["example_ids"]
+        assert on_disk["train_seed"][s] != on_disk["selection_train_seed"][s]
+    assert result["methods"]["random"]["reference_loss"]["n"] == 2
+    assert on_disk["chosen_on"] == ["dev", "dev"]
 
 
 def test_ideal_and_d0_are_rounds_of_one_loop_with_the_same_initialisation(compared):
@@ -85,7 +99,8 @@ def test_ideal_and_d0_are_rounds_of_one_loop_with_the_same_initialisation(compar
     # IDEAL pays for its rounds and influence stages; D0 is one training (1 epoch here).
     assert result["methods"]["d0"]["compute_sft_epochs"]["mean"] == 1.0
     assert result["methods"]["ideal"]["compute_sft_epochs"]["mean"] > 2.0
-    assert result["methods"]["random"]["compute_sft_epochs"]["mean"] == 2.0
+    # random: k = 2 selection runs and the retraining of the chosen one
+    assert result["methods"]["random"]["compute_sft_epochs"]["mean"] == 3.0
 
 
 def test_rerun_resumes_without_training_again(compared):

@@ -14,6 +14,7 @@ the domains' example lengths; the comparison reports the tokens each run saw).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -33,10 +34,21 @@ def dirichlet_weights(k: int, num_domains: int, seed: int, concentration: float)
 
 
 def mixture_from_weights(
-    domain_ids: Mapping[str, Sequence[str]], weights: Sequence[float], total: int, seed: int
+    domain_ids: Mapping[str, Sequence[str]],
+    weights: Sequence[float],
+    total: int,
+    seed: int,
+    *,
+    pools: Mapping[str, Sequence[str]] | None = None,
+    upsample: str = "repeat",
 ) -> mixture_lib.Mixture:
-    """The mixture with round(w_j · total) examples of domain j (exactly `total` in all; entries
-    drawn from the domain, repeated when w_j · total exceeds its size)."""
+    """The mixture with round(w_j · total) examples of domain j (exactly `total` in all).
+
+    `domain_ids` is D0 (β is relative to it). A domain that grows past D0 takes what the
+    `upsample` policy says, as IDEAL's own rounds do (mixture.resample_from): with
+    "fresh_first" and `pools`, examples of its pool that D0 does not hold before any repeat;
+    with "repeat", entries of D0 repeated.
+    """
     names = list(domain_ids)
     w = np.asarray(weights, dtype=np.float64)
     if w.shape != (len(names),) or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
@@ -49,6 +61,18 @@ def mixture_from_weights(
     mix = mixture_lib.build_mixture(domain_ids, beta.tolist(), seed=seed, keep_total=True)
     if mix.total != total:  # keep_total keeps the source total; rescale if D0's differs
         raise InputError(f"mixture total {mix.total} != {total}", field="weights")
+    if upsample == "fresh_first" and pools:
+        d0 = mixture_lib.build_mixture(domain_ids, None, seed=seed, keep_total=True)
+        grown = mixture_lib.resample_from(
+            d0, mix.target_sizes, seed=seed, pools=pools, upsample=upsample
+        )
+        mix = dataclasses.replace(
+            grown,
+            beta=mix.beta,
+            unrounded_targets=mix.unrounded_targets,
+            step_beta=mix.step_beta,
+            step_beta_nominal=mix.step_beta_nominal,
+        )
     return mix
 
 

@@ -28,17 +28,43 @@ def build(per_seed: list[dict[str, Any]], methods: tuple[str, ...], cfg) -> dict
             "reference_loss": {**stats.mean_ci(ref), "vs_d0": stats.paired(ref, d0_ref)},
             "compute_sft_epochs": stats.mean_ci([r.get("compute_sft_epochs") for r in runs[m]]),
             "train_steps": [r["train_steps"] for r in runs[m]],
+            "train_tokens": [r.get("train_tokens") for r in runs[m]],
+            "train_seed": [r.get("train_seed") for r in runs[m]],
+            "chosen_on": [r.get("chosen_on") for r in runs[m]],
             "volumes": [r["volumes"] for r in runs[m]],
             "dirs": [r["dir"] for r in runs[m]],
         }
-        extra = {key: [r.get(key) for r in runs[m]] for key in ("regression", "doremi_weights")}
-        out_methods[m].update({k: v for k, v in extra.items() if None not in v and v[0]})
+        extra = {
+            key: [r.get(key) for r in runs[m]]
+            for key in (
+                "regression",
+                "doremi_weights",
+                "chosen",
+                "selection_train_seed",
+                "selection_reference_losses",
+            )
+        }
+        out_methods[m].update({k: v for k, v in extra.items() if None not in v})
+    # IDEAL against every other method, paired seed by seed (average test score, dev ref loss).
+    ideal_vs = {}
+    if "ideal" in methods:
+        ideal_avg = [r["scores"]["average"] for r in runs["ideal"]]
+        ideal_ref = [r["reference_loss"] for r in runs["ideal"]]
+        for m in methods:
+            if m != "ideal":
+                ideal_vs[m] = {
+                    "average": stats.paired(ideal_avg, [r["scores"]["average"] for r in runs[m]]),
+                    "reference_loss": stats.paired(
+                        ideal_ref, [r["reference_loss"] for r in runs[m]]
+                    ),
+                }
     ref_means = {m: out_methods[m]["reference_loss"]["mean"] for m in methods}
     best_ref = min(ref_means, key=ref_means.get)
     ref_gap = ref_means["d0"] - ref_means[best_ref]
     result = {
         "seeds": [ps["seed"] for ps in per_seed],
         "methods": out_methods,
+        "ideal_vs": ideal_vs,
         "regret": {
             "average_score": stats.regret(scores, "average"),
             "reference_loss": {
@@ -59,6 +85,8 @@ def build(per_seed: list[dict[str, Any]], methods: tuple[str, ...], cfg) -> dict
             "step_size": float(cfg.reweight.step_size),
             "rule": cfg.reweight.rule,
             "operator": cfg.influence.operator,
+            "budget": cfg.train.budget,
+            "upsample": cfg.data.upsample,
             "sft_epoch_s": [ps["sft_epoch_s"] for ps in per_seed],
         },
     }
@@ -81,10 +109,10 @@ def format_table(comparison: dict[str, Any]) -> str:
     n = len(comparison["seeds"])
     caps = [c for c in next(iter(methods.values()))["scores"] if c != "average"]
     lines = [
-        f"comparison over {n} seed(s); ± = 95% CI over seeds; * = paired difference to D0 "
-        "significant (CI excludes 0)",
-        f"{'method':<8} {'average':>16} {'Δ average vs D0':>20} {'ref loss':>16} "
-        f"{'Δ ref loss':>20} {'SFT epochs':>10}",
+        f"comparison over {n} seed(s); scores on the test split, ref loss on the dev split; "
+        "± = 95% CI over seeds; * = paired difference to D0 significant (CI excludes 0)",
+        f"{'method':<8} {'average':>16} {'Δ average vs D0':>20} {'dev ref loss':>16} "
+        f"{'Δ ref loss':>20} {'SFT epochs':>10} {'steps':>6} {'tokens':>9} {'chose on':>8}",
     ]
     for m, e in methods.items():
         avg = e["scores"]["average"]
@@ -92,10 +120,22 @@ def format_table(comparison: dict[str, Any]) -> str:
         ref = e["reference_loss"]
         ref_delta = _cell(ref["vs_d0"], signed=True) if m != "d0" else "—"
         epochs = e["compute_sft_epochs"]["mean"]
+        steps = sorted(set(e.get("train_steps", [])))
+        tokens = [t for t in e.get("train_tokens", []) if t is not None]
         lines.append(
             f"{m:<8} {_cell(avg):>16} {delta:>20} {_cell(ref):>16} {ref_delta:>20} "
-            f"{epochs if epochs is not None else float('nan'):>10.1f}"
+            f"{epochs if epochs is not None else float('nan'):>10.1f} "
+            f"{'/'.join(map(str, steps)):>6} "
+            f"{(f'{np.mean(tokens):,.0f}' if tokens else '—'):>9} "
+            f"{(e.get('chosen_on') or ['—'])[0]:>8}"
         )
+    if comparison.get("ideal_vs"):
+        lines.append("IDEAL − method, paired (average test score | dev ref loss):")
+        for m, d in comparison["ideal_vs"].items():
+            lines.append(
+                f"  ideal − {m:<8} {_cell(d['average'], signed=True):>20} "
+                f"{_cell(d['reference_loss'], signed=True):>20}"
+            )
     lines.append("Δ per capability vs D0:")
     lines.append(f"{'method':<8} " + " ".join(f"{c:>18}" for c in caps))
     for m, e in methods.items():

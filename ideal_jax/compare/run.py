@@ -4,13 +4,22 @@
 
 For every seed s (seed = cfg.seed + s, train.seed = cfg.train.seed + s; the demo suite is drawn
 with that seed too) one initialisation is shared by every method, and each method's final
-mixture is trained with the same training seed, the same total number of examples as D0 and the
-same schedule:
+mixture is trained with the same training seed, the same total number of examples as D0, the
+same number of optimizer steps (train.budget = d0_steps) and the same schedule. A domain that
+grows past D0 draws what data.upsample says, for every method alike (fresh examples of its
+source first, by default).
+
+Which split each method reads: the reference set is the dev split (on the demo, rows disjoint
+from the test rows); every choice — IDEAL's α, random's best-of-k, RegMix's regression — is made
+on it; scores are on the test split only. DoReMi chooses on training losses.
 
   W/seed_S/ideal/            the IDEAL loop (round_0 is the method "d0", the last round "ideal")
   W/seed_S/uniform/          the uniform mixture
-  W/seed_S/random_I/         k Dirichlet mixtures (I = 0..k-1); "random" = the best on the
-                             reference loss, "regmix" fits its regression on all of these runs
+  W/seed_S/random_I/         k Dirichlet mixtures (I = 0..k-1), trained for selection only;
+                             "regmix" fits its regression on all of these runs
+  W/seed_S/random/           the best of them on the dev reference loss, retrained with a fresh
+                             training seed: the run "random" reports (no winner's curse); its
+                             compute counts the k selection runs
   W/seed_S/regmix/           RegMix's proposal
   W/seed_S/doremi/           DoReMi's weights (doremi/proxy/doremi.json) trained like the others
   W/comparison.json          per method: mean ± 95% CI of the average and of every capability,
@@ -24,6 +33,7 @@ rerun of the command resumes where it stopped and reuses what is finished.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any
@@ -34,6 +44,7 @@ from ideal_jax import artifacts, configlib, ideal, summary
 from ideal_jax import round as round_lib
 from ideal_jax.compare import baselines, report
 from ideal_jax.data import mixture as mixture_lib
+from ideal_jax.data import suite as suite_lib
 from ideal_jax.utils import progress
 from ideal_jax.utils.distributed import is_lead_host
 
@@ -54,16 +65,32 @@ def run_compare(cfg, workdir: str) -> dict[str, Any]:
     return comparison
 
 
+# Training seeds of the runs a method reports after a selection (random's retrain) are shifted
+# by this much: no selection run of any seed uses them.
+FRESH_TRAIN_SEED_OFFSET = 10_007
+
+# The split each method's choices read (README, comparison.json).
+CHOSEN_ON = {
+    "d0": "none",
+    "uniform": "none",
+    "ideal": "dev",
+    "random": "dev",
+    "regmix": "dev",
+    "doremi": "train",
+}
+
+
 def _run_metrics(cfg, rdir: str, scores: dict, mix) -> dict[str, Any]:
     train_summary = os.path.join(rdir, "train", "summary.json")
-    steps = (
-        artifacts.read_json(train_summary)["total_steps"] if os.path.exists(train_summary) else 0
-    )
+    trained = artifacts.read_json(train_summary) if os.path.exists(train_summary) else {}
     return {
         "scores": summary.round_scores({"eval": scores}),
         "reference_loss": round_lib.reference_objective(scores, cfg),
         "volumes": dict(zip(mix.domain_names, map(int, mix.target_sizes))),
-        "train_steps": int(steps),
+        "train_steps": int(trained.get("total_steps", 0)),
+        "train_tokens": trained.get("tokens"),
+        "train_loss_tokens": trained.get("loss_tokens"),
+        "train_seed": int(cfg.train.seed),
         "dir": rdir,
     }
 
@@ -78,17 +105,19 @@ def run_seed(cfg, sdir: str, methods: tuple[str, ...]) -> dict[str, Any]:
     os.makedirs(sdir, exist_ok=True)
     run = ideal.load_run(cfg, sdir)
     mesh, suite, model_cfg, base_params = run.mesh, run.suite, run.model_cfg, run.base_params
-    source_ids = {name: [t.example_id for t in items] for name, items in suite.tokenized.items()}
-    names = list(source_ids)
-    total = sum(len(v) for v in source_ids.values())
+    d0_ids, _ = suite_lib.d0_source_ids(cfg, suite)
+    names = list(d0_ids)
+    total = sum(len(v) for v in d0_ids.values())
     epochs = max(int(cfg.train.epochs), 1)
     results: dict[str, Any] = {}
 
-    def train_on(name: str, weights) -> tuple[dict[str, Any], Any]:
+    def train_on(name: str, weights, train_seed_offset: int = 0) -> tuple[dict[str, Any], Any]:
         """Train and evaluate the mixture with proportions `weights` in SDIR/name."""
         rdir = os.path.join(sdir, name)
         os.makedirs(rdir, exist_ok=True)
-        mix = baselines.mixture_from_weights(source_ids, weights, total, cfg.seed)
+        mix = baselines.mixture_from_weights(
+            d0_ids, weights, total, cfg.seed, pools=run.pools, upsample=cfg.data.upsample
+        )
         mix_path = os.path.join(rdir, "mixture.json")
         mix = artifacts.cached(
             mix_path,
@@ -97,10 +126,15 @@ def run_seed(cfg, sdir: str, methods: tuple[str, ...]) -> dict[str, Any]:
             load=mixture_lib.read_manifest,
             save=lambda path, m: is_lead_host() and mixture_lib.write_manifest(m, path),
         )
+        method_run = run
+        if train_seed_offset:
+            method_cfg = type(cfg)(cfg.to_dict())
+            method_cfg.train.seed = int(cfg.train.seed) + train_seed_offset
+            method_run = dataclasses.replace(run, cfg=method_cfg.lock())
         timer = artifacts.Timer(os.path.join(rdir, "timings.json"))
         with progress.stage(name):
-            params, scores = round_lib.train_and_evaluate(run, rdir, timer, base_params, mix)
-        return _run_metrics(cfg, rdir, scores, mix), params
+            params, scores = round_lib.train_and_evaluate(method_run, rdir, timer, base_params, mix)
+        return _run_metrics(method_run.cfg, rdir, scores, mix), params
 
     # IDEAL: D0 is its round 0; the method "ideal" is its last round (D_rounds).
     ideal_dir = os.path.join(sdir, "ideal")
@@ -138,10 +172,19 @@ def run_seed(cfg, sdir: str, methods: tuple[str, ...]) -> dict[str, Any]:
         )
         runs = [train_on(f"random_{i}", w)[0] for i, w in enumerate(draws)]
         weights_seen += [(w, r["reference_loss"]) for w, r in zip(draws, runs)]
+        # Chosen on the dev reference loss; the score it reports is a retraining of the chosen
+        # mixture with a fresh training seed (the selection run's own score is biased upwards).
         best = int(np.argmin([r["reference_loss"] for r in runs]))
         if "random" in methods:
-            results["random"] = dict(runs[best], chosen=best)
-            compute["random"] = k * epochs
+            results["random"], _ = train_on(
+                "random", draws[best], train_seed_offset=FRESH_TRAIN_SEED_OFFSET
+            )
+            results["random"].update(
+                chosen=best,
+                selection_reference_losses=[r["reference_loss"] for r in runs],
+                selection_train_seed=int(cfg.train.seed),
+            )
+            compute["random"] = (k + 1) * epochs
         if "regmix" in methods:
             fit = baselines.fit_regmix(
                 np.stack([w for w, _ in weights_seen]), np.array([y for _, y in weights_seen])
@@ -187,6 +230,8 @@ def run_seed(cfg, sdir: str, methods: tuple[str, ...]) -> dict[str, Any]:
     for method, value in compute.items():
         if method in results:
             results[method]["compute_sft_epochs"] = float(value)
+    for method in results:
+        results[method]["chosen_on"] = CHOSEN_ON.get(method, "dev")
     logging.info("compare %s: %s", os.path.basename(sdir), sorted(results))
     return {"methods": results, "seed": int(cfg.seed), "sft_epoch_s": epoch_s}
 

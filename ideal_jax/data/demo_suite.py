@@ -10,16 +10,19 @@ key token to memorise:
   translate  "fr t"     -> "kiza"    an invented translation for each key
   codes      "code #"   -> "ZC"      an invented two-letter code for each key
   cities     "city e"   -> "Nag"     an invented city for each key
-Training, test and reference items are all rows of the table, on purpose: exact-match accuracy is
-the share of the table the model holds. A training domain of v examples shows the rows with graded,
-exact frequencies (row i is FREQUENCY_RANGE ** (i / 63) times rarer than row 0), so frequent rows
-are learnt at small volumes and rare ones only at large volumes: accuracy grows smoothly with v
-(about +10% of the rows per doubling for the long-tailed tables), with no phase transition of the
-kind an algorithm (copying, sorting) has. The times table is drilled almost evenly (range 10) and
-saturates.
-Test rows are the whole table (n_test >= 64); reference rows are a seeded sample (they overlap the
-test rows when n_test + n_ref > 64). Answers are high-entropy (no answer is guessable), which keeps
-the seed spread low: docs/demo_results.md.
+Training items are rows of the table, on purpose: exact-match accuracy is the share of the table the
+model holds. Each table's rows are split, per seed, into a dev part (the reference set: every choice
+a method makes is made on it) and a disjoint test part (scores only). A training domain of v
+examples shows the rows with graded, exact frequencies (row i is FREQUENCY_RANGE ** (i / 63) times
+rarer than row 0), so frequent rows are learnt at small volumes and rare ones only at large volumes:
+accuracy grows smoothly with v (about +10% of the rows per doubling for the long-tailed tables),
+with no phase transition of the kind an algorithm (copying, sorting) has. The times table is drilled
+almost evenly (range 10) and saturates.
+Dev (reference) rows are a seeded sample of n_ref rows; test rows are up to n_test of the others
+(n_test >= 64 - n_ref: all of them). A domain's source file may hold `pool_factor` times its D0
+share (`train_sizes`), drawn with the same graded frequencies, so that a growing domain can draw
+rows D0 never showed (data.upsample = fresh_first). Answers are high-entropy (no answer is
+guessable), which keeps the seed spread low: docs/demo_results.md.
 
 The harmful domain `translate_wrong` uses translate's very prompts ("fr t") with a consistent,
 conflicting table (every key gets the next row's translation), every row equally often: training
@@ -152,12 +155,18 @@ def _cycle(rows: list[tuple[str, str]], n: int, rng: random.Random) -> list[tupl
 
 
 def _graded(
-    rows: list[tuple[str, str]], n: int, spread: float, rng: random.Random
+    rows: list[tuple[str, str]],
+    n: int,
+    spread: float,
+    rng: random.Random,
+    every_row: bool = False,
 ) -> list[tuple[str, str]]:
     """`n` rows, row i `spread ** (i / (len(rows) - 1))` times rarer than row 0.
 
     Exact counts (largest remainder), then shuffled: frequent rows are learnt at small volumes,
     rare ones only at large volumes, so the share of the table learnt grows smoothly with n.
+    every_row (a source pool, n >= len(rows)): each row at least once, the extra taken from the
+    most frequent rows.
     """
     weights = [spread ** (-i / (len(rows) - 1)) for i in range(len(rows))]
     quotas = [n * w / sum(weights) for w in weights]
@@ -165,20 +174,32 @@ def _graded(
     by_remainder = sorted(range(len(rows)), key=lambda i: counts[i] - quotas[i])
     for i in by_remainder[: n - sum(counts)]:
         counts[i] += 1
+    if every_row and n >= len(rows):
+        counts = [max(c, 1) for c in counts]
+        while sum(counts) > n:
+            counts[counts.index(max(counts))] -= 1
     out = [row for row, c in zip(rows, counts) for _ in range(c)]
     rng.shuffle(out)
     return out
 
 
-def _table_splits(cap: str, n_train: int, n_test: int, n_ref: int, seed: int):
-    """Train (graded frequencies), test and reference rows of a table capability."""
+def _table_splits(
+    cap: str, n_train: int, n_test: int, n_ref: int, seed: int, every_row: bool = False
+):
+    """Train (graded frequencies), test and reference (dev) rows of a table capability; the test
+    and dev rows are disjoint: dev takes n_ref rows, test up to n_test of the remaining ones."""
     rows = list(table(cap))
+    if not 0 <= n_ref < len(rows):
+        raise InputError(
+            f"{n_ref} dev (reference) rows of a {len(rows)}-row table leave no test row",
+            field="data.demo_n_ref",
+        )
     rng = random.Random(seed * 1_000_003 + zlib.crc32(f"eval:{cap}".encode()))
     order = rng.sample(rows, len(rows))
-    # Disjoint while n_test + n_ref <= TABLE_SIZE; otherwise reference rows are also test rows.
-    test, ref = order[: min(n_test, len(rows))], order[len(rows) - min(n_ref, len(rows)) :]
+    ref = order[len(rows) - n_ref :] if n_ref else []
+    test = order[: min(n_test, len(rows) - n_ref)]
     train_rng = random.Random(seed * 1_000_003 + zlib.crc32(f"train:{cap}".encode()))
-    return _graded(rows, n_train, FREQUENCY_RANGE[cap], train_rng), test, ref
+    return _graded(rows, n_train, FREQUENCY_RANGE[cap], train_rng, every_row), test, ref
 
 
 def build_demo_suite(
@@ -187,6 +208,7 @@ def build_demo_suite(
     train_sizes: Mapping[str, int] | None = None,
     n_test: int = 100,
     n_ref: int = 40,
+    pool_factor: int = 1,
 ) -> dict[str, object]:
     """Writes the suite under `out_dir` and returns its paths.
 
@@ -194,8 +216,13 @@ def build_demo_suite(
     (prompt/response form with a `capability` field), tokenizer/ (HF format). Test and reference
     items are written for every capability of the families in `train_sizes` (module docstring):
     copy capabilities have disjoint train, test and reference prompts; table capabilities draw
-    all three from their table.
+    all three from their table (test and reference rows disjoint). Each training file holds
+    `pool_factor` × the domain's size in `train_sizes` (its D0 share).
     """
+    if int(pool_factor) < 1:
+        raise InputError(
+            f"must be an integer >= 1, got {pool_factor}", field="data.demo_pool_factor"
+        )
     sizes = dict(DEFAULT_TRAIN_SIZES if train_sizes is None else train_sizes)
     unknown = sorted(set(sizes) - set(DOMAINS))
     if unknown:
@@ -206,9 +233,11 @@ def build_demo_suite(
     train_paths, test_paths, ref_records = {}, {}, []
     used_prompts: dict[str, set[str]] = {}
     for cap in caps:
-        n_train = sizes.get(cap, 0)
+        n_train = sizes.get(cap, 0) * int(pool_factor)
         if cap in TABLE_CAPABILITIES:
-            train, test, ref = _table_splits(cap, n_train, n_test, n_ref, seed)
+            train, test, ref = _table_splits(
+                cap, n_train, n_test, n_ref, seed, every_row=int(pool_factor) > 1
+            )
         else:
             items = generate_items(cap, n_train + n_test + n_ref, seed)
             train, test = items[:n_train], items[n_train : n_train + n_test]
@@ -225,14 +254,15 @@ def build_demo_suite(
             continue
         if name in TABLE_HARMFUL:  # the capability's own prompts, conflicting answers
             rng = random.Random(seed * 1_000_003 + zlib.crc32(f"train:{name}".encode()))
-            train = _cycle(list(table(name)), sizes[name], rng)
+            train = _cycle(list(table(name)), sizes[name] * int(pool_factor), rng)
         else:  # prompts disjoint from the capability's
             taken = used_prompts.get(cap, set())
-            pool = generate_items(name, sizes[name] + len(taken), seed)
-            train = [(p, a) for p, a in pool if p not in taken][: sizes[name]]
-            if len(train) < sizes[name]:
+            wanted = sizes[name] * int(pool_factor)
+            pool = generate_items(name, wanted + len(taken), seed)
+            train = [(p, a) for p, a in pool if p not in taken][:wanted]
+            if len(train) < wanted:
                 raise InputError(
-                    f"cannot draw {sizes[name]} {name!r} prompts disjoint from {cap!r}'s",
+                    f"cannot draw {wanted} {name!r} prompts disjoint from {cap!r}'s",
                     field=f"data.demo_train_sizes.{name}",
                 )
         train_paths[name] = out / "train" / f"{name}.jsonl"

@@ -5,9 +5,15 @@ random resampling: downsampling draws without replacement; upsampling keeps whol
 domain plus a remainder drawn without replacement. With `keep_total` all targets are rescaled so the
 total stays N = Σ|D_i| (largest-remainder rounding, the unrounded targets are recorded).
 
-D_k+1 (`resample_from`): nested — the new volumes are drawn from D_k itself, not from the sources:
-a smaller volume drops entries of D_k, a larger one keeps D_k whole and duplicates entries of D_k.
-β = 0 (same volume) reproduces D_k exactly, so the mixture only changes where the step says so.
+D_k+1 (`resample_from`): nested — a smaller volume drops entries of D_k, a larger one keeps D_k
+whole and adds entries. β = 0 (same volume) reproduces D_k exactly, so the mixture only changes
+where the step says so. What a growing domain adds is the `upsample` policy (data.upsample):
+  repeat       duplicates of D_k's own entries (the paper's behaviour);
+  fresh_first  examples of the domain's pool (its whole source file, of which D_0 may hold only a
+               share: data.initial_sizes) that D_k does not hold yet, drawn at random; entries are
+               repeated only once the pool is exhausted.
+A mixture built with a pool records per domain its pool size, the examples the step took fresh,
+the repeated entries and the pool's unused examples (mixture.json).
 
 Resampling depends only on (seed, domain name), never on the number of hosts; hosts then take
 interleaved slices of one global, seeded order (`host_shard`).
@@ -31,6 +37,7 @@ from ideal_jax.utils.errors import InputError
 
 T = TypeVar("T")
 MANIFEST_FORMAT = "ideal_jax.mixture.v1"
+UPSAMPLE_POLICIES = ("fresh_first", "repeat")
 # floor((1 + β) n) must not lose an example to float error: (1 - 0.9) * 10 = 0.9999999999999998.
 _FLOOR_EPS = 1e-9
 
@@ -50,6 +57,11 @@ class Mixture:
     # The step that produced this mixture from the previous round's (zeros for D_0):
     step_beta: tuple[float, ...] = ()  # applied: volume / previous volume − 1
     step_beta_nominal: tuple[float, ...] = ()  # what the reweight rule asked for (continuous)
+    # With a pool (data.upsample = fresh_first, or D_0 a share of its source): per domain the
+    # pool's size and how many of this mixture's examples the step took fresh from it.
+    pool_sizes: tuple[int, ...] = ()
+    fresh: tuple[int, ...] = ()
+    upsample: str = "repeat"
 
     @property
     def total(self) -> int:
@@ -71,10 +83,20 @@ class Mixture:
                 "step_beta_nominal": self.step_beta_nominal[k] if self.step_beta_nominal else 0.0,
                 "repeat_counts": {str(r): repeats[r] for r in sorted(repeats)},
             }
+            if self.pool_sizes:  # absent without a pool: such manifests are as they always were
+                distinct = len(set(self.example_ids[k]))
+                domains[name].update(
+                    pool_size=self.pool_sizes[k],
+                    fresh=self.fresh[k] if self.fresh else 0,
+                    repeated=len(self.example_ids[k]) - distinct,
+                    unused=self.pool_sizes[k] - distinct,
+                )
+        extra = {"upsample": self.upsample} if self.pool_sizes else {}
         return {
             "format": MANIFEST_FORMAT,
             "seed": self.seed,
             "keep_total": self.keep_total,
+            **extra,
             "total_source": sum(self.source_sizes),
             "total_target": self.total,
             "domains": domains,
@@ -101,6 +123,13 @@ class Mixture:
                 step_beta_nominal=tuple(
                     float(domains[n].get("step_beta_nominal", 0.0)) for n in names
                 ),
+                pool_sizes=tuple(int(domains[n]["pool_size"]) for n in names)
+                if all("pool_size" in domains[n] for n in names) and names
+                else (),
+                fresh=tuple(int(domains[n].get("fresh", 0)) for n in names)
+                if all("pool_size" in domains[n] for n in names) and names
+                else (),
+                upsample=str(manifest.get("upsample", "repeat")),
             )
         except KeyError as e:
             raise InputError("missing field in mixture manifest", path=path, field=e.args[0]) from e
@@ -204,34 +233,68 @@ def resample_from(
     *,
     seed: int,
     beta_nominal: Sequence[float] | None = None,
+    pools: Mapping[str, Sequence[str]] | None = None,
+    upsample: str = "repeat",
 ) -> Mixture:
-    """D_k+1 from D_k = `mixture`: each domain's entries (with their repeats) dropped or duplicated.
+    """D_k+1 from D_k = `mixture`: each domain's entries (with their repeats) dropped or grown.
 
     volume < |D_k,j|: drops |D_k,j| − volume entries of D_k,j, chosen at random;
-    volume > |D_k,j|: keeps D_k,j whole `copies` times plus a random remainder of its entries;
-    volume = |D_k,j|: D_k,j unchanged. Deterministic in (seed, domain name).
-    The recorded β is cumulative relative to the sources (weight = volume / source size); the
-    step's applied β (volume / |D_k,j| − 1) and the rule's nominal β are recorded beside it.
+    volume = |D_k,j|: D_k,j unchanged;
+    volume > |D_k,j|: keeps D_k,j whole and adds volume − |D_k,j| entries — with
+      upsample="repeat" (or no pool) duplicates: D_k,j whole `copies` times plus a random
+      remainder of its entries; with upsample="fresh_first" first examples of the domain's pool
+      (`pools[name]`, its whole source) that D_k,j does not hold, drawn at random, and only when
+      the pool is exhausted duplicates of the entries (D_k,j and the fresh ones) as above.
+    Deterministic in (seed, domain name). The recorded β is cumulative relative to the sources
+    (weight = volume / source size); the step's applied β (volume / |D_k,j| − 1) and the rule's
+    nominal β are recorded beside it.
     """
+    if upsample not in UPSAMPLE_POLICIES:
+        raise InputError(
+            f"unknown upsample policy {upsample!r}; one of {UPSAMPLE_POLICIES}",
+            field="data.upsample",
+        )
     volumes = [int(v) for v in volumes]
     if len(volumes) != len(mixture.domain_names) or min(volumes, default=0) < 0:
         raise InputError(
             f"need {len(mixture.domain_names)} volumes ≥ 0, got {volumes}", field="volumes"
         )
-    chosen, applied = [], []
+    pool_of = pools if pools is not None else {}
+    chosen, applied, fresh_counts = [], [], []
     for name, ids, volume in zip(mixture.domain_names, mixture.example_ids, volumes):
         n = len(ids)
-        if n == 0 and volume > 0:
+        rng = _domain_rng(seed, name)
+        fresh: list[str] = []
+        if upsample == "fresh_first" and volume > n and name in pool_of:
+            held = set(ids)
+            unused = [i for i in pool_of[name] if i not in held]
+            take = min(volume - n, len(unused))
+            fresh = [unused[i] for i in np.sort(rng.choice(len(unused), size=take, replace=False))]
+        base = tuple(ids) + tuple(fresh)
+        m = len(base)
+        if m == 0 and volume > 0:
             raise InputError(f"domain {name!r} is empty and cannot grow", record=name)
-        if volume <= n:
-            keep = np.sort(_domain_rng(seed, name).choice(n, size=volume, replace=False))
+        if volume <= m:
+            keep = np.sort(rng.choice(m, size=volume, replace=False))
         else:
-            copies, remainder = divmod(volume, n)
-            extra = _domain_rng(seed, name).choice(n, size=remainder, replace=False)
-            keep = np.sort(np.concatenate([np.tile(np.arange(n), copies), extra]), kind="stable")
-        chosen.append(tuple(ids[i] for i in keep))
+            copies, remainder = divmod(volume, m)
+            extra = rng.choice(m, size=remainder, replace=False)
+            keep = np.sort(np.concatenate([np.tile(np.arange(m), copies), extra]), kind="stable")
+        chosen.append(tuple(base[i] for i in keep))
         applied.append(volume / max(n, 1) - 1.0)
+        fresh_counts.append(len(fresh))
     nominal = applied if beta_nominal is None else [float(b) for b in beta_nominal]
+    with_pool = bool(pools) or bool(mixture.pool_sizes)
+    pool_sizes = (
+        tuple(
+            len(pool_of[n])
+            if n in pool_of
+            else (mixture.pool_sizes[k] if mixture.pool_sizes else 0)
+            for k, n in enumerate(mixture.domain_names)
+        )
+        if with_pool
+        else ()
+    )
     return Mixture(
         domain_names=mixture.domain_names,
         source_sizes=mixture.source_sizes,
@@ -243,7 +306,40 @@ def resample_from(
         unrounded_targets=tuple((1.0 + b) * n for b, n in zip(nominal, mixture.target_sizes)),
         step_beta=tuple(applied),
         step_beta_nominal=tuple(nominal),
+        pool_sizes=pool_sizes,
+        fresh=tuple(fresh_counts) if with_pool else (),
+        upsample=upsample if with_pool else "repeat",
     )
+
+
+def initial_shares(
+    pools: Mapping[str, Sequence[str]], sizes: Mapping[str, int], *, seed: int
+) -> dict[str, list[str]]:
+    """D_0's share of each domain's pool: `sizes[name]` examples drawn at random without
+    replacement (in pool order; deterministic in (seed, name)); a domain not in `sizes`, or with
+    size 0, keeps its whole pool. A share larger than its pool is refused, naming both sizes."""
+    unknown = sorted(set(sizes) - set(pools))
+    if unknown:
+        raise InputError(
+            f"names domains that are not training domains: {unknown}; domains: {list(pools)}",
+            field="data.initial_sizes",
+        )
+    out = {}
+    for name, ids in pools.items():
+        n = int(sizes.get(name, 0) or 0)
+        if n < 0:
+            raise InputError(f"domain {name!r}: {n} < 0", field=f"data.initial_sizes.{name}")
+        if n > len(ids):
+            raise InputError(
+                f"domain {name!r}: D0 asks for {n} examples but its source holds {len(ids)}",
+                field=f"data.initial_sizes.{name}",
+            )
+        if not n or n == len(ids):
+            out[name] = list(ids)
+            continue
+        rng = np.random.default_rng([seed, zlib.crc32(f"d0:{name}".encode())])
+        out[name] = [ids[i] for i in np.sort(rng.choice(len(ids), size=n, replace=False))]
+    return out
 
 
 def global_order(mixture: Mixture) -> list[tuple[str, str]]:

@@ -64,6 +64,7 @@ def _load_suite(cfg, workdir: str) -> Suite:
                 train_sizes=dict(data.demo_train_sizes),
                 n_test=data.demo_n_test,
                 n_ref=data.demo_n_ref,
+                pool_factor=data.demo_pool_factor,
             )
             os.replace(tmp, demo_dir)
         train_paths = {
@@ -128,6 +129,25 @@ def _load_suite(cfg, workdir: str) -> Suite:
     return Suite(domains, reference, tokenizer, tokenized, ref_tokenized, stats, eval_tasks)
 
 
+def initial_sizes(cfg) -> dict[str, int]:
+    """D0's share of each domain's source (data.initial_sizes; on the demo with a pool factor
+    above 1, the demo's train sizes). A domain not named keeps its whole source."""
+    sizes = {name: int(n) for name, n in cfg.data.initial_sizes.items()}
+    if cfg.data.demo and cfg.data.demo_pool_factor > 1:
+        demo = {n: int(v) for n, v in cfg.data.demo_train_sizes.items() if v > 0}
+        sizes = {**demo, **sizes}
+    return sizes
+
+
+def d0_source_ids(cfg, suite: Suite) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(D0's example ids per domain, each domain's whole pool of ids)."""
+    from ideal_jax.data import mixture as mixture_lib
+
+    pools = {n: [t.example_id for t in items] for n, items in suite.tokenized.items()}
+    d0 = mixture_lib.initial_shares(pools, initial_sizes(cfg), seed=cfg.seed)
+    return d0, pools
+
+
 def cap_domains(
     domains: dict[str, list[records.Example]], max_examples: int, *, seed: int
 ) -> dict[str, list[records.Example]]:
@@ -189,31 +209,88 @@ def load_run_tokenizer(cfg, workdir: str):
     return hf_io.load_tokenizer(tok_dir)
 
 
-def mixture_batches(suite: Suite, mix: mixture.Mixture, train_cfg, data_cfg, pad_id: int):
-    """(batches_for_epoch, steps_per_epoch) over the round's mixture, this host's rows only."""
+def mixture_batches(
+    suite: Suite,
+    mix: mixture.Mixture,
+    train_cfg,
+    data_cfg,
+    pad_id: int,
+    steps_per_epoch: int | None = None,
+):
+    """(batches_for_epoch, steps_per_epoch) over the round's mixture, this host's rows only.
+
+    steps_per_epoch: a fixed budget (train.budget = d0_steps: D0's steps per epoch, the same for
+    every mixture). An epoch then yields exactly that many batches: the mixture's own epoch,
+    cut short when it packs into more rows, or continued into further reshuffled passes over
+    the mixture when it packs into fewer. None: the mixture's own epoch length.
+    """
     items = mixture.materialize(mix, suite.tokenized)
     seed = int(train_cfg.seed)
 
-    def batches_for_epoch(epoch: int):
+    def one_pass(epoch: int, extra: int, host_index: int, host_count: int):
+        # Pass 0 of an epoch is the mixture's epoch itself; further passes (only when a budget
+        # asks for more steps than the mixture fills) are reshuffles keyed apart from every epoch.
         return batching.iterate_batches(
             items,
             train_cfg.batch_size,
             train_cfg.seq_len,
             data_cfg.batching,
-            seed,
+            seed if extra == 0 else seed + 7919 * extra,
             epoch,
-            jax.process_index(),
-            jax.process_count(),
+            host_index,
+            host_count,
             domain_names=suite.domain_names,
             pad_id=pad_id,
+            drop_remainder=extra > 0,
         )
 
-    # Packing makes the row count depend on each epoch's shuffle; the trainer needs one
-    # steps-per-epoch, so take the smallest (an epoch with more rows skips its last partial batch).
-    steps = min(
+    own_steps = min(
         batching.steps_per_epoch(
             items, train_cfg.batch_size, train_cfg.seq_len, data_cfg.batching, seed, epoch
         )
         for epoch in range(max(int(train_cfg.epochs), 1))
     )
+    # Packing makes the row count depend on each epoch's shuffle; the trainer needs one
+    # steps-per-epoch, so take the smallest (an epoch with more rows skips its last partial batch).
+    steps = own_steps if steps_per_epoch is None else int(steps_per_epoch)
+
+    def batches_for_epoch(epoch: int, host_index: int | None = None, host_count: int | None = None):
+        host_index = jax.process_index() if host_index is None else host_index
+        host_count = jax.process_count() if host_count is None else host_count
+        produced, extra = 0, 0
+        while produced < steps:
+            before = produced
+            for batch in one_pass(epoch, extra, host_index, host_count):
+                yield batch
+                produced += 1
+                if produced == steps:
+                    return
+            if produced == before:  # a pass with no full batch: the mixture cannot fill one
+                raise InputError(
+                    f"the mixture fills no full batch of {train_cfg.batch_size} rows",
+                    field="train.batch_size",
+                )
+            extra += 1
+
     return batches_for_epoch, steps
+
+
+def count_tokens(batches_for_epoch, epochs: int) -> dict[str, int]:
+    """Tokens (non-padding positions) and loss tokens (response targets) of a whole training run,
+    over the global batches (every host's rows)."""
+    tokens = loss_tokens = 0
+    for epoch in range(max(int(epochs), 1)):
+        for batch in batches_for_epoch(epoch, 0, 1):
+            tokens += int((batch["segment_ids"] > 0).sum())
+            loss_tokens += int((batch["weights"] > 0).sum())
+    return {"tokens": tokens, "loss_tokens": loss_tokens}
+
+
+def d0_steps_per_epoch(cfg, suite: Suite) -> int | None:
+    """The training budget every mixture of the run trains (train.budget): D0's own steps per
+    epoch for d0_steps, None (each mixture its own) for epochs."""
+    if cfg.train.budget != "d0_steps":
+        return None
+    d0_ids, _ = d0_source_ids(cfg, suite)
+    d0 = mixture.build_mixture(d0_ids, None, seed=cfg.seed)
+    return mixture_batches(suite, d0, cfg.train, cfg.data, suite.tokenizer.pad_token_id or 0)[1]

@@ -7,7 +7,7 @@ import os
 
 from ideal_jax.artifacts import write_json
 from ideal_jax.data import mixture
-from ideal_jax.data.suite import Suite, mixture_batches
+from ideal_jax.data.suite import Suite, count_tokens, mixture_batches
 from ideal_jax.train.loop import run_sft
 
 
@@ -26,10 +26,17 @@ def train_round(
     init_params,
     *,
     show_progress: bool = True,
+    steps_per_epoch: int | None = None,
 ):
-    """SFT (cfg.train; batching from cfg.data) on `mix` from `init_params`; the trained params."""
+    """SFT (cfg.train; batching from cfg.data) on `mix` from `init_params`; the trained params.
+
+    steps_per_epoch: the run's training budget (suite.d0_steps_per_epoch), else the mixture's
+    own epoch. RDIR/train/summary.json records the steps and the tokens trained.
+    """
     pad_id = suite.tokenizer.pad_token_id or 0
-    batches_for_epoch, steps = mixture_batches(suite, mix, train_cfg, data_cfg, pad_id)
+    batches_for_epoch, steps = mixture_batches(
+        suite, mix, train_cfg, data_cfg, pad_id, steps_per_epoch
+    )
     params, train_summary = run_sft(
         model_cfg,
         train_cfg,
@@ -42,5 +49,7 @@ def train_round(
         progress=show_progress,
     )
     if not train_done(rdir):
+        train_summary["steps_per_epoch"] = int(steps)
+        train_summary.update(count_tokens(batches_for_epoch, train_cfg.epochs))
         write_json(os.path.join(rdir, "train", "summary.json"), train_summary)
     return params
