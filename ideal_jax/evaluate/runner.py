@@ -27,8 +27,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 
-from tqdm.auto import tqdm
-
 from ideal_jax.configlib import write_json_atomic
 from ideal_jax.evaluate import answers, code_exec, ifeval, multiple_choice
 from ideal_jax.evaluate import sandbox as sandbox_lib
@@ -69,12 +67,7 @@ def _shots(pool: Sequence[dict], k: int, exclude: int | None) -> list[dict]:
     return [r for i, r in enumerate(pool) if i != exclude][:k]
 
 
-def _desc(name: str) -> str:
-    """A bar's label with its stage's ("round 1 eval: demo")."""
-    return f"{progress_lib.label()}: {name}" if progress_lib.label() else name
-
-
-def _generate(generate_fn: GenerateFn, prompts: list[str], cfg: dict, bar: tqdm) -> list[list[str]]:
+def _generate(generate_fn: GenerateFn, prompts: list[str], cfg: dict, bar) -> list[list[str]]:
     """Call generate_fn in batches, checking the shape of what comes back."""
     out: list[list[str]] = []
     bs = max(1, int(cfg["batch_size"]))
@@ -129,7 +122,7 @@ def _run_task(cfg: dict, generate_fn, loglik_fn, progress: bool) -> dict:
     def shots(i: int) -> list[dict]:
         return _shots(pool, k, i if own else None) if k else []
 
-    bar = tqdm(total=len(recs), desc=_desc(cfg["name"]), disable=not progress, leave=False)
+    bar = progress_lib.bar(total=len(recs), desc=cfg["name"], unit="it", disable=not progress)
     try:
         if kind in multiple_choice.ITEM_BUILDERS:
             if loglik_fn is None:
@@ -218,7 +211,10 @@ def evaluate_tasks(
         if user.get("type") in ("humaneval", "mbpp"):
             sandbox_lib.resolve_sandbox(user.get("sandbox", code_sandbox))
     tasks: dict[str, dict] = {}
-    for name, raw_cfg in tqdm(list(items), desc=_desc("eval tasks"), disable=not progress):
+    tasks_bar = progress_lib.bar(
+        list(items), "eval tasks", unit="it", disable=not progress, leave=True
+    )
+    for name, raw_cfg in tasks_bar:
         user = _as_dict(raw_cfg)
         kind = user.get("type")
         name = name or user.get("name") or kind or f"task{len(tasks)}"

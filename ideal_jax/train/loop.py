@@ -34,7 +34,6 @@ from typing import Any
 import jax
 import numpy as np
 from jax.sharding import Mesh
-from tqdm.auto import tqdm
 
 from ideal_jax import sharding
 from ideal_jax.model.config import ModelConfig
@@ -187,13 +186,13 @@ def run_sft(
         compiler_options=compiler_options,
     )
     names = list(domain_names) or ["all"]
-    bar = tqdm(
-        desc=f"{progress_lib.label()}: steps" if progress_lib.label() else None,
+    bar = progress_lib.bar(  # labelled with the stage; plain lines when stderr is no terminal
+        desc="steps",
         total=total_steps,
         initial=start_step,
-        disable=not progress or jax.process_index() != 0,
+        disable=not progress,
         unit="step",
-        dynamic_ncols=True,
+        leave=True,
     )
     compiled, compile_s, train_s, positions = None, 0.0, 0.0, 0
     pending: list[dict[str, jax.Array]] = []
