@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from typing import Any
 
@@ -58,6 +59,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "influence.scaling": ("paper", "exact"),  # influence/alpha.py
     "influence.reference_weighting": ("capability", "token"),  # influence/alpha.py
     "reweight.rule": ("paper", "optax", "outer"),  # reweight.py
+    "reweight.policy": ("trust_region", "fixed"),  # step_policy.py
+    "reweight.accept_on": ("reference_loss", "dev_score"),  # step_policy.py
     "daar.generator": ("model", "file"),  # daar/job.py
     "daar.select_method": ("top_fraction", "per_domain"),  # daar/config.py
     "eval.code_sandbox": ("bwrap", "inprocess", "auto"),  # evaluate/sandbox.py
@@ -76,6 +79,10 @@ RANGES: dict[str, tuple[Any, str]] = {
     "influence.cg_tol": (lambda v: v > 0, "> 0"),
     "influence.cg_max_iters": (lambda v: v >= 1 and v == int(v), "an integer >= 1"),
     "reweight.step_size": (lambda v: v > 0, "> 0"),
+    "reweight.step_min": (lambda v: v > 0, "> 0"),
+    "reweight.step_max": (lambda v: v > 0, "> 0"),
+    "reweight.widen": (lambda v: v >= 1, ">= 1"),
+    "reweight.shrink": (lambda v: 0 < v < 1, "in (0, 1)"),
     "reweight.learning_rate": (lambda v: v > 0, "> 0"),
     "reweight.outer_learning_rate": (lambda v: v > 0, "> 0"),
     "reweight.outer_steps": (lambda v: v >= 1, ">= 1"),
@@ -90,6 +97,41 @@ RANGES: dict[str, tuple[Any, str]] = {
     "compare.doremi_eta": (lambda v: v > 0, "> 0"),
     "compare.doremi_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
 }
+
+_INT = lambda v: v == int(v)  # noqa: E731
+# Training, batching, evaluation and mesh fields: a negative learning rate or a zero batch size
+# used to start the run (and fail, or train nothing, later). Every RANGES value must be finite.
+RANGES.update(
+    {
+        "train.epochs": (lambda v: v >= 1 and _INT(v), "an integer >= 1"),
+        "train.batch_size": (lambda v: v >= 1 and _INT(v), "an integer >= 1"),
+        "train.seq_len": (lambda v: v >= 2 and _INT(v), "an integer >= 2"),
+        "train.grad_accum": (lambda v: v >= 1 and _INT(v), "an integer >= 1"),
+        "train.learning_rate": (lambda v: v > 0, "> 0"),
+        "train.warmup_steps": (lambda v: v >= 0 and _INT(v), "an integer >= 0"),
+        "train.end_lr_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+        "train.weight_decay": (lambda v: v >= 0, ">= 0"),
+        "train.b1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "train.b2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "train.grad_clip": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
+        "train.log_every": (lambda v: v >= 1 and _INT(v), "an integer >= 1"),
+        "train.checkpoint_every": (lambda v: v >= 0 and _INT(v), "an integer >= 0"),
+        "train.keep_checkpoints": (lambda v: v >= 1 and _INT(v), "an integer >= 1"),
+        "data.max_len": (lambda v: v >= 2 and _INT(v), "an integer >= 2"),
+        "data.demo_n_test": (lambda v: v >= 0 and _INT(v), "an integer >= 0"),
+        "data.demo_n_ref": (lambda v: v >= 1 and _INT(v), "an integer >= 1"),
+        "curvature.batch_size": (lambda v: v >= 1 and _INT(v), "an integer >= 1"),
+        "influence.batch_size": (lambda v: v >= 1 and _INT(v), "an integer >= 1"),
+        "eval.batch_size": (lambda v: v >= 1 and _INT(v), "an integer >= 1"),
+        "eval.max_new_tokens": (lambda v: v >= 1 and _INT(v), "an integer >= 1"),
+        "eval.limit": (lambda v: v >= 0 and _INT(v), "an integer >= 0 (0: all)"),
+        "reweight.min_volume": (lambda v: v >= 0 and _INT(v), "an integer >= 0"),
+        **{
+            f"mesh.{axis}": (lambda v: (v == -1 or v >= 1) and _INT(v), "-1 (the rest) or >= 1")
+            for axis in ("data", "fsdp", "tensor")
+        },
+    }
+)
 
 
 def resolve_config_path(value: str) -> str:
@@ -132,7 +174,7 @@ def load_config_spec(value: str) -> ml_collections.ConfigDict:
 _MISSING = object()
 
 # The methods mode=compare knows (ideal_jax/compare/run.py runs them in this order).
-COMPARE_METHODS = ("ideal", "d0", "uniform", "random", "regmix", "doremi")
+COMPARE_METHODS = ("ideal", "d0", "uniform", "random", "regmix", "doremi", "ideal_paper")
 
 
 def parse_compare_methods(cfg) -> tuple[str, ...]:
@@ -184,12 +226,128 @@ def validate_config(cfg: ml_collections.ConfigDict | dict) -> None:
             )
     if _get(cfg, "compare.methods") is not _MISSING:
         parse_compare_methods(cfg)
+    if _get(cfg, "reweight.policy") is not _MISSING:  # choices, ranges and the bounds' order
+        from ideal_jax import step_policy
+
+        step_policy.PolicyConfig.from_config_dict(_get(cfg, "reweight"))
     for field, (check, what) in RANGES.items():
         value = _get(cfg, field)
         if value is _MISSING:
             continue
-        if isinstance(value, bool) or not isinstance(value, int | float) or not check(value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or not check(value)
+        ):
             raise InputError(f"must be {what}, got {value!r}", field=field)
+    _check_cross_fields(cfg)
+
+
+def _check_cross_fields(cfg) -> None:
+    """Fields that are valid alone but not together."""
+    max_len, seq_len = _get(cfg, "data.max_len"), _get(cfg, "train.seq_len")
+    if _MISSING not in (max_len, seq_len) and max_len > seq_len:
+        raise InputError(
+            f"must be <= train.seq_len ({seq_len}): an example of max_len={max_len} tokens "
+            "would not fit a training row",
+            field="data.max_len",
+        )
+    mesh = [_get(cfg, f"mesh.{axis}") for axis in MESH_AXES]
+    if mesh.count(-1) > 1:
+        second = MESH_AXES[[i for i, v in enumerate(mesh) if v == -1][1]]
+        raise InputError(
+            "at most one mesh axis may be -1 (all remaining devices)", field=f"mesh.{second}"
+        )
+
+
+MESH_AXES = ("data", "fsdp", "tensor")  # ideal_jax/sharding.py
+
+
+def check_machine(cfg, device_count: int, process_count: int = 1) -> None:
+    """The config against the devices it runs on (jax.device_count(), after the distributed
+    runtime starts): the mesh must use them all, and a training batch must split into
+    grad_accum microbatches whose rows divide over the mesh's data x fsdp devices. InputError
+    naming the field, before the workdir is created."""
+    mesh = {axis: _get(cfg, f"mesh.{axis}") for axis in MESH_AXES}
+    if _MISSING in mesh.values() or _get(cfg, "mode") == "export":  # export uses no mesh
+        return
+    shape = ", ".join(f"{a}={v}" for a, v in mesh.items())
+    explicit = [a for a, v in mesh.items() if v not in (-1, 1)] or ["data"]
+    known = math.prod(v for v in mesh.values() if v != -1)
+    hint = "set one axis to -1 to use all of them (e.g. --config.mesh.data=-1)"
+    if -1 in mesh.values():
+        if device_count % known:
+            raise InputError(
+                f"mesh ({shape}) cannot use the {device_count} devices of this machine: "
+                f"{known} does not divide {device_count}",
+                field=f"mesh.{explicit[0]}",
+            )
+        mesh[next(a for a, v in mesh.items() if v == -1)] = device_count // known
+    elif known != device_count:
+        raise InputError(
+            f"mesh ({shape}) needs {known} devices, this machine has {device_count}; {hint}",
+            field=f"mesh.{explicit[0]}",
+        )
+    batch, accum = _get(cfg, "train.batch_size"), _get(cfg, "train.grad_accum")
+    if _MISSING in (batch, accum) or _get(cfg, "mode") not in ("ideal", "sft", "compare"):
+        return
+    divisor = mesh["data"] * mesh["fsdp"]
+    if batch % accum or (batch // accum) % divisor:
+        raise InputError(
+            f"{batch} rows must split into grad_accum={accum} microbatches whose rows divide "
+            f"evenly over the mesh's data x fsdp = {divisor} devices",
+            field="train.batch_size",
+        )
+    if batch % process_count:
+        raise InputError(
+            f"{batch} rows are not a multiple of the {process_count} processes",
+            field="train.batch_size",
+        )
+
+
+# Config fields that name local files or directories (a dict field: each of its values), with
+# the modes and settings that read them.
+PATH_FIELDS = (
+    "data.domains",
+    "data.source",
+    "data.reference",
+    "data.reference_source",
+    "data.tokenizer",
+    "model.path",
+    "daar.pool",
+    "daar.probe",
+    "daar.seed_pairs",
+)
+
+
+def check_paths(cfg) -> None:
+    """Every file or directory the config names exists (InputError naming the field), so a typo
+    in a path stops the run before its workdir exists, not after the model is loaded."""
+    if _get(cfg, "mode") == "export":
+        return
+    reads_daar = _get(cfg, "mode") == "daar" or _get(cfg, "daar.use_for_ideal") is True
+    named: list[tuple[str, Any]] = []
+    for field in PATH_FIELDS:
+        if field.startswith("data.") and _get(cfg, "data.demo") is True:
+            continue  # the demo suite is built into the workdir: these are not read
+        if field.startswith("daar.") and not reads_daar:
+            continue
+        if field == "daar.seed_pairs" and _get(cfg, "daar.generator") != "file":
+            continue
+        value = _get(cfg, field)
+        if hasattr(value, "items"):
+            named += [(f"{field}.{key}", path) for key, path in value.items()]
+        elif value is not _MISSING:
+            named.append((field, value))
+    tasks = _get(cfg, "eval.tasks")
+    if hasattr(tasks, "items"):
+        for name, task in tasks.items():
+            if hasattr(task, "get"):
+                named.append((f"eval.tasks.{name}.path", task.get("path")))
+    for field, path in named:
+        if isinstance(path, str) and path and not os.path.exists(path):
+            raise InputError(f"no such file or directory: {path}", field=field)
 
 
 def section_fields(

@@ -42,13 +42,24 @@ flags.mark_flags_as_required(["config", "workdir"])
 MODES = ("ideal", "sft", "influence", "eval", "daar", "export", "compare")
 
 
+def check_config(cfg) -> None:
+    """Every check a config gets before its workdir is created: fields and their ranges, the
+    paths it names, and the mesh and batch against this machine's devices (InputError naming
+    the field)."""
+    import jax
+
+    configlib.validate_config(cfg)
+    configlib.check_paths(cfg)
+    configlib.check_machine(cfg, jax.device_count(), jax.process_count())
+
+
 def _holding_workdir_lock(fn):
     """One run per workdir: a second one exits 2 naming the holder (utils/workdir_lock.py)."""
 
     @functools.wraps(fn)
     def wrapper(cfg, workdir: str) -> dict:
 
-        configlib.validate_config(cfg)  # a bad config writes nothing, not even the lock's DIR
+        check_config(cfg)  # a bad config writes nothing, not even the lock's DIR
         with workdir_lock.hold(workdir):
             return fn(cfg, workdir)
 

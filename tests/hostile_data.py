@@ -295,7 +295,7 @@ BAD_CONFIG_VALUES = [
 def mesh_cases(devices: int) -> list[tuple[dict, str]]:
     """Meshes that do not fit `devices` devices, and the field each must name."""
     out = []
-    for n in (3, devices + 1, devices * 2):
+    for n in sorted({3, devices + 1, devices * 2}):
         if devices % n:
             out.append(({"mesh.data": n}, "mesh.data"))
     out.append(({"mesh.data": -1, "mesh.fsdp": devices + 1}, "mesh.fsdp"))
