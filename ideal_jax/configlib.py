@@ -7,6 +7,7 @@ otherwise the run stops before touching anything.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -402,11 +403,16 @@ def write_json_atomic(path: str, obj: Any) -> None:
     """Write JSON through a temporary file and an atomic rename: readers never see half a file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False, default=_json_default)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False, default=_json_default)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, Ctrl-C: the old file stays, the partial one goes
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def _json_default(obj: Any) -> Any:

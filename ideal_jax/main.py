@@ -21,9 +21,9 @@ relative to the current directory is looked up in the installed `configs` packag
 from __future__ import annotations
 
 import difflib
-import errno
 import functools
 import json
+import os
 import re
 import sys
 
@@ -32,7 +32,7 @@ from ml_collections import config_flags
 
 from ideal_jax import configlib
 from ideal_jax.utils import progress, workdir_lock
-from ideal_jax.utils.errors import InputError
+from ideal_jax.utils.errors import InputError, describe_machine_error
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a configs/*.py file.", lock_config=True
@@ -108,25 +108,60 @@ def _bad_input(message: str) -> None:
     sys.exit(2)
 
 
+INTERRUPTED = 130  # the shell's status for a run stopped by Ctrl-C (128 + SIGINT)
+_hard_exit = os._exit  # replaced in tests
+
+
+def report_error(error: BaseException, workdir: str | None) -> tuple[int, str] | None:
+    """The one place where an exception becomes the command line's last line: (exit status,
+    message) for bad user input (an InputError anywhere in the chain: 2), a fault of the machine
+    (a full disk, a directory it may not write: 2, utils/errors.py) and Ctrl-C (130); None for
+    everything else, which stays a traceback (bugs must stay visible)."""
+    if isinstance(error, KeyboardInterrupt):
+        return INTERRUPTED, (
+            "interrupted (Ctrl-C); rerun the same command to resume from the last finished step"
+        )
+    if not isinstance(error, Exception):  # SystemExit, GeneratorExit
+        return None
+    inputs = [e for e in _error_chain(error) if isinstance(e, InputError)]
+    if inputs:
+        return 2, str(inputs[0])
+    machine = describe_machine_error(error, workdir)
+    return None if machine is None else (2, machine)
+
+
+def command(cfg, workdir: str) -> None:
+    """The job behind the command line, its outcome reported as one line: stdout's status line,
+    or stderr's `error: ...` and the exit status of `report_error`."""
+    from ideal_jax.utils import distributed
+
+    try:
+        configlib.validate_config(cfg)  # before any work, before DIR exists
+        distributed.maybe_initialize()
+        run(cfg, workdir)
+    except BaseException as e:
+        outcome = report_error(e, workdir)
+        if outcome is None:
+            raise
+        status, message = outcome
+        print(f"error: {message}", file=sys.stderr)
+        if isinstance(e, InputError):
+            sys.exit(status)
+        # A full disk or Ctrl-C leaves orbax's background writers behind: without a hard exit
+        # their failures print pages of tracebacks after this line, at interpreter shutdown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        _hard_exit(status)
+    print(json.dumps({"workdir": workdir, "status": "done"}))
+
+
 def main(argv):
     if len(argv) > 1:
         _bad_input(f"unexpected arguments: {' '.join(argv[1:])}")
-    from ideal_jax.utils import distributed
-
     # Stage start/end lines (ideal_jax's own INFO logs) and progress bars carry the run's story;
     # other libraries' INFO logs (orbax, XLA) would drown them.
     progress.show_own_info_logs()
-    try:
-        configlib.validate_config(_CONFIG.value)  # before any work, before DIR exists
-        distributed.maybe_initialize()
-        run(_CONFIG.value, _WORKDIR.value)
-    except InputError as e:
-        _bad_input(str(e))
-    except OSError as e:  # a workdir we may not write (read-only, permissions): user error, exit 2
-        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or not e.filename:
-            raise
-        _bad_input(f"file {e.filename}: cannot write it ({e.strerror}); is the workdir read-only?")
-    print(json.dumps({"workdir": _WORKDIR.value, "status": "done"}))
+    command(_CONFIG.value, _WORKDIR.value)
 
 
 # --- flag parsing: config paths from any directory; bad config input as one line, exit 2 ---
