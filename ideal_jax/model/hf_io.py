@@ -150,14 +150,56 @@ class _SafetensorsFile:
     def __init__(self, path: str):
         self.path = path
         try:
+            size = os.path.getsize(path)
             with open(path, "rb") as f:
                 (header_len,) = struct.unpack("<Q", f.read(8))
+                if header_len > size - 8:
+                    raise InputError(
+                        f"truncated or not a safetensors file: its header claims {header_len} "
+                        f"bytes, the file has {size} (an interrupted download?)",
+                        path=path,
+                    )
                 self.header = json.loads(f.read(header_len))
         except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise InputError(f"not a readable safetensors file ({e})", path=path) from None
+        if not isinstance(self.header, dict):
+            raise InputError("not a safetensors file (its header is not an object)", path=path)
         self.header.pop("__metadata__", None)
         self.offset = 8 + header_len
         self._mmap = None
+        for name, info in self.header.items():
+            self._check_entry(name, info, size)
+
+    def _check_entry(self, name: str, info: Any, size: int) -> None:
+        """Each tensor's entry is well formed and its bytes lie inside the file: a truncated
+        file is named here, not met as a reshape error while the weights are placed."""
+        try:
+            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+            if not all(isinstance(d, int) and d >= 0 for d in shape) or isinstance(shape, str):
+                raise ValueError(shape)
+            count = int(np.prod(shape, dtype=np.int64))
+            start, end = int(start), int(end)
+        except (TypeError, KeyError, ValueError):
+            raise InputError(
+                "malformed tensor entry (expected dtype, shape, data_offsets)",
+                path=self.path,
+                field=name,
+            ) from None
+        if dtype in _SAFETENSORS_DTYPES:
+            needed = count * np.dtype(_SAFETENSORS_DTYPES[dtype]).itemsize
+            if end - start != needed or start < 0:
+                raise InputError(
+                    f"data_offsets [{start}, {end}] do not hold {dtype} {shape} ({needed} bytes)",
+                    path=self.path,
+                    field=name,
+                )
+        if self.offset + end > size:
+            raise InputError(
+                f"truncated: the tensor ends at byte {self.offset + end}, the file has {size} "
+                "bytes (an interrupted download or copy?); download it again",
+                path=self.path,
+                field=name,
+            )
 
     def tensor(self, name: str) -> np.ndarray:
         info = self.header[name]
@@ -332,4 +374,29 @@ def load_tokenizer(path: str) -> Callable:
 
     if not os.path.isdir(path):
         raise InputError("tokenizer directory does not exist", path=path)
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    present = [f for f in TOKENIZER_FILES if os.path.exists(os.path.join(path, f))]
+    if not present:
+        raise InputError(
+            f"no tokenizer in this directory (none of {', '.join(TOKENIZER_FILES)}); copy the "
+            "model's tokenizer files there or set data.tokenizer to a directory that has them",
+            path=path,
+        )
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+        detail = " ".join(str(e).split())[:300]
+        raise InputError(
+            f"the tokenizer files ({', '.join(present)}) do not load: {type(e).__name__}: {detail}",
+            path=path,
+        ) from None
+
+
+# Files a Hugging Face tokenizer directory holds (one of them at least).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
