@@ -69,9 +69,11 @@ def _holding_workdir_lock(fn):
 @_holding_workdir_lock
 def run(cfg, workdir: str) -> dict:
     """Run the job `cfg.mode` in `workdir` (the function behind the command line)."""
-    from ideal_jax import export
+    from ideal_jax import export, provenance
 
     progress.configure(enabled=cfg.get("progress", True))
+    if os.path.isdir(workdir):  # a rerun reuses and reports only artifacts as they were written
+        provenance.check_unmodified(workdir)
     if cfg.mode == "export":  # reads the run's own config.json; writes only DIR/round_K/hf_model
         return export.run_export(cfg, workdir)
     configlib.validate_config(cfg)  # before anything is written
@@ -84,6 +86,8 @@ def run(cfg, workdir: str) -> dict:
         return compare.run_compare(cfg, workdir)
     if cfg.mode == "ideal" and cfg.seeds > 1:
         return ideal.run_seeds(cfg, workdir, run)
+    if cfg.mode == "ideal":  # before config.json takes the new rounds: fewer is refused
+        provenance.check_extent(workdir, cfg.rounds)
     configlib.prepare_workdir(cfg, workdir)
     if cfg.mode == "ideal":
         result = ideal.run_ideal(cfg, workdir)

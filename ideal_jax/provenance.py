@@ -167,3 +167,75 @@ def stage_inputs(cfg, stage: str, data: str) -> dict[str, str]:
         out[f"config.{section}"] = digest[:12]
     out["data"] = data
     return out
+
+
+# --- a rerun of an existing workdir: its recorded artifacts, and the extent it was run to ---
+
+# Directories that hold no provenance records (checkpoints, exported models, the demo suite).
+_UNRECORDED_DIRS = ("checkpoints", "final_model", "hf_model", "demo_data")
+
+
+def modified_artifacts(workdir: str) -> list[str]:
+    """Every artifact under `workdir` whose content no longer matches the SHA-256 its directory's
+    provenance.json recorded (relative paths, sorted). A recorded artifact that was deleted is
+    not listed: deleting one is how a user asks for it to be recomputed."""
+    out = []
+    for base, dirs, files in os.walk(workdir):
+        dirs[:] = sorted(d for d in dirs if d not in _UNRECORDED_DIRS and not d.startswith("."))
+        if RECORD not in files:
+            continue
+        entries = _read_record(os.path.join(base, RECORD))
+        for name, entry in sorted(entries.items()):
+            path = os.path.join(base, name)
+            recorded = entry.get("sha256") if isinstance(entry, dict) else None
+            if recorded is not None and os.path.isfile(path) and file_sha256(path) != recorded:
+                out.append(os.path.relpath(path, workdir))
+    return out
+
+
+def check_unmodified(workdir: str) -> None:
+    """InputError listing every artifact of `workdir` edited since it was written (checked when
+    a workdir is reused, before anything is read from it or reported)."""
+    modified = modified_artifacts(workdir)
+    if not modified:
+        return
+    if len(modified) == 1:
+        what, it, subject, was = modified[0], "it", "it", "was"
+    else:
+        what = f"{len(modified)} artifacts ({', '.join(modified)})"
+        it, subject, was = "them", "they", "were"
+    raise InputError(
+        f"{what} {was} modified after {subject} {was} written (SHA-256 no longer matches "
+        f"{RECORD}); not trusted — restore {it}, delete {it} (and what follows) to recompute, "
+        "or use a new --workdir",
+        path=os.path.join(workdir, modified[0]),
+    )
+
+
+def check_extent(workdir: str, rounds: int) -> None:
+    """InputError naming `rounds` when `workdir` already went past round `rounds`: a rerun with
+    fewer rounds would rewrite final_mixture.jsonl, summary.json and round_K/row.json for the
+    shorter run while final_model/ and the later rounds stay the longer run's."""
+    done = []
+    for name in os.listdir(workdir) if os.path.isdir(workdir) else []:
+        k = name.removeprefix("round_")
+        if name.startswith("round_") and k.isdigit():
+            done.append(int(k))
+    last = max(done, default=-1)
+    stepped = False  # round `rounds` already took its step towards round `rounds` + 1
+    row = os.path.join(workdir, f"round_{rounds}", "row.json")
+    if os.path.isfile(row):
+        try:
+            with open(row) as f:
+                stepped = bool(json.load(f).get("step"))
+        except (OSError, json.JSONDecodeError, AttributeError):
+            stepped = False
+    if last > rounds or stepped:
+        raise InputError(
+            f"this workdir already holds round_{last} (a run of more rounds); rounds={rounds} "
+            "would rewrite its final_mixture.jsonl, summary.json and row.json for the shorter "
+            f"run while final_model/ stays the longer run's; use rounds >= {last}, or a new "
+            "--workdir",
+            path=workdir,
+            field="rounds",
+        )
