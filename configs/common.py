@@ -127,6 +127,18 @@ def base_config() -> ml_collections.ConfigDict:
     # paper (largest |β| = m) | optax (state kept across rounds) | outer (steps on Q, trust m)
     cfg.reweight.rule = "paper"
     cfg.reweight.step_size = 0.15  # m; the paper tried 0.1, 0.15, 0.3 and recommends 0.15
+    # The step policy (ideal_jax/step_policy.py): trust_region = retrain, accept a step only if
+    # the dev objective improved (then widen the next by `widen`, up to step_max), else return
+    # to the incumbent and shrink by `shrink`, stopping below step_min; step_size is the first
+    # step | fixed = the paper (every step kept, m = step_size)
+    cfg.reweight.policy = "fixed"
+    cfg.reweight.step_max = 1.0
+    cfg.reweight.step_min = 0.05
+    cfg.reweight.widen = 2.0
+    cfg.reweight.shrink = 0.5
+    # The dev objective the policy compares: reference_loss (the dev split's) | dev_score
+    # (exact match on the reference rows, generated: slower)
+    cfg.reweight.accept_on = "reference_loss"
     cfg.reweight.keep_total = True  # the total volume stays N: equal training tokens across rounds
     cfg.reweight.beta_min = -0.9  # never drop more than 90% of a domain in one round
     cfg.reweight.beta_max = 3.0

@@ -134,7 +134,12 @@ def export_final(cfg, workdir: str) -> str | None:
     rounds = trained_rounds(workdir)
     if not export_settings(cfg)["final_model"] or not rounds or not is_lead_host():
         return None
-    return export_round(cfg, workdir, rounds[-1], os.path.join(workdir, "final_model"))
+    k = rounds[-1]
+    summary_path = os.path.join(workdir, "summary.json")
+    if os.path.exists(summary_path):  # the step policy's result: the best accepted round
+        with open(summary_path, encoding="utf-8") as f:
+            k = int(json.load(f).get("result_round", k))
+    return export_round(cfg, workdir, k, os.path.join(workdir, "final_model"))
 
 
 def run_export(cfg, workdir: str) -> dict[str, Any]:

@@ -24,7 +24,15 @@ import json
 import os
 from typing import Any
 
-from ideal_jax import artifacts, configlib, provenance, reweight, sharding, summary
+from ideal_jax import (
+    artifacts,
+    configlib,
+    provenance,
+    reweight,
+    sharding,
+    step_policy,
+    summary,
+)
 from ideal_jax.data import mixture as mixture_lib
 from ideal_jax.data import suite as suite_lib
 from ideal_jax.model import loading
@@ -54,6 +62,7 @@ def load_run(cfg, workdir: str, *, loaded: Run | None = None) -> Run:
         inputs={"data": provenance.data_fingerprint(suite)},
         reweight_cfg=reweight.ReweightConfig.from_config_dict(cfg.reweight),
         steps_per_epoch=suite_lib.d0_steps_per_epoch(cfg, suite),
+        policy_cfg=step_policy.PolicyConfig.from_config_dict(cfg.reweight),
         pools={n: [t.example_id for t in items] for n, items in suite.tokenized.items()},
     )
 
@@ -68,10 +77,11 @@ def run_ideal(cfg, workdir: str, *, loaded: Run | None = None) -> dict[str, Any]
     state, rows = initial_state(run), []
     while True:
         last = state.k == cfg.rounds
-        state, row = _resumable_round(run, state, step=not last)
+        after, row = _resumable_round(run, state, step=not last)
         rows.append(row)
-        if last:
+        if last or after is None:  # the round budget is spent, or the step policy stopped
             break
+        state = after
     return _finish(run, rows)
 
 
@@ -98,8 +108,11 @@ def run_eval_only(cfg, workdir: str) -> dict[str, Any]:
     return evaluate(run, workdir, timer, run.base_params, run.stage_inputs("eval_base"))
 
 
-def _resumable_round(run: Run, state: RoundState, *, step: bool) -> tuple[RoundState, dict]:
-    """run_round, or its recorded outcome when round K already finished with these inputs."""
+def _resumable_round(run: Run, state: RoundState, *, step: bool) -> tuple[RoundState | None, dict]:
+    """run_round, or its recorded outcome when round K already finished with these inputs.
+
+    With step: (round K+1's state, row), or (None, row) when the step policy stopped the loop.
+    """
     k = state.k
     row_path = os.path.join(run.rdir(k), "row.json")
     next_path = os.path.join(run.rdir(k + 1), "state.json")
@@ -111,26 +124,39 @@ def _resumable_round(run: Run, state: RoundState, *, step: bool) -> tuple[RoundS
     if os.path.exists(row_path):
         saved = artifacts.read_json(row_path)
         provenance.check(row_path, row_inputs(bool(saved.get("step"))))
-        if saved["step"] == step and (not step or os.path.exists(next_path)):
-            after = (
-                RoundState.from_json(artifacts.read_json(next_path), run, next_path)
-                if step
-                else state
-            )
-            return after, saved["row"]
+        stopped = bool(saved.get("stopped"))
+        if saved["step"] == step and (not step or stopped or os.path.exists(next_path)):
+            if not step:
+                return state, saved["row"]
+            if stopped:
+                return None, saved["row"]
+            return RoundState.from_json(artifacts.read_json(next_path), run, next_path), saved[
+                "row"
+            ]
     save_state(run, state)
     after, row = run_round(run, state, step=step)
-    if step:
+    stopped = step and after is None
+    if step and not stopped:
         save_state(run, after)
-    artifacts.write_json(row_path, {"step": step, "row": row})
+    record = {"step": step, "row": row}
+    if stopped:
+        record["stopped"] = True
+    artifacts.write_json(row_path, record)
     provenance.record(row_path, row_inputs(step))
     return (after if step else state), row
 
 
+def result_round(rows: list[dict]) -> int:
+    """The round whose mixture is the run's result: the step policy's incumbent after the last
+    round (the best accepted mixture), or the last round for runs without a policy record."""
+    return int(rows[-1].get("policy", {}).get("incumbent", rows[-1]["round"]))
+
+
 def _finish(run: Run, rows: list[dict]) -> dict[str, Any]:
-    result = summary.write_summary(run.workdir, run.cfg, rows)
+    best = result_round(rows)
+    result = summary.write_summary(run.workdir, run.cfg, rows, result_round=best)
     if distributed.is_lead_host():
-        last = os.path.join(run.rdir(rows[-1]["round"]), "mixture.json")
+        last = os.path.join(run.rdir(best), "mixture.json")
         final = mixture_lib.read_manifest(last)
         mixture_lib.export_jsonl(
             final, run.suite.domains, os.path.join(run.workdir, "final_mixture.jsonl")

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ideal_jax import artifacts, provenance, reweight
+from ideal_jax import artifacts, provenance, reweight, step_policy
 from ideal_jax.data import mixture as mixture_lib
 from ideal_jax.data.suite import Suite
 from ideal_jax.utils import distributed
@@ -42,6 +42,7 @@ class Run:
     # D0's); None: each mixture its own epoch.
     steps_per_epoch: int | None = None
     pools: dict | None = None  # each domain's whole source (ids): what a growing domain draws
+    policy_cfg: step_policy.PolicyConfig | None = None  # None: every step kept (the paper)
 
     def rdir(self, k: int) -> str:
         return os.path.join(self.workdir, f"round_{k}")
@@ -63,9 +64,10 @@ class RoundState:
     params_round: int | None = None  # else the round whose checkpoint holds them
     optimizer_state: dict | None = None  # the reweight rule's state after round k-1's step
     predicted_reference_loss: float | None = None  # rule "outer": Q's prediction for θ_k
+    policy: step_policy.PolicyState | None = None  # the step policy's state (None: D_0's)
 
     def to_json(self, run: Run) -> dict:
-        return {
+        out = {
             "round": self.k,
             "mixture": os.path.join(f"round_{self.k}", "mixture.json"),
             "volumes": dict(zip(self.mixture.domain_names, map(int, self.mixture.target_sizes))),
@@ -73,6 +75,9 @@ class RoundState:
             "optimizer_state": self.optimizer_state,
             "predicted_reference_loss": self.predicted_reference_loss,
         }
+        if self.policy is not None:
+            out["policy"] = self.policy.to_json()
+        return out
 
     @classmethod
     def from_json(cls, obj: dict, run: Run, path: str) -> RoundState:
@@ -87,6 +92,7 @@ class RoundState:
                 params_round=None if params_round is None else int(params_round),
                 optimizer_state=obj.get("optimizer_state"),
                 predicted_reference_loss=obj.get("predicted_reference_loss"),
+                policy=step_policy.PolicyState.from_json(obj.get("policy"), path),
             )
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise InputError(
@@ -144,7 +150,6 @@ def run_round(
     cfg, k, rdir = run.cfg, state.k, run.rdir(state.k)
     os.makedirs(rdir, exist_ok=True)
     timer = artifacts.Timer(os.path.join(rdir, "timings.json"))
-    mix_path = os.path.join(rdir, "mixture.json")
     mix = fix_mixture(run, state)
     init = run.base_params
     if cfg.train.warm_start and k > 0:
@@ -155,10 +160,30 @@ def run_round(
     if state.predicted_reference_loss is not None:  # rule "outer": Q's prediction vs retrained
         row["reference_loss_predicted"] = state.predicted_reference_loss
         row["reference_loss_measured"] = reference_objective(scores, cfg)
-    if not step:
+    # The step policy's measurement: keep D_k (accept) or return to the incumbent (reject).
+    policy_cfg = run.policy_cfg or _fixed_policy(run)
+    policy_state = state.policy or step_policy.initial_state(policy_cfg)
+    objective = dev_objective(scores, cfg, policy_cfg.accept_on)
+    decision = step_policy.decide(policy_cfg, policy_state, k, objective)
+    row["policy"] = decision.to_json()
+    if policy_state.predicted_change is not None and decision.objective is not None:
+        row["predicted_change"] = policy_state.predicted_change
+        row["measured_change"] = decision.objective - policy_state.incumbent_objective
+        row["step_from"] = policy_state.step_from
+    if not step or decision.stop:
         return None, row
-    influence_path = os.path.join(rdir, "influence.json")
-    influence_inputs = run.stage_inputs("influence", mixture=mix_path)
+    # The step starts from the incumbent: this round if accepted, else the best accepted one
+    # (its mixture, α, optimizer state), with the policy's new step size.
+    base = k if decision.accepted else decision.incumbent
+    base_dir = run.rdir(base)
+    base_mix_path = os.path.join(base_dir, "mixture.json")
+    base_mix = mix if base == k else mixture_lib.read_manifest(base_mix_path)
+    base_opt_state = state.optimizer_state
+    if base != k:
+        saved = artifacts.read_json(os.path.join(base_dir, "state.json"))
+        base_opt_state = saved.get("optimizer_state")
+    influence_path = os.path.join(base_dir, "influence.json")
+    influence_inputs = run.stage_inputs("influence", mixture=base_mix_path)
     reweight_path = os.path.join(rdir, "reweight.json")
     influence = None
     if provenance.reuse(influence_path, influence_inputs):
@@ -168,8 +193,15 @@ def run_round(
     with_outer = run.reweight_cfg.rule == "outer" and not os.path.exists(reweight_path)
     outer_problem = None
     if influence is None or with_outer:
+        base_params = params if base == k else _restore(run, base)
         computed = timer.run(
-            "influence", _influence_stage, run, params, mix, with_outer, record=influence is None
+            "influence",
+            _influence_stage,
+            run,
+            base_params,
+            base_mix,
+            with_outer,
+            record=influence is None,
         )
         outer_problem = computed.outer_problem
         if influence is None:
@@ -179,23 +211,32 @@ def run_round(
                 inputs=influence_inputs,
                 save=lambda path, result: artifacts.write_json(path, result.to_json()),
             )
-    influence.check_domains(mix.domain_names, influence_path)
+    influence.check_domains(base_mix.domain_names, influence_path)
     alpha_j, stderr_j = influence.row("all"), influence.stderr_row("all")
-    # β is relative to this round's volumes (β = 0 is D_k, where α was measured); stateful rules
-    # continue from the optimizer state the previous round's step left.
+    step_cfg = dataclasses.replace(run.reweight_cfg, step_size=decision.step_size)
+    reweight_inputs = run.stage_inputs("reweight", mixture=base_mix_path, influence=influence_path)
+    if run.policy_cfg is not None and run.policy_cfg.policy != "fixed":
+        # the step's size and origin come from the policy state saved with this round
+        reweight_inputs = provenance.with_upstream(
+            reweight_inputs, state=os.path.join(rdir, "state.json")
+        )
+    # β is relative to the base round's volumes (β = 0 is that mixture, where α was measured);
+    # stateful rules continue from the optimizer state that mixture was reached with.
     the_step = artifacts.cached(
         reweight_path,
         lambda: reweight.compute_step(
             alpha_j,
-            mix.target_sizes,
-            run.reweight_cfg,
-            state.optimizer_state,
+            base_mix.target_sizes,
+            step_cfg,
+            base_opt_state,
             outer_problem,
             stderr_j,
         ),
-        inputs=run.stage_inputs("reweight", mixture=mix_path, influence=influence_path),
-        load=lambda p: reweight.Step.from_json(artifacts.read_json(p), mix.domain_names, path=p),
-        save=lambda p, s: artifacts.write_json(p, s.to_json(mix.domain_names)),
+        inputs=reweight_inputs,
+        load=lambda p: reweight.Step.from_json(
+            artifacts.read_json(p), base_mix.domain_names, path=p
+        ),
+        save=lambda p, s: artifacts.write_json(p, s.to_json(base_mix.domain_names)),
     )
     predicted = None
     if the_step.objective:
@@ -204,8 +245,10 @@ def run_round(
             key: the_step.objective[key] for key in ("q_before", "q_after", "steps")
         }
     if stderr_j is not None:
-        row["alpha_stderr"] = dict(zip(mix.domain_names, stderr_j.tolist()))
-    names = mix.domain_names
+        row["alpha_stderr"] = dict(zip(base_mix.domain_names, stderr_j.tolist()))
+    names = base_mix.domain_names
+    # α's first-order prediction of the dev objective's change for the step as applied.
+    predicted_change = float(np.dot(alpha_j, the_step.beta_applied))
     row.update(
         alpha=dict(zip(names, alpha_j.tolist())),
         beta=dict(zip(names, the_step.beta_applied.tolist())),
@@ -215,25 +258,46 @@ def run_round(
             for d, flag in zip(names, the_step.indistinguishable(run.reweight_cfg.significance_z))
             if flag
         ],
+        next_step={
+            "from_round": base,
+            "step_size": decision.step_size,
+            "predicted_change": predicted_change,
+        },
         timings=dict(timer.times),
     )
-    # D_k+1 = (1 + β)·D_k: nested resampling of D_k itself (β = 0 keeps D_k).
+    # D_k+1 = (1 + β)·D_base: nested resampling of the base mixture itself (β = 0 keeps it).
     next_mix = mixture_lib.resample_from(
-        mix,
+        base_mix,
         the_step.volumes_after,
         seed=cfg.seed + k + 1,
         beta_nominal=the_step.beta_nominal,
-        pools=run.pools if mix.pool_sizes else None,
+        pools=run.pools if base_mix.pool_sizes else None,
         upsample=cfg.data.upsample,
     )
     return RoundState(
         k=k + 1,
         mixture=next_mix,
-        params=params,
-        params_round=k,
+        params=params if base == k else None,
+        params_round=base,
         optimizer_state=the_step.optimizer_state,
         predicted_reference_loss=predicted,
+        policy=decision.next_state(predicted_change),
     ), row
+
+
+def _fixed_policy(run: Run) -> step_policy.PolicyConfig:
+    """The paper's policy for runs built without one (library callers): every step kept."""
+    m = float(run.reweight_cfg.step_size)
+    return step_policy.PolicyConfig("fixed", m, m, m, 1.0, 0.5, "reference_loss")
+
+
+def dev_objective(scores: dict, cfg, accept_on: str) -> float | None:
+    """The step policy's J of a round (lower is better): the dev reference loss, or minus the
+    average exact match on the reference rows (the eval task "dev")."""
+    if accept_on == "dev_score":
+        per_cap = ((scores.get("tasks") or {}).get("dev") or {}).get("per_capability") or {}
+        return -float(np.mean(list(per_cap.values()))) if per_cap else None
+    return reference_objective(scores, cfg)
 
 
 def train_and_evaluate(

@@ -34,8 +34,13 @@ def round_scores(row: dict[str, Any]) -> dict[str, float]:
     return scores
 
 
-def write_summary(workdir: str, cfg, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def write_summary(
+    workdir: str, cfg, rows: list[dict[str, Any]], result_round: int | None = None
+) -> dict[str, Any]:
+    """summary.json (+ summary.png). result_round: the round whose mixture is the result (the
+    step policy's best accepted one; final_mixture.jsonl and final_model/ are that round's)."""
     result = {
+        "result_round": rows[-1]["round"] if result_round is None else int(result_round),
         "rounds": rows,
         "scores": [round_scores(r) for r in rows],
         "reference_loss": [r["eval"].get("reference_loss", {}) for r in rows],
@@ -44,6 +49,7 @@ def write_summary(workdir: str, cfg, rows: list[dict[str, Any]]) -> dict[str, An
             "scaling": cfg.influence.scaling,
             "update_rule": cfg.reweight.rule,
             "step_size": cfg.reweight.step_size,
+            "step_policy": cfg.reweight.policy,
             "keep_total": cfg.reweight.keep_total,
             "sigma": cfg.curvature.sigma,
             "layers": cfg.curvature.layers,

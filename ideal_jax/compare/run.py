@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from ideal_jax import artifacts, configlib, ideal, summary
+from ideal_jax import artifacts, configlib, ideal, step_policy, summary
 from ideal_jax import round as round_lib
 from ideal_jax.compare import baselines, report
 from ideal_jax.data import mixture as mixture_lib
@@ -65,6 +65,10 @@ def run_compare(cfg, workdir: str) -> dict[str, Any]:
     return comparison
 
 
+# The paper's IDEAL (METHOD.md §1.2) as the ablation "ideal_paper": fixed m, every step kept.
+PAPER_STEP_SIZE = 0.15
+PAPER_ROUNDS = 2
+
 # Training seeds of the runs a method reports after a selection (random's retrain) are shifted
 # by this much: no selection run of any seed uses them.
 FRESH_TRAIN_SEED_OFFSET = 10_007
@@ -77,6 +81,7 @@ CHOSEN_ON = {
     "random": "dev",
     "regmix": "dev",
     "doremi": "train",
+    "ideal_paper": "dev",
 }
 
 
@@ -137,21 +142,44 @@ def run_seed(cfg, sdir: str, methods: tuple[str, ...]) -> dict[str, Any]:
         return _run_metrics(method_run.cfg, rdir, scores, mix), params
 
     # IDEAL: D0 is its round 0; the method "ideal" is its last round (D_rounds).
+    # The method "ideal" is the loop's result: the step policy's best accepted round (the last
+    # round with policy = fixed); every round it trained counts in its compute, rejected or not.
     ideal_dir = os.path.join(sdir, "ideal")
     ideal_run = ideal.run_ideal(cfg, ideal_dir, loaded=run)
-    rounds = len(ideal_run["rounds"]) - 1
-    for method, k in (("d0", 0), ("ideal", rounds)):
+    best = int(ideal_run["result_round"])
+    for method, k in (("d0", 0), ("ideal", best)):
         rdir = os.path.join(ideal_dir, f"round_{k}")
         mix = mixture_lib.read_manifest(os.path.join(rdir, "mixture.json"))
         results[method] = _run_metrics(cfg, rdir, ideal_run["rounds"][k]["eval"], mix)
+    results["ideal"]["rounds_trained"] = len(ideal_run["rounds"])
+    results["ideal"]["result_round"] = best
     epoch_s = _train_seconds(os.path.join(ideal_dir, "round_0")) / epochs or float("nan")
-    influence_s = sum(
-        float(r.get("timings", {}).get("influence", 0.0)) for r in ideal_run["rounds"]
-    )
-    compute = {
-        "d0": epochs,
-        "ideal": (rounds + 1) * epochs + influence_s / epoch_s,
-    }
+
+    def loop_compute(loop) -> float:
+        influence_s = sum(float(r.get("timings", {}).get("influence", 0.0)) for r in loop["rounds"])
+        return len(loop["rounds"]) * epochs + influence_s / epoch_s
+
+    compute = {"d0": epochs, "ideal": loop_compute(ideal_run)}
+    if "ideal_paper" in methods:  # the paper's fixed step as an ablation: m = 0.15, 2 rounds
+        paper_cfg = type(cfg)(cfg.to_dict())
+        paper_cfg.reweight.policy, paper_cfg.reweight.step_size = "fixed", PAPER_STEP_SIZE
+        paper_cfg.rounds = PAPER_ROUNDS
+        paper_cfg = paper_cfg.lock()
+        paper_run = dataclasses.replace(
+            run,
+            cfg=paper_cfg,
+            reweight_cfg=dataclasses.replace(run.reweight_cfg, step_size=PAPER_STEP_SIZE),
+            policy_cfg=step_policy.PolicyConfig.from_config_dict(paper_cfg.reweight),
+        )
+        paper_dir = os.path.join(sdir, "ideal_paper")
+        with progress.stage("ideal_paper"):
+            paper = ideal.run_ideal(paper_cfg, paper_dir, loaded=paper_run)
+        rdir = os.path.join(paper_dir, f"round_{paper['result_round']}")
+        mix = mixture_lib.read_manifest(os.path.join(rdir, "mixture.json"))
+        results["ideal_paper"] = _run_metrics(
+            paper_cfg, rdir, paper["rounds"][paper["result_round"]]["eval"], mix
+        )
+        compute["ideal_paper"] = loop_compute(paper)
     weights_seen: list[tuple[np.ndarray, float]] = [
         (_proportions(results["d0"]["volumes"], names), results["d0"]["reference_loss"])
     ]
