@@ -44,6 +44,7 @@ setup(
         "bench": ["kronfluence", "einops", "einconv", "torch"],
         "test": [
             "pytest>=8",
+            "pytest-timeout>=2.3",  # per-test time limits by tier (tests/conftest.py)
             "chex>=0.1.87",
             "torch",  # CPU build; .ci/run installs torch==2.13.0 first (see README)
             "ruff==0.17.6",  # pinned: format checks must not change with a release

@@ -1,12 +1,14 @@
-"""Mutation check: break the method on purpose and confirm a default-suite test fails.
+"""Mutation check: break the method on purpose and confirm a unit- or integration-tier test fails.
 
     python tests/mutation_check.py            # every mutation
     python tests/mutation_check.py --only ekfac_multiplies,identity_operator
 
 Each mutation replaces one exact piece of source (it must be found, or the check itself fails) in
-a fresh copy of the committed tree (HEAD), runs the listed tests there
-(`-m 'not slow'`: the default suite) and reports whether they caught it. The working tree is never
-modified. Not collected by pytest (no test_ prefix). Last line: one JSON object name → caught.
+a fresh copy of the committed tree (HEAD), runs the listed tests there — in the unit tier (the
+default `python -m pytest`), then, if none failed, in the integration tier (`-m integration`) —
+and reports whether and by which tier they caught it. The working tree is never modified. Not
+collected by pytest (no test_ prefix). Last line: one JSON object name → tier that caught it
+(or false).
 """
 
 from __future__ import annotations
@@ -53,8 +55,12 @@ MUTATIONS = [
         "D_k+1 redrawn from the sources with a new seed (not nested in D_k)",
         "ideal_jax/round.py",
         "next_mix = mixture_lib.resample_from(\n"
-        "        mix, the_step.volumes_after, seed=cfg.seed + k + 1, "
-        "beta_nominal=the_step.beta_nominal\n"
+        "        base_mix,\n"
+        "        the_step.volumes_after,\n"
+        "        seed=cfg.seed + k + 1,\n"
+        "        beta_nominal=the_step.beta_nominal,\n"
+        "        pools=run.pools if base_mix.pool_sizes else None,\n"
+        "        upsample=cfg.data.upsample,\n"
         "    )",
         "next_mix = mixture_lib.build_mixture({n: [t.example_id for t in run.suite.tokenized[n]] "
         "for n in mix.domain_names}, list(the_step.volumes_after / np.asarray(mix.source_sizes) "
@@ -98,8 +104,8 @@ MUTATIONS = [
         "optax_state_restarts",
         "the optax state restarts every round",
         "ideal_jax/round.py",
-        "            state.optimizer_state,\n            outer_problem,",
-        "            None,\n            outer_problem,",
+        "    base_opt_state = state.optimizer_state\n",
+        "    base_opt_state = None\n",
         ["tests/test_round_state.py"],
     ),
     (
@@ -243,7 +249,9 @@ MUTATIONS = [
         "ideal_jax/compare/run.py",
         'best = int(np.argmin([r["reference_loss"] for r in runs]))',
         'best = int(np.argmax([r["reference_loss"] for r in runs]))',
-        ["tests/test_compare.py::test_random_best_is_the_lowest_reference_loss_of_the_draws"],
+        [
+            "tests/test_compare.py::test_random_is_chosen_on_dev_and_reported_from_a_fresh_training_seed"
+        ],
     ),
     (
         "compare_weights_ignored",
@@ -458,13 +466,190 @@ MUTATIONS = [
 ]
 
 
+# Rows added with the test tiers, the honest comparison and the step policy (issues 23-25).
+MUTATIONS += [
+    (
+        "benchmark_stale_import",
+        "a benchmark imports a module that moved (ideal_jax.compare.stats)",
+        "benchmarks/demo_volume_curves.py",
+        "from ideal_jax import configlib, main, stats  # noqa: E402\n",
+        "from ideal_jax import configlib, main  # noqa: E402\n"
+        "from ideal_jax.compare import stats  # noqa: E402\n",
+        ["tests/test_benchmark_scripts.py::test_benchmark_imports_and_parses_help"],
+    ),
+    (
+        "benchmark_exits_before_parsing",
+        "a benchmark exits at import (optional package missing) before argparse sees --help",
+        "benchmarks/bench_vs_kronfluence.py",
+        'MLP = ("gate_proj", "up_proj", "down_proj")\n',
+        'if not kronfluence_ref.available():\n    sys.exit(0)\n\nMLP = ("gate_proj", "up_proj", '
+        '"down_proj")\n',
+        ["tests/test_benchmark_scripts.py::test_benchmark_imports_and_parses_help"],
+    ),
+    (
+        "error_names_curvature_operator",
+        "an error names curvature.operator (the field is influence.operator)",
+        "ideal_jax/curvature/operators.py",
+        'f"unknown inverse operator {name!r}; one of {OPERATORS}", field="influence.operator"',
+        'f"unknown inverse operator {name!r}; one of {OPERATORS}", field="curvature.operator"',
+        ["tests/test_error_field_names.py::test_every_config_field_an_error_names_exists"],
+    ),
+    (
+        "error_message_names_missing_field",
+        "a located message tells the user to set train.lr, which does not exist",
+        "ideal_jax/train/loop.py",
+        '"train.learning_rate (or raise warmup_steps) and use a new --workdir"',
+        '"train.lr (or raise warmup_steps) and use a new --workdir"',
+        ["tests/test_error_field_names.py::test_every_config_field_an_error_names_exists"],
+    ),
+    (
+        "error_fstring_field_wrong_section",
+        "an f-string field names daar.taus.<domain> (no such field)",
+        "ideal_jax/daar/config.py",
+        'field=f"daar.tau.{domain}"',
+        'field=f"daar.taus.{domain}"',
+        ["tests/test_error_field_names.py::test_every_config_field_an_error_names_exists"],
+    ),
+    (
+        "progress_carriage_return_off_tty",
+        "off a terminal the progress lines are carriage-return redraws",
+        "ideal_jax/utils/progress.py",
+        'self.fp.write(line + "\\n")',
+        'self.fp.write("\\r" + line)',
+        ["tests/test_progress.py"],
+    ),
+    (
+        "progress_line_every_update",
+        "off a terminal a line at every update (no interval)",
+        "ideal_jax/utils/progress.py",
+        "if now - self._last_line >= self.log_every:",
+        "if True:",
+        ["tests/test_progress.py::test_off_a_terminal_progress_is_a_line_at_most_every_n_seconds"],
+    ),
+    (
+        "progress_lines_on_tty",
+        "lines instead of a bar on a terminal too",
+        "ideal_jax/utils/progress.py",
+        "if not off and not _NOTEBOOK and not _is_terminal(stream):",
+        "if not off and not _NOTEBOOK:",
+        ["tests/test_progress.py::test_on_a_terminal_the_bar_is_tqdm_as_before"],
+    ),
+    (
+        "upsample_always_repeats",
+        "fresh_first ignored: a growing domain only repeats D_k's entries",
+        "ideal_jax/data/mixture.py",
+        'if upsample == "fresh_first" and volume > n and name in pool_of:',
+        "if False:",
+        ["tests/test_pools_and_budget.py"],
+    ),
+    (
+        "fresh_before_repeat_order",
+        "fresh_first takes one example fewer than it could and repeats instead",
+        "ideal_jax/data/mixture.py",
+        "take = min(volume - n, len(unused))",
+        "take = max(min(volume - n, len(unused)) - 1, 0)",
+        ["tests/test_pools_and_budget.py"],
+    ),
+    (
+        "demo_dev_rows_are_test_rows",
+        "the demo's reference (dev) rows overlap its test rows",
+        "ideal_jax/data/demo_suite.py",
+        "test = order[: min(n_test, len(rows) - n_ref)]",
+        "test = order[-min(n_test, len(rows)) :]",
+        ["tests/test_pools_and_budget.py"],
+    ),
+    (
+        "budget_ignored",
+        "every mixture trains its own epoch length (the equal-steps budget ignored)",
+        "ideal_jax/data/suite.py",
+        "steps = own_steps if steps_per_epoch is None else int(steps_per_epoch)",
+        "steps = own_steps",
+        ["tests/test_pools_and_budget.py"],
+    ),
+    (
+        "random_reports_its_selection_run",
+        "random reports the selection run it was chosen from (same training seed)",
+        "ideal_jax/compare/run.py",
+        "FRESH_TRAIN_SEED_OFFSET = 10_007",
+        "FRESH_TRAIN_SEED_OFFSET = 0",
+        [
+            "tests/test_compare.py::test_random_is_chosen_on_dev_and_reported_from_a_fresh_training_seed"
+        ],
+    ),
+    (
+        "policy_reject_keeps_the_rejected_mixture",
+        "a rejected round's step starts from the rejected mixture, not the incumbent",
+        "ideal_jax/round.py",
+        "base = k if decision.accepted else decision.incumbent",
+        "base = k",
+        ["tests/test_step_policy_loop.py"],
+    ),
+    (
+        "policy_never_shrinks",
+        "a rejected step is retried with the same step size",
+        "ideal_jax/step_policy.py",
+        "shorter = m * cfg.shrink",
+        "shorter = m",
+        ["tests/test_step_policy.py"],
+    ),
+    (
+        "policy_accepts_ties",
+        "an equal dev objective counts as an improvement",
+        "ideal_jax/step_policy.py",
+        "if objective < state.incumbent_objective:",
+        "if objective <= state.incumbent_objective:",
+        ["tests/test_step_policy.py"],
+    ),
+    (
+        "policy_result_is_the_last_round",
+        "the result is the last round, not the best accepted one",
+        "ideal_jax/ideal.py",
+        'return int(rows[-1].get("policy", {}).get("incumbent", rows[-1]["round"]))',
+        'return int(rows[-1]["round"])',
+        ["tests/test_step_policy_loop.py"],
+    ),
+    (
+        "policy_prediction_nominal",
+        "the recorded prediction uses the nominal β, not the step as applied",
+        "ideal_jax/round.py",
+        "predicted_change = float(np.dot(alpha_j, the_step.beta_applied))",
+        "predicted_change = float(np.dot(alpha_j, the_step.beta_nominal))",
+        ["tests/test_step_policy_loop.py"],
+    ),
+]
+
+
 def _copy_tree(dest: str) -> None:
     """The committed tree (HEAD), extracted to `dest`: uncommitted edits never leak in."""
     archive = subprocess.run(["git", "archive", "HEAD"], cwd=ROOT, check=True, capture_output=True)
     subprocess.run(["tar", "-x", "-C", dest], input=archive.stdout, check=True)
 
 
+TIERS = (("unit", []), ("integration", ["-m", "integration"]))
+
+
+def _pytest(tmp: str, tests: list[str], tier_args: list[str]) -> tuple[int, list[str], str]:
+    """(exit code, failed node ids, stdout) of the listed tests in one tier, in the copy."""
+    env = {k: v for k, v in os.environ.items() if k != "IDEAL_JAX_TEST_DEVICES"}
+    env["PYTHONPATH"] = tmp
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tier_args] + tests,
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    failed = [
+        line.split(" ")[1]
+        for line in proc.stdout.splitlines()
+        if line.startswith("FAILED ") or line.startswith("ERROR ")
+    ]
+    return proc.returncode, failed, proc.stdout
+
+
 def run_one(mutation, keep: bool = False) -> dict:
+    """Apply one mutation to a copy of HEAD and run its tests: the unit tier first (the default
+    `python -m pytest`), then the integration tier if the unit tier did not catch it."""
     name, what, rel, old, new, tests = mutation
     tmp = tempfile.mkdtemp(prefix=f"mut_{name}_")
     try:
@@ -474,30 +659,24 @@ def run_one(mutation, keep: bool = False) -> dict:
         if text.count(old) != 1:
             raise SystemExit(f"{name}: the text to mutate occurs {text.count(old)}× in {rel}")
         open(path, "w", encoding="utf-8").write(text.replace(old, new))
-        env = {**os.environ, "PYTHONPATH": tmp}
         start = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider"]
-            + tests,
-            cwd=tmp,
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        failed = [
-            line.split(" ")[1]
-            for line in proc.stdout.splitlines()
-            if line.startswith("FAILED ") or line.startswith("ERROR ")
-        ]
-        # pytest exits 1 when tests failed; any other non-zero code (no pytest, a collection or
-        # usage error) says nothing about the mutation and must not count as caught.
-        if proc.returncode not in (0, 1):
-            raise SystemExit(f"{name}: pytest exited {proc.returncode}:\n{proc.stdout[-2000:]}")
+        caught_by, failed = None, []
+        for tier, args in TIERS:
+            code, failed, stdout = _pytest(tmp, tests, args)
+            # pytest exits 1 when tests failed and 5 when the tier selects none of them; any
+            # other non-zero code (no pytest, a collection or usage error) says nothing about
+            # the mutation and must not count as caught.
+            if code not in (0, 1, 5):
+                raise SystemExit(f"{name}: pytest exited {code} ({tier}):\n{stdout[-2000:]}")
+            if code == 1 and failed:
+                caught_by = tier
+                break
         return {
             "name": name,
             "what": what,
-            "caught": proc.returncode == 1 and bool(failed),
-            "failed": failed,
+            "caught": caught_by is not None,
+            "tier": caught_by,
+            "failed": failed if caught_by else [],
             "seconds": round(time.perf_counter() - start, 1),
         }
     finally:
@@ -514,10 +693,10 @@ def main() -> None:
     for mutation in chosen:
         r = run_one(mutation)
         results.append(r)
-        mark = "caught" if r["caught"] else "NOT CAUGHT"
-        print(f"{r['name']:<28} {mark:<10} {r['seconds']:>6.1f}s  {', '.join(r['failed'][:2])}")
+        mark = f"caught ({r['tier']})" if r["caught"] else "NOT CAUGHT"
+        print(f"{r['name']:<34} {mark:<21} {r['seconds']:>6.1f}s  {', '.join(r['failed'][:2])}")
         print(f"    {r['what']}", flush=True)
-    print(json.dumps({r["name"]: r["caught"] for r in results}))
+    print(json.dumps({r["name"]: r["tier"] if r["caught"] else False for r in results}))
 
 
 if __name__ == "__main__":
