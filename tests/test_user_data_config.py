@@ -16,14 +16,25 @@ DEVICES = jax.device_count()
 
 
 def _refused(changes: dict, field: str, tmp_path, *text: str) -> str:
-    workdir = str(tmp_path / "run")
+    """main.check_config's InputError (what main.run calls first: see the test below)."""
     with pytest.raises(InputError) as info:
-        main.run(tiny_config(**changes), workdir)
+        main.check_config(tiny_config(**changes))
     assert info.value.field == field, str(info.value)
     for t in text:
         assert t in str(info.value), str(info.value)
-    assert not os.path.exists(workdir)
     return str(info.value)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"train.learning_rate": -1e-3}, {"mesh.data": DEVICES + 1}, {"train.batch_size": 3}],
+    ids=["negative_lr", "mesh", "batch"],
+)
+def test_run_checks_the_config_before_the_workdir_exists(tmp_path, changes):
+    workdir = str(tmp_path / "run")
+    with pytest.raises(InputError):
+        main.run(tiny_config(**changes), workdir)
+    assert not os.path.exists(workdir)
 
 
 @pytest.mark.parametrize(
