@@ -227,10 +227,14 @@ def validate_config(cfg: ml_collections.ConfigDict | dict) -> None:
             )
     if _get(cfg, "compare.methods") is not _MISSING:
         parse_compare_methods(cfg)
-    if _get(cfg, "reweight.policy") is not _MISSING:  # choices, ranges and the bounds' order
-        from ideal_jax import step_policy
-
-        step_policy.PolicyConfig.from_config_dict(_get(cfg, "reweight"))
+    if _get(cfg, "reweight.policy") == "trust_region":  # the step bounds' order
+        lo, m, hi = (_get(cfg, f"reweight.{f}") for f in ("step_min", "step_size", "step_max"))
+        if all(isinstance(v, int | float) for v in (lo, m, hi)) and not lo <= m <= hi:
+            raise InputError(
+                f"the step bounds are out of order: need step_min ({lo}) <= step_size ({m}) "
+                f"<= step_max ({hi})",
+                field=f"reweight.{'step_max' if m > hi else 'step_min'}",
+            )
     for field, (check, what) in RANGES.items():
         value = _get(cfg, field)
         if value is _MISSING:
@@ -334,8 +338,10 @@ def check_paths(cfg) -> None:
             continue  # the demo suite is built into the workdir: these are not read
         if field.startswith("daar.") and not reads_daar:
             continue
-        if field == "daar.seed_pairs" and _get(cfg, "daar.generator") != "file":
-            continue
+        if field == "daar.seed_pairs" and (
+            _get(cfg, "daar.generator") != "file" or _get(cfg, "daar.seed_pairs") == "demo"
+        ):
+            continue  # "demo": the demo suite's pairs, written into the workdir
         value = _get(cfg, field)
         if hasattr(value, "items"):
             named += [(f"{field}.{key}", path) for key, path in value.items()]

@@ -34,8 +34,8 @@ from typing import Any
 from ideal_jax import configlib
 from ideal_jax.utils.errors import InputError
 
-POLICIES = ("trust_region", "fixed")
-OBJECTIVES = ("reference_loss", "dev_score")
+POLICIES = configlib.CHOICES["reweight.policy"]
+OBJECTIVES = configlib.CHOICES["reweight.accept_on"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,29 +55,8 @@ class PolicyConfig:
         values = configlib.section_fields(section, cls, "reweight")
         return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
 
-    def __post_init__(self):
-        if self.policy not in POLICIES:
-            raise InputError(
-                f"{self.policy!r} is not allowed; allowed: {', '.join(POLICIES)}",
-                field="reweight.policy",
-            )
-        if self.accept_on not in OBJECTIVES:
-            raise InputError(
-                f"{self.accept_on!r} is not allowed; allowed: {', '.join(OBJECTIVES)}",
-                field="reweight.accept_on",
-            )
-        if not self.step_min > 0:
-            raise InputError(f"must be > 0, got {self.step_min}", field="reweight.step_min")
-        if self.policy == "trust_region" and not (self.step_min <= self.step_size <= self.step_max):
-            raise InputError(
-                f"the step bounds are out of order: need step_min ({self.step_min}) <= "
-                f"step_size ({self.step_size}) <= step_max ({self.step_max})",
-                field=f"reweight.{'step_max' if self.step_size > self.step_max else 'step_min'}",
-            )
-        if not self.widen >= 1:
-            raise InputError(f"must be >= 1, got {self.widen}", field="reweight.widen")
-        if not 0 < self.shrink < 1:
-            raise InputError(f"must be in (0, 1), got {self.shrink}", field="reweight.shrink")
+    def __post_init__(self):  # the config's own checks: choices, ranges, the bounds' order
+        configlib.validate_config({"reweight": dataclasses.asdict(self)})
 
 
 @dataclasses.dataclass(frozen=True)

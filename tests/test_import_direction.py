@@ -18,7 +18,7 @@ LAYERS = [
     {"memory_plan"},
     {"curvature_batch"},
     {"influence"},
-    {"reweight"},
+    {"reweight", "step_policy"},
     {"evaluate"},
     {"daar"},
     {"summary"},
