@@ -13,8 +13,13 @@ The config's `mode` picks the job:
 ideal and sft runs also write the last round's model to DIR/final_model/ (cfg.export.final_model).
 Rerunning the same command on an existing DIR resumes where it stopped. Bad input exits with
 status 2 and a one-line message naming the file, record and field; nothing already written is
-touched. A bad config (unknown field, ill-typed or disallowed value) is refused before DIR is
-created. `--config configs/NAME.py` also works outside the repository: a path that does not exist
+touched. A bad config (unknown field, ill-typed or out-of-range value, a mesh or batch that does
+not fit this machine's devices, a path that does not exist) is refused before DIR is created. A
+full disk also exits 2 with one line (the path, what failed to fit); Ctrl-C exits 130; both
+resume exactly when rerun. A rerun of an existing DIR is refused (exit 2) when an artifact was
+edited since it was written (every one is listed) or when it asks for fewer rounds than DIR
+holds. Everything else is a bug and stays a traceback (`report_error` decides, in one place).
+`--config configs/NAME.py` also works outside the repository: a path that does not exist
 relative to the current directory is looked up in the installed `configs` package.
 """
 

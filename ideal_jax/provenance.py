@@ -12,7 +12,10 @@ influence.json a step was computed from). `sha256` is the artifact's own content
 is reused only when both match: otherwise the run stops with exit 2, saying which input changed
 (or that the file was edited), and leaves everything as it is. So a workdir whose config.json was
 deleted cannot lend its artifacts to another config, edited data is noticed, and a hand-edited
-influence.json is not trusted.
+influence.json is not trusted. A rerun checks every recorded artifact of the workdir first
+(`check_unmodified`, listing each edited one), so a finished run whose rounds are all skipped
+does not report from an edited file either, and refuses fewer rounds than it holds
+(`check_extent`).
 """
 
 from __future__ import annotations
