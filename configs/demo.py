@@ -23,19 +23,44 @@ capabilities equally:
   - translate_wrong (600) is harmful: translate's very prompts with a conflicting table.
 A good mixer moves volume from the saturated and harmful domains to the starved capability.
 Rounds keep the total fixed (equal training tokens).
+
+Other starting mixtures with other defects (same suite, same 7,000 examples), `d0=NAME`:
+  facts_starved   facts starved (250), codes oversized (2,600), times 1,800, cities 650
+  translate_harm  translate itself starved (300) and its harmful twin large (1,200)
+e.g. `--config configs/demo.py:seeds=5,d0=facts_starved`.
 """
 
 from configs import common
+from ideal_jax.utils.errors import InputError
+
+# D0 shares (the sources hold demo_pool_factor times as many).
+STARTING_MIXTURES = {
+    "default": dict(
+        times=2600, facts=1300, translate=1100, codes=1100, cities=300, translate_wrong=600
+    ),
+    "facts_starved": dict(
+        times=1800, facts=250, translate=1100, codes=2600, cities=650, translate_wrong=600
+    ),
+    "translate_harm": dict(
+        times=2000, facts=1300, translate=300, codes=1100, cities=1100, translate_wrong=1200
+    ),
+}
 
 
 def get_config(arg: str | None = None):
+    items = [x for x in (arg or "").split(",") if x.strip()]
+    chosen = [x.split("=", 1)[1].strip() for x in items if x.strip().startswith("d0=")]
+    arg = ",".join(x for x in items if not x.strip().startswith("d0="))
+    d0 = chosen[-1] if chosen else "default"
+    if d0 not in STARTING_MIXTURES:
+        raise InputError(
+            f"unknown starting mixture {d0!r}; one of {', '.join(STARTING_MIXTURES)}", field="d0"
+        )
     cfg = common.base_config()
     cfg.mode = "ideal"
     cfg.rounds = 2
     cfg.data.demo = True
-    cfg.data.demo_train_sizes = dict(
-        times=2600, facts=1300, translate=1100, codes=1100, cities=300, translate_wrong=600
-    )
+    cfg.data.demo_train_sizes = dict(STARTING_MIXTURES[d0])
     cfg.data.demo_n_test = 40  # test rows of each 64-row table (disjoint from the dev rows)
     cfg.data.demo_n_ref = 24  # dev rows: the reference set
     cfg.data.demo_pool_factor = 4  # each source holds 4x its D0 share

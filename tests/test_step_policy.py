@@ -113,3 +113,35 @@ def test_bad_policy_settings_name_the_field(changes, field):
 def test_the_base_config_builds_a_policy():
     cfg = step_policy.PolicyConfig.from_config_dict(common.base_config().reweight)
     assert cfg.step_min <= cfg.step_size <= cfg.step_max
+
+
+def test_the_dev_objective_is_the_reference_loss_or_minus_the_dev_score():
+    from ideal_jax import round as round_lib
+
+    cfg = common.base_config()
+    scores = {
+        "reference_loss": {"all": 9.0, "a": 1.0, "b": 2.0},
+        "tasks": {"dev": {"per_capability": {"a": 0.5, "b": 0.75}}, "demo": {}},
+    }
+    assert round_lib.dev_objective(scores, cfg, "reference_loss") == pytest.approx(1.5)
+    assert round_lib.dev_objective(scores, cfg, "dev_score") == pytest.approx(-0.625)
+    assert round_lib.dev_objective({"tasks": {}}, cfg, "dev_score") is None
+
+
+def test_the_dev_task_scores_the_reference_rows_and_is_not_a_test_score():
+    from ideal_jax import summary
+    from ideal_jax.data import suite as suite_lib
+    from ideal_jax.data.records import Example
+
+    reference = {
+        "math": [Example("r1", "math", (("system", "be brief"), ("user", "2+2")), "4")],
+        "code": [Example("r2", "code", (("user", "print 1"),), "1")],
+    }
+    task = suite_lib.dev_task(reference, common.base_config().eval)
+    assert task["type"] == "exact_match"
+    assert [(r["capability"], r["prompt"], r["response"]) for r in task["records"]] == [
+        ("math", "2+2", "4"),
+        ("code", "print 1", "1"),
+    ]
+    row = {"eval": {"tasks": {"dev": {"primary": 0.9}, "gsm8k": {"primary": 0.4}}}}
+    assert summary.round_scores(row) == {"gsm8k": 0.4}

@@ -122,11 +122,31 @@ def _load_suite(cfg, workdir: str) -> Suite:
     ]
     ref_tokenized, ref_stats = tokenize(progress.bar(ref_examples, "tokenize reference", unit="ex"))
     stats["reference"] = ref_stats.to_dict()
+    if cfg.reweight.accept_on == "dev_score":  # the step policy scores the dev rows too
+        eval_tasks["dev"] = dev_task(reference, cfg.eval)
     if not ref_tokenized:
         raise InputError(
             "the reference set has no example with response tokens", field="data.reference"
         )
     return Suite(domains, reference, tokenizer, tokenized, ref_tokenized, stats, eval_tasks)
+
+
+def dev_task(reference: dict[str, list[records.Example]], eval_cfg) -> dict:
+    """The reference (dev) set as an exact-match task "dev" (reweight.accept_on = dev_score):
+    each example's last user turn is the prompt, its response the answer. Its scores feed the
+    step policy only; summary tables and comparisons score the test tasks."""
+    rows = []
+    for cap, examples in reference.items():
+        for ex in examples:
+            users = [content for role, content in ex.messages if role == "user"]
+            prompt = users[-1] if users else (ex.messages[-1][1] if ex.messages else "")
+            rows.append({"id": ex.id, "capability": cap, "prompt": prompt, "response": ex.response})
+    return {
+        "type": "exact_match",
+        "records": rows,
+        "max_new_tokens": eval_cfg.max_new_tokens,
+        "batch_size": eval_cfg.batch_size,
+    }
 
 
 def initial_sizes(cfg) -> dict[str, int]:
