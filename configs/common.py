@@ -12,7 +12,9 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.mode = (
         "ideal"  # ideal | sft | influence | eval | daar | export | compare (ideal_jax/main.py)
     )
-    cfg.rounds = 2  # outer rounds: D0 -> D1 -> D2 (METHOD.md §1.2)
+    # Retrainings after D0 (the paper: 2, D0 -> D1 -> D2); with the trust-region policy rejected
+    # rounds count too (docs/method_choices.md, "Step policy")
+    cfg.rounds = 3
     cfg.seed = 0
     cfg.seeds = 1  # repeat with seeds seed..seed+seeds-1: paired 95% CIs (ideal, compare)
     cfg.progress = True  # progress bars
@@ -126,14 +128,16 @@ def base_config() -> ml_collections.ConfigDict:
     # Every ReweightConfig field, with the only defaults it has (tests/test_reweight.py).
     # paper (largest |β| = m) | optax (state kept across rounds) | outer (steps on Q, trust m)
     cfg.reweight.rule = "paper"
-    cfg.reweight.step_size = 0.15  # m; the paper tried 0.1, 0.15, 0.3 and recommends 0.15
+    # m: the largest |β| of the first step (trust_region), of every step (fixed); the paper tried
+    # 0.1, 0.15, 0.3 and recommends 0.15 with a fixed m. 0.5: docs/method_choices.md, "Step policy"
+    cfg.reweight.step_size = 0.5
     # The step policy (ideal_jax/step_policy.py): trust_region = retrain, accept a step only if
     # the dev objective improved (then widen the next by `widen`, up to step_max), else return
     # to the incumbent and shrink by `shrink`, stopping below step_min; step_size is the first
     # step | fixed = the paper (every step kept, m = step_size)
-    cfg.reweight.policy = "fixed"
-    cfg.reweight.step_max = 1.0
-    cfg.reweight.step_min = 0.05
+    cfg.reweight.policy = "trust_region"
+    cfg.reweight.step_max = 2.0
+    cfg.reweight.step_min = 0.2
     cfg.reweight.widen = 2.0
     cfg.reweight.shrink = 0.5
     # The dev objective the policy compares: reference_loss (the dev split's) | dev_score

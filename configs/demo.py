@@ -58,7 +58,6 @@ def get_config(arg: str | None = None):
         )
     cfg = common.base_config()
     cfg.mode = "ideal"
-    cfg.rounds = 2
     cfg.data.demo = True
     cfg.data.demo_train_sizes = dict(STARTING_MIXTURES[d0])
     cfg.data.demo_n_test = 40  # test rows of each 64-row table (disjoint from the dev rows)

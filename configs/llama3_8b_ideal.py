@@ -51,6 +51,7 @@ def get_config(arg: str | None = None):
     cfg.curvature.batch_size = 16
     cfg.influence.operator = "ekfac"
     cfg.influence.batch_size = 16
+    cfg.reweight.policy = "fixed"  # the paper keeps every step
     cfg.reweight.step_size = 0.15
     cfg.eval.demo = False
     bench = f"{args['data']}/benchmarks"

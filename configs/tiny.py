@@ -9,6 +9,11 @@ from configs import common
 def get_config(arg: str | None = None):
     cfg = common.base_config()
     cfg.rounds = 1
+    # The paper's fixed step: the loop tests check each step as computed and applied; the
+    # trust-region policy (the default) is tested with a scripted objective
+    # (tests/test_step_policy_loop.py sets it back).
+    cfg.reweight.policy = "fixed"
+    cfg.reweight.step_size = 0.15
     cfg.data.demo = True
     cfg.data.demo_train_sizes = dict(arithmetic=40, reverse=120, sort=60, lookup=80, uppercase=60)
     cfg.data.demo_n_test = 8
