@@ -63,6 +63,7 @@ def sweep_seed(source: str, seed: int, steps: list[float], workdir: str) -> list
         for name in parents:
             node = node[name]
         node[leaf] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+    cfg.reweight.policy = "fixed"  # single steps of the paper rule at each m; no policy
     cfg = ideal.seed_config(cfg, seed - int(cfg.seed), mode="ideal")
     round0 = os.path.join(seed_dir, "ideal", "round_0")
     d0 = mixture_lib.read_manifest(os.path.join(round0, "mixture.json"))
@@ -127,7 +128,7 @@ def aggregate(rows: list[dict], steps: list[float]) -> list[dict]:
                 "predicted": stats.mean_ci(pred),
                 "measured": stats.mean_ci(meas),
                 "measured_minus_predicted": stats.paired(meas, pred),
-                "sign_agrees": sum(np.sign(a) == np.sign(b) for a, b in zip(pred, meas)),
+                "sign_agrees": int(sum(np.sign(a) == np.sign(b) for a, b in zip(pred, meas))),
                 "ratio_median": float(np.median([b / a for a, b in zip(pred, meas) if a]))
                 if any(pred)
                 else None,
@@ -144,19 +145,25 @@ def plot(table: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     m = [t["m"] for t in table]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in (("predicted", "predicted α·β"), ("measured", "measured ΔJ (retrained)")):
-        axes[0].errorbar(
-            m,
-            [t[key]["mean"] for t in table],
-            yerr=[t[key]["ci95"] or 0 for t in table],
-            marker="o",
-            capsize=3,
-            label=label,
-        )
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    # Measured and predicted on their own axes: "paper" scaling omits |D_j|/N, so only the sign
+    # and the shape of the prediction are comparable, not its magnitude.
+    axes[0].errorbar(
+        m,
+        [t["measured"]["mean"] for t in table],
+        yerr=[t["measured"]["ci95"] or 0 for t in table],
+        marker="o",
+        capsize=3,
+        color="tab:orange",
+        label="measured ΔJ (retrained), left axis",
+    )
     axes[0].axhline(0, color="gray", lw=0.8)
-    axes[0].set(xlabel="step size m", ylabel="change of the dev reference loss", xscale="log")
-    axes[0].legend()
+    axes[0].set(xlabel="step size m", ylabel="measured change of the dev reference loss")
+    axes[0].set_xscale("log")
+    twin = axes[0].twinx()
+    twin.plot(m, [t["predicted"]["mean"] for t in table], "s--", color="tab:blue")
+    twin.set_ylabel("predicted α·β (mean over seeds)", color="tab:blue")
+    axes[0].legend(loc="lower left", fontsize=8)
     axes[1].errorbar(
         m,
         [t["test_delta"]["mean"] for t in table],
