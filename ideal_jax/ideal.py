@@ -154,14 +154,13 @@ def result_round(rows: list[dict]) -> int:
 
 def _finish(run: Run, rows: list[dict]) -> dict[str, Any]:
     best = result_round(rows)
-    result = summary.write_summary(run.workdir, run.cfg, rows, result_round=best)
-    if distributed.is_lead_host():
+    if distributed.is_lead_host():  # the result first: a failing plot must not lose it
         last = os.path.join(run.rdir(best), "mixture.json")
         final = mixture_lib.read_manifest(last)
         mixture_lib.export_jsonl(
             final, run.suite.domains, os.path.join(run.workdir, "final_mixture.jsonl")
         )
-    return result
+    return summary.write_summary(run.workdir, run.cfg, rows, result_round=best)
 
 
 def seed_config(cfg, s: int, mode: str | None = None):
