@@ -29,6 +29,7 @@ def get_config(arg: str | None = None):
         arithmetic=400, reverse=2000, sort=1000, lookup=800, uppercase=1600, arithmetic_wrong=600
     )
     cfg.data.demo_n_test = 200
+    cfg.data.demo_pool_factor = 1  # the pool is the labeled demo domains themselves
     cfg.mode = "ideal" if ideal else "daar"
     cfg.daar.domains = DESCRIPTIONS
     cfg.daar.generator = "file"

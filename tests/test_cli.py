@@ -105,7 +105,7 @@ def test_rerun_resumes_without_redoing_stages(finished_run):
     workdir, _ = finished_run
     timings = json.load(open(os.path.join(workdir, "round_1", "timings.json")))
     influence = open(os.path.join(workdir, "round_0", "influence.json")).read()
-    main.run(_config(), workdir)
+    main.run(_config(rounds=2), workdir)  # the same config (fewer rounds is refused)
     assert json.load(open(os.path.join(workdir, "round_1", "timings.json"))) == timings
     assert open(os.path.join(workdir, "round_0", "influence.json")).read() == influence
 
@@ -114,7 +114,7 @@ def test_workdir_of_another_config_is_refused_and_untouched(finished_run):
     workdir, _ = finished_run
     before = open(os.path.join(workdir, "config.json")).read()
     with pytest.raises(InputError, match=r"different config.*train.learning_rate"):
-        main.run(_config(**{"train.learning_rate": 0.5}), workdir)
+        main.run(_config(**{"train.learning_rate": 0.5, "rounds": 2}), workdir)
     assert open(os.path.join(workdir, "config.json")).read() == before
 
 

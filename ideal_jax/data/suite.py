@@ -153,7 +153,8 @@ def initial_sizes(cfg) -> dict[str, int]:
     """D0's share of each domain's source (data.initial_sizes; on the demo with a pool factor
     above 1, the demo's train sizes). A domain not named keeps its whole source."""
     sizes = {name: int(n) for name, n in cfg.data.initial_sizes.items()}
-    if cfg.data.demo and cfg.data.demo_pool_factor > 1:
+    # (DaaR pseudo-domains, daar.use_for_ideal, are not the demo's domains: no demo shares.)
+    if cfg.data.demo and cfg.data.demo_pool_factor > 1 and not cfg.daar.use_for_ideal:
         demo = {n: int(v) for n, v in cfg.data.demo_train_sizes.items() if v > 0}
         sizes = {**demo, **sizes}
     return sizes
