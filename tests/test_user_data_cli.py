@@ -121,6 +121,7 @@ app.run(main.main, flags_parser=main.parse_flags)
 """
 
 
+@pytest.mark.slow  # ~2-4 min of whole runs; unit: tests/test_user_data_faults.py
 def test_disk_full_ends_with_one_line_and_the_rerun_is_exact(clean, tmp_path):
     workdir = tmp_path / "run"
     proc = _cli(workdir, prefix=["-c", DISK_FULL])
@@ -135,6 +136,7 @@ def test_disk_full_ends_with_one_line_and_the_rerun_is_exact(clean, tmp_path):
     _same_outputs(clean, workdir)
 
 
+@pytest.mark.slow  # ~2-4 min of whole runs; unit: tests/test_user_data_faults.py
 def test_ctrl_c_ends_with_one_line_and_the_rerun_is_exact(clean, tmp_path):
     workdir = tmp_path / "run"
     proc = subprocess.Popen(
