@@ -87,8 +87,8 @@ def test_a_missing_objective_is_refused_under_the_trust_region():
 @pytest.mark.parametrize(
     "changes, field",
     [
-        ({"step_size": 1.5}, "reweight.step_max"),  # above the maximum
-        ({"step_min": 0.3}, "reweight.step_min"),  # floor above the first step
+        ({"step_size": 3.0}, "reweight.step_max"),  # above the maximum
+        ({"step_min": 0.7}, "reweight.step_min"),  # floor above the first step
         ({"step_min": 0.0}, "reweight.step_min"),
         ({"step_min": -0.1}, "reweight.step_min"),
         ({"accept_on": "dev_accuracy"}, "reweight.accept_on"),
