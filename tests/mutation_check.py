@@ -818,7 +818,11 @@ def _pytest(tmp: str, tests: list[str], tier_args: list[str]) -> tuple[int, list
     env = {k: v for k, v in os.environ.items() if k != "IDEAL_JAX_TEST_DEVICES"}
     env["PYTHONPATH"] = tmp
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tier_args] + tests,
+        # --tb=native: pytest's own traceback formatting crashed (INTERNALERROR, an AST recursion
+        # error of Python 3.11) on one mutation's deep orbax traceback
+        [sys.executable, "-m", "pytest", "-q", "-x", "--tb=native", "-p", "no:cacheprovider"]
+        + tier_args
+        + tests,
         cwd=tmp,
         env=env,
         capture_output=True,
