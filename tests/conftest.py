@@ -2,7 +2,8 @@
 
 Tiers (pyproject.toml's markers):
   python -m pytest                  the unit tier: 2 fake devices, no whole loop, no subprocess
-  python -m pytest -m integration   end-to-end runs on the 8-device mesh, sharing one finished run
+  python -m pytest -m "integration and not slow"
+                                    end-to-end runs on the 8-device mesh, sharing one finished run
   python -m pytest -m slow          the long ones (8 devices)
 
 The device count follows the tier that `-m` selects (8 when it names `integration` or `slow`

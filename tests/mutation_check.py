@@ -810,7 +810,7 @@ def _copy_tree(dest: str) -> None:
     subprocess.run(["tar", "-x", "-C", dest], input=archive.stdout, check=True)
 
 
-TIERS = (("unit", []), ("integration", ["-m", "integration"]))
+TIERS = (("unit", []), ("integration", ["-m", "integration and not slow"]))
 
 
 def _pytest(tmp: str, tests: list[str], tier_args: list[str]) -> tuple[int, list[str], str]:
