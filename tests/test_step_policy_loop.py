@@ -17,9 +17,9 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 pytestmark = pytest.mark.integration
 
-# The dev objective each round "measures": round 1 worse than D0 (rejected), round 2 better
-# (accepted). The result is round 2.
-SCRIPT = [1.0, 1.2, 0.9]
+# The dev objective each round "measures": rounds 1 and 2 both worse than D0 (rejected). The
+# result is D0 (round 0), not the last round.
+SCRIPT = [1.0, 1.2, 1.1]
 CHANGES = {
     "rounds": 2,
     "reweight.policy": "trust_region",
@@ -73,10 +73,10 @@ def test_rejected_rounds_restart_from_the_incumbent_with_a_shorter_step(finished
     summary = _json(finished, "summary.json")
     rows = summary["rounds"]
     assert [r["round"] for r in rows] == [0, 1, 2]  # rejected rounds are trained and counted
-    assert [r["policy"]["accepted"] for r in rows] == [True, False, True]
-    assert [r["policy"]["incumbent"] for r in rows] == [0, 0, 2]
-    assert rows[2]["policy"]["step_size"] == pytest.approx(0.2)  # accepted: 0.1 widened
-    assert summary["result_round"] == 2
+    assert [r["policy"]["accepted"] for r in rows] == [True, False, False]
+    assert [r["policy"]["incumbent"] for r in rows] == [0, 0, 0]
+    assert rows[2]["policy"]["step_size"] == pytest.approx(0.05)  # rejected again: 0.1 halved
+    assert summary["result_round"] == 0
     # Round 0's step: m = 0.2. Round 1 rejected: its step starts from D0 again, m = 0.1.
     assert rows[0]["next_step"] == pytest.approx(
         {
@@ -117,7 +117,7 @@ def test_the_recorded_prediction_is_alpha_dot_the_applied_step(finished):
 
 
 def test_the_final_mixture_is_the_best_accepted_round(finished):
-    best = _json(finished, "round_2", "mixture.json")
+    best = _json(finished, "round_0", "mixture.json")
     counts = {}
     with open(os.path.join(finished, "final_mixture.jsonl")) as f:
         for line in f:
@@ -142,7 +142,7 @@ def test_sigkill_inside_a_rejected_round_resumes_to_the_same_result(finished, tm
         want = f.read()
     with open(os.path.join(workdir, "final_mixture.jsonl")) as f:
         assert f.read() == want
-    assert _json(workdir, "summary.json")["result_round"] == 2
+    assert _json(workdir, "summary.json")["result_round"] == 0
 
 
 if __name__ == "__main__":  # the child of the SIGKILL test: run until killed in round KILL_AT
