@@ -246,3 +246,19 @@ def test_every_mixture_trains_the_budgets_steps_whatever_it_packs_into():
     budget_batches, _ = mixture_batches(suite, d0, train_cfg, data_cfg, 0, d0_steps)
     for a, b in zip(own_batches(1), budget_batches(1)):
         np.testing.assert_array_equal(a["tokens"], b["tokens"])
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("data.upsample", "fresh"), ("train.budget", "tokens"), ("data.demo_pool_factor", 0)],
+)
+def test_bad_pool_and_budget_settings_are_refused_when_the_config_loads(field, value):
+    from configs import common
+    from ideal_jax import configlib
+
+    cfg = common.base_config()
+    section, leaf = field.split(".")
+    cfg[section][leaf] = value
+    with pytest.raises(InputError) as e:
+        configlib.validate_config(cfg)
+    assert e.value.field == field
