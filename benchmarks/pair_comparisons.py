@@ -109,15 +109,9 @@ def table(seeds, methods: dict[str, list[dict]], focus: str) -> dict:
     return out
 
 
-def _cell(e, signed=False):
-    if e.get("mean") is None:
-        return "—"
-    mean = f"{e['mean']:+.3f}" if signed else f"{e['mean']:.3f}"
-    ci = f" ± {e['ci95']:.3f}" if e.get("ci95") is not None else ""
-    return mean + ci + (" *" if e.get("significant") else "")
-
-
 def format_table(result: dict) -> str:
+    from ideal_jax.compare.report import format_cell
+
     n = len(result["seeds"])
     lines = [
         f"{n} seeds; test split exact match; ± = 95% CI; * = paired CI excludes 0",
@@ -126,16 +120,18 @@ def format_table(result: dict) -> str:
     ]
     for name, e in result["methods"].items():
         tokens = f"{e['tokens']:,.0f}" if e["tokens"] else "—"
-        delta = _cell(e["vs_d0"], True) if name != "d0" else "—"
+        delta = format_cell(e["vs_d0"], True) if name != "d0" else "—"
         lines.append(
-            f"{name:<12} {_cell(e['average']):>16} {delta:>18} "
-            f"{_cell(e['reference_loss']):>16} {'/'.join(map(str, e['steps'])):>6} "
+            f"{name:<12} {format_cell(e['average']):>16} {delta:>18} "
+            f"{format_cell(e['reference_loss']):>16} {'/'.join(map(str, e['steps'])):>6} "
             f"{tokens:>9} {e['compute_sft_epochs'] or float('nan'):>10.1f}"
         )
     if result["focus_vs"]:
         lines.append(f"{result['focus']} − method (average test exact match, paired):")
         for name, d in result["focus_vs"].items():
-            lines.append(f"  − {name:<12} {_cell(d, True):>18}  better in {d['wins']}/{n} seeds")
+            lines.append(
+                f"  − {name:<12} {format_cell(d, True):>18}  better in {d['wins']}/{n} seeds"
+            )
     return "\n".join(lines)
 
 

@@ -146,17 +146,20 @@ def plot(table: list[dict], path: str) -> None:
 
     m = [t["m"] for t in table]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+
     # Measured and predicted on their own axes: "paper" scaling omits |D_j|/N, so only the sign
     # and the shape of the prediction are comparable, not its magnitude.
-    axes[0].errorbar(
-        m,
-        [t["measured"]["mean"] for t in table],
-        yerr=[t["measured"]["ci95"] or 0 for t in table],
-        marker="o",
-        capsize=3,
-        color="tab:orange",
-        label="measured ΔJ (retrained), left axis",
-    )
+    def errorbar(ax, key: str, **style):  # mean ± 95% CI over seeds, per step size
+        ax.errorbar(
+            m,
+            [t[key]["mean"] for t in table],
+            yerr=[t[key]["ci95"] or 0 for t in table],
+            marker="o",
+            capsize=3,
+            **style,
+        )
+
+    errorbar(axes[0], "measured", color="tab:orange", label="measured ΔJ (retrained), left axis")
     axes[0].axhline(0, color="gray", lw=0.8)
     axes[0].set(xlabel="step size m", ylabel="measured change of the dev reference loss")
     axes[0].set_xscale("log")
@@ -164,14 +167,7 @@ def plot(table: list[dict], path: str) -> None:
     twin.plot(m, [t["predicted"]["mean"] for t in table], "s--", color="tab:blue")
     twin.set_ylabel("predicted α·β (mean over seeds)", color="tab:blue")
     axes[0].legend(loc="lower left", fontsize=8)
-    axes[1].errorbar(
-        m,
-        [t["test_delta"]["mean"] for t in table],
-        yerr=[t["test_delta"]["ci95"] or 0 for t in table],
-        marker="o",
-        capsize=3,
-        color="tab:green",
-    )
+    errorbar(axes[1], "test_delta", color="tab:green")
     axes[1].axhline(0, color="gray", lw=0.8)
     axes[1].set(xlabel="step size m", ylabel="Δ average test exact match vs D0", xscale="log")
     fig.suptitle("one step from D0 (95% CI over seeds)")

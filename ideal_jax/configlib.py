@@ -378,6 +378,18 @@ def section_fields(
     return values
 
 
+def derived(cfg: ml_collections.ConfigDict, changes: dict[str, Any]) -> ml_collections.ConfigDict:
+    """A locked copy of `cfg` with the dotted fields of `changes` set ({"train.seed": 3})."""
+    out = type(cfg)(cfg.to_dict())  # an unlocked copy
+    for key, value in changes.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    return out.lock()
+
+
 def to_dict(cfg: ml_collections.ConfigDict | dict) -> dict[str, Any]:
     return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
 

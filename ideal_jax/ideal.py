@@ -52,19 +52,34 @@ def load_run(cfg, workdir: str, *, loaded: Run | None = None) -> Run:
 
         domains = daar_job.pseudo_domain_examples(cfg, workdir, suite, model_cfg, base_params, mesh)
         suite = suite_lib.with_domains(suite, domains, cfg.data)
+    d0_ids, pools = suite_lib.d0_source_ids(cfg, suite)
     return Run(
-        cfg=cfg,
         workdir=workdir,
         mesh=mesh,
         suite=suite,
         model_cfg=model_cfg,
         base_params=base_params,
         inputs={"data": provenance.data_fingerprint(suite)},
-        reweight_cfg=reweight.ReweightConfig.from_config_dict(cfg.reweight),
-        steps_per_epoch=suite_lib.d0_steps_per_epoch(cfg, suite),
-        policy_cfg=step_policy.PolicyConfig.from_config_dict(cfg.reweight),
-        pools={n: [t.example_id for t in items] for n, items in suite.tokenized.items()},
+        steps_per_epoch=suite_lib.d0_steps_per_epoch(cfg, suite, d0_ids),
+        pools=pools,
+        d0_ids=d0_ids,
+        **_config_parts(cfg),
     )
+
+
+def _config_parts(cfg) -> dict[str, Any]:
+    """The parts of a Run built from the config alone (the typed reweight and policy sections)."""
+    return {
+        "cfg": cfg,
+        "reweight_cfg": reweight.ReweightConfig.from_config_dict(cfg.reweight),
+        "policy_cfg": step_policy.PolicyConfig.from_config_dict(cfg.reweight),
+    }
+
+
+def rebind(run: Run, cfg) -> Run:
+    """`run` under another config with the same data, model and training budget (the compare
+    ablation's reweight settings, another training seed): its config-built parts rebuilt."""
+    return dataclasses.replace(run, **_config_parts(cfg))
 
 
 def run_ideal(cfg, workdir: str, *, loaded: Run | None = None) -> dict[str, Any]:
@@ -73,7 +88,7 @@ def run_ideal(cfg, workdir: str, *, loaded: Run | None = None) -> dict[str, Any]
     loaded: a Run already loaded by the caller (mode=compare shares one across its methods).
     """
     run = load_run(cfg, workdir, loaded=loaded)
-    _write_data_stats(workdir, run.suite, run.cfg)
+    _write_data_stats(workdir, run)
     state, rows = initial_state(run), []
     while True:
         last = state.k == cfg.rounds
@@ -88,7 +103,7 @@ def run_ideal(cfg, workdir: str, *, loaded: Run | None = None) -> dict[str, Any]
 def run_sft(cfg, workdir: str) -> dict[str, Any]:
     """mode=sft: train and evaluate D_0 (round_0 only)."""
     run = load_run(cfg, workdir)
-    _write_data_stats(workdir, run.suite, run.cfg)
+    _write_data_stats(workdir, run)
     _, row = _resumable_round(run, initial_state(run), step=False)
     return _finish(run, [row])
 
@@ -96,7 +111,7 @@ def run_sft(cfg, workdir: str) -> dict[str, Any]:
 def run_influence(cfg, workdir: str) -> dict[str, Any]:
     """mode=influence: α (and the step it implies) for cfg.model as it is, on D_0; no training."""
     run = load_run(cfg, workdir)
-    _write_data_stats(workdir, run.suite, run.cfg)
+    _write_data_stats(workdir, run)
     _, row = run_round(run, initial_state(run), train=False, step=True)
     return _finish(run, [row])
 
@@ -165,11 +180,8 @@ def _finish(run: Run, rows: list[dict]) -> dict[str, Any]:
 
 def seed_config(cfg, s: int, mode: str | None = None):
     """Repetition s of a multi-seed job: seed and training seed shifted by s, one seed, locked."""
-    out = type(cfg)(cfg.to_dict())  # an unlocked copy
-    out.seed, out.seeds, out.train.seed = cfg.seed + s, 1, cfg.train.seed + s
-    if mode is not None:
-        out.mode = mode
-    return out.lock()
+    changes = {"seed": cfg.seed + s, "seeds": 1, "train.seed": cfg.train.seed + s}
+    return configlib.derived(cfg, changes | ({} if mode is None else {"mode": mode}))
 
 
 def run_seeds(cfg, workdir: str, run_one) -> dict[str, Any]:
@@ -185,13 +197,13 @@ def run_seeds(cfg, workdir: str, run_one) -> dict[str, Any]:
     return agg
 
 
-def _write_data_stats(workdir: str, suite, cfg=None) -> None:
+def _write_data_stats(workdir: str, run: Run) -> None:
     """DIR/data_stats.json: per domain (and the reference set) examples read, kept, truncated and
     dropped with the reason, and how many of the kept ones D0 holds (its share; the rest is the
     pool a growing domain draws from); rewritten only when it changes (a resumed run writes
     nothing). Per round, mixture.json says how many examples are fresh, repeated and unused."""
+    suite, d0_ids = run.suite, run.d0_ids
     stats = {"domains": {}, "reference": suite.format_stats.get("reference")}
-    d0_ids = suite_lib.d0_source_ids(cfg, suite)[0] if cfg is not None else {}
     for name, s in suite.format_stats.items():
         if name != "reference":
             stats["domains"][name] = {

@@ -38,11 +38,12 @@ class Run:
     base_params: Any
     inputs: dict  # run-level fingerprints (data); stage fingerprints add config sections
     reweight_cfg: reweight.ReweightConfig
+    policy_cfg: step_policy.PolicyConfig
     # The optimizer steps per epoch every training of the run takes (train.budget = d0_steps:
     # D0's); None: each mixture its own epoch.
-    steps_per_epoch: int | None = None
-    pools: dict | None = None  # each domain's whole source (ids): what a growing domain draws
-    policy_cfg: step_policy.PolicyConfig | None = None  # None: every step kept (the paper)
+    steps_per_epoch: int | None
+    pools: dict[str, list[str]]  # each domain's whole source (ids): what a growing domain draws
+    d0_ids: dict[str, list[str]]  # D0: each domain's share of its pool (data.initial_sizes)
 
     def rdir(self, k: int) -> str:
         return os.path.join(self.workdir, f"round_{k}")
@@ -126,19 +127,15 @@ def save_state(run: Run, state: RoundState) -> None:
 def initial_state(run: Run) -> RoundState:
     """Round 0: D_0 = the given mixture (β = 0): each domain's share of its source
     (data.initial_sizes; the whole source by default), no optimizer state."""
-    from ideal_jax.data.suite import d0_source_ids
-
-    d0_ids, pools = d0_source_ids(run.cfg, run.suite)
+    with_pool = run.cfg.data.upsample == "fresh_first" or run.d0_ids != run.pools
     mix = mixture_lib.build_mixture(
-        d0_ids, None, seed=run.cfg.seed, keep_total=run.reweight_cfg.keep_total
+        run.d0_ids,
+        None,
+        seed=run.cfg.seed,
+        keep_total=run.reweight_cfg.keep_total,
+        pools=run.pools if with_pool else None,
+        upsample=run.cfg.data.upsample,
     )
-    if run.cfg.data.upsample == "fresh_first" or d0_ids != pools:
-        mix = dataclasses.replace(
-            mix,
-            pool_sizes=tuple(len(pools[n]) for n in mix.domain_names),
-            fresh=(0,) * len(mix.domain_names),
-            upsample=run.cfg.data.upsample,
-        )
     return RoundState(k=0, mixture=mix)
 
 
@@ -161,10 +158,9 @@ def run_round(
         row["reference_loss_predicted"] = state.predicted_reference_loss
         row["reference_loss_measured"] = reference_objective(scores, cfg)
     # The step policy's measurement: keep D_k (accept) or return to the incumbent (reject).
-    policy_cfg = run.policy_cfg or _fixed_policy(run)
-    policy_state = state.policy or step_policy.initial_state(policy_cfg)
-    objective = dev_objective(scores, cfg, policy_cfg.accept_on)
-    decision = step_policy.decide(policy_cfg, policy_state, k, objective)
+    policy_state = state.policy or step_policy.initial_state(run.policy_cfg)
+    objective = dev_objective(scores, cfg, run.policy_cfg.accept_on)
+    decision = step_policy.decide(run.policy_cfg, policy_state, k, objective)
     row["policy"] = decision.to_json()
     if policy_state.predicted_change is not None and decision.objective is not None:
         row["predicted_change"] = policy_state.predicted_change
@@ -215,7 +211,7 @@ def run_round(
     alpha_j, stderr_j = influence.row("all"), influence.stderr_row("all")
     step_cfg = dataclasses.replace(run.reweight_cfg, step_size=decision.step_size)
     reweight_inputs = run.stage_inputs("reweight", mixture=base_mix_path, influence=influence_path)
-    if run.policy_cfg is not None and run.policy_cfg.policy != "fixed":
+    if run.policy_cfg.policy != "fixed":
         # the step's size and origin come from the policy state saved with this round
         reweight_inputs = provenance.with_upstream(
             reweight_inputs, state=os.path.join(rdir, "state.json")
@@ -283,12 +279,6 @@ def run_round(
         predicted_reference_loss=predicted,
         policy=decision.next_state(predicted_change),
     ), row
-
-
-def _fixed_policy(run: Run) -> step_policy.PolicyConfig:
-    """The paper's policy for runs built without one (library callers): every step kept."""
-    m = float(run.reweight_cfg.step_size)
-    return step_policy.PolicyConfig("fixed", m, m, m, 1.0, 0.5, "reference_loss")
 
 
 def dev_objective(scores: dict, cfg, accept_on: str) -> float | None:

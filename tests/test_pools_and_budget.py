@@ -45,14 +45,8 @@ def test_repeat_reproduces_the_mixtures_written_before_pools_byte_for_byte():
 def _pooled_d0(pool_sizes, d0_sizes, seed=0):
     pools = {n: _ids(n, k) for n, k in pool_sizes.items()}
     shares = mixture.initial_shares(pools, d0_sizes, seed=seed)
-    d0 = mixture.build_mixture(shares, None, seed=seed, keep_total=True)
-    d0 = mixture.Mixture(
-        **{
-            **d0.__dict__,
-            "pool_sizes": tuple(pool_sizes[n] for n in d0.domain_names),
-            "fresh": (0,) * len(pool_sizes),
-            "upsample": "fresh_first",
-        }
+    d0 = mixture.build_mixture(
+        shares, None, seed=seed, keep_total=True, pools=pools, upsample="fresh_first"
     )
     return pools, d0
 

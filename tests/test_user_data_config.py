@@ -6,7 +6,7 @@ import os
 
 import jax
 import pytest
-from config_helpers import tiny_config
+from config_helpers import set_fields, tiny_config
 from hostile_data import BAD_CONFIG_VALUES, batch_geometry_cases, mesh_cases
 
 from ideal_jax import configlib, main
@@ -100,13 +100,7 @@ def _own_data_config(tmp_path, **changes):
     cfg.unlock()
     cfg.data.domains = {"math": str(data)}
     cfg.eval.tasks = {"mmlu": {"type": "multiple_choice", "path": str(data)}}
-    for key, value in changes.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
-    return cfg
+    return set_fields(cfg, changes)
 
 
 @pytest.mark.parametrize(

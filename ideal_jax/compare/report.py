@@ -95,7 +95,7 @@ def build(per_seed: list[dict[str, Any]], methods: tuple[str, ...], cfg) -> dict
     return result
 
 
-def _cell(entry: dict[str, Any], signed: bool = False) -> str:
+def format_cell(entry: dict[str, Any], signed: bool = False) -> str:
     if entry.get("mean") is None:
         return "—"
     mean = f"{entry['mean']:+.3f}" if signed else f"{entry['mean']:.3f}"
@@ -116,14 +116,14 @@ def format_table(comparison: dict[str, Any]) -> str:
     ]
     for m, e in methods.items():
         avg = e["scores"]["average"]
-        delta = _cell(avg["vs_d0"], signed=True) if m != "d0" else "—"
+        delta = format_cell(avg["vs_d0"], signed=True) if m != "d0" else "—"
         ref = e["reference_loss"]
-        ref_delta = _cell(ref["vs_d0"], signed=True) if m != "d0" else "—"
+        ref_delta = format_cell(ref["vs_d0"], signed=True) if m != "d0" else "—"
         epochs = e["compute_sft_epochs"]["mean"]
         steps = sorted(set(e.get("train_steps", [])))
         tokens = [t for t in e.get("train_tokens", []) if t is not None]
         lines.append(
-            f"{m:<8} {_cell(avg):>16} {delta:>20} {_cell(ref):>16} {ref_delta:>20} "
+            f"{m:<8} {format_cell(avg):>16} {delta:>20} {format_cell(ref):>16} {ref_delta:>20} "
             f"{epochs if epochs is not None else float('nan'):>10.1f} "
             f"{'/'.join(map(str, steps)):>6} "
             f"{(f'{np.mean(tokens):,.0f}' if tokens else '—'):>9} "
@@ -133,14 +133,14 @@ def format_table(comparison: dict[str, Any]) -> str:
         lines.append("IDEAL − method, paired (average test score | dev ref loss):")
         for m, d in comparison["ideal_vs"].items():
             lines.append(
-                f"  ideal − {m:<8} {_cell(d['average'], signed=True):>20} "
-                f"{_cell(d['reference_loss'], signed=True):>20}"
+                f"  ideal − {m:<8} {format_cell(d['average'], signed=True):>20} "
+                f"{format_cell(d['reference_loss'], signed=True):>20}"
             )
     lines.append("Δ per capability vs D0:")
     lines.append(f"{'method':<8} " + " ".join(f"{c:>18}" for c in caps))
     for m, e in methods.items():
         if m != "d0":
-            cells = [_cell(e["scores"][c]["vs_d0"], signed=True) for c in caps]
+            cells = [format_cell(e["scores"][c]["vs_d0"], signed=True) for c in caps]
             lines.append(f"{m:<8} " + " ".join(f"{x:>18}" for x in cells))
     r = comparison["regret"]["average_score"]
     shares = ", ".join(

@@ -33,18 +33,16 @@ rerun of the command resumes where it stopped and reuses what is finished.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from typing import Any
 
 import numpy as np
 
-from ideal_jax import artifacts, configlib, ideal, step_policy, summary
+from ideal_jax import artifacts, configlib, ideal, summary
 from ideal_jax import round as round_lib
 from ideal_jax.compare import baselines, report
 from ideal_jax.data import mixture as mixture_lib
-from ideal_jax.data import suite as suite_lib
 from ideal_jax.utils import progress
 from ideal_jax.utils.distributed import is_lead_host
 
@@ -100,6 +98,13 @@ def _run_metrics(cfg, rdir: str, scores: dict, mix) -> dict[str, Any]:
     }
 
 
+def _round_metrics(cfg, loop_dir: str, loop: dict[str, Any], k: int) -> dict[str, Any]:
+    """The metrics of round k of a finished IDEAL loop in `loop_dir` (its summary `loop`)."""
+    rdir = os.path.join(loop_dir, f"round_{k}")
+    mix = mixture_lib.read_manifest(os.path.join(rdir, "mixture.json"))
+    return _run_metrics(cfg, rdir, loop["rounds"][k]["eval"], mix)
+
+
 def _train_seconds(rdir: str) -> float:
     path = os.path.join(rdir, "timings.json")
     return float(artifacts.read_json(path).get("train", 0.0)) if os.path.exists(path) else 0.0
@@ -110,7 +115,7 @@ def run_seed(cfg, sdir: str, methods: tuple[str, ...]) -> dict[str, Any]:
     os.makedirs(sdir, exist_ok=True)
     run = ideal.load_run(cfg, sdir)
     mesh, suite, model_cfg, base_params = run.mesh, run.suite, run.model_cfg, run.base_params
-    d0_ids, _ = suite_lib.d0_source_ids(cfg, suite)
+    d0_ids = run.d0_ids
     names = list(d0_ids)
     total = sum(len(v) for v in d0_ids.values())
     epochs = max(int(cfg.train.epochs), 1)
@@ -133,9 +138,8 @@ def run_seed(cfg, sdir: str, methods: tuple[str, ...]) -> dict[str, Any]:
         )
         method_run = run
         if train_seed_offset:
-            method_cfg = type(cfg)(cfg.to_dict())
-            method_cfg.train.seed = int(cfg.train.seed) + train_seed_offset
-            method_run = dataclasses.replace(run, cfg=method_cfg.lock())
+            seed = int(cfg.train.seed) + train_seed_offset
+            method_run = ideal.rebind(run, configlib.derived(cfg, {"train.seed": seed}))
         timer = artifacts.Timer(os.path.join(rdir, "timings.json"))
         with progress.stage(name):
             params, scores = round_lib.train_and_evaluate(method_run, rdir, timer, base_params, mix)
@@ -147,10 +151,8 @@ def run_seed(cfg, sdir: str, methods: tuple[str, ...]) -> dict[str, Any]:
     ideal_dir = os.path.join(sdir, "ideal")
     ideal_run = ideal.run_ideal(cfg, ideal_dir, loaded=run)
     best = int(ideal_run["result_round"])
-    for method, k in (("d0", 0), ("ideal", best)):
-        rdir = os.path.join(ideal_dir, f"round_{k}")
-        mix = mixture_lib.read_manifest(os.path.join(rdir, "mixture.json"))
-        results[method] = _run_metrics(cfg, rdir, ideal_run["rounds"][k]["eval"], mix)
+    results["d0"] = _round_metrics(cfg, ideal_dir, ideal_run, 0)
+    results["ideal"] = _round_metrics(cfg, ideal_dir, ideal_run, best)
     results["ideal"]["rounds_trained"] = len(ideal_run["rounds"])
     results["ideal"]["result_round"] = best
     epoch_s = _train_seconds(os.path.join(ideal_dir, "round_0")) / epochs or float("nan")
@@ -161,23 +163,19 @@ def run_seed(cfg, sdir: str, methods: tuple[str, ...]) -> dict[str, Any]:
 
     compute = {"d0": epochs, "ideal": loop_compute(ideal_run)}
     if "ideal_paper" in methods:  # the paper's fixed step as an ablation: m = 0.15, 2 rounds
-        paper_cfg = type(cfg)(cfg.to_dict())
-        paper_cfg.reweight.policy, paper_cfg.reweight.step_size = "fixed", PAPER_STEP_SIZE
-        paper_cfg.rounds = PAPER_ROUNDS
-        paper_cfg = paper_cfg.lock()
-        paper_run = dataclasses.replace(
-            run,
-            cfg=paper_cfg,
-            reweight_cfg=dataclasses.replace(run.reweight_cfg, step_size=PAPER_STEP_SIZE),
-            policy_cfg=step_policy.PolicyConfig.from_config_dict(paper_cfg.reweight),
+        paper_cfg = configlib.derived(
+            cfg,
+            {
+                "reweight.policy": "fixed",
+                "reweight.step_size": PAPER_STEP_SIZE,
+                "rounds": PAPER_ROUNDS,
+            },
         )
         paper_dir = os.path.join(sdir, "ideal_paper")
         with progress.stage("ideal_paper"):
-            paper = ideal.run_ideal(paper_cfg, paper_dir, loaded=paper_run)
-        rdir = os.path.join(paper_dir, f"round_{paper['result_round']}")
-        mix = mixture_lib.read_manifest(os.path.join(rdir, "mixture.json"))
-        results["ideal_paper"] = _run_metrics(
-            paper_cfg, rdir, paper["rounds"][paper["result_round"]]["eval"], mix
+            paper = ideal.run_ideal(paper_cfg, paper_dir, loaded=ideal.rebind(run, paper_cfg))
+        results["ideal_paper"] = _round_metrics(
+            paper_cfg, paper_dir, paper, int(paper["result_round"])
         )
         compute["ideal_paper"] = loop_compute(paper)
     weights_seen: list[tuple[np.ndarray, float]] = [

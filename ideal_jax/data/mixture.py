@@ -191,8 +191,13 @@ def build_mixture(
     *,
     seed: int,
     keep_total: bool = False,
+    pools: Mapping[str, Sequence[str]] | None = None,
+    upsample: str = "repeat",
 ) -> Mixture:
-    """Resamples each domain's ids to its target volume; `beta=None` is the β = 0 mixture."""
+    """Resamples each domain's ids to its target volume; `beta=None` is the β = 0 mixture.
+
+    pools: each domain's whole source, of which `domain_ids` is a share; the mixture then
+    records the pool sizes and the `upsample` policy later steps grow domains with."""
     names = tuple(domain_ids)
     if beta is None:
         beta_values = [0.0] * len(names)
@@ -224,6 +229,9 @@ def build_mixture(
         unrounded_targets=tuple(unrounded),
         step_beta=(0.0,) * len(names),  # a first mixture has no previous round
         step_beta_nominal=(0.0,) * len(names),
+        pool_sizes=tuple(len(pools[n]) for n in names) if pools else (),
+        fresh=(0,) * len(names) if pools else (),
+        upsample=upsample if pools else "repeat",
     )
 
 

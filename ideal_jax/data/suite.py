@@ -307,11 +307,10 @@ def count_tokens(batches_for_epoch, epochs: int) -> dict[str, int]:
     return {"tokens": tokens, "loss_tokens": loss_tokens}
 
 
-def d0_steps_per_epoch(cfg, suite: Suite) -> int | None:
+def d0_steps_per_epoch(cfg, suite: Suite, d0_ids: dict[str, list[str]]) -> int | None:
     """The training budget every mixture of the run trains (train.budget): D0's own steps per
-    epoch for d0_steps, None (each mixture its own) for epochs."""
+    epoch for d0_steps, None (each mixture its own) for epochs. d0_ids: `d0_source_ids`."""
     if cfg.train.budget != "d0_steps":
         return None
-    d0_ids, _ = d0_source_ids(cfg, suite)
     d0 = mixture.build_mixture(d0_ids, None, seed=cfg.seed)
     return mixture_batches(suite, d0, cfg.train, cfg.data, suite.tokenizer.pad_token_id or 0)[1]
