@@ -38,9 +38,20 @@ class KfacTags:
 
     layers: frozenset[str]
     token_mask_bt: jax.Array | None = None
+    # LoRA adapters (ideal_jax/model/lora.py) riding along with the tags to every Linear:
+    # {layer path: {"lora_a": {"kernel": [D_in, r]}, "lora_b": {"kernel": [r, D_out]}}} and the
+    # scale alpha / r. An adapter is tagged for kfac-jax as "lora.<path>.lora_a" / ".lora_b".
+    lora: Any = None
+    lora_scale: Any = None
 
 
-jax.tree_util.register_dataclass(KfacTags, data_fields=["token_mask_bt"], meta_fields=["layers"])
+jax.tree_util.register_dataclass(
+    KfacTags, data_fields=["token_mask_bt", "lora", "lora_scale"], meta_fields=["layers"]
+)
+
+# The params key of the LoRA adapters: {"scale": [], "layers": {i: {"self_attn" | "mlp":
+# {proj: {"lora_a": {"kernel"}, "lora_b": {"kernel"}}}}}} (ideal_jax/model/lora.py).
+LORA_KEY = "lora"
 
 
 class Linear(nnx.Module):
@@ -71,26 +82,46 @@ class Linear(nnx.Module):
         bias = None if self.bias is None else self.bias[...].astype(dtype)
         x = x.astype(dtype)
         if kfac_tags is not None and self.path in kfac_tags.layers:
-            return self._tagged(x, kernel, bias, kfac_tags)
-        y = jnp.einsum("...D,DF->...F", x, kernel)
-        return y if bias is None else y + bias
+            y = _tagged_dense(x, kernel, bias, kfac_tags)
+        else:
+            y = jnp.einsum("...D,DF->...F", x, kernel)
+            y = y if bias is None else y + bias
+        adapter = None if kfac_tags is None or kfac_tags.lora is None else kfac_tags.lora
+        adapter = None if adapter is None else adapter.get(self.path)
+        return y if adapter is None else y + self._lora(x, adapter, dtype, kfac_tags)
 
-    def _tagged(self, x, kernel, bias, kfac_tags: KfacTags) -> jax.Array:
-        import kfac_jax  # curvature passes only; keeps the plain forward free of kfac-jax
+    def _lora(self, x, adapter, dtype, kfac_tags: KfacTags) -> jax.Array:
+        """scale · (x A) B, each matmul tagged for kfac-jax when its adapter path is chosen."""
+        name = f"{LORA_KEY}.{self.path}"
+        a_dr = adapter["lora_a"]["kernel"].astype(dtype)
+        b_rf = adapter["lora_b"]["kernel"].astype(dtype)
+        if f"{name}.lora_a" in kfac_tags.layers:
+            u = _tagged_dense(x, a_dr, None, kfac_tags)
+        else:
+            u = jnp.einsum("...D,DR->...R", x, a_dr)
+        if f"{name}.lora_b" in kfac_tags.layers:
+            v = _tagged_dense(u, b_rf, None, kfac_tags)
+        else:
+            v = jnp.einsum("...R,RF->...F", u, b_rf)
+        return (kfac_tags.lora_scale.astype(dtype) * v).astype(dtype)
 
-        lead_shape, d_in = x.shape[:-1], x.shape[-1]
-        x_nd = x.reshape(-1, d_in)
-        if kfac_tags.token_mask_bt is not None:
-            mask_n1 = sharding.constrain_rows(kfac_tags.token_mask_bt.reshape(-1, 1))
-            x_nd = x_nd * mask_n1.astype(x_nd.dtype)
-        # Token rows over (data, fsdp) (inside sharding.activation_mesh): else XLA lays the tag's
-        # inputs out like the row-sharded factors they feed and must replicate them to go back.
-        x_nd = sharding.constrain_rows(x_nd)
-        y_nf = sharding.constrain_rows(x_nd @ kernel)
-        if bias is not None:
-            y_nf = y_nf + bias
-        y_nf = kfac_jax.register_dense(y_nf, x_nd, kernel, bias)
-        return y_nf.reshape(*lead_shape, kernel.shape[1])
+
+def _tagged_dense(x, kernel, bias, kfac_tags: KfacTags) -> jax.Array:
+    import kfac_jax  # curvature passes only; keeps the plain forward free of kfac-jax
+
+    lead_shape, d_in = x.shape[:-1], x.shape[-1]
+    x_nd = x.reshape(-1, d_in)
+    if kfac_tags.token_mask_bt is not None:
+        mask_n1 = sharding.constrain_rows(kfac_tags.token_mask_bt.reshape(-1, 1))
+        x_nd = x_nd * mask_n1.astype(x_nd.dtype)
+    # Token rows over (data, fsdp) (inside sharding.activation_mesh): else XLA lays the tag's
+    # inputs out like the row-sharded factors they feed and must replicate them to go back.
+    x_nd = sharding.constrain_rows(x_nd)
+    y_nf = sharding.constrain_rows(x_nd @ kernel)
+    if bias is not None:
+        y_nf = y_nf + bias
+    y_nf = kfac_jax.register_dense(y_nf, x_nd, kernel, bias)
+    return y_nf.reshape(*lead_shape, kernel.shape[1])
 
 
 class RMSNorm(nnx.Module):
@@ -336,6 +367,19 @@ def _bind(cfg: ModelConfig, params: Params) -> Transformer:
     return nnx.merge(graphdef, state)
 
 
+def _with_lora(params: Params, kfac_tags: KfacTags | None) -> tuple[Params, KfacTags]:
+    """(the base parameters, tags carrying the adapters of params[LORA_KEY] and their scale)."""
+    lora = params[LORA_KEY]
+    base = {k: v for k, v in params.items() if k != LORA_KEY}
+    adapters = {}
+    for i, layer in lora["layers"].items():
+        for block, projections in layer.items():
+            for name, adapter in projections.items():
+                adapters[f"layers.{i}.{block}.{name}"] = adapter
+    tags = kfac_tags if kfac_tags is not None else KfacTags(frozenset())
+    return base, dataclasses.replace(tags, lora=adapters, lora_scale=lora["scale"])
+
+
 def forward(
     cfg: ModelConfig,
     params: Params,
@@ -354,6 +398,7 @@ def forward(
     """Logits [B, T, V] in float32 (and the updated KV cache when `cache` is given).
 
     segment_ids: 0 marks padding; attention never crosses segments (packed sequences).
+    params[LORA_KEY] (optional): LoRA adapters added to their projections (ideal_jax/model/lora.py).
     cache: per-layer dicts from `ideal_jax.model.decoding.init_cache`; the query indices are then
       cache positions, not 0..T-1.
     num_layers / return_hidden: stop after the first `num_layers` decoder layers and return the
@@ -364,6 +409,8 @@ def forward(
     """
     if (hidden_btd is None) != (start_layer == 0) or (start_layer and cache is not None):
         raise ValueError("start_layer > 0 needs hidden_btd (and no KV cache), and only then")
+    if LORA_KEY in params:  # LoRA adapters (model/lora.py) ride along with the tags
+        params, kfac_tags = _with_lora(params, kfac_tags)
     model = _bind(cfg, params)
     b, t = tokens_bt.shape
     if segment_ids_bt is None:

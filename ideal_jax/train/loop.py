@@ -17,6 +17,9 @@ Config fields read from the `cfg.train` section (values live in configs/common.p
   keep_checkpoints  how many recent checkpoints to keep
   seed              parameter-initialisation and state PRNG seed
   decay_embeddings  (optional, default False) whether the token embedding gets weight decay
+  finetuning        full | freeze | lora (train/finetuning.py; the `finetuning` argument)
+  prefix_cache, prefix_cache_gib   freeze: keep the frozen layers' output per example
+                    (train/prefix_cache.py), up to this many GiB in memory, the rest on disk
 
 Resuming: a rerun on the same workdir restores the latest checkpoint, skips the batches of the
 current epoch already consumed and truncates metrics.jsonl to the restored step, so a run that was
@@ -38,10 +41,12 @@ from jax.sharding import Mesh
 from ideal_jax import sharding
 from ideal_jax.model.config import ModelConfig
 from ideal_jax.train.checkpoint import Checkpointer
+from ideal_jax.train.finetuning import Finetuning
 from ideal_jax.train.metrics import MetricsWriter, read_metrics, summarize_window
+from ideal_jax.train.prefix_cache import PrefixCache
 from ideal_jax.train.state import abstract_train_state, init_train_state, make_optimizer
 from ideal_jax.train.state import state_shardings as make_state_shardings
-from ideal_jax.train.step import make_train_step
+from ideal_jax.train.step import PREFIX_HIDDEN, make_train_step
 from ideal_jax.utils import progress as progress_lib
 from ideal_jax.utils.errors import InputError
 
@@ -139,6 +144,8 @@ def run_sft(
     domain_names: Sequence[str] = (),
     progress: bool = True,
     compiler_options: dict[str, Any] | None = None,
+    finetuning: Finetuning | None = None,
+    prefix_cache_dir: str | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Train for `train_cfg.epochs` epochs of `steps_per_epoch` updates; returns (params, summary).
 
@@ -147,6 +154,9 @@ def run_sft(
     base model), else random ones from train.seed. eval_fn(params) -> dict runs once at the end;
     its result goes into the summary. Checkpoints go to workdir/checkpoints, metrics to
     workdir/metrics.jsonl and workdir/tb. compiler_options: XLA options for the step (tests only).
+    finetuning: which parameters train (None: all). With LoRA the returned params hold
+    params["lora"] (model/lora.py merges them). With freeze, the frozen layers' output is kept per
+    example (train_cfg.prefix_cache), spilling to `prefix_cache_dir` beyond prefix_cache_gib.
     """
     workdir = os.fspath(workdir)
     batch_size, seq_len, accum = _check_batch_geometry(train_cfg, mesh)
@@ -154,8 +164,9 @@ def run_sft(
     total_steps = int(train_cfg.epochs) * int(steps_per_epoch)
     num_domains = max(len(domain_names), 1)
     optimizer = make_optimizer(train_cfg, total_steps)
-    abstract = abstract_train_state(model_cfg, optimizer)
-    shardings = make_state_shardings(abstract, model_cfg, mesh)
+    abstract = abstract_train_state(model_cfg, optimizer, finetuning)
+    shardings = make_state_shardings(abstract, model_cfg, mesh, finetuning)
+    tuning = (finetuning or Finetuning("full", model_cfg.num_layers)).to_json()
     ckpt = Checkpointer(
         os.path.join(workdir, "checkpoints"),
         save_every=int(train_cfg.checkpoint_every),
@@ -170,11 +181,24 @@ def run_sft(
                 path=ckpt.step_path(start_step),
                 field="steps_per_epoch",
             )
+        if meta.get("finetuning", tuning) != tuning:
+            raise InputError(
+                f"checkpoint was written with {meta['finetuning']}, this run has {tuning}; use a "
+                "fresh workdir",
+                path=ckpt.step_path(start_step),
+                field="train.finetuning",
+            )
     else:
         seed_key = jax.random.key(int(train_cfg.seed))
         state, _ = init_train_state(
-            model_cfg, optimizer, mesh, seed_key if init_params is None else init_params
+            model_cfg,
+            optimizer,
+            mesh,
+            seed_key if init_params is None else init_params,
+            finetuning=finetuning,
+            lora_key=jax.random.fold_in(seed_key, 2),
         )
+    cache = _prefix_cache(model_cfg, train_cfg, state.params, mesh, finetuning, prefix_cache_dir)
     writer = MetricsWriter(workdir, resume_step=start_step, enabled=jax.process_index() == 0)
     step_fn = make_train_step(
         model_cfg,
@@ -184,6 +208,7 @@ def run_sft(
         num_domains=num_domains,
         grad_accum=accum,
         compiler_options=compiler_options,
+        finetuning=finetuning,
     )
     names = list(domain_names) or ["all"]
     bar = progress_lib.bar(  # labelled with the stage; plain lines when stderr is no terminal
@@ -224,6 +249,8 @@ def run_sft(
                 if index < skip:
                     continue
                 host_batch = _host_batch(host_batch, rows, seq_len, f"epoch {epoch} batch {index}")
+                if cache is not None:  # freeze: the frozen layers' output, computed once
+                    host_batch[PREFIX_HIDDEN] = cache.hidden(host_batch)
                 batch = sharding.shard_batch(host_batch, mesh)
                 if compiled is None:  # compile once, outside the timed steps
                     t0 = time.perf_counter()
@@ -270,6 +297,7 @@ def run_sft(
                             "step_in_epoch": step % steps_per_epoch,
                             "steps_per_epoch": int(steps_per_epoch),
                             "total_steps": total_steps,
+                            "finetuning": tuning,
                         },
                     )
             if seen < steps_per_epoch:
@@ -297,7 +325,37 @@ def run_sft(
         "tokens_per_s": positions / train_s if train_s > 0 else None,
         "final_loss": last_entry.get("loss"),
         "final_domain_losses": last_entry.get("domain_losses"),
+        **tuning,
+        "trainable_parameters": int(
+            sum(np.size(x) for x in jax.tree.leaves(_trainable(finetuning, state.params)))
+        ),
     }
     if eval_fn is not None:
         summary["eval"] = eval_fn(state.params)
     return state.params, summary
+
+
+def _trainable(finetuning: Finetuning | None, params: Any) -> Any:
+    return params if finetuning is None else finetuning.trainable(params)
+
+
+def _prefix_cache(model_cfg, train_cfg, params, mesh, finetuning, directory) -> PrefixCache | None:
+    """freeze with train.prefix_cache (single process: each host would compute other examples):
+    the per-example cache of the frozen layers' output; None otherwise (the step then runs them)."""
+    if (
+        finetuning is None
+        or finetuning.first_trained_layer < 1
+        or not train_cfg.get("prefix_cache", True)
+        or jax.process_count() > 1
+    ):
+        return None
+    return PrefixCache(
+        model_cfg,
+        params,
+        finetuning.first_trained_layer,
+        int(train_cfg.seq_len),
+        mesh,
+        rows=int(train_cfg.batch_size),
+        memory_bytes=int(float(train_cfg.get("prefix_cache_gib", 2.0)) * 2**30),
+        directory=directory,
+    )

@@ -1,5 +1,7 @@
-"""The training stage of a round: full-parameter SFT on the round's mixture from given parameters,
-into RDIR/train (checkpoints, metrics, summary.json); a rerun resumes from the checkpoints."""
+"""The training stage of a round: SFT on the round's mixture from given parameters (full, freeze
+or LoRA: cfg.train.finetuning, train/finetuning.py), into RDIR/train (checkpoints, metrics,
+summary.json); a rerun resumes from the checkpoints. A LoRA round hands the next stages its
+adapters merged into the base weights (ideal_jax/model/lora.py); its checkpoints keep them apart."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import os
 from ideal_jax.artifacts import write_json
 from ideal_jax.data import mixture
 from ideal_jax.data.suite import Suite, count_tokens, mixture_batches
+from ideal_jax.train import finetuning as finetuning_lib
 from ideal_jax.train.loop import run_sft
 
 
@@ -37,6 +40,7 @@ def train_round(
     batches_for_epoch, steps = mixture_batches(
         suite, mix, train_cfg, data_cfg, pad_id, steps_per_epoch
     )
+    spec = finetuning_lib.from_config(train_cfg, model_cfg.num_layers)
     params, train_summary = run_sft(
         model_cfg,
         train_cfg,
@@ -47,7 +51,12 @@ def train_round(
         init_params=init_params,
         domain_names=suite.domain_names,
         progress=show_progress,
+        finetuning=spec,
+        # Beside the rounds: later rounds (and epochs) read the examples kept by earlier ones.
+        prefix_cache_dir=os.path.join(os.path.dirname(os.path.abspath(rdir)), "prefix_cache"),
     )
+    if spec.kind == "lora":
+        params = finetuning_lib.merged_params(params, model_cfg, mesh)
     if not train_done(rdir):
         train_summary["steps_per_epoch"] = int(steps)
         train_summary.update(count_tokens(batches_for_epoch, train_cfg.epochs))

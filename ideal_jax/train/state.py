@@ -23,8 +23,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from ideal_jax import sharding
+from ideal_jax.model import lora as lora_lib
 from ideal_jax.model.config import ModelConfig
-from ideal_jax.model.transformer import abstract_params, init_params, logical_axes
+from ideal_jax.model.transformer import LORA_KEY, abstract_params, init_params, logical_axes
+from ideal_jax.train.finetuning import Finetuning
 from ideal_jax.utils.errors import InputError
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -35,8 +37,10 @@ class TrainState:
     """Everything a training run carries from one update to the next.
 
     step: int32 number of optimizer updates applied so far.
-    params: pure nested dict of float32 parameters.
-    opt_state: optax state (Adam moments are sharded like their parameters).
+    params: pure nested dict of float32 parameters (with LoRA: the base model and params["lora"]).
+    opt_state: optax state over the trainable parameters only (`Finetuning.trainable`: all of
+      them, the top N decoder layers, or the LoRA adapters); Adam moments are sharded like their
+      parameters.
     rng: uint32 [2] raw PRNG key data (saved with checkpoints; reserved for dropout / sampling).
     nonfinite_step: int32, -1 while every update so far had a finite loss and gradient; otherwise
       the `step` at which the first non-finite one was met. Once set, updates are no longer
@@ -106,11 +110,17 @@ def make_optimizer(train_cfg: Any, total_steps: int) -> optax.GradientTransforma
     return optax.chain(optax.clip_by_global_norm(clip), adamw) if clip > 0 else adamw
 
 
-def _build_state(params: Any, optimizer: optax.GradientTransformation, rng: jax.Array):
+def _build_state(
+    params: Any,
+    optimizer: optax.GradientTransformation,
+    rng: jax.Array,
+    finetuning: Finetuning | None = None,
+):
+    trainable = params if finetuning is None else finetuning.trainable(params)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        opt_state=optimizer.init(params),
+        opt_state=optimizer.init(trainable),
         rng=rng,
         nonfinite_step=jnp.full((), -1, jnp.int32),
     )
@@ -123,21 +133,54 @@ def _raw_key(rng: jax.Array) -> jax.Array:
     return jnp.asarray(rng, jnp.uint32)
 
 
-def abstract_train_state(model_cfg: ModelConfig, optimizer: optax.GradientTransformation):
+def abstract_train_state(
+    model_cfg: ModelConfig,
+    optimizer: optax.GradientTransformation,
+    finetuning: Finetuning | None = None,
+):
     """Shapes and dtypes of the TrainState, without allocating it."""
     return jax.eval_shape(
-        lambda: _build_state(abstract_zeros(model_cfg), optimizer, jnp.zeros((2,), jnp.uint32))
+        lambda: _build_state(
+            abstract_zeros(model_cfg, finetuning),
+            optimizer,
+            jnp.zeros((2,), jnp.uint32),
+            finetuning,
+        )
     )
 
 
-def abstract_zeros(model_cfg: ModelConfig) -> Any:
-    return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract_params(model_cfg))
+def abstract_all_params(model_cfg: ModelConfig, finetuning: Finetuning | None = None) -> Any:
+    """Shapes of the whole parameter tree: the model's, plus params["lora"] for LoRA."""
+    shapes = abstract_params(model_cfg)
+    if finetuning is not None and finetuning.kind == "lora":
+        adapters = lora_lib.abstract_adapters(model_cfg, finetuning.targets, finetuning.rank)
+        shapes = {**shapes, LORA_KEY: adapters}
+    return shapes
 
 
-def state_shardings(abstract_state: TrainState, model_cfg: ModelConfig, mesh: Mesh) -> TrainState:
+def all_logical_axes(model_cfg: ModelConfig, finetuning: Finetuning | None = None) -> Any:
+    axes = logical_axes(model_cfg)
+    if finetuning is not None and finetuning.kind == "lora":
+        axes = {**axes, LORA_KEY: lora_lib.adapter_logical_axes(model_cfg, finetuning.targets)}
+    return axes
+
+
+def abstract_zeros(model_cfg: ModelConfig, finetuning: Finetuning | None = None) -> Any:
+    return jax.tree.map(
+        lambda a: jnp.zeros(a.shape, a.dtype), abstract_all_params(model_cfg, finetuning)
+    )
+
+
+def state_shardings(
+    abstract_state: TrainState,
+    model_cfg: ModelConfig,
+    mesh: Mesh,
+    finetuning: Finetuning | None = None,
+) -> TrainState:
     """NamedShardings for every leaf: params by logical axes, optimizer leaves that mirror a
     parameter (Adam's mu / nu) like that parameter, everything else (counts, scalars) replicated."""
-    param_sh = sharding.param_shardings(abstract_state.params, logical_axes(model_cfg), mesh)
+    axes = all_logical_axes(model_cfg, finetuning)
+    param_sh = sharding.param_shardings(abstract_state.params, axes, mesh)
     by_path = {}
     for path, (leaf, sh) in _flatten_with_keystr(abstract_state.params, param_sh):
         by_path[path] = (leaf.shape, sh)
@@ -195,6 +238,8 @@ def init_train_state(
     rng_or_params: jax.Array | Any,
     *,
     rng: jax.Array | None = None,
+    finetuning: Finetuning | None = None,
+    lora_key: jax.Array | None = None,
 ) -> tuple[TrainState, TrainState]:
     """A sharded TrainState at step 0 and its shardings.
 
@@ -202,9 +247,15 @@ def init_train_state(
       or a params dict (e.g. a Hugging Face base model, host or device arrays), which is checked
       against the config and resharded.
     rng: the state's own key; defaults to a fold of the init key (or key 0 for given params).
+    finetuning: which parameters train (None: all); with LoRA, fresh adapters from `lora_key`
+      (default key 0) are added as params["lora"].
     """
-    abstract = abstract_train_state(model_cfg, optimizer)
-    shardings = state_shardings(abstract, model_cfg, mesh)
+    abstract = abstract_train_state(model_cfg, optimizer, finetuning)
+    shardings = state_shardings(abstract, model_cfg, mesh, finetuning)
+    if finetuning is not None and finetuning.kind == "lora":
+        return _init_lora_state(
+            model_cfg, optimizer, mesh, rng_or_params, rng, finetuning, lora_key, shardings
+        )
     is_key = isinstance(rng_or_params, jax.Array) and (
         jnp.issubdtype(rng_or_params.dtype, jax.dtypes.prng_key)
         or (rng_or_params.dtype == jnp.uint32 and rng_or_params.shape == (2,))
@@ -216,7 +267,7 @@ def init_train_state(
         state_key = _raw_key(rng if rng is not None else jax.random.fold_in(init_key, 1))
 
         def init_fn(key, state_key):
-            return _build_state(init_params(model_cfg, key), optimizer, state_key)
+            return _build_state(init_params(model_cfg, key), optimizer, state_key, finetuning)
 
         state = jax.jit(init_fn, out_shardings=shardings)(init_key, state_key)
         return state, shardings
@@ -229,5 +280,45 @@ def init_train_state(
     )
     params = jax.device_put(params, shardings.params)
     state_key = _raw_key(rng if rng is not None else jax.random.key(0))
-    build = jax.jit(lambda p, k: _build_state(p, optimizer, k), out_shardings=shardings)
+    build = jax.jit(lambda p, k: _build_state(p, optimizer, k, finetuning), out_shardings=shardings)
     return build(params, state_key), shardings
+
+
+def _init_lora_state(model_cfg, optimizer, mesh, rng_or_params, rng, finetuning, lora_key, sh):
+    """LoRA: the base model's parameters (given, or random from the key) plus fresh adapters."""
+    base_sh = {k: v for k, v in sh.params.items() if k != LORA_KEY}
+    if _is_key(rng_or_params):
+        init_key = _typed_key(rng_or_params)
+        state_key = _raw_key(rng if rng is not None else jax.random.fold_in(init_key, 1))
+        params = jax.jit(lambda k: init_params(model_cfg, k), out_shardings=base_sh)(init_key)
+    else:
+        check_param_shapes(rng_or_params, model_cfg, source="init_params")
+        params = jax.device_put(_as_float32(rng_or_params), base_sh)
+        state_key = _raw_key(rng if rng is not None else jax.random.key(0))
+    key = jax.random.key(0) if lora_key is None else lora_key
+    adapters = jax.jit(
+        lambda k: lora_lib.init_adapters(
+            model_cfg, finetuning.targets, finetuning.rank, finetuning.alpha, k
+        ),
+        out_shardings=sh.params[LORA_KEY],
+    )(key)
+    build = jax.jit(lambda p, k: _build_state(p, optimizer, k, finetuning), out_shardings=sh)
+    return build({**params, LORA_KEY: adapters}, state_key), sh
+
+
+def _is_key(x: Any) -> bool:
+    return isinstance(x, jax.Array) and (
+        jnp.issubdtype(x.dtype, jax.dtypes.prng_key) or (x.dtype == jnp.uint32 and x.shape == (2,))
+    )
+
+
+def _typed_key(x: jax.Array) -> jax.Array:
+    return x if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(x)
+
+
+def _as_float32(params: Any) -> Any:
+    """Cast on the host (numpy) or in place (jax): never gather a whole model onto one device."""
+    return jax.tree.map(
+        lambda x: x.astype(jnp.float32) if isinstance(x, jax.Array) else np.asarray(x, np.float32),
+        params,
+    )

@@ -8,6 +8,11 @@ update (up to float summation order). Microbatch j takes rows j, j+k, j+2k, ...:
 contiguous block of rows then holds its share of every microbatch, and no data moves.
 
 Parameters stay float32 (master weights); `model_cfg.dtype` sets the compute dtype of the forward.
+
+Fine-tuning types (train/finetuning.py): gradients and the optimizer see only the trainable subtree;
+the frozen one is closed over and passed through unchanged (bit-identical). With `freeze`, a batch
+may carry PREFIX_HIDDEN, the hidden state entering the first trained layer (train/prefix_cache.py):
+the step then runs only the layers from there up.
 """
 
 from __future__ import annotations
@@ -24,16 +29,29 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ideal_jax import sharding
 from ideal_jax.model.config import ModelConfig
 from ideal_jax.model.transformer import forward, token_losses
+from ideal_jax.train.finetuning import Finetuning
 from ideal_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+# Optional batch field [B, T, D] float32: the hidden state entering decoder layer `start_layer`.
+PREFIX_HIDDEN = "prefix_hidden"
 
 
-def weighted_token_losses(model_cfg: ModelConfig, params: Any, batch: Batch) -> jax.Array:
-    """token_loss * weights, [B, T] float32 (zero off the response tokens)."""
+def weighted_token_losses(
+    model_cfg: ModelConfig, params: Any, batch: Batch, start_layer: int = 0
+) -> jax.Array:
+    """token_loss * weights, [B, T] float32 (zero off the response tokens). With start_layer > 0
+    and batch[PREFIX_HIDDEN], the layers below start_layer are not run."""
+    prefix = start_layer > 0 and PREFIX_HIDDEN in batch
     logits_btv = forward(
-        model_cfg, params, batch["tokens"], batch["positions"], batch["segment_ids"]
+        model_cfg,
+        params,
+        batch["tokens"],
+        batch["positions"],
+        batch["segment_ids"],
+        start_layer=start_layer if prefix else 0,
+        hidden_btd=batch[PREFIX_HIDDEN] if prefix else None,
     )
     return token_losses(logits_btv, batch["targets"]) * batch["weights"]
 
@@ -45,14 +63,25 @@ def group_sums(values_bt: jax.Array, group_ids_bt: jax.Array, num_groups: int) -
     return sums[:num_groups]
 
 
-def _microbatch_sums(model_cfg, num_domains, params, batch):
-    """Loss sum, its gradient, and the statistics the metrics need, for one microbatch."""
+def _split(finetuning: Finetuning | None, params: Any) -> tuple[Any, Any]:
+    return (params, {}) if finetuning is None else finetuning.split(params)
 
-    def loss_sum(p):
-        weighted_bt = weighted_token_losses(model_cfg, p, batch)
+
+def _join(finetuning: Finetuning | None, trainable: Any, frozen: Any) -> Any:
+    return trainable if finetuning is None else finetuning.join(trainable, frozen)
+
+
+def _microbatch_sums(model_cfg, num_domains, params, batch, finetuning=None):
+    """Loss sum, its gradient over the trainable parameters, and the statistics the metrics
+    need, for one microbatch."""
+    trainable, frozen = _split(finetuning, params)
+    start = 0 if finetuning is None else finetuning.first_trained_layer
+
+    def loss_sum(t):
+        weighted_bt = weighted_token_losses(model_cfg, _join(finetuning, t, frozen), batch, start)
         return jnp.sum(weighted_bt), weighted_bt
 
-    (total, weighted_bt), grads = jax.value_and_grad(loss_sum, has_aux=True)(params)
+    (total, weighted_bt), grads = jax.value_and_grad(loss_sum, has_aux=True)(trainable)
     stats = {
         "loss_sum": total,
         "tokens": jnp.sum(batch["weights"]),
@@ -105,6 +134,7 @@ def train_step(
     num_domains: int,
     grad_accum: int = 1,
     mesh: Mesh | None = None,
+    finetuning: Finetuning | None = None,
 ) -> tuple[TrainState, Metrics]:
     """One optimizer update on a global batch of [B, T] arrays.
 
@@ -112,25 +142,31 @@ def train_step(
     tokens (response tokens), examples, domain_loss_sums / domain_tokens ([num_domains]; the loop
     divides them), is_finite. A non-finite loss or gradient leaves params and optimizer state
     untouched and records the step in `state.nonfinite_step`; later updates are then skipped too.
+    finetuning: which parameters train (None: all); the others pass through unchanged.
     """
+    trainable, frozen = _split(finetuning, state.params)
     if grad_accum == 1:
-        grads, stats = _microbatch_sums(model_cfg, num_domains, state.params, batch)
+        grads, stats = _microbatch_sums(model_cfg, num_domains, state.params, batch, finetuning)
     else:
         micro = _split_microbatches(batch, grad_accum, mesh)
 
         def body(carry, mb):
             grads_acc, stats_acc = carry
-            grads, stats = _microbatch_sums(model_cfg, num_domains, state.params, mb)
+            grads, stats = _microbatch_sums(model_cfg, num_domains, state.params, mb, finetuning)
             grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
             return (grads_acc, jax.tree.map(jnp.add, stats_acc, stats)), None
 
         zero_stats = jax.eval_shape(
             lambda: _microbatch_sums(
-                model_cfg, num_domains, state.params, jax.tree.map(lambda x: x[0], micro)
+                model_cfg,
+                num_domains,
+                state.params,
+                jax.tree.map(lambda x: x[0], micro),
+                finetuning,
             )[1]
         )
         init = (
-            jax.tree.map(jnp.zeros_like, state.params),
+            jax.tree.map(jnp.zeros_like, trainable),
             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_stats),
         )
         (grads, stats), _ = jax.lax.scan(body, init, micro)
@@ -142,8 +178,8 @@ def train_step(
     grad_norm = optax.global_norm(grads)
     is_finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
+    updates, new_opt_state = optimizer.update(grads, state.opt_state, trainable)
+    new_params = _join(finetuning, optax.apply_updates(trainable, updates), frozen)
     new_state = guarded_update(state, is_finite, params=new_params, opt_state=new_opt_state)
     metrics = {
         "loss": loss,
@@ -197,6 +233,7 @@ def make_train_step(
     num_domains: int,
     grad_accum: int = 1,
     compiler_options: dict[str, Any] | None = None,
+    finetuning: Finetuning | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """The module-level train_step, bound with functools.partial and jitted once."""
     step_fn = functools.partial(
@@ -206,6 +243,7 @@ def make_train_step(
         num_domains=num_domains,
         grad_accum=grad_accum,
         mesh=mesh if grad_accum > 1 else None,
+        finetuning=finetuning,
     )
     return jit_train_step(step_fn, shardings, mesh, compiler_options=compiler_options)
 
