@@ -7,7 +7,8 @@
 Each holds model.safetensors, config.json, the tokenizer files and the chat template
 (chat_template.jinja), so `AutoModelForCausalLM.from_pretrained(dir)` and
 `AutoTokenizer.from_pretrained(dir).apply_chat_template(...)` work with nothing else. The model is
-read back from the round's last training checkpoint (DIR/round_K/train/checkpoints). A directory is
+read back from the round's last training checkpoint (DIR/round_K/train/checkpoints); a LoRA run's
+adapters are merged into the base weights (a plain model, not a PEFT adapter). A directory is
 written next to its destination and renamed into place: an interrupted export leaves the previous
 one intact.
 
@@ -30,7 +31,7 @@ from absl import logging
 
 from ideal_jax import configlib
 from ideal_jax.data import suite as suite_lib
-from ideal_jax.model import hf_io, loading
+from ideal_jax.model import hf_io, loading, lora
 from ideal_jax.model.config import ModelConfig
 from ideal_jax.model.transformer import Params, abstract_params
 from ideal_jax.utils.errors import InputError
@@ -69,7 +70,7 @@ def round_params(workdir: str, k: int, model_cfg: ModelConfig) -> Params:
     directory = os.path.join(workdir, f"round_{k}", "train", "checkpoints")
     if not os.path.isdir(directory):
         raise InputError(f"round {k} has no training checkpoints", path=directory)
-    restored = restore_params_only(directory)
+    restored = lora.merge_host(restore_params_only(directory))  # LoRA: W + (alpha/r) A B
     shapes = abstract_params(model_cfg)
     # Orbax may restore the list of layers as a dict keyed "0", "1", ...: rebuild our structure.
     flat = {
