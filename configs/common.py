@@ -92,10 +92,20 @@ def base_config() -> ml_collections.ConfigDict:
     # fisher: true Fisher, targets sampled from the model (= GGN for softmax CE; Kronfluence's
     # default, and the estimator the accuracy tests measure) | empirical: gradients at the data
     cfg.curvature.estimator = "fisher"
-    cfg.curvature.sigma = 0.5  # fraction of each domain used for factors and domain gradients
-    # Fixed number of mixture entries per domain for factors, correction and domain gradients
-    # (cost flat in the data size); 0: use sigma instead. See docs/method_choices.md.
-    cfg.curvature.examples_per_domain = 0
+    # Which mixture entries the passes read (ideal_jax/influence/stage.py plan_subsample):
+    #   alpha_se  factors and correction on `examples_per_domain` entries of each domain; domain
+    #             gradients from those, doubling per domain while α's standard error (row "all")
+    #             is above alpha_se_target × the RMS of α over the domains, at most
+    #             max_examples_per_domain (cost flat in the data size; influence.json says why
+    #             it stopped)
+    #   fixed     `examples_per_domain` entries of each domain for every pass
+    #   sigma     a σ fraction of each domain for every pass (the paper; cost grows with |D|)
+    # examples_per_domain = 0 means sigma whatever `subsample` says (configs from before it).
+    cfg.curvature.subsample = "alpha_se"
+    cfg.curvature.examples_per_domain = 64
+    cfg.curvature.max_examples_per_domain = 1024
+    cfg.curvature.alpha_se_target = 0.2
+    cfg.curvature.sigma = 0.5  # subsample = sigma: the fraction of each domain
     cfg.curvature.batch_size = 32
     # The decoder layers below the lowest curvature layer run once per example and their output is
     # kept (at most this many GiB; 0: off): the passes then run only the layers from there up.

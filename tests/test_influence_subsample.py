@@ -19,8 +19,10 @@ def _suite(sizes):
     return ids, SimpleNamespace(tokenized={d: [tok(d, i) for i in v] for d, v in ids.items()})
 
 
-def _curv(per_domain, sigma=0.5):
-    return ml_collections.ConfigDict({"sigma": sigma, "examples_per_domain": per_domain})
+def _curv(per_domain, sigma=0.5, subsample="fixed"):
+    return ml_collections.ConfigDict(
+        {"sigma": sigma, "examples_per_domain": per_domain, "subsample": subsample}
+    )
 
 
 def test_budget_is_a_fixed_count_per_domain_drawn_with_multiplicity():

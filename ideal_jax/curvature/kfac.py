@@ -220,9 +220,32 @@ class KfacCurvature:
             raise InputError(
                 "curvature pass saw no response tokens (all weights are 0)", field="weights"
             )
-        state = self._cache(self._real_token_bias(state))
+        state = self._real_token_bias(state)
+        state = self._host_cache(state) if eigh_on_host(state) else self._cache(state)
         check_finite(state)
         return state
+
+    def _host_cache(self, state: CurvatureState) -> CurvatureState:
+        """What `_cache` computes — each factor's eigenvalues (× the block's factor scale, clipped
+        at 0) and eigenvectors, in kfac-jax's cache — with the eigendecompositions done by LAPACK
+        on the host in float64 (`host_eigh`). On XLA:CPU kfac-jax's jitted eigh was the largest
+        cost of the factor pass (benchmarks/bench_eigh.py); the results agree to float32
+        tolerance (tests/test_host_eigh.py)."""
+        blocks = list(state.kfac.blocks_states)
+        for b, (block, bstate) in enumerate(zip(self.estimator.blocks, blocks)):
+            bstate = bstate.copy()
+            n = len(bstate.factors)
+            factor_scale = float(block.state_dependent_scale(bstate)) ** (1.0 / n)
+            for i, factor in enumerate(bstate.factors):
+                s, q = host_eigh(np.asarray(factor.value))
+                for key, value in (
+                    (f"{i}_factor_eigenvalues", factor_scale * s),
+                    (f"{i}_factor_eigen_vectors", q),
+                ):
+                    old = bstate.cache[key]
+                    bstate.cache[key] = jax.device_put(value.astype(old.dtype), old.sharding)
+            blocks[b] = bstate
+        return state.replace(kfac=dataclasses.replace(state.kfac, blocks_states=tuple(blocks)))
 
     def _real_token_bias(self, state: CurvatureState) -> CurvatureState:
         """A[bias, bias] := M / R on every biased block (see module docstring)."""
@@ -272,6 +295,33 @@ class KfacCurvature:
     def multiply_inverse(self, state: CurvatureState, vector: dict, damping: dict) -> dict:
         """(kron_scale · A⊗G + λ_b I)⁻¹ v per block; `damping` maps path → λ_b (absolute)."""
         return self._inverse(state, vector, tuple(damping[p] for p in self.block_paths()))
+
+
+def eigh_on_host(state: CurvatureState) -> bool:
+    """True when the factors live on CPU devices of this process (every shard addressable) and
+    every block is Kronecker-factored with cached eigenvectors: then LAPACK on the host is the
+    fastest place for the eigendecompositions (measured: benchmarks/bench_eigh.py)."""
+    for bstate in state.kfac.blocks_states:
+        factors = getattr(bstate, "factors", None)
+        if not factors or any(
+            f"{i}_factor_eigen_vectors" not in bstate.cache for i in range(len(factors))
+        ):
+            return False
+        for f in factors:
+            v = f.value
+            if not v.is_fully_addressable or any(d.platform != "cpu" for d in v.devices()):
+                return False
+    return True
+
+
+def host_eigh(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(eigenvalues clipped at 0, eigenvectors) of a symmetric PSD factor, in float64 on the host
+    (kfac-jax's safe_psd_eigh, computed by LAPACK's syevd through numpy); NaN in, NaN out."""
+    a = np.asarray(a, np.float64)
+    if not np.all(np.isfinite(a)):
+        return np.full(a.shape[0], np.nan), np.full(a.shape, np.nan)
+    s, q = np.linalg.eigh(a)
+    return np.clip(s, 0.0, None), q
 
 
 def block_damping(eigenvalues: Mapping[str, jax.Array], damping: float, relative: bool) -> dict:

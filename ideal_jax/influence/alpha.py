@@ -134,6 +134,34 @@ def standard_errors(
     return np.sqrt(var)
 
 
+def alpha_from_terms(
+    c_nr: np.ndarray,
+    w_n: np.ndarray,
+    group_n: np.ndarray,
+    num_domains: int,
+    *,
+    scaling: str = "paper",
+    domain_sizes: Sequence[float] | None = None,
+) -> np.ndarray:
+    """α [R, J] from the per-example terms alone (no gradients): the paper-scaled α_rj is
+    m_rj = Σ_{n∈j} c_nr / Σ_{n∈j} w_n = −v_r · ∇L̄_j, and the exact one f_j (m_rj − Σ_k f_k m_rk).
+    The same numbers `compute_alpha` forms from the domain gradients (up to float rounding); the
+    α-error budget (influence/stage.py) reads them after each stage. A domain with no examples: NaN.
+    """
+    c_nr, w_n = np.asarray(c_nr, np.float64), np.asarray(w_n, np.float64)
+    m = np.full((c_nr.shape[1], num_domains), np.nan)
+    for j in range(num_domains):
+        mask = np.asarray(group_n) == j
+        total = float(w_n[mask].sum())
+        if total > 0:
+            m[:, j] = c_nr[mask].sum(axis=0) / total
+    if scaling != "exact":
+        return m
+    f = np.asarray(domain_sizes, np.float64)
+    f = f / f.sum()
+    return f[None] * (m - (m * f[None]).sum(axis=1, keepdims=True))
+
+
 def compute_alpha(
     reference: GroupGradients,
     domains: GroupGradients,

@@ -175,6 +175,54 @@ class ExampleContributions:
     group: np.ndarray
 
 
+class GradientsAndTerms:
+    """Domain gradients fused with the per-example terms of α, accumulated over calls to `add`.
+
+    Each `add` streams batches (one forward + one backward pass each, every batch drawn from one
+    group) into on-device sums; `terms()` and `finish()` read what has been added so far, so a
+    caller can grow the sample in stages (influence/stage.py's α-error budget) and stop when α's
+    standard errors are small enough, paying only for the examples it added.
+    """
+
+    def __init__(self, problem: CurvatureProblem, params: Params, names, inverse_vectors):
+        self.problem, self.params, self.names = problem, params, tuple(names)
+        selected, _ = layers_lib.split_params(params, problem.layers)
+        self.acc = jax.tree.map(
+            lambda x: jnp.zeros((len(self.names), *x.shape), jnp.float32), selected
+        )
+        self.acc_w = jnp.zeros((len(self.names),), jnp.float32)
+        self.num_rows = len(inverse_vectors)
+        self.vs = per_example.stack_vectors(list(inverse_vectors))
+        self.step = _contributions_jit(problem)
+        self._c, self._w, self._g = [], [], []
+
+    def add(self, batches: Iterable[tuple[int, Batch]], what: str = "data") -> None:
+        for group, batch in progress.bar(batches, f"gradients + example terms ({what})"):
+            self.acc, self.acc_w, c_br, w_b = self.step(
+                self.acc, self.acc_w, jnp.int32(group), self.params, batch, self.vs
+            )
+            self._c.append(c_br)
+            self._w.append(w_b)
+            self._g.append(np.full(w_b.shape, group))
+
+    def terms(self) -> ExampleContributions:
+        """The per-example terms added so far (padding rows of a batch are not examples)."""
+        if not self._w:
+            return ExampleContributions(
+                np.zeros((0, self.num_rows)), np.zeros((0,)), np.zeros((0,), np.int64)
+            )
+        # Fetch each batch once: the host copies replace the device arrays.
+        self._c = [np.concatenate([_to_host(x) for x in self._c])]
+        self._w = [np.concatenate([_to_host(x) for x in self._w])]
+        self._g = [np.concatenate(self._g)]
+        c, w, g = self._c[0], self._w[0], self._g[0]
+        keep = w > 0
+        return ExampleContributions(c=c[keep], w=w[keep], group=g[keep])
+
+    def finish(self, what: str = "data") -> GroupGradients:
+        return _finish(self.names, self.acc, self.acc_w, what, "group")
+
+
 def single_group_gradients_and_contributions(
     problem: CurvatureProblem,
     params: Params,
@@ -186,27 +234,9 @@ def single_group_gradients_and_contributions(
 ) -> tuple[GroupGradients, ExampleContributions]:
     """`single_group_mean_gradients` fused with the per-example terms −v_r · ∇ℓ_n of α: the same
     one forward + one backward pass per batch gives both (captured layer inputs/gradients)."""
-    names = tuple(names)
-    selected, _ = layers_lib.split_params(params, problem.layers)
-    acc = jax.tree.map(lambda x: jnp.zeros((len(names), *x.shape), jnp.float32), selected)
-    acc_w = jnp.zeros((len(names),), jnp.float32)
-    vs = per_example.stack_vectors(list(inverse_vectors))
-    step = _contributions_jit(problem)
-    cs, ws, gs = [], [], []
-    for group, batch in progress.bar(batches, f"gradients + example terms ({what})"):
-        acc, acc_w, c_br, w_b = step(acc, acc_w, jnp.int32(group), params, batch, vs)
-        cs.append(c_br)
-        ws.append(w_b)
-        gs.append(np.full(w_b.shape, group))
-    real = lambda parts: np.concatenate([_to_host(x) for x in parts]) if parts else None
-    w = real(ws)
-    keep = w > 0 if w is not None else None  # padding rows of a batch are not examples
-    terms = ExampleContributions(
-        c=real(cs)[keep] if w is not None else np.zeros((0, len(inverse_vectors))),
-        w=w[keep] if w is not None else np.zeros((0,)),
-        group=real(gs)[keep] if w is not None else np.zeros((0,), np.int64),
-    )
-    return _finish(names, acc, acc_w, what, "group"), terms
+    acc = GradientsAndTerms(problem, params, names, inverse_vectors)
+    acc.add(batches, what)
+    return acc.finish(what), acc.terms()
 
 
 def _finish(names, acc, acc_w, what: str, field: str) -> GroupGradients:
@@ -274,3 +304,11 @@ def budget_subsample(
         else:
             keep.append(rng.choice(idx, size=int(per_domain), replace=False))
     return (np.sort(np.concatenate(keep)) if keep else np.zeros((0,), np.int64)), whole
+
+
+def domain_orders(example_domains: Sequence, seed: int = 0) -> dict:
+    """{domain: the indices of its entries in a random order (seeded)}: the α-error budget's draw
+    order — its stages take prefixes, so a larger budget extends a smaller one's sample."""
+    domains_n = np.asarray(example_domains)
+    rng = np.random.default_rng(seed)
+    return {d: rng.permutation(np.flatnonzero(domains_n == d)) for d in np.unique(domains_n)}

@@ -41,25 +41,104 @@ from ideal_jax.influence import gradients, outer
 from ideal_jax.influence.result import GroupInfluence, RoundInfluence, combine_groups
 from ideal_jax.model import decoding
 from ideal_jax.utils import progress
+from ideal_jax.utils.errors import InputError
 
 
 def mixture_entries(suite, mix) -> list:
     """The round's mixture as tokenized entries, repeats included (what the subsamples draw)."""
-    entries = mixture_lib.materialize(mix, suite.tokenized)
-    return entries
+    return mixture_lib.materialize(mix, suite.tokenized)
 
 
-def subsample(suite, mix, curv_cfg, seed: int) -> tuple[list, dict]:
-    """The training subsample for the round's curvature and gradient passes, and what it is.
+# -- sub-stage 1: the subsample ----------------------------------------------------------------
 
-    `curv_cfg.examples_per_domain` > 0: that many entries of each domain of the mixture (with
-    multiplicity; a smaller domain is used whole and named in the returned description); 0: σ.
+
+SUBSAMPLES = ("alpha_se", "fixed", "sigma")
+
+
+@dataclasses.dataclass(frozen=True)
+class SubsamplePlan:
+    """Which examples each pass reads (`plan_subsample`).
+
+    curvature_items: the factor and eigen-correction passes' examples (and the exact / CG
+      operators'): `examples_per_domain` entries of each domain, or the σ fraction.
+    by_domain: per domain (suite.domain_names order), the gradient pass's candidates in draw
+      order; a stage takes the next ones. first / cap: how many the first stage takes and the
+      most any stage may reach. target: the α-error budget (None: one stage, `first` of each).
     """
-    per_domain = int(curv_cfg.get("examples_per_domain", 0) or 0)
-    if per_domain == 0:
-        return sigma_subsample(suite, mix, curv_cfg.sigma, seed), {"sigma": float(curv_cfg.sigma)}
+
+    curvature_items: list
+    by_domain: tuple[list, ...]
+    first: tuple[int, ...]
+    cap: tuple[int, ...]
+    target: float | None
+    info: dict
+
+
+def subsample_mode(curv) -> str:
+    """alpha_se | fixed | sigma; `examples_per_domain = 0` is σ whatever the mode says (configs
+    written before the mode existed set it to 0 to ask for σ)."""
+    mode = curv.subsample
+    if mode not in SUBSAMPLES:
+        raise InputError(
+            f"{mode!r} is not allowed; allowed: {', '.join(SUBSAMPLES)}",
+            field="curvature.subsample",
+        )
+    return "sigma" if int(curv.examples_per_domain) == 0 else mode
+
+
+def plan_subsample(suite, mix, curv, seed: int) -> SubsamplePlan:
+    """The round's subsample plan (cfg.curvature):
+
+    sigma     a random σ fraction of each domain's mixture entries, for every pass;
+    fixed     `examples_per_domain` entries of each domain, for every pass (cost flat in |D|);
+    alpha_se  the curvature passes on `examples_per_domain` entries of each domain; the domain
+              gradients start from those and double, per domain, while the domain's α standard
+              error (row "all") exceeds `alpha_se_target` × the RMS of that row over the domains,
+              up to `max_examples_per_domain` (influence_for_round's `grow_domain_terms`).
+
+    Entries are drawn without replacement from the mixture *with its multiplicities*: an example
+    the mixture holds twice is twice as likely to be drawn, and may be drawn twice.
+    """
+    mode = subsample_mode(curv)
     entries = mixture_entries(suite, mix)
-    keep, whole = gradients.budget_subsample([t.domain for t in entries], per_domain, seed)
+    names = list(mix.domain_names)
+    domain_of = [t.domain for t in entries]
+    if mode == "sigma":
+        keep = gradients.sigma_subsample(domain_of, curv.sigma, seed)
+        items = [entries[i] for i in keep]
+        by_domain = tuple([t for t in items if t.domain == n] for n in names)
+        sizes = tuple(len(b) for b in by_domain)
+        return SubsamplePlan(items, by_domain, sizes, sizes, None, {"sigma": float(curv.sigma)})
+    per_domain = int(curv.examples_per_domain)
+    if mode == "fixed":
+        keep, whole = gradients.budget_subsample(domain_of, per_domain, seed)
+        _warn_whole(per_domain, whole)
+        items = [entries[i] for i in keep]
+        by_domain = tuple([t for t in items if t.domain == n] for n in names)
+        sizes = tuple(len(b) for b in by_domain)
+        info = {"examples_per_domain": per_domain, "domains_used_whole": sorted(map(str, whole))}
+        return SubsamplePlan(items, by_domain, sizes, sizes, None, info)
+    cap = int(curv.max_examples_per_domain)
+    if cap < per_domain:
+        raise InputError(
+            f"must be >= curvature.examples_per_domain ({per_domain}), got {cap}",
+            field="curvature.max_examples_per_domain",
+        )
+    order = gradients.domain_orders(domain_of, seed)  # {domain: its entries' indices, shuffled}
+    by_domain = tuple([entries[i] for i in order.get(n, [])] for n in names)
+    first = tuple(min(per_domain, len(b)) for b in by_domain)
+    caps = tuple(min(cap, len(b)) for b in by_domain)
+    curvature_items = [t for b, k in zip(by_domain, first) for t in b[:k]]
+    info = {
+        "budget": "alpha_se",
+        "curvature_examples_per_domain": per_domain,
+        "max_examples_per_domain": cap,
+        "alpha_se_target": float(curv.alpha_se_target),
+    }
+    return SubsamplePlan(curvature_items, by_domain, first, caps, float(curv.alpha_se_target), info)
+
+
+def _warn_whole(per_domain: int, whole) -> None:
     if whole:
         logging.warning(
             "curvature.examples_per_domain=%d is at least the size of domain(s) %s in the mixture: "
@@ -67,19 +146,19 @@ def subsample(suite, mix, curv_cfg, seed: int) -> tuple[list, dict]:
             per_domain,
             sorted(whole),
         )
-    return [entries[i] for i in keep], {
-        "examples_per_domain": per_domain,
-        "domains_used_whole": sorted(str(w) for w in whole),
-    }
+
+
+def subsample(suite, mix, curv_cfg, seed: int) -> tuple[list, dict]:
+    """(the curvature passes' examples, what they are): `plan_subsample`'s curvature items. For
+    sigma and fixed they are also every example the domain gradients read."""
+    plan = plan_subsample(suite, mix, curv_cfg, seed)
+    return plan.curvature_items, plan.info
 
 
 def sigma_subsample(suite, mix, sigma: float, seed: int) -> list:
-    """A random σ fraction (≥ 1) of each domain's entries in the round's mixture, with repeats.
-
-    Entries are drawn without replacement from the mixture *with its multiplicities*, so each
-    domain's share of the subsample is its share of the mixture, and within a domain an example
-    appears in proportion to its count in the mixture.
-    """
+    """A random σ fraction (≥ 1) of each domain's entries in the round's mixture, with repeats
+    (drawn without replacement from the entries, so each domain's share of the subsample is its
+    share of the mixture)."""
     entries = mixture_entries(suite, mix)
     keep = gradients.sigma_subsample([t.domain for t in entries], sigma, seed)
     return [entries[i] for i in keep]
@@ -118,7 +197,7 @@ def row_plan(
 
 def device_memory_bytes(curv_cfg) -> int | None:
     """Memory of one accelerator (config override, else what the runtime reports; CPU: None)."""
-    if curv_cfg.get("device_memory_gib"):
+    if curv_cfg.device_memory_gib:
         return int(curv_cfg.device_memory_gib * 2**30)
     stats = jax.devices()[0].memory_stats() if jax.devices()[0].platform != "cpu" else None
     return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
@@ -138,16 +217,151 @@ def layer_groups(
     return [tuple(g) for g in groups]
 
 
-def prefix_start(curv, model_cfg, layers, train_items, ref_items, seq_len: int) -> int:
+def prefix_start(curv, model_cfg, layers, kept_items: int, seq_len: int) -> int:
     """The decoder layer the passes start from (0: the whole model): the lowest curvature layer,
-    when the hidden states entering it for every subsample and reference example (rows padded to
-    at most `seq_len`) fit curv.prefix_cache_gib."""
+    when the hidden states entering it for the `kept_items` examples read more than once (the
+    curvature passes' and the reference set's; rows padded to at most `seq_len`) fit
+    curv.prefix_cache_gib. The domain-gradient batches compute theirs as they go."""
     start = problem_lib.first_decoder_layer(tuple(layers))
-    rows = len(train_items) * 2 + len(ref_items)  # train batches twice (plain and by domain)
-    size = rows * seq_len * model_cfg.hidden_size * 4
-    if not start or size > curv.get("prefix_cache_gib", 0.0) * 2**30:
+    size = kept_items * seq_len * model_cfg.hidden_size * 4
+    if not start or size > curv.prefix_cache_gib * 2**30:
         return 0
     return start
+
+
+class _Batches:
+    """The round's batches: one example per row, never truncated, examples in order of length and
+    each batch as long as its longest example (bucketed), the loss at response positions only
+    (row_plan); sharded over the mesh; with the hidden state entering layer `start` attached when
+    the passes start above layer 0 (problem.PREFIX_HIDDEN)."""
+
+    def __init__(self, suite, model_cfg, params, mesh, seed, train_seq_len, seq_len):
+        self.suite, self.model_cfg, self.params, self.mesh = suite, model_cfg, params, mesh
+        self.seed, self.train_seq_len, self.seq_len = seed, train_seq_len, seq_len
+        self.pad_id = suite.tokenizer.pad_token_id or 0
+        self.start = 0
+
+    def plain(self, items, names, batch_size, *, by_length=True, k=None, prefix=True):
+        plans = (
+            row_plan(items, batch_size, self.train_seq_len, k)
+            if by_length
+            else [(list(items), self.seq_len, None)]
+        )
+        for chunk, length, k in plans:
+            for b in batching.iterate_batches(
+                chunk,
+                batch_size,
+                length,
+                "pad",
+                self.seed,
+                0,
+                jax.process_index(),
+                jax.process_count(),
+                domain_names=names,
+                pad_id=self.pad_id,
+            ):
+                b = b if k is None else problem_lib.add_loss_positions(b, k)
+                b = sharding.shard_batch(b, self.mesh)
+                yield self.prefixed(b) if prefix else b
+
+    def grouped(self, items_by_group, names, batch_size, k):
+        """(group index, batch), every batch drawn from one group only (one K for all)."""
+        for g, items in enumerate(items_by_group):
+            for b in self.plain(items, names, batch_size, k=k):
+                yield g, b
+
+    def prefixed(self, b):
+        if not self.start:
+            return b
+        return problem_lib.with_prefix_hidden(self.model_cfg, self.params, b, self.start, self.mesh)
+
+
+# -- sub-stage 2: factors ------------------------------------------------------------------------
+
+
+def fit_curvature(curv, fitted: str, problem, params, batches, rng, timings: dict):
+    """(kfac-jax curvature, its state with the EK-FAC correction when `fitted` is ekfac) over the
+    curvature batches, or (None, None) when the operator needs no factors."""
+    if fitted not in ("kfac", "ekfac"):
+        return None, None
+    t0 = time.perf_counter()
+    curvature = kfac_lib.curvature_for(problem, curv.estimator, kfac_lib.params_mesh(params))
+    with progress.stage("factors"):
+        state = kfac_lib.accumulate_factors(curvature, params, batches(), rng)
+    timings["factors"] += time.perf_counter() - t0
+    if fitted == "ekfac":
+        t0 = time.perf_counter()
+        unit = "example" if curv.correction == "per_example" else "batch"
+        with progress.stage("eigenvalue correction"):
+            state = ekfac.fit_eigen_correction(
+                curvature, state, params, batches(), jax.random.fold_in(rng, 1), unit=unit
+            )
+        timings["eigen_correction"] += time.perf_counter() - t0
+    return curvature, state
+
+
+# -- sub-stage 4: gradients (the operator, sub-stage 3, is operators.build_operator) -----------
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientStages:
+    """How many examples of each domain the domain-gradient pass read, stage by stage, and why it
+    stopped (the α-error budget; one stage otherwise). `ranges[s][j]` = (start, end) of domain j's
+    examples in stage s: later layer groups replay the same batches, so that the per-example terms
+    of all groups line up."""
+
+    ranges: tuple[tuple[tuple[int, int], ...], ...]
+    log: tuple[dict, ...]
+    stopped: str
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(end for _, end in self.ranges[-1]) if self.ranges else ()
+
+
+def grow_domain_terms(plan: SubsamplePlan, add_stage, names, scaling, tokens_j) -> GradientStages:
+    """Runs the domain-gradient stages: `add_stage(ranges)` streams domain j's examples
+    plan.by_domain[j][start:end] into the accumulator and returns the per-example terms so far.
+
+    With a target (the α-error budget), after each stage: α's row "all" and its standard errors
+    from the terms; domain j is resolved when s.e._j ≤ target × RMS_k(α_k); every unresolved
+    domain below its cap doubles its examples; stop when none is left to grow.
+    """
+    sizes = [0] * len(names)
+    want = list(plan.first)
+    ranges, log = [], []
+    while True:
+        stage = tuple((have, end) for have, end in zip(sizes, want))
+        terms = add_stage(stage)
+        ranges.append(stage)
+        sizes = list(want)
+        if plan.target is None:
+            return GradientStages(tuple(ranges), tuple(log), "one stage")
+        args = (terms.c[:, :1], terms.w, terms.group, len(names))
+        kw = dict(scaling=scaling, domain_sizes=tokens_j)
+        a_j = alpha_lib.alpha_from_terms(*args, **kw)[0]
+        se_j = alpha_lib.standard_errors(*args, **kw)[0]
+        scale = float(np.sqrt(np.nanmean(a_j**2))) if np.any(np.isfinite(a_j)) else 0.0
+        resolved = np.isfinite(se_j) & (se_j <= plan.target * scale)
+        unresolved = [j for j in range(len(names)) if not resolved[j]]
+        grow = [j for j in unresolved if sizes[j] < plan.cap[j]]
+        log.append(
+            {
+                "examples": dict(zip(names, sizes)),
+                "se_over_rms_alpha": {
+                    n: (float(se_j[j] / scale) if scale > 0 and np.isfinite(se_j[j]) else None)
+                    for j, n in enumerate(names)
+                },
+            }
+        )
+        if not grow:  # resolved, or every unresolved domain at its cap / used whole
+            capped = any(plan.cap[j] < len(plan.by_domain[j]) for j in unresolved)
+            stopped = "resolved" if not unresolved else "cap" if capped else "whole"
+            return GradientStages(tuple(ranges), tuple(log), stopped)
+        want = [min(2 * n, plan.cap[j]) if j in grow else n for j, n in enumerate(sizes)]
+
+
+# -- the stage -----------------------------------------------------------------------------------
 
 
 def influence_for_round(
@@ -164,55 +378,26 @@ def influence_for_round(
     with_outer: bool = False,
     keep_group_state: bool = False,
 ) -> RoundInfluence:
-    """The round's influence (cfg.curvature, cfg.influence) on the trained `params` over `mix`.
+    """The round's influence (cfg.curvature, cfg.influence) on the trained `params` over `mix`:
+    subsample (plan_subsample) → factors (fit_curvature) → operator (operators.build_operator) →
+    gradients (reference, then domains with grow_domain_terms) → α (alpha.compute_alpha) and its
+    standard errors, per layer group (H is block-diagonal over layers: the groups add up).
 
     with_outer=True also builds the round's outer objective problem (ideal_jax/influence/outer.py:
     θ*, u_j = H⁻¹ ∇L̄_j over all layer groups, p, L_ref); keep_group_state keeps each layer
     group's operator and gradients in the result (memory: one copy of the selected layers each).
     """
-    pad_id = suite.tokenizer.pad_token_id or 0
     layers = layers_lib.select_layers(params, curv.layers)
-    train_items, subsample_info = subsample(suite, mix, curv, seed)
+    plan = plan_subsample(suite, mix, curv, seed)
+    names = tuple(suite.domain_names)
     rng = jax.random.key(seed)
-    # Pad mode, one example per row (EK-FAC's "per example" is a row), never truncated. Examples
-    # are batched in order of length and each batch is as long as its longest example (bucketed),
-    # with the loss taken at the response positions only (row_plan).
-    longest = max(len(t.input_ids) for t in train_items + suite.reference_tokenized)
-    seq_len = row_length(longest, train_seq_len)
-
-    def batches(items, names, batch_size, *, by_length=True, k=None):
-        plans = (
-            row_plan(items, batch_size, train_seq_len, k)
-            if by_length
-            else [(list(items), seq_len, None)]
-        )
-        for chunk, length, k in plans:
-            for b in batching.iterate_batches(
-                chunk,
-                batch_size,
-                length,
-                "pad",
-                seed,
-                0,
-                jax.process_index(),
-                jax.process_count(),
-                domain_names=names,
-                pad_id=pad_id,
-            ):
-                b = b if k is None else problem_lib.add_loss_positions(b, k)
-                yield sharding.shard_batch(b, mesh)
-
-    def grouped(items, names, batch_size):
-        """(group index, batch) with every batch drawn from one group only (one K for all)."""
-        k = loss_rows_per_example(items)
-        for g, name in enumerate(names):
-            for b in batches([t for t in items if t.domain == name], names, batch_size, k=k):
-                yield g, b
-
+    candidates = [t for b, cap in zip(plan.by_domain, plan.cap) for t in b[:cap]]
+    everything = plan.curvature_items + candidates + list(suite.reference_tokenized)
+    seq_len = row_length(max(len(t.input_ids) for t in everything), train_seq_len)
+    io = _Batches(suite, model_cfg, params, mesh, seed, train_seq_len, seq_len)
+    k_train = loss_rows_per_example(plan.curvature_items + candidates)
+    k_ref = loss_rows_per_example(list(suite.reference_tokenized))
     timings = {"factors": 0.0, "eigen_correction": 0.0, "gradients": 0.0, "inverse_products": 0.0}
-    train_batches = lambda: batches(train_items, suite.domain_names, curv.batch_size)
-    grouped_train = lambda: grouped(train_items, suite.domain_names, curv.batch_size)
-    grouped_ref = lambda: grouped(suite.reference_tokenized, suite.capabilities, infl.batch_size)
     groups = layer_groups(curv, infl.operator, model_cfg, layers, mesh)
     memory = device_memory_bytes(curv)
     if memory is not None:  # a batch that does not fit: an error now, not an OOM mid-pass
@@ -226,59 +411,38 @@ def influence_for_round(
             seq_len,
             curv.batch_size,
             ekfac=infl.operator == "ekfac",
-            loss_rows=loss_rows_per_example(train_items),
+            loss_rows=k_train,
         )
-    start = prefix_start(curv, model_cfg, layers, train_items, suite.reference_tokenized, seq_len)
-    if start:  # run the layers below the curvature layers once per batch (problem.PREFIX_HIDDEN)
+    by_capability = [
+        [t for t in suite.reference_tokenized if t.domain == c] for c in suite.capabilities
+    ]
+    curvature_batches = lambda: io.plain(plan.curvature_items, names, curv.batch_size)
+    reference_batches = lambda: io.grouped(
+        by_capability, suite.capabilities, infl.batch_size, k_ref
+    )
+    kept = len(plan.curvature_items) + len(suite.reference_tokenized)
+    io.start = prefix_start(curv, model_cfg, layers, kept, seq_len)
+    if io.start:  # run the layers below the curvature layers once for what is read repeatedly
         t0 = time.perf_counter()
-        with progress.stage(f"layers 0-{start - 1} (kept for every pass)"):
-
-            def keep(pairs):
-                return [
-                    (g, problem_lib.with_prefix_hidden(model_cfg, params, b, start, mesh))
-                    for g, b in pairs
-                ]
-
-            kept_train = keep(enumerate(train_batches()))
-            kept_grouped, kept_ref = keep(grouped_train()), keep(grouped_ref())
-            jax.block_until_ready((kept_train, kept_grouped, kept_ref))
-        train_batches = lambda: (b for _, b in kept_train)
-        grouped_train, grouped_ref = lambda: iter(kept_grouped), lambda: iter(kept_ref)
+        with progress.stage(f"layers 0-{io.start - 1} (kept for every pass)"):
+            kept_curvature, kept_ref = list(curvature_batches()), list(reference_batches())
+            jax.block_until_ready((kept_curvature, kept_ref))
+        curvature_batches, reference_batches = lambda: iter(kept_curvature), lambda: iter(kept_ref)
         timings["prefix_layers"] = time.perf_counter() - t0
     # "exact" scaling needs |D_j| in the unit of the loss: response tokens of domain j in the mix.
     tokens_j = [
         float(_response_tokens(suite.tokenized[name], ids))
         for name, ids in zip(mix.domain_names, mix.example_ids)
     ]
-    parts, directions, terms = [], {}, None
-    weighting = infl.get("reference_weighting", "capability")
+    weighting = infl.reference_weighting
     # The K-FAC / EK-FAC state the operator needs: its own, or the preconditioner of `cg`.
-    cg_preconditioner = infl.get("cg_preconditioner", "none")
-    fitted = cg_preconditioner if infl.operator.startswith("cg") else infl.operator
+    fitted = infl.cg_preconditioner if infl.operator.startswith("cg") else infl.operator
+    parts, directions, terms, stages = [], {}, None, None
     for group in groups:
-        problem = problem_lib.lm_problem(model_cfg, group, start)
-        t0 = time.perf_counter()
-        curvature = state = None
-        if fitted in ("kfac", "ekfac"):
-            curvature = kfac_lib.curvature_for(
-                problem, curv.estimator, kfac_lib.params_mesh(params)
-            )
-            with progress.stage("factors"):
-                state = kfac_lib.accumulate_factors(curvature, params, train_batches(), rng)
-            timings["factors"] += time.perf_counter() - t0
-            if fitted == "ekfac":
-                t0 = time.perf_counter()
-                unit = "example" if curv.correction == "per_example" else "batch"
-                with progress.stage("eigenvalue correction"):
-                    state = ekfac.fit_eigen_correction(
-                        curvature,
-                        state,
-                        params,
-                        train_batches(),
-                        jax.random.fold_in(rng, 1),
-                        unit=unit,
-                    )
-                timings["eigen_correction"] += time.perf_counter() - t0
+        problem = problem_lib.lm_problem(model_cfg, group, io.start)
+        curvature, state = fit_curvature(
+            curv, fitted, problem, params, curvature_batches, rng, timings
+        )
         t0 = time.perf_counter()
         operator = operators.build_operator(
             infl.operator,
@@ -288,19 +452,15 @@ def influence_for_round(
             relative_damping=curv.relative_damping,
             curvature=curvature,
             state=state,
-            batches=train_batches,
-            cg_tol=infl.get("cg_tol", 1e-6),
-            cg_max_iters=infl.get("cg_max_iters", 200),
-            cg_preconditioner=cg_preconditioner,
+            batches=curvature_batches,
+            cg_tol=infl.cg_tol,
+            cg_max_iters=infl.cg_max_iters,
+            cg_preconditioner=infl.cg_preconditioner,
             rng=jax.random.fold_in(rng, 2),
         )
         with progress.stage("reference gradients"):
             ref_grads = gradients.single_group_mean_gradients(
-                problem,
-                params,
-                grouped_ref(),
-                suite.capabilities,
-                what="reference set",
+                problem, params, reference_batches(), suite.capabilities, what="reference set"
             )
         timings["gradients"] += time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -311,15 +471,20 @@ def influence_for_round(
             )
         timings["inverse_products"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        with progress.stage("domain gradients"):
-            domain_grads, part = gradients.single_group_gradients_and_contributions(
-                problem,
-                params,
-                grouped_train(),
-                suite.domain_names,
-                inverse_vectors,
-                what="training domains",
-            )
+        acc = gradients.GradientsAndTerms(problem, params, names, inverse_vectors)
+
+        def add_stage(ranges, acc=acc):
+            chosen = [plan.by_domain[j][a:b] for j, (a, b) in enumerate(ranges)]
+            with progress.stage("domain gradients"):
+                acc.add(io.grouped(chosen, names, curv.batch_size, k_train), "training domains")
+            return acc.terms()
+
+        if stages is None:  # the first layer group sets the sizes; the others replay them
+            stages = grow_domain_terms(plan, add_stage, names, infl.scaling, tokens_j)
+        else:
+            for ranges in stages.ranges:
+                add_stage(ranges)
+        domain_grads, part = acc.finish("training domains"), acc.terms()
         timings["gradients"] += time.perf_counter() - t0
         # H is block-diagonal over layers: the groups' per-example terms add up, example by example
         terms = part if terms is None else dataclasses.replace(terms, c=terms.c + part.c)
@@ -331,7 +496,7 @@ def influence_for_round(
             layers=group,
             scaling=infl.scaling,
             domain_sizes=tokens_j,
-            sigma=subsample_info.get("sigma"),  # None when a per-domain budget was used
+            sigma=plan.info.get("sigma"),  # None when a per-domain budget was used
             reference_weighting=weighting,
             inverse_vectors=inverse_vectors,
         )
@@ -349,15 +514,14 @@ def influence_for_round(
             )
         )
     stderr = alpha_lib.standard_errors(
-        terms.c,
-        terms.w,
-        terms.group,
-        len(suite.domain_names),
-        scaling=infl.scaling,
-        domain_sizes=tokens_j,
+        terms.c, terms.w, terms.group, len(names), scaling=infl.scaling, domain_sizes=tokens_j
     )
-    counts = np.bincount(terms.group, minlength=len(suite.domain_names))
-    subsample_info["examples"] = {n: int(c) for n, c in zip(suite.domain_names, counts)}
+    counts = np.bincount(terms.group, minlength=len(names))
+    subsample_info = dict(plan.info)
+    subsample_info["examples"] = {n: int(c) for n, c in zip(names, counts)}
+    if plan.target is not None:
+        subsample_info["stages"] = list(stages.log)
+        subsample_info["stopped"] = stages.stopped
     # H is block-diagonal over layers: each group adds its layers' share of every dot product.
     alpha = dataclasses.replace(
         combine_groups([g.alpha for g in parts], stderr=stderr), layers=tuple(layers)
@@ -369,7 +533,7 @@ def influence_for_round(
         relative_damping=bool(curv.relative_damping),
         correction=curv.correction if infl.operator == "ekfac" else None,
         subsample=subsample_info,
-        subsample_examples=len(train_items),
+        subsample_examples=int(sum(stages.sizes)),
         seq_len=seq_len,
         timings=timings,
     )
@@ -377,7 +541,13 @@ def influence_for_round(
         return result
     # One row length, all token rows: the outer objective stacks these batches into one array.
     ref_batches = list(
-        batches(suite.reference_tokenized, suite.capabilities, infl.batch_size, by_length=False)
+        io.plain(
+            suite.reference_tokenized,
+            suite.capabilities,
+            infl.batch_size,
+            by_length=False,
+            prefix=False,  # Q(w) runs the whole model
+        )
     )
     problem_all = problem_lib.lm_problem(model_cfg, tuple(layers))
     ref_loss = outer.reference_loss_fn(
