@@ -1,7 +1,7 @@
 """Influence stage cost relative to one SFT epoch, at demo scale and at ≥ 20,000 training examples.
 
     PYTHONPATH=. python benchmarks/bench_influence.py            # both scales, defaults below
-    PYTHONPATH=. python benchmarks/bench_influence.py --scales demo --examples-per-domain 0
+    PYTHONPATH=. python benchmarks/bench_influence.py --scales demo --examples-per-domain 0   # σ
 
 For each scale (one model, one mixture: D_0 of the demo suite; "large" is the demo suite grown
 to 27,400 examples, on the same tiny model):
@@ -103,7 +103,12 @@ def make_config(scale: str, args):
             cfg.influence.operator = args.operator
         if args.sigma is not None:
             cfg.curvature.sigma = args.sigma
-        cfg.curvature.examples_per_domain = args.examples_per_domain
+        if args.subsample is not None:
+            cfg.curvature.subsample = args.subsample
+        if args.examples_per_domain is not None:
+            cfg.curvature.examples_per_domain = args.examples_per_domain
+        if args.alpha_se_target is not None:
+            cfg.curvature.alpha_se_target = args.alpha_se_target
     return cfg
 
 
@@ -151,6 +156,12 @@ def _rel_stderr(out: dict) -> float:
     """Median over domains of stderr / |α| in the "all" row (how well α's signs are resolved)."""
     a, se = np.asarray(out["matrix"][0]), np.asarray(out["stderr"][0], float)
     return float(np.nanmedian(se / np.maximum(np.abs(a), 1e-30)))
+
+
+def _stderr_over_rms(out: dict) -> float:
+    """Largest stderr over domains / RMS of α over domains, "all" row (what alpha_se bounds)."""
+    a, se = np.asarray(out["matrix"][0]), np.asarray(out["stderr"][0], float)
+    return float(np.nanmax(se) / max(float(np.sqrt(np.mean(a**2))), 1e-30))
 
 
 def run_scale(scale: str, args, clock: CompileClock) -> dict:
@@ -208,7 +219,8 @@ def run_scale(scale: str, args, clock: CompileClock) -> dict:
         )
     print(
         f"influence steady state {calls[1]['wall_s']:.2f} s = {calls[1]['wall_s'] / epoch_s:.3f} "
-        f"× one SFT epoch (steps only); α 'all' row: median stderr/|α| {_rel_stderr(out):.3f}"
+        f"× one SFT epoch (steps only); α 'all' row: median stderr/|α| {_rel_stderr(out):.3f}, "
+        f"max stderr / RMS(α) {_stderr_over_rms(out):.3f}"
     )
     layers = layers_lib.select_layers(params, cfg.curvature.layers)
     shapes = layer_shapes(params, layers)
@@ -216,7 +228,7 @@ def run_scale(scale: str, args, clock: CompileClock) -> dict:
     correction = sum(4 * a * b for a, b in shapes.values())  # EK-FAC: one eigenvalue per weight
     print(f"factor memory {total / 2**20:.3f} MiB + EK-FAC correction {correction / 2**20:.3f} MiB")
     seq_len = out["seq_len"]
-    sub_items = influence_stage.subsample(suite, mix, cfg.curvature, cfg.seed)[0]
+    sub_items = influence_stage.subsample(suite, mix, cfg.curvature, cfg.seed)[0]  # curvature
     pos = padded_positions(sub_items, cfg.curvature.batch_size, seq_len, "pad")
     ref_pos = padded_positions(suite.reference_tokenized, cfg.influence.batch_size, seq_len, "pad")
     flops = influence_flops(
@@ -250,6 +262,19 @@ def run_scale(scale: str, args, clock: CompileClock) -> dict:
             "ratio": round(calls[0]["wall_s"] / epoch_s, 4),
         },
         "alpha_median_rel_stderr": round(_rel_stderr(out), 4),
+        "alpha_max_stderr_over_rms": round(_stderr_over_rms(out), 4),
+        "settings": {
+            k: cfg.curvature[k]
+            for k in (
+                "subsample",
+                "examples_per_domain",
+                "max_examples_per_domain",
+                "alpha_se_target",
+                "sigma",
+            )
+        }
+        | {"operator": cfg.influence.operator},
+        "subsample": out["subsample"],
         "device": f"{jax.device_count()} {jax.default_backend()}",
     }
 
@@ -260,10 +285,16 @@ def main() -> None:
     parser.add_argument("--operator", default=None, help="identity|kfac|ekfac (config default)")
     parser.add_argument("--sigma", type=float, default=None, help="σ when --examples-per-domain=0")
     parser.add_argument(
+        "--subsample", default=None, help="alpha_se | fixed | sigma (default: the product's)"
+    )
+    parser.add_argument(
         "--examples-per-domain",
         type=int,
-        default=200,
-        help="curvature.examples_per_domain (0: σ fraction of each domain)",
+        default=None,
+        help="curvature.examples_per_domain (default: the product's; 0: σ of each domain)",
+    )
+    parser.add_argument(
+        "--alpha-se-target", type=float, default=None, help="curvature.alpha_se_target"
     )
     parser.add_argument("--json", default="", help="also write the last line to this file")
     args = parser.parse_args()

@@ -274,52 +274,67 @@ def conjugate_gradient_many(
     """
     r_count = _rows(vs)
     flatten = jax.vmap(lambda v: ravel_pytree(v)[0])
-    flat_rp = flatten(vs)
     unravel = ravel_pytree(jax.tree.map(lambda x: x[0], vs))[1]
     stack = lambda flat: jax.vmap(unravel)(flat)
-    op = lambda x_rp: flatten(matvec_many(stack(x_rp))) + lam_p[None] * x_rp
+    # Where the [R, P] vectors live between products: on the host when the backend is XLA:CPU
+    # in one process (numpy; the only device programs are the per-batch products), else on the
+    # device. On an 8-device CPU mesh the loop's many small sharded programs (dots, updates,
+    # each an all-reduce) interleaved with the products' programs and deadlocked XLA:CPU's
+    # collective rendezvous (6 of 8 device threads arrived; tests/test_cg_mesh.py).
+    xp = np if vectors_on_host(vs) else jnp
+    to_xp = np.asarray if xp is np else (lambda a: a)
+    op = lambda x_rp: to_xp(flatten(matvec_many(stack(x_rp)))) + lam_rp * x_rp
     pre = (
         (lambda r_rp: r_rp)
         if precondition_many is None
-        else (lambda r_rp: flatten(precondition_many(stack(r_rp))))
+        else (lambda r_rp: to_xp(flatten(precondition_many(stack(r_rp)))))
     )
-    norm_r = jnp.linalg.norm(flat_rp, axis=1)
-    x = jnp.zeros_like(flat_rp)
+    flat_rp = to_xp(flatten(vs))
+    lam_rp = to_xp(lam_p)[None]
+    norm_r = xp.linalg.norm(flat_rp, axis=1)
+    x = xp.zeros_like(flat_rp)
     r = flat_rp
     z = pre(r)
-    d, rz, rr = z, jnp.sum(r * z, axis=1), jnp.sum(r * r, axis=1)
+    d, rz, rr = z, xp.sum(r * z, axis=1), xp.sum(r * r, axis=1)
     target = (tol * norm_r) ** 2
     iterations = 0
     for iterations in range(1, max_iters + 1):
         active = rr > target
-        if not bool(jnp.any(active)):
+        if not bool(xp.any(active)):
             iterations -= 1
             break
         hd = op(d)
-        dhd = jnp.sum(d * hd, axis=1)
-        step = jnp.where(active, rz / jnp.where(active, dhd, 1.0), 0.0)
+        dhd = xp.sum(d * hd, axis=1)
+        step = xp.where(active, rz / xp.where(active, dhd, 1.0), 0.0).astype(flat_rp.dtype)
         x, r = x + step[:, None] * d, r - step[:, None] * hd
         z = pre(r)
-        rz_new = jnp.sum(r * z, axis=1)
-        beta = jnp.where(active, rz_new / jnp.where(active, rz, 1.0), 0.0)
-        d = jnp.where(active[:, None], z + beta[:, None] * d, d)
-        rz = jnp.where(active, rz_new, rz)
-        rr = jnp.where(active, jnp.sum(r * r, axis=1), rr)
-    scale = jnp.maximum(norm_r, 1e-30)
+        rz_new = xp.sum(r * z, axis=1)
+        beta = xp.where(active, rz_new / xp.where(active, rz, 1.0), 0.0).astype(flat_rp.dtype)
+        d = xp.where(active[:, None], z + beta[:, None] * d, d)
+        rz = xp.where(active, rz_new, rz)
+        rr = xp.where(active, xp.sum(r * r, axis=1), rr)
+    scale = xp.maximum(norm_r, 1e-30)
     info = {
         "iterations": int(iterations),
-        "relative_residual": np.asarray(jnp.sqrt(rr) / scale).tolist(),
+        "relative_residual": np.asarray(xp.sqrt(rr) / scale).tolist(),
         "rows": r_count,
         "preconditioned": precondition_many is not None,
     }
     if check_residual:
-        # on the host: a norm over the sharded [R, P] residual, dispatched behind the product's
-        # per-batch programs, deadlocked XLA:CPU's collectives on an 8-device test mesh
         true_r = np.asarray(flat_rp - op(x), np.float64)
         info["true_relative_residual"] = (
             np.linalg.norm(true_r, axis=1) / np.asarray(scale, np.float64)
         ).tolist()
-    return stack(x), info
+    return stack(jnp.asarray(x)), info
+
+
+def vectors_on_host(vs: dict) -> bool:
+    """True when `vs` live on CPU devices of this one process (the CG vectors then stay on the
+    host between products: `conjugate_gradient_many`)."""
+    if jax.process_count() > 1:
+        return False
+    leaves = [x for x in jax.tree.leaves(vs) if isinstance(x, jax.Array)]
+    return all(d.platform == "cpu" for x in leaves for d in x.devices())
 
 
 def hutchinson_block_means(
@@ -337,12 +352,14 @@ def hutchinson_block_means(
         jax.random.rademacher(jax.random.fold_in(rng, i), flat.shape, jnp.float32)
         for i in range(num_probes)
     ]
+    # the products' sums on the host on XLA:CPU (see conjugate_gradient_many), else on device
+    to_xp = np.asarray if vectors_on_host(like) else (lambda a: a)
     if matvec_many is not None:
         products = matvec_many(jax.vmap(unravel)(jnp.stack(probes)))
-        hz = jax.vmap(lambda v: ravel_pytree(v)[0])(products)
-        acc = sum(z * hz[i] for i, z in enumerate(probes))
+        hz = to_xp(jax.vmap(lambda v: ravel_pytree(v)[0])(products))
+        acc = sum(to_xp(z) * hz[i] for i, z in enumerate(probes))
     else:
-        acc = jnp.zeros_like(flat)
+        acc = 0.0
         for z in probes:
-            acc = acc + z * ravel_pytree(matvec(unravel(z)))[0]
-    return {p: jnp.mean(acc[s]) / num_probes for p, s in slices.items()}
+            acc = acc + to_xp(z) * to_xp(ravel_pytree(matvec(unravel(z)))[0])
+    return {p: jnp.asarray(acc[s].mean() / num_probes) for p, s in slices.items()}
