@@ -53,8 +53,11 @@ def check_config(cfg) -> None:
     the field)."""
     import jax
 
+    from ideal_jax.train import finetuning
+
     configlib.validate_config(cfg)
     configlib.check_paths(cfg)
+    finetuning.check_config(cfg)  # train.finetuning's fields against the model's layers
     configlib.check_machine(cfg, jax.device_count(), jax.process_count())
 
 

@@ -214,3 +214,21 @@ def merged_params(params: Mapping, model_cfg: Any, mesh: Any) -> dict:
 
     out_sh = sharding.param_shardings(abstract_params(model_cfg), logical_axes(model_cfg), mesh)
     return jax.jit(lora_lib.merge, out_shardings=out_sh)(params)
+
+
+def with_trained_curvature_layers(cfg: Any) -> Any:
+    """`cfg` with curvature.layers restricted to the trained layers when train.finetuning is
+    freeze (`curvature_layers`): what a run's stages read (ideal.load_run / rebind), so that
+    influence is over exactly the trained parameters. `cfg` itself otherwise."""
+    import copy
+
+    train = cfg.get("train") if hasattr(cfg, "get") else None
+    if train is None or str(train.get("finetuning", "full")) != "freeze":
+        return cfg
+    spec = from_config(train, model_num_layers(cfg.model))
+    resolved = curvature_layers(spec, cfg.curvature.layers)
+    if resolved == cfg.curvature.layers:
+        return cfg
+    out = copy.deepcopy(cfg)
+    out.curvature.layers = resolved
+    return out
