@@ -18,8 +18,8 @@ from typing import Any
 from absl import logging
 
 from ideal_jax import provenance
-from ideal_jax.configlib import write_json_atomic
 from ideal_jax.utils import progress
+from ideal_jax.utils.atomic import write_json_atomic
 from ideal_jax.utils.distributed import is_lead_host
 from ideal_jax.utils.errors import InputError
 

@@ -167,7 +167,7 @@ MUTATIONS = [
     (
         "enum_not_validated",
         "an estimator that does not exist accepted at config load",
-        "ideal_jax/configlib.py",
+        "ideal_jax/configlib/checks.py",
         '"curvature.estimator": ("empirical", "fisher", "ggn_exact"),',
         '"curvature.estimator": ("empirical", "fisher", "ggn_exact", "sampled"),',
         ["tests/test_cli.py", "tests/test_configs.py"],
@@ -248,7 +248,7 @@ MUTATIONS = [
     (
         "compare_random_worst",
         "compare: 'Random (best)' picks the highest reference loss",
-        "ideal_jax/compare/run.py",
+        "ideal_jax/compare/methods.py",
         'best = int(np.argmin([r["reference_loss"] for r in runs]))',
         'best = int(np.argmax([r["reference_loss"] for r in runs]))',
         [
@@ -330,7 +330,7 @@ MUTATIONS = [
     (
         "added_field_refused",
         "a field added to the package later (at its default) refuses every existing workdir",
-        "ideal_jax/configlib.py",
+        "ideal_jax/configlib/workdir.py",
         "and not (k not in old and k in defaults and new.get(k) == defaults[k])",
         "and True",
         ["tests/test_config_evolution.py"],
@@ -474,8 +474,8 @@ MUTATIONS += [
         "benchmark_stale_import",
         "a benchmark imports a module that moved (ideal_jax.compare.stats)",
         "benchmarks/demo_volume_curves.py",
-        "from ideal_jax import configlib, main, stats  # noqa: E402\n",
-        "from ideal_jax import configlib, main  # noqa: E402\n"
+        "from ideal_jax import main, stats  # noqa: E402\n",
+        "from ideal_jax import main  # noqa: E402\n"
         "from ideal_jax.compare import stats  # noqa: E402\n",
         ["tests/test_benchmark_scripts.py::test_benchmark_imports_and_parses_help"],
     ),
@@ -571,7 +571,7 @@ MUTATIONS += [
     (
         "random_reports_its_selection_run",
         "random reports the selection run it was chosen from (same training seed)",
-        "ideal_jax/compare/run.py",
+        "ideal_jax/compare/methods.py",
         "FRESH_TRAIN_SEED_OFFSET = 10_007",
         "FRESH_TRAIN_SEED_OFFSET = 0",
         [
@@ -682,7 +682,7 @@ MUTATIONS += [
     (
         "negative_lr_accepted",
         "train.learning_rate has no range",
-        "ideal_jax/configlib.py",
+        "ideal_jax/configlib/checks.py",
         '        "train.learning_rate": (lambda v: v > 0, "> 0"),',
         '        "train.learning_rate": (lambda v: True, "> 0"),',
         ["tests/test_user_data_config.py::test_out_of_range_value_is_refused_before_the_workdir"],
@@ -690,7 +690,7 @@ MUTATIONS += [
     (
         "non_finite_accepted",
         "inf / nan pass the RANGES checks",
-        "ideal_jax/configlib.py",
+        "ideal_jax/configlib/checks.py",
         "            or not math.isfinite(value)\n",
         "",
         ["tests/test_user_data_config.py::test_out_of_range_value_is_refused_before_the_workdir"],
@@ -698,7 +698,7 @@ MUTATIONS += [
     (
         "mesh_fewer_devices_accepted",
         "a mesh using fewer devices than the machine has passes",
-        "ideal_jax/configlib.py",
+        "ideal_jax/configlib/machine.py",
         "    elif known != device_count:",
         "    elif known > device_count:",
         ["tests/test_user_data_config.py::test_mesh_that_does_not_fit_the_devices_is_refused"],
@@ -707,14 +707,14 @@ MUTATIONS += [
         "mesh_not_checked",
         "main.check_config does not check the machine",
         "ideal_jax/main.py",
-        "    configlib.check_machine(cfg, jax.device_count(), jax.process_count())",
+        "    check_machine(cfg, jax.device_count(), jax.process_count())",
         "    pass",
         ["tests/test_user_data_config.py::test_the_message_says_how_many_devices_there_are"],
     ),
     (
         "batch_divisor_unchecked",
         "a batch that does not split over data x fsdp passes",
-        "ideal_jax/configlib.py",
+        "ideal_jax/configlib/machine.py",
         "    if batch % accum or (batch // accum) % divisor:",
         "    if batch % accum:",
         ["tests/test_user_data_config.py::test_batch_that_does_not_split_over_the_mesh_is_refused"],
@@ -722,7 +722,7 @@ MUTATIONS += [
     (
         "paths_unchecked",
         "a missing data / model / tokenizer path passes the config check",
-        "ideal_jax/configlib.py",
+        "ideal_jax/configlib/machine.py",
         "        if isinstance(path, str) and path and not os.path.exists(path):",
         "        if False:",
         ["tests/test_user_data_config.py::test_missing_path_is_refused_before_the_workdir"],
@@ -730,9 +730,9 @@ MUTATIONS += [
     (
         "max_len_over_seq_len",
         "data.max_len > train.seq_len passes (a ValueError in batching later)",
-        "ideal_jax/configlib.py",
-        "    if _MISSING not in (max_len, seq_len) and max_len > seq_len:",
-        "    if _MISSING not in (max_len, seq_len) and max_len > 4 * seq_len:",
+        "ideal_jax/configlib/checks.py",
+        "    if MISSING not in (max_len, seq_len) and max_len > seq_len:",
+        "    if MISSING not in (max_len, seq_len) and max_len > 4 * seq_len:",
         ["tests/test_user_data_config.py::test_max_len_longer_than_a_training_row_is_refused"],
     ),
     (
@@ -762,8 +762,12 @@ MUTATIONS += [
     (
         "atomic_tmp_left",
         "a failed atomic write leaves its partial temporary file",
-        "ideal_jax/configlib.py",
-        "        with contextlib.suppress(OSError):\n            os.remove(tmp)",
+        "ideal_jax/utils/atomic.py",
+        "        with contextlib.suppress(OSError):\n"
+        "            if os.path.isdir(tmp) and not os.path.islink(tmp):\n"
+        "                shutil.rmtree(tmp)\n"
+        "            else:\n"
+        "                os.remove(tmp)",
         "        pass",
         [
             "tests/test_user_data_faults.py::test_a_full_disk_during_an_atomic_write_keeps_the_old_file"

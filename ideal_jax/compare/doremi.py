@@ -17,7 +17,7 @@ the proxy's loss. The proxy uses the optimizer, schedule and number of steps of 
 on the mixture (train.state.make_optimizer over train.epochs epochs). A step costs a training
 step plus one forward pass of the reference (and, with grad_accum > 1, one more of the proxy).
 
-Knobs: cfg.compare.doremi_eta (η, default 1.0) and cfg.compare.doremi_smoothing (c, default 1e-3).
+Knobs: cfg.compare.doremi_eta (η) and cfg.compare.doremi_smoothing (c); defaults: configs/common.py.
 `doremi_weights` writes WORKDIR/doremi.json and returns it on a rerun whose inputs are the same.
 The jitted step of the proxy run is in doremi_proxy.py.
 """
@@ -26,57 +26,46 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 from typing import Any
 
 import jax
 import numpy as np
 
-from ideal_jax import artifacts, configlib, sharding
+from ideal_jax import artifacts, sharding
 from ideal_jax.compare import doremi_proxy as proxy
+from ideal_jax.compare.config import CompareConfig
+from ideal_jax.configlib.fields import fingerprint, to_dict
 from ideal_jax.data import suite as suite_lib
 from ideal_jax.model.config import ModelConfig
 from ideal_jax.train.loop import BATCH_KEYS, NonFiniteLossError
 from ideal_jax.train.state import make_optimizer
 from ideal_jax.utils import progress
+from ideal_jax.utils.atomic import write_json_atomic
 from ideal_jax.utils.distributed import is_lead_host
 from ideal_jax.utils.errors import InputError
 
 ARTIFACT = "doremi.json"
-DEFAULT_ETA = 1.0
-DEFAULT_SMOOTHING = 1e-3
 
 
 def doremi_settings(cfg) -> tuple[float, float]:
-    """(η, c) from cfg.compare, defaults where the section or field is missing; InputError
-    naming the field for a value out of range."""
-    section = cfg.get("compare", None) or {}
-    eta = section.get("doremi_eta", DEFAULT_ETA)
-    smoothing = section.get("doremi_smoothing", DEFAULT_SMOOTHING)
-    for field, value, ok, what in (
-        ("compare.doremi_eta", eta, lambda v: v > 0, "> 0"),
-        ("compare.doremi_smoothing", smoothing, lambda v: 0 <= v < 1, "in [0, 1)"),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise InputError(f"must be a number {what}, got {value!r}", field=field)
-        if not (math.isfinite(value) and ok(value)):
-            raise InputError(f"must be finite and {what}, got {value!r}", field=field)
-    return float(eta), float(smoothing)
+    """(η, c) from cfg.compare (CompareConfig: InputError naming a field out of range)."""
+    settings = CompareConfig.from_config_dict(cfg.compare)
+    return float(settings.doremi_eta), float(settings.doremi_smoothing)
 
 
 def _fingerprint(cfg, model_cfg: ModelConfig, suite, mix, eta: float, smoothing: float) -> str:
     """What the weights depend on; logging cadence and other modes' sections are left out."""
     inputs = {
-        "train": configlib.to_dict(cfg.train),
-        "data": configlib.to_dict(cfg.data),
+        "train": to_dict(cfg.train),
+        "data": to_dict(cfg.data),
         "model": repr(model_cfg),
-        "seed": cfg.get("seed", None),
+        "seed": cfg.seed,
         "domains": list(suite.domain_names),
         "mixture": json.dumps(mix.to_manifest(), sort_keys=True),
         "doremi": {"eta": eta, "smoothing": smoothing},
     }
-    return configlib.fingerprint(inputs)
+    return fingerprint(inputs)
 
 
 def doremi_weights(
@@ -208,5 +197,5 @@ def doremi_weights(
         "config": fingerprint,
     }
     if is_lead_host():
-        configlib.write_json_atomic(path, result)
+        write_json_atomic(path, result)
     return result
