@@ -674,7 +674,7 @@ MUTATIONS += [
     (
         "capability_all_accepted",
         "a capability named all beside others takes alpha's whole-set row name",
-        "ideal_jax/data/records.py",
+        "ideal_jax/data/domains.py",
         "    if ALL_ROW in grouped and len(grouped) > 1:",
         "    if False:",
         ["tests/test_user_data_files.py::test_capability_named_all_beside_others_is_refused"],
