@@ -92,15 +92,14 @@ def _holding_workdir_lock(fn):
 @_holding_workdir_lock
 def run(cfg, workdir: str) -> dict:
     """Run the job `cfg.mode` in `workdir` (the function behind the command line)."""
-    from ideal_jax import export, provenance, stages
+    from ideal_jax import export, provenance
 
     progress.configure(enabled=cfg.progress)
     if os.path.isdir(workdir):  # a rerun reuses and reports only artifacts as they were written
         provenance.check_unmodified(workdir)
     if cfg.mode == "export":  # reads the run's own config.json; writes only DIR/round_K/hf_model
         return export.run_export(cfg, workdir)
-    stages.load(cfg)  # before anything is written
-    export.export_settings(cfg)
+    export.export_settings(cfg)  # (the config itself was checked before the lock was taken)
     from ideal_jax import ideal, summary
 
     several_seeds = cfg.mode == "ideal" and cfg.seeds > 1
