@@ -46,6 +46,8 @@ import optax
 from ideal_jax.configlib.checks import check_fields, section_fields
 from ideal_jax.utils.errors import InputError
 
+# What a rule may need from its round besides the direction from α.
+NEEDS = ("alpha", "outer")
 # floor((1 + β) n) must not lose an example to float error: (1 - 0.9) * 10 = 0.9999999999999998.
 _FLOOR_EPS = 1e-9
 
@@ -70,7 +72,7 @@ class ReweightConfig:
     only (no defaults here).
     """
 
-    rule: str  # "paper" | "optax" | "outer"
+    rule: str  # a name in RULES: "paper" | "optax" | "outer"
     step_size: float  # m
     beta_min: float
     beta_max: float
@@ -202,6 +204,10 @@ class Rule:
     step: Callable[[RuleInput], tuple[np.ndarray, dict | None, dict | None]]
     needs: str = "alpha"
     trust_region: bool = False
+
+    def __post_init__(self):
+        if self.needs not in NEEDS:
+            raise ValueError(f"a rule needs one of {NEEDS}, not {self.needs!r}")
 
 
 def direction(alpha_j: np.ndarray, sizes_j: Sequence[int], keep_total: bool) -> np.ndarray:
