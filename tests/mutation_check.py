@@ -808,6 +808,151 @@ MUTATIONS += [
 ]
 
 
+# Rows added with issue 29 (fine-tuning types: full | freeze | lora).
+MUTATIONS += [
+    (
+        "freeze_trains_all_layers",
+        "freeze: every decoder layer is trainable (frozen layers move)",
+        "ideal_jax/train/finetuning.py",
+        'len(path) > 1 and path[0] == "layers" and int(path[1]) >= self.first_trained_layer',
+        'len(path) > 1 and path[0] == "layers"',
+        [
+            "tests/test_finetuning_freeze.py::"
+            "test_frozen_parameters_are_bit_identical_and_top_layer_trains"
+        ],
+    ),
+    (
+        "prefix_key_ignores_tokens",
+        "the prefix cache keys an example by its positions only (another example's entry)",
+        "ideal_jax/train/prefix_cache.py",
+        "np.ascontiguousarray(tokens[b, cols], np.int32).tobytes()\n                + ",
+        "",
+        ["tests/test_finetuning_freeze.py::test_cached_prefix_equals_recomputation"],
+    ),
+    (
+        "prefix_key_ignores_params",
+        "the prefix cache's namespace ignores the frozen parameters' values (stale entries)",
+        "ideal_jax/train/prefix_cache.py",
+        "digest.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())",
+        'digest.update(b"")',
+        ["tests/test_finetuning_freeze.py::test_prefix_cache_is_keyed_by_the_frozen_parameters"],
+    ),
+    (
+        "prefix_cache_not_shared_by_rounds",
+        "freeze: each round keeps its prefix entries to itself (no directory beside the rounds)",
+        "ideal_jax/train/stage.py",
+        'prefix_cache_dir=os.path.join(os.path.dirname(os.path.abspath(rdir)), "prefix_cache"),',
+        "prefix_cache_dir=None,",
+        ["tests/test_finetuning_cli.py::test_freeze_prefix_cache_is_reused_by_the_next_round"],
+    ),
+    (
+        "freeze_resume_replays_nothing_skipped",
+        "a resumed freeze run does not skip the batches it already trained on",
+        "ideal_jax/train/loop.py",
+        "skip = max(start_step - epoch * steps_per_epoch, 0)",
+        "skip = 0",
+        ["tests/test_finetuning_freeze.py::test_resume_after_exception_is_exact"],
+    ),
+    (
+        "freeze_curvature_over_all_layers",
+        "freeze: the run's curvature layers keep the preset over every layer (frozen ones too)",
+        "ideal_jax/ideal.py",
+        '"cfg": finetuning.with_trained_curvature_layers(cfg),  # freeze: influence over them',
+        '"cfg": cfg,',
+        [
+            "tests/test_finetuning_config.py::test_freeze_curvature_layers_default_to_the_trained_layers",
+            "tests/test_finetuning_cli.py::test_freeze_influence_is_over_the_trained_layers_only",
+        ],
+    ),
+    (
+        "lora_b_not_zero",
+        "LoRA's B is initialised at random (a fresh adapter changes the model)",
+        "ideal_jax/model/lora.py",
+        "            out.append(jnp.zeros(shape.shape, jnp.float32))",
+        "            out.append(jax.random.uniform(k, shape.shape, jnp.float32, -0.1, 0.1))",
+        ["tests/test_finetuning_lora.py::test_zero_initialised_adapters_leave_logits_unchanged"],
+    ),
+    (
+        "lora_scale_ignored",
+        "the forward adds (x A) B without the alpha / r scale",
+        "ideal_jax/model/transformer.py",
+        "return (kfac_tags.lora_scale.astype(dtype) * v).astype(dtype)",
+        "return v.astype(dtype)",
+        ["tests/test_finetuning_lora.py::test_adapters_change_the_logits_by_scale_x_a_b"],
+    ),
+    (
+        "lora_base_trained",
+        "LoRA trains the base weights too (everything but the scale)",
+        "ideal_jax/train/finetuning.py",
+        'return len(path) > 1 and path[0] == LORA_KEY and path[1] == "layers"',
+        'return not (len(path) > 1 and path[0] == LORA_KEY and path[1] == "scale")',
+        ["tests/test_finetuning_lora.py::test_lora_trains_only_the_adapters"],
+    ),
+    (
+        "lora_export_unmerged",
+        "the exported model is the base model (adapters dropped)",
+        "ideal_jax/export.py",
+        "restored = lora.merge_host(restore_params_only(directory))",
+        "restored = restore_params_only(directory)",
+        [
+            "tests/test_finetuning_lora.py::"
+            "test_merged_export_equals_the_adapted_model_in_transformers"
+        ],
+    ),
+    (
+        "lora_tags_misnamed",
+        "adapter matmuls tagged under the base layer's name (K-FAC blocks not over the adapters)",
+        "ideal_jax/model/transformer.py",
+        'name = f"{LORA_KEY}.{self.path}"',
+        "name = self.path",
+        [
+            "tests/test_finetuning_lora_influence.py::"
+            "test_kfac_and_ekfac_over_adapters_match_the_exact_damped_curvature"
+        ],
+    ),
+    (
+        "lora_base_layers_as_curvature",
+        "curvature layers over a LoRA model's frozen base weights pass",
+        "ideal_jax/curvature/layers.py",
+        '    if adapters and any(not p.startswith("lora.") for p in chosen):',
+        "    if False:",
+        ["tests/test_finetuning_lora_influence.py::test_base_layers_of_a_lora_model_are_refused"],
+    ),
+    (
+        "freeze_layers_unbounded",
+        "train.freeze_trainable_layers above the model's layers passes",
+        "ideal_jax/train/finetuning.py",
+        "not 1 <= n <= num_layers:",
+        "not 1 <= n:",
+        ["tests/test_finetuning_config.py::test_bad_finetuning_fields_exit_2_naming_the_field"],
+    ),
+    (
+        "lora_targets_unchecked",
+        "a LoRA target that names no projection passes",
+        "ideal_jax/train/finetuning.py",
+        "    if unknown or not targets:",
+        "    if not targets:",
+        ["tests/test_finetuning_config.py::test_bad_finetuning_fields_exit_2_naming_the_field"],
+    ),
+    (
+        "lora_rank_unchecked",
+        "train.lora_rank <= 0 passes",
+        "ideal_jax/train/finetuning.py",
+        "or not isinstance(rank, int) or rank <= 0:",
+        "or not isinstance(rank, int):",
+        ["tests/test_finetuning_config.py::test_bad_finetuning_fields_exit_2_naming_the_field"],
+    ),
+    (
+        "finetuning_not_checked",
+        "main.check_config does not check train.finetuning's fields",
+        "ideal_jax/main.py",
+        "    finetuning.check_config(cfg)  # train.finetuning's fields against the model's layers",
+        "    pass",
+        ["tests/test_finetuning_config.py::test_bad_finetuning_fields_exit_2_naming_the_field"],
+    ),
+]
+
+
 def _copy_tree(dest: str) -> None:
     """The committed tree (HEAD), extracted to `dest`: uncommitted edits never leak in."""
     archive = subprocess.run(["git", "archive", "HEAD"], cwd=ROOT, check=True, capture_output=True)
