@@ -26,11 +26,11 @@ from typing import Any
 
 from ideal_jax import artifacts, provenance, reweight, sharding, step_policy, summary
 from ideal_jax.configlib.loading import derived
+from ideal_jax.curvature import trained
 from ideal_jax.data import mixture as mixture_lib
 from ideal_jax.data import suite as suite_lib
 from ideal_jax.model import loading
 from ideal_jax.round import RoundState, Run, evaluate, initial_state, run_round, save_state
-from ideal_jax.train import finetuning
 from ideal_jax.utils import distributed
 
 
@@ -64,7 +64,7 @@ def load_run(cfg, workdir: str, *, loaded: Run | None = None) -> Run:
 def _config_parts(cfg) -> dict[str, Any]:
     """The parts of a Run built from the config alone (the typed reweight and policy sections)."""
     return {
-        "cfg": finetuning.with_trained_curvature_layers(cfg),  # freeze: influence over them
+        "cfg": trained.with_trained_curvature_layers(cfg),  # freeze: influence over them
         "reweight_cfg": reweight.ReweightConfig.from_config_dict(cfg.reweight),
         "policy_cfg": step_policy.PolicyConfig.from_config_dict(cfg.reweight),
     }

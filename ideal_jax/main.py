@@ -57,11 +57,11 @@ def check_config(cfg) -> None:
     import jax
 
     from ideal_jax import stages
-    from ideal_jax.train import finetuning
+    from ideal_jax.curvature import trained
 
     stages.load(cfg)
     check_paths(cfg)
-    finetuning.check_config(cfg)  # train.finetuning's fields against the model's layers
+    trained.check_config(cfg)  # train.finetuning's fields against the model's layers
     check_machine(cfg, jax.device_count(), jax.process_count())
 
 

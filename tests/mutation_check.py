@@ -857,7 +857,7 @@ MUTATIONS += [
         "freeze_curvature_over_all_layers",
         "freeze: the run's curvature layers keep the preset over every layer (frozen ones too)",
         "ideal_jax/ideal.py",
-        '"cfg": finetuning.with_trained_curvature_layers(cfg),  # freeze: influence over them',
+        '"cfg": trained.with_trained_curvature_layers(cfg),  # freeze: influence over them',
         '"cfg": cfg,',
         [
             "tests/test_finetuning_config.py::test_freeze_curvature_layers_default_to_the_trained_layers",
@@ -946,7 +946,7 @@ MUTATIONS += [
         "finetuning_not_checked",
         "main.check_config does not check train.finetuning's fields",
         "ideal_jax/main.py",
-        "    finetuning.check_config(cfg)  # train.finetuning's fields against the model's layers",
+        "    trained.check_config(cfg)  # train.finetuning's fields against the model's layers",
         "    pass",
         ["tests/test_finetuning_config.py::test_bad_finetuning_fields_exit_2_naming_the_field"],
     ),
