@@ -137,9 +137,11 @@ def time_one(kind: str, args, model_cfg: ModelConfig, mesh, host_batch) -> dict:
     batch = sharding.shard_batch(host_batch, mesh)
 
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, batch).compile()
+    lowered = step_fn.lower(state, batch)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     memory = compiled.memory_analysis()
+    cost = lowered.cost_analysis() or {}  # XLA's FLOP count of the step (what it skips, too)
     for _ in range(args.warmup):
         state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics if args.warmup else state)
@@ -155,6 +157,7 @@ def time_one(kind: str, args, model_cfg: ModelConfig, mesh, host_batch) -> dict:
         **{k: v for k, v in spec.to_json().items() if k != "finetuning"},
         "trainable_params": int(trainable),
         "compile_s": round(compile_s, 2),
+        "step_gflop": cost.get("flops", float("nan")) / 1e9,
         "step_s": step_s,
         "tokens_per_s": tokens / step_s,
         "prefix_s_per_batch": prefix_s,
@@ -210,7 +213,8 @@ def main() -> None:
         print(
             f"{kind:15s} {run['tokens_per_s']:10.1f} tokens/s  step {run['step_s']:.3f} s  "
             f"first epoch {run['first_epoch_tokens_per_s']:10.1f} tokens/s  "
-            f"trainable {run['trainable_params']:,}  compile {run['compile_s']} s",
+            f"trainable {run['trainable_params']:,}  {run['step_gflop']:.1f} GFLOP/step  "
+            f"compile {run['compile_s']} s",
             flush=True,
         )
     full = next((r for r in runs if r["finetuning"] == "full"), None)
