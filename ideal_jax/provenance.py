@@ -156,16 +156,36 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Fields added to a section after workdirs were written, with the value under which a run does
+# what the runs made before the field existed did: at that value a field is left out of its
+# section's fingerprint, so the finished stages of an older workdir are still reused
+# (tests/test_config_evolution.py). Fine-tuning types (train.finetuning, issue 29): a full
+# fine-tune reads none of the others.
+ADDED_FIELDS: dict[str, Any] = {
+    "train.finetuning": "full",
+    "train.freeze_trainable_layers": 2,
+    "train.prefix_cache": True,
+    "train.prefix_cache_gib": 2.0,
+    "train.lora_rank": 8,
+    "train.lora_alpha": 16.0,
+    "train.lora_targets": "all",
+}
+_ABSENT = object()
+
+
 def stage_inputs(cfg, stage: str, data: str) -> dict[str, str]:
     """{"config.<section>": fingerprint, ..., "data": data} for an artifact of `stage` (fields
-    that never change results, RESUMABLE_FIELDS, left out)."""
+    that never change results, RESUMABLE_FIELDS, and ADDED_FIELDS at their old-behaviour value
+    left out)."""
     flat = flat_fields(cfg)
     out = {}
     for section in STAGE_SECTIONS[stage]:
         chosen = {
             k: v
             for k, v in flat.items()
-            if (k == section or k.startswith(section + ".")) and k not in RESUMABLE_FIELDS
+            if (k == section or k.startswith(section + "."))
+            and k not in RESUMABLE_FIELDS
+            and ADDED_FIELDS.get(k, _ABSENT) != v
         }
         digest = hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()
         out[f"config.{section}"] = digest[:12]

@@ -9,6 +9,7 @@ import pytest
 from config_helpers import tiny_config
 
 from ideal_jax import main, provenance
+from ideal_jax.configlib.fields import to_json
 from ideal_jax.configlib.workdir import prepare_workdir
 from ideal_jax.utils.errors import InputError
 
@@ -80,3 +81,22 @@ def test_a_changed_field_that_the_stored_config_has_is_still_refused(tmp_path):
     workdir = _stored(tmp_path, _cfg())
     with pytest.raises(InputError, match="curvature.damping"):
         _prepare(_cfg(**{"curvature.damping": 0.5}), workdir)
+
+
+def test_fields_added_later_leave_an_older_workdirs_stage_fingerprints_unchanged():
+    """A workdir written before a section gained fields (train.finetuning and its knobs): its
+    config lacks them, and at the values that do what it did every stage fingerprint is the
+    one it recorded, so its finished stages are reused; another value is another input."""
+    cfg = _cfg()
+    older = json.loads(to_json(cfg))
+    for dotted in provenance.ADDED_FIELDS:
+        section, leaf = dotted.split(".")
+        del older[section][leaf]
+    for stage in provenance.STAGE_SECTIONS:
+        assert provenance.stage_inputs(older, stage, "d") == provenance.stage_inputs(
+            cfg, stage, "d"
+        )
+    freeze = _cfg(**{"train.finetuning": "freeze"})
+    assert provenance.stage_inputs(freeze, "train", "d") != provenance.stage_inputs(
+        cfg, "train", "d"
+    )
