@@ -19,7 +19,8 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
-from ideal_jax.data import batching, demo_suite, formatting, records  # noqa: E402
+from ideal_jax.data import batching, demo_suite, formatting  # noqa: E402
+from ideal_jax.data.domains import load_domains
 
 
 def _report(stage: str, seconds: float, n_examples: int, n_tokens: int | None) -> None:
@@ -47,7 +48,7 @@ def main() -> None:
         )
 
         start = time.perf_counter()
-        domains = records.load_domains(paths["train"])
+        domains = load_domains(paths["train"])
         examples = [ex for exs in domains.values() for ex in exs]
         _report("load + normalize", time.perf_counter() - start, len(examples), None)
 

@@ -74,7 +74,7 @@ from ideal_jax.daar import centroids as cen  # noqa: E402
 from ideal_jax.daar import generation as gen  # noqa: E402
 from ideal_jax.daar import kmeans as km  # noqa: E402
 from ideal_jax.daar import probes as pr  # noqa: E402
-from ideal_jax.data import records  # noqa: E402
+from ideal_jax.data.domains import load_domains
 from ideal_jax.utils.errors import InputError  # noqa: E402
 
 # One sentence per BIG-bench domain of ideal_jax/data/prepare_bigbench.py, shown to the generator.
@@ -177,7 +177,7 @@ def labelled_set(data_dir: str, domains: list[str], per_domain: int, seed: int):
             f"missing {missing}: prepare the data first (python -m "
             "ideal_jax.data.prepare_bigbench --source BIGBENCH_SDIST --out DIR), see --help"
         )
-    by_domain = records.load_domains(sources)
+    by_domain = load_domains(sources)
     rng = random.Random(seed)
     examples, labels = [], []
     for k, d in enumerate(domains):

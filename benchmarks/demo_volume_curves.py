@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from ideal_jax import configlib, main, stats  # noqa: E402
+from ideal_jax import main, stats  # noqa: E402
+from ideal_jax.configlib.loading import load_config_spec  # noqa: E402
 from ideal_jax.data import demo_suite  # noqa: E402
 
 
@@ -52,7 +53,7 @@ def main_(argv=None) -> dict:
     parser.add_argument("--plot", default=None, help="plot path (default WORKDIR/curves.png)")
     parser.add_argument("--workdir", default="/tmp/demo_volume_curves")
     args = parser.parse_args(argv)
-    base = configlib.load_config_spec(args.config)
+    base = load_config_spec(args.config)
     volumes = [int(v) for v in args.volumes.split(",")]
     caps = [c for c in demo_suite.CAPABILITIES if base.data.demo_train_sizes.get(c, 0) > 0]
     curves: dict[str, list] = {c: [] for c in caps}

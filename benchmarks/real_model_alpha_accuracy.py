@@ -40,7 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from ideal_jax import configlib, sharding  # noqa: E402
+from ideal_jax import sharding  # noqa: E402
+from ideal_jax.configlib.loading import load_config_spec  # noqa: E402
 from ideal_jax.data import mixture as mixture_lib  # noqa: E402
 from ideal_jax.data import suite as suite_lib  # noqa: E402
 from ideal_jax.influence import stage as influence_stage  # noqa: E402
@@ -101,7 +102,7 @@ def main() -> None:
     parser.add_argument("--cg_max_iters", type=int, default=200)
     args = parser.parse_args()
 
-    cfg = configlib.load_config_spec(args.config)
+    cfg = load_config_spec(args.config)
     with cfg.unlocked():
         cfg.influence.cg_preconditioner = args.cg_preconditioner
         cfg.influence.cg_tol = args.cg_tol

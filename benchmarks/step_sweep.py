@@ -49,15 +49,16 @@ def sweep_seed(source: str, seed: int, steps: list[float], workdir: str) -> list
     import ml_collections
 
     from configs import common
-    from ideal_jax import artifacts, configlib, ideal, reweight, summary
+    from ideal_jax import artifacts, ideal, reweight, summary
     from ideal_jax import round as round_lib
+    from ideal_jax.configlib.fields import flat_fields
     from ideal_jax.data import mixture as mixture_lib
 
     seed_dir = os.path.join(source, f"seed_{seed}")
     # The comparison's config over today's defaults (a field it predates keeps its default).
     cfg = common.base_config()
     saved = artifacts.read_json(os.path.join(source, "config.json"))
-    for key, value in configlib.flat_fields(saved).items():
+    for key, value in flat_fields(saved).items():
         *parents, leaf = key.split(".")
         node = cfg
         for name in parents:

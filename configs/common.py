@@ -85,6 +85,19 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.train.keep_checkpoints = 2
     cfg.train.seed = 0
     cfg.train.warm_start = False  # True: round k starts from round k-1's model (cheaper variant)
+    # Which parameters train (LLaMA-Factory's finetuning_type; ideal_jax/train/finetuning.py):
+    # full | freeze (the top freeze_trainable_layers decoder layers; embedding, lower layers,
+    # final norm and head frozen) | lora (adapters on lora_targets, base frozen; exported merged)
+    cfg.train.finetuning = "full"
+    cfg.train.freeze_trainable_layers = 2  # freeze: N, 1 <= N <= the model's decoder layers
+    # freeze: the frozen layers' output is computed once per example and reused by every epoch,
+    # round and method (up to prefix_cache_gib in memory, the rest in WORKDIR/prefix_cache)
+    cfg.train.prefix_cache = True
+    cfg.train.prefix_cache_gib = 2.0
+    cfg.train.lora_rank = 8  # lora: r >= 1
+    cfg.train.lora_alpha = 16.0  # lora: the update is (alpha / r) · A B
+    # lora: all | comma-separated subset of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
+    cfg.train.lora_targets = "all"
 
     # --- curvature: kfac-jax K-FAC / EK-FAC factors (ideal_jax/curvature) ---
     cfg.curvature = ml_collections.ConfigDict()

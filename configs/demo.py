@@ -28,6 +28,9 @@ Other starting mixtures with other defects (same suite, same 7,000 examples), `d
   facts_starved   facts starved (250), codes oversized (2,600), times 1,800, cities 650
   translate_harm  translate itself starved (300) and its harmful twin large (1,200)
 e.g. `--config configs/demo.py:seeds=5,d0=facts_starved`.
+
+Only what differs from configs/common.py's defaults is set here (mode ideal, packed batches, the
+tiny model, 128-token rows, batches of 32 for the curvature and the influence are defaults).
 """
 
 from configs import common
@@ -57,24 +60,17 @@ def get_config(arg: str | None = None):
             f"unknown starting mixture {d0!r}; one of {', '.join(STARTING_MIXTURES)}", field="d0"
         )
     cfg = common.base_config()
-    cfg.mode = "ideal"
     cfg.data.demo = True
     cfg.data.demo_train_sizes = dict(STARTING_MIXTURES[d0])
     cfg.data.demo_n_test = 40  # test rows of each 64-row table (disjoint from the dev rows)
     cfg.data.demo_n_ref = 24  # dev rows: the reference set
     cfg.data.demo_pool_factor = 4  # each source holds 4x its D0 share
     cfg.data.max_len = 96
-    cfg.data.batching = "pack"
-    cfg.model.preset = "tiny"
     cfg.train.epochs = 6
     cfg.train.batch_size = 16
-    cfg.train.seq_len = 128
     cfg.train.learning_rate = 1e-2
     cfg.train.warmup_steps = 20
     cfg.train.log_every = 20
-    cfg.train.checkpoint_every = 100
-    cfg.curvature.batch_size = 32
-    cfg.influence.batch_size = 32
     cfg.eval.max_new_tokens = 12
     cfg.compare.k = 4
     common.apply_overrides(cfg, arg)

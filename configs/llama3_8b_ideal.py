@@ -9,7 +9,9 @@ Local paths come as arguments (nothing is downloaded):
 `data` is a directory holding math.jsonl, code.jsonl, reasoning.jsonl, instruction.jsonl (chat,
 Alpaca or prompt/response records) and reference.jsonl (500 examples with a `capability` field).
 Benchmarks are evaluated from local copies under data/benchmarks/ (see configs/README.md).
-Mesh: FSDP over all devices (an 8B model's SFT state does not fit one accelerator).
+Mesh: FSDP over all devices (an 8B model's SFT state does not fit one accelerator). The paper's
+curvature (gate/up/down projections, σ = 0.5, EK-FAC) and packed batches are configs/common.py's
+defaults; only what differs from them is set here.
 """
 
 import ml_collections
@@ -35,7 +37,6 @@ def get_config(arg: str | None = None):
     cfg.data.domains = {name: f"{args['data']}/{name}.jsonl" for name in DOMAINS}
     cfg.data.reference_source = f"{args['data']}/reference.jsonl"
     cfg.data.max_len = 2048
-    cfg.data.batching = "pack"
     cfg.model.path = args["model"]
     cfg.model.dtype = "bfloat16"
     cfg.model.remat = True
@@ -44,12 +45,8 @@ def get_config(arg: str | None = None):
     cfg.train.seq_len = 4096
     cfg.train.learning_rate = 1e-5
     cfg.train.warmup_steps = 50
-    cfg.train.weight_decay = 0.0
     cfg.train.checkpoint_every = 500
-    cfg.curvature.layers = "mlp"  # gate/up/down projections, as the paper
-    cfg.curvature.sigma = 0.5
     cfg.curvature.batch_size = 16
-    cfg.influence.operator = "ekfac"
     cfg.influence.batch_size = 16
     cfg.reweight.policy = "fixed"  # the paper keeps every step
     cfg.reweight.step_size = 0.15

@@ -1,6 +1,9 @@
 """A seconds-long IDEAL loop for tests and smoke checks: small demo data, 1 epoch, 1 round.
 
 python -m ideal_jax.main --config configs/tiny.py --workdir runs/tiny
+
+Only what differs from configs/common.py's defaults is set here (the tiny model, one epoch and a
+data mesh over every device are the defaults).
 """
 
 from configs import common
@@ -19,8 +22,6 @@ def get_config(arg: str | None = None):
     cfg.data.demo_n_test = 8
     cfg.data.demo_n_ref = 8
     cfg.data.max_len = 64
-    cfg.model.preset = "tiny"
-    cfg.train.epochs = 1
     cfg.train.batch_size = 16
     cfg.train.seq_len = 64
     cfg.train.warmup_steps = 2
@@ -30,6 +31,5 @@ def get_config(arg: str | None = None):
     cfg.influence.batch_size = 16
     cfg.eval.max_new_tokens = 8
     cfg.eval.limit = 8
-    cfg.mesh.data = -1
     common.apply_overrides(cfg, arg)
     return cfg.lock()

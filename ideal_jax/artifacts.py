@@ -1,4 +1,5 @@
-"""The artifact cache of a run: atomic JSON, per-stage timers, and "compute once, then reuse".
+"""The artifact cache of a run: JSON written by the lead host through the one atomic writer
+(ideal_jax/utils/atomic.py), per-stage timers, and "compute once, then reuse".
 
 Every resumable artifact (a round's mixture.json, eval.json, influence.json, reweight.json; DaaR's
 probe, centroid and selection files; compare's files) goes through `cached` or `fixed`: if the file
@@ -18,8 +19,8 @@ from typing import Any
 from absl import logging
 
 from ideal_jax import provenance
-from ideal_jax.configlib import write_json_atomic
 from ideal_jax.utils import progress
+from ideal_jax.utils.atomic import write_json_atomic
 from ideal_jax.utils.distributed import is_lead_host
 from ideal_jax.utils.errors import InputError
 

@@ -29,7 +29,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from ideal_jax import configlib
+from ideal_jax.configlib.fields import RESUMABLE_FIELDS, to_json
+from ideal_jax.configlib.workdir import check_same_config
 from ideal_jax.data import suite as suite_lib
 from ideal_jax.model import hf_io, loading, lora
 from ideal_jax.model.config import ModelConfig
@@ -164,9 +165,9 @@ def check_same_run(cfg, workdir: str) -> None:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise InputError("not a workdir of a finished run (no config.json)", path=path)
-    configlib.check_same_config(
+    check_same_config(
         path,
-        json.loads(configlib.to_json(cfg)),
-        (*configlib.RESUMABLE_FIELDS, *_EXPORT_FIELDS),
+        json.loads(to_json(cfg)),
+        (*RESUMABLE_FIELDS, *_EXPORT_FIELDS),
         "pass the run's own config with --config.mode=export",
     )

@@ -24,15 +24,9 @@ import json
 import os
 from typing import Any
 
-from ideal_jax import (
-    artifacts,
-    configlib,
-    provenance,
-    reweight,
-    sharding,
-    step_policy,
-    summary,
-)
+from ideal_jax import artifacts, provenance, reweight, sharding, step_policy, summary
+from ideal_jax.configlib.loading import derived
+from ideal_jax.curvature import trained
 from ideal_jax.data import mixture as mixture_lib
 from ideal_jax.data import suite as suite_lib
 from ideal_jax.model import loading
@@ -70,7 +64,7 @@ def load_run(cfg, workdir: str, *, loaded: Run | None = None) -> Run:
 def _config_parts(cfg) -> dict[str, Any]:
     """The parts of a Run built from the config alone (the typed reweight and policy sections)."""
     return {
-        "cfg": cfg,
+        "cfg": trained.with_trained_curvature_layers(cfg),  # freeze: influence over them
         "reweight_cfg": reweight.ReweightConfig.from_config_dict(cfg.reweight),
         "policy_cfg": step_policy.PolicyConfig.from_config_dict(cfg.reweight),
     }
@@ -175,19 +169,26 @@ def _finish(run: Run, rows: list[dict]) -> dict[str, Any]:
         mixture_lib.export_jsonl(
             final, run.suite.domains, os.path.join(run.workdir, "final_mixture.jsonl")
         )
-    return summary.write_summary(run.workdir, run.cfg, rows, result_round=best)
+    return summary.write_summary(
+        run.workdir,
+        run.cfg,
+        rows,
+        result_round=best,
+        reweight_cfg=run.reweight_cfg,
+        policy_cfg=run.policy_cfg,
+    )
 
 
 def seed_config(cfg, s: int, mode: str | None = None):
     """Repetition s of a multi-seed job: seed and training seed shifted by s, one seed, locked."""
     changes = {"seed": cfg.seed + s, "seeds": 1, "train.seed": cfg.train.seed + s}
-    return configlib.derived(cfg, changes | ({} if mode is None else {"mode": mode}))
+    return derived(cfg, changes | ({} if mode is None else {"mode": mode}))
 
 
 def run_seeds(cfg, workdir: str, run_one) -> dict[str, Any]:
     """cfg.seeds repetitions of the loop (seed and training seed cfg.seed + s, in WORKDIR/seed_S),
-    aggregated with paired differences to each seed's D0 → WORKDIR/summary_seeds.json."""
-    configlib.prepare_workdir(cfg, workdir)
+    aggregated with paired differences to each seed's D0 → WORKDIR/summary_seeds.json
+    (WORKDIR/config.json is the caller's: ideal_jax/main.py prepares every workdir)."""
     results = []
     for s in range(cfg.seeds):
         results.append(run_one(seed_config(cfg, s), os.path.join(workdir, f"seed_{cfg.seed + s}")))

@@ -35,7 +35,10 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from ideal_jax import configlib
+from ideal_jax.configlib.fields import flat_fields
+from ideal_jax.configlib.loading import resolve_config_path
+from ideal_jax.configlib.machine import check_machine, check_paths
+from ideal_jax.configlib.workdir import prepare_workdir
 from ideal_jax.utils import progress, workdir_lock
 from ideal_jax.utils.errors import InputError, describe_machine_error
 
@@ -53,9 +56,24 @@ def check_config(cfg) -> None:
     the field)."""
     import jax
 
-    configlib.validate_config(cfg)
-    configlib.check_paths(cfg)
-    configlib.check_machine(cfg, jax.device_count(), jax.process_count())
+    from ideal_jax import stages
+    from ideal_jax.curvature import trained
+
+    stages.load(cfg)
+    check_paths(cfg)
+    trained.check_config(cfg)  # train.finetuning's fields against the model's layers
+    check_machine(cfg, jax.device_count(), jax.process_count())
+
+
+def default_fields() -> dict:
+    """Every field's default (configs/common.py base_config), flat; {} if configs is absent.
+    The entry point passes them to the workdir guard: a field added to the package since a run
+    was made does not refuse its workdir at its default (the library never imports configs/)."""
+    try:
+        from configs import common
+    except ImportError:
+        return {}
+    return flat_fields(common.base_config())
 
 
 def _holding_workdir_lock(fn):
@@ -76,24 +94,24 @@ def run(cfg, workdir: str) -> dict:
     """Run the job `cfg.mode` in `workdir` (the function behind the command line)."""
     from ideal_jax import export, provenance
 
-    progress.configure(enabled=cfg.get("progress", True))
+    progress.configure(enabled=cfg.progress)
     if os.path.isdir(workdir):  # a rerun reuses and reports only artifacts as they were written
         provenance.check_unmodified(workdir)
     if cfg.mode == "export":  # reads the run's own config.json; writes only DIR/round_K/hf_model
         return export.run_export(cfg, workdir)
-    configlib.validate_config(cfg)  # before anything is written
-    export.export_settings(cfg)
+    export.export_settings(cfg)  # (the config itself was checked before the lock was taken)
     from ideal_jax import ideal, summary
 
+    several_seeds = cfg.mode == "ideal" and cfg.seeds > 1
+    if cfg.mode == "ideal" and not several_seeds:  # before config.json takes the new rounds
+        provenance.check_extent(workdir, cfg.rounds)  # fewer rounds than DIR holds: refused
+    prepare_workdir(cfg, workdir, defaults=default_fields())
     if cfg.mode == "compare":
         from ideal_jax.compare import run as compare
 
         return compare.run_compare(cfg, workdir)
-    if cfg.mode == "ideal" and cfg.seeds > 1:
+    if several_seeds:
         return ideal.run_seeds(cfg, workdir, run)
-    if cfg.mode == "ideal":  # before config.json takes the new rounds: fewer is refused
-        provenance.check_extent(workdir, cfg.rounds)
-    configlib.prepare_workdir(cfg, workdir)
     if cfg.mode == "ideal":
         result = ideal.run_ideal(cfg, workdir)
         export.export_final(cfg, workdir)
@@ -145,7 +163,9 @@ def command(cfg, workdir: str) -> None:
     from ideal_jax.utils import distributed
 
     try:
-        configlib.validate_config(cfg)  # before any work, before DIR exists
+        from ideal_jax import stages
+
+        stages.load(cfg)  # before any work, before DIR exists
         distributed.maybe_initialize()
         run(cfg, workdir)
     except BaseException as e:
@@ -187,9 +207,6 @@ def _config_argument(argv: list[str]) -> tuple[int, str] | None:
             if arg.startswith(prefix):
                 return i, arg[len(prefix) :]
     return None
-
-
-resolve_config_path = configlib.resolve_config_path
 
 
 def _error_chain(error: BaseException) -> list[BaseException]:

@@ -6,7 +6,7 @@ train/ directory of each round) gets an entry in its directory's `provenance.jso
     {"influence.json": {"inputs": {"config": …, "data": …, "mixture": …}, "sha256": …}, …}
 
 `inputs` are fingerprints of what the artifact depends on: the config (the fields that change
-results, `configlib.fingerprint`), the training and reference data as tokenized (ids, tokens and
+results, `fields.fingerprint`), the training and reference data as tokenized (ids, tokens and
 loss masks of every example), and the artifacts upstream of it (the round's mixture.json, the
 influence.json a step was computed from). `sha256` is the artifact's own content. A cached artifact
 is reused only when both match: otherwise the run stops with exit 2, saying which input changed
@@ -26,8 +26,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from ideal_jax import configlib
+from ideal_jax.configlib.fields import RESUMABLE_FIELDS, fingerprint, flat_fields
 from ideal_jax.utils import distributed
+from ideal_jax.utils.atomic import write_json_atomic
 from ideal_jax.utils.errors import InputError
 
 RECORD = "provenance.json"
@@ -57,7 +58,7 @@ def data_fingerprint(suite) -> str:
 
 def run_inputs(cfg, suite) -> dict[str, str]:
     """The inputs every artifact of the run depends on."""
-    return {"config": configlib.fingerprint(cfg), "data": data_fingerprint(suite)}
+    return {"config": fingerprint(cfg), "data": data_fingerprint(suite)}
 
 
 def _record_path(path: str) -> str:
@@ -89,7 +90,7 @@ def record(path: str, inputs: Mapping[str, str]) -> None:
         "inputs": dict(inputs),
         "sha256": _content_sha(path),
     }
-    configlib.write_json_atomic(_record_path(path), entries)
+    write_json_atomic(_record_path(path), entries)
 
 
 def check(path: str, inputs: Mapping[str, str]) -> None:
@@ -155,16 +156,36 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Fields added to a section after workdirs were written, with the value under which a run does
+# what the runs made before the field existed did: at that value a field is left out of its
+# section's fingerprint, so the finished stages of an older workdir are still reused
+# (tests/test_config_evolution.py). Fine-tuning types (train.finetuning, issue 29): a full
+# fine-tune reads none of the others.
+ADDED_FIELDS: dict[str, Any] = {
+    "train.finetuning": "full",
+    "train.freeze_trainable_layers": 2,
+    "train.prefix_cache": True,
+    "train.prefix_cache_gib": 2.0,
+    "train.lora_rank": 8,
+    "train.lora_alpha": 16.0,
+    "train.lora_targets": "all",
+}
+_ABSENT = object()
+
+
 def stage_inputs(cfg, stage: str, data: str) -> dict[str, str]:
     """{"config.<section>": fingerprint, ..., "data": data} for an artifact of `stage` (fields
-    that never change results, configlib.RESUMABLE_FIELDS, left out)."""
-    flat = configlib.flat_fields(cfg)
+    that never change results, RESUMABLE_FIELDS, and ADDED_FIELDS at their old-behaviour value
+    left out)."""
+    flat = flat_fields(cfg)
     out = {}
     for section in STAGE_SECTIONS[stage]:
         chosen = {
             k: v
             for k, v in flat.items()
-            if (k == section or k.startswith(section + ".")) and k not in configlib.RESUMABLE_FIELDS
+            if (k == section or k.startswith(section + "."))
+            and k not in RESUMABLE_FIELDS
+            and ADDED_FIELDS.get(k, _ABSENT) != v
         }
         digest = hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()
         out[f"config.{section}"] = digest[:12]

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -43,12 +43,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ideal_jax import configlib
+from ideal_jax.configlib.checks import check_fields, section_fields
 from ideal_jax.utils.errors import InputError
 
-RULES = ("paper", "optax", "outer")
+# What a rule may need from its round besides the direction from α.
+NEEDS = ("alpha", "outer")
 # floor((1 + β) n) must not lose an example to float error: (1 - 0.9) * 10 = 0.9999999999999998.
 _FLOOR_EPS = 1e-9
+
+# cfg.reweight's numeric fields and their ranges (the rule's names: RULES, at the end of the
+# module; step_size and the step bounds: ideal_jax/step_policy.py, PolicyConfig).
+RANGES: dict[str, tuple[Any, str]] = {
+    "reweight.learning_rate": (lambda v: v > 0, "> 0"),
+    "reweight.outer_learning_rate": (lambda v: v > 0, "> 0"),
+    "reweight.outer_steps": (lambda v: v >= 1, ">= 1"),
+    "reweight.significance_z": (lambda v: v >= 0, ">= 0"),
+    "reweight.beta_min": (lambda v: -1 <= v <= 0, "in [-1, 0] (β = -1 empties a domain)"),
+    "reweight.beta_max": (lambda v: v >= 0, ">= 0"),
+    "reweight.min_volume": (lambda v: v >= 0 and v == int(v), "an integer >= 0"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +72,7 @@ class ReweightConfig:
     only (no defaults here).
     """
 
-    rule: str  # "paper" | "optax" | "outer"
+    rule: str  # a name in RULES: "paper" | "optax" | "outer"
     step_size: float  # m
     beta_min: float
     beta_max: float
@@ -77,25 +90,27 @@ class ReweightConfig:
     def from_config_dict(cls, section, **overrides) -> ReweightConfig:
         """From cfg.reweight (an ml_collections section or a dict), `overrides` replacing fields;
         a field missing from the section is an InputError naming it."""
-        values = configlib.section_fields(section, cls, "reweight", overrides=overrides)
+        values = section_fields(section, cls, "reweight", overrides=overrides)
         return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
 
-    def __post_init__(self):
-        if self.rule not in RULES:
-            raise InputError(
-                f"unknown rule {self.rule!r}; allowed: {', '.join(RULES)}", field="reweight.rule"
-            )
-        if not self.step_size > 0:
-            raise InputError(f"must be > 0, got {self.step_size}", field="reweight.step_size")
-        for field, name in (
-            ("optimizer", self.optimizer),
-            ("outer_optimizer", self.outer_optimizer),
-        ):
-            if not callable(getattr(optax, name, None)):
+    def __post_init__(self):  # its own choices and ranges (InputError naming the field)
+        check_fields(
+            {"reweight": dataclasses.asdict(self)}, {"reweight.rule": tuple(RULES)}, RANGES
+        )
+        for field in ("optimizer", "outer_optimizer"):
+            name = getattr(self, field)
+            if not (isinstance(name, str) and callable(getattr(optax, name, None))):
                 raise InputError(
-                    f"{name!r} is not an optax optimizer (e.g. sgd, adam)",
+                    f"{name!r} is not an optax optimizer; allowed: the name of one, "
+                    "e.g. sgd, adam, adamw",
                     field=f"reweight.{field}",
                 )
+
+    @property
+    def rule_needs(self) -> str:
+        """What the rule needs from the round besides α: "alpha" (nothing) | "outer" (the
+        round's outer problem: the influence stage's operator and gradients)."""
+        return RULES[self.rule].needs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +177,37 @@ class Step:
             )
         except (KeyError, TypeError) as e:
             raise InputError(f"malformed reweight record ({e!r})", path=path) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleInput:
+    """What a rule's step sees: the direction d (α projected, held domains zeroed), the volumes,
+    the config, the optimizer state the base mixture was reached with, and the round's outer
+    problem (None unless the rule needs it)."""
+
+    d: np.ndarray
+    sizes: np.ndarray
+    cfg: ReweightConfig
+    optimizer_state: dict | None
+    outer: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """A reweight rule: `step(RuleInput) -> (β, optimizer state to save, objective record)`.
+
+    needs: "alpha" (α only) | "outer" (the round's outer problem: the influence stage runs
+    again for its operator and gradients when the step is still to be taken). trust_region:
+    β is bounded to |β| <= m with the total kept, whatever keep_total says.
+    """
+
+    step: Callable[[RuleInput], tuple[np.ndarray, dict | None, dict | None]]
+    needs: str = "alpha"
+    trust_region: bool = False
+
+    def __post_init__(self):
+        if self.needs not in NEEDS:
+            raise ValueError(f"a rule needs one of {NEEDS}, not {self.needs!r}")
 
 
 def direction(alpha_j: np.ndarray, sizes_j: Sequence[int], keep_total: bool) -> np.ndarray:
@@ -285,7 +331,8 @@ def compute_step(
 ) -> Step:
     """The next round's volumes from this round's α row and volumes n_j (module docstring).
 
-    rule="outer" needs `outer_problem` (ideal_jax.outer_objective.OuterProblem of the round).
+    A rule whose `needs` is "outer" gets `outer_problem` (ideal_jax.outer_objective.OuterProblem
+    of the round); the others need α only.
     stderr_j: α's standard errors; with cfg.hold_indistinguishable, domains whose |α| is below
     cfg.significance_z of them keep their volume (their d_j is 0; the others carry the step).
     """
@@ -301,21 +348,12 @@ def compute_step(
         free = ~held
         if cfg.keep_total and free.any():  # the free domains alone keep Σ n d = 0
             d[free] -= np.dot(sizes[free], d[free]) / sizes[free].sum()
-    saved = record = None
-    if cfg.rule == "paper":
-        beta = max_normalized(d, cfg.step_size)
-    elif cfg.rule == "optax":
-        scale = np.max(np.abs(d)) if d.size else 0.0
-        g = -d / scale if scale > 0 else np.zeros_like(d)
-        update, saved = _optax_update(g, cfg, optimizer_state)
-        if cfg.keep_total:
-            update = update - np.dot(sizes, update) / sizes.sum()
-        largest = np.max(np.abs(update)) if update.size else 0.0
-        beta = update * (cfg.step_size / largest) if largest > cfg.step_size else update
-    else:
-        beta, record = _outer_step(outer_problem, sizes, cfg)
+    rule = RULES[cfg.rule]
+    beta, saved, record = rule.step(
+        RuleInput(d=d, sizes=sizes, cfg=cfg, optimizer_state=optimizer_state, outer=outer_problem)
+    )
     beta = np.where(held, 0.0, beta)
-    if cfg.rule == "outer":  # the trust region: no domain moves by more than m
+    if rule.trust_region:  # no domain moves by more than m; the total is kept
         cfg = dataclasses.replace(
             cfg,
             beta_min=max(cfg.beta_min, -cfg.step_size),
@@ -338,10 +376,11 @@ def compute_step(
     )
 
 
-def _outer_step(problem, sizes: np.ndarray, cfg: ReweightConfig):
+def _outer_step(inputs: RuleInput):
     """β from optax steps on Q(w); w are loss-weight (token) shares, β is per example."""
     from ideal_jax import outer_objective
 
+    problem, sizes, cfg = inputs.outer, inputs.sizes, inputs.cfg
     if problem is None:
         raise InputError("rule 'outer' needs the round's outer objective", field="reweight.rule")
     optimizer = getattr(optax, cfg.outer_optimizer)(cfg.outer_learning_rate)
@@ -366,4 +405,32 @@ def _outer_step(problem, sizes: np.ndarray, cfg: ReweightConfig):
         "proportions_after": result.proportions.tolist(),
         "grad_at_start": result.grad_at_start.tolist(),
     }
-    return beta, record
+    return beta, None, record
+
+
+def _paper_step(inputs: RuleInput):
+    """β = m · d / max |d| (module docstring)."""
+    return max_normalized(inputs.d, inputs.cfg.step_size), None, None
+
+
+def _optax_step(inputs: RuleInput):
+    """An optax update on the scale-free gradient, projected (keep_total) and bounded by m."""
+    d, sizes, cfg = inputs.d, inputs.sizes, inputs.cfg
+    scale = np.max(np.abs(d)) if d.size else 0.0
+    g = -d / scale if scale > 0 else np.zeros_like(d)
+    update, saved = _optax_update(g, cfg, inputs.optimizer_state)
+    if cfg.keep_total:
+        update = update - np.dot(sizes, update) / sizes.sum()
+    largest = np.max(np.abs(update)) if update.size else 0.0
+    beta = update * (cfg.step_size / largest) if largest > cfg.step_size else update
+    return beta, saved, None
+
+
+# The reweight rules, by cfg.reweight.rule: the one place that names them (configs/common.py
+# documents the choice; round.py asks only what a rule needs). docs/architecture.md, "Add a
+# reweight rule".
+RULES: dict[str, Rule] = {
+    "paper": Rule(_paper_step, needs="alpha"),
+    "optax": Rule(_optax_step, needs="alpha"),
+    "outer": Rule(_outer_step, needs="outer", trust_region=True),
+}

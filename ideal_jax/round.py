@@ -64,7 +64,7 @@ class RoundState:
     params: Any = None  # round k-1's trained parameters (warm start), when in memory
     params_round: int | None = None  # else the round whose checkpoint holds them
     optimizer_state: dict | None = None  # the reweight rule's state after round k-1's step
-    predicted_reference_loss: float | None = None  # rule "outer": Q's prediction for θ_k
+    predicted_reference_loss: float | None = None  # the rule's prediction for θ_k (Q, if any)
     policy: step_policy.PolicyState | None = None  # the step policy's state (None: D_0's)
 
     def to_json(self, run: Run) -> dict:
@@ -154,7 +154,7 @@ def run_round(
     params, scores = train_and_evaluate(run, rdir, timer, init, mix, train=train)
     row = {"round": k, "mixture": _mixture_row(mix), "eval": scores}
     row["timings"] = dict(timer.times)
-    if state.predicted_reference_loss is not None:  # rule "outer": Q's prediction vs retrained
+    if state.predicted_reference_loss is not None:  # the rule's prediction (Q) vs retrained
         row["reference_loss_predicted"] = state.predicted_reference_loss
         row["reference_loss_measured"] = reference_objective(scores, cfg)
     # The step policy's measurement: keep D_k (accept) or return to the incumbent (reject).
@@ -184,9 +184,10 @@ def run_round(
     influence = None
     if provenance.reuse(influence_path, influence_inputs):
         influence = _read_influence(influence_path)
-    # rule "outer": Q needs the stage's operator and gradients, not only α, so the stage runs
-    # again when the step is still to be taken (the recorded α stays the one used).
-    with_outer = run.reweight_cfg.rule == "outer" and not os.path.exists(reweight_path)
+    # A rule that needs the outer problem (Q: the stage's operator and gradients, not only α)
+    # has the stage run again when the step is still to be taken (the recorded α stays the one
+    # used).
+    with_outer = run.reweight_cfg.rule_needs == "outer" and not os.path.exists(reweight_path)
     outer_problem = None
     if influence is None or with_outer:
         base_params = params if base == k else _restore(run, base)
@@ -354,7 +355,7 @@ def evaluate(run: Run, directory: str, timer, params, inputs) -> dict[str, Any]:
 def reference_objective(scores: dict, cfg) -> float | None:
     """The measured reference loss in Q's weighting (capability mean, or the token-weighted all)."""
     losses = scores.get("reference_loss") or {}
-    if cfg.influence.get("reference_weighting", "capability") == "token":
+    if cfg.influence.reference_weighting == "token":
         return losses.get("all")
     caps = [v for key, v in losses.items() if key != "all"]
     return float(np.mean(caps)) if caps else None

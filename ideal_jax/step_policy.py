@@ -31,11 +31,20 @@ import dataclasses
 import math
 from typing import Any
 
-from ideal_jax import configlib
+from ideal_jax.configlib.checks import check_fields, section_fields
 from ideal_jax.utils.errors import InputError
 
-POLICIES = configlib.CHOICES["reweight.policy"]
-OBJECTIVES = configlib.CHOICES["reweight.accept_on"]
+POLICIES = ("trust_region", "fixed")
+OBJECTIVES = ("reference_loss", "dev_score")  # round.py dev_objective
+# The policy's cfg.reweight fields: choices and ranges (m, its bounds and their factors).
+CHOICES = {"reweight.policy": POLICIES, "reweight.accept_on": OBJECTIVES}
+RANGES: dict[str, tuple[Any, str]] = {
+    "reweight.step_size": (lambda v: v > 0, "> 0"),
+    "reweight.step_min": (lambda v: v > 0, "> 0"),
+    "reweight.step_max": (lambda v: v > 0, "> 0"),
+    "reweight.widen": (lambda v: v >= 1, ">= 1"),
+    "reweight.shrink": (lambda v: 0 < v < 1, "in (0, 1)"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,11 +61,18 @@ class PolicyConfig:
 
     @classmethod
     def from_config_dict(cls, section) -> PolicyConfig:
-        values = configlib.section_fields(section, cls, "reweight")
+        values = section_fields(section, cls, "reweight")
         return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
 
     def __post_init__(self):  # the config's own checks: choices, ranges, the bounds' order
-        configlib.validate_config({"reweight": dataclasses.asdict(self)})
+        check_fields({"reweight": dataclasses.asdict(self)}, CHOICES, RANGES)
+        lo, m, hi = self.step_min, self.step_size, self.step_max
+        if self.policy == "trust_region" and not lo <= m <= hi:
+            raise InputError(
+                f"the step bounds are out of order: need step_min ({lo}) <= step_size ({m}) "
+                f"<= step_max ({hi})",
+                field=f"reweight.{'step_max' if m > hi else 'step_min'}",
+            )
 
 
 @dataclasses.dataclass(frozen=True)

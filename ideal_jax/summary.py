@@ -10,7 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from ideal_jax.configlib import write_json_atomic
+from ideal_jax.reweight import ReweightConfig
+from ideal_jax.step_policy import PolicyConfig
+from ideal_jax.utils.atomic import atomic_path, write_json_atomic
 from ideal_jax.utils.distributed import is_lead_host
 
 
@@ -36,10 +38,17 @@ def round_scores(row: dict[str, Any]) -> dict[str, float]:
 
 
 def write_summary(
-    workdir: str, cfg, rows: list[dict[str, Any]], result_round: int | None = None
+    workdir: str,
+    cfg,
+    rows: list[dict[str, Any]],
+    result_round: int | None = None,
+    *,
+    reweight_cfg: ReweightConfig,
+    policy_cfg: PolicyConfig,
 ) -> dict[str, Any]:
     """summary.json (+ summary.png). result_round: the round whose mixture is the result (the
-    step policy's best accepted one; final_mixture.jsonl and final_model/ are that round's)."""
+    step policy's best accepted one; final_mixture.jsonl and final_model/ are that round's).
+    The reweight settings come from the run's typed configs, the others from `cfg`."""
     result = {
         "result_round": rows[-1]["round"] if result_round is None else int(result_round),
         "rounds": rows,
@@ -48,10 +57,10 @@ def write_summary(
         "settings": {
             "operator": cfg.influence.operator,
             "scaling": cfg.influence.scaling,
-            "update_rule": cfg.reweight.rule,
-            "step_size": cfg.reweight.step_size,
-            "step_policy": cfg.reweight.policy,
-            "keep_total": cfg.reweight.keep_total,
+            "update_rule": reweight_cfg.rule,
+            "step_size": policy_cfg.step_size,
+            "step_policy": policy_cfg.policy,
+            "keep_total": reweight_cfg.keep_total,
             "sigma": cfg.curvature.sigma,
             "layers": cfg.curvature.layers,
             "damping": cfg.curvature.damping,
@@ -118,10 +127,9 @@ def plot_rounds(result: dict[str, Any], path: str, title: str = "IDEAL rounds") 
         axes[2].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path, suffix=".png") as tmp:  # savefig reads the format from the name
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def aggregate_seeds(results: list[dict[str, Any]]) -> dict[str, Any]:

@@ -167,7 +167,7 @@ MUTATIONS = [
     (
         "enum_not_validated",
         "an estimator that does not exist accepted at config load",
-        "ideal_jax/configlib.py",
+        "ideal_jax/configlib/checks.py",
         '"curvature.estimator": ("empirical", "fisher", "ggn_exact"),',
         '"curvature.estimator": ("empirical", "fisher", "ggn_exact", "sampled"),',
         ["tests/test_cli.py", "tests/test_configs.py"],
@@ -248,7 +248,7 @@ MUTATIONS = [
     (
         "compare_random_worst",
         "compare: 'Random (best)' picks the highest reference loss",
-        "ideal_jax/compare/run.py",
+        "ideal_jax/compare/methods.py",
         'best = int(np.argmin([r["reference_loss"] for r in runs]))',
         'best = int(np.argmax([r["reference_loss"] for r in runs]))',
         [
@@ -330,7 +330,7 @@ MUTATIONS = [
     (
         "added_field_refused",
         "a field added to the package later (at its default) refuses every existing workdir",
-        "ideal_jax/configlib.py",
+        "ideal_jax/configlib/workdir.py",
         "and not (k not in old and k in defaults and new.get(k) == defaults[k])",
         "and True",
         ["tests/test_config_evolution.py"],
@@ -474,8 +474,8 @@ MUTATIONS += [
         "benchmark_stale_import",
         "a benchmark imports a module that moved (ideal_jax.compare.stats)",
         "benchmarks/demo_volume_curves.py",
-        "from ideal_jax import configlib, main, stats  # noqa: E402\n",
-        "from ideal_jax import configlib, main  # noqa: E402\n"
+        "from ideal_jax import main, stats  # noqa: E402\n",
+        "from ideal_jax import main  # noqa: E402\n"
         "from ideal_jax.compare import stats  # noqa: E402\n",
         ["tests/test_benchmark_scripts.py::test_benchmark_imports_and_parses_help"],
     ),
@@ -571,7 +571,7 @@ MUTATIONS += [
     (
         "random_reports_its_selection_run",
         "random reports the selection run it was chosen from (same training seed)",
-        "ideal_jax/compare/run.py",
+        "ideal_jax/compare/methods.py",
         "FRESH_TRAIN_SEED_OFFSET = 10_007",
         "FRESH_TRAIN_SEED_OFFSET = 0",
         [
@@ -674,7 +674,7 @@ MUTATIONS += [
     (
         "capability_all_accepted",
         "a capability named all beside others takes alpha's whole-set row name",
-        "ideal_jax/data/records.py",
+        "ideal_jax/data/domains.py",
         "    if ALL_ROW in grouped and len(grouped) > 1:",
         "    if False:",
         ["tests/test_user_data_files.py::test_capability_named_all_beside_others_is_refused"],
@@ -682,7 +682,7 @@ MUTATIONS += [
     (
         "negative_lr_accepted",
         "train.learning_rate has no range",
-        "ideal_jax/configlib.py",
+        "ideal_jax/configlib/checks.py",
         '        "train.learning_rate": (lambda v: v > 0, "> 0"),',
         '        "train.learning_rate": (lambda v: True, "> 0"),',
         ["tests/test_user_data_config.py::test_out_of_range_value_is_refused_before_the_workdir"],
@@ -690,7 +690,7 @@ MUTATIONS += [
     (
         "non_finite_accepted",
         "inf / nan pass the RANGES checks",
-        "ideal_jax/configlib.py",
+        "ideal_jax/configlib/checks.py",
         "            or not math.isfinite(value)\n",
         "",
         ["tests/test_user_data_config.py::test_out_of_range_value_is_refused_before_the_workdir"],
@@ -698,7 +698,7 @@ MUTATIONS += [
     (
         "mesh_fewer_devices_accepted",
         "a mesh using fewer devices than the machine has passes",
-        "ideal_jax/configlib.py",
+        "ideal_jax/configlib/machine.py",
         "    elif known != device_count:",
         "    elif known > device_count:",
         ["tests/test_user_data_config.py::test_mesh_that_does_not_fit_the_devices_is_refused"],
@@ -707,14 +707,14 @@ MUTATIONS += [
         "mesh_not_checked",
         "main.check_config does not check the machine",
         "ideal_jax/main.py",
-        "    configlib.check_machine(cfg, jax.device_count(), jax.process_count())",
+        "    check_machine(cfg, jax.device_count(), jax.process_count())",
         "    pass",
         ["tests/test_user_data_config.py::test_the_message_says_how_many_devices_there_are"],
     ),
     (
         "batch_divisor_unchecked",
         "a batch that does not split over data x fsdp passes",
-        "ideal_jax/configlib.py",
+        "ideal_jax/configlib/machine.py",
         "    if batch % accum or (batch // accum) % divisor:",
         "    if batch % accum:",
         ["tests/test_user_data_config.py::test_batch_that_does_not_split_over_the_mesh_is_refused"],
@@ -722,7 +722,7 @@ MUTATIONS += [
     (
         "paths_unchecked",
         "a missing data / model / tokenizer path passes the config check",
-        "ideal_jax/configlib.py",
+        "ideal_jax/configlib/machine.py",
         "        if isinstance(path, str) and path and not os.path.exists(path):",
         "        if False:",
         ["tests/test_user_data_config.py::test_missing_path_is_refused_before_the_workdir"],
@@ -730,9 +730,9 @@ MUTATIONS += [
     (
         "max_len_over_seq_len",
         "data.max_len > train.seq_len passes (a ValueError in batching later)",
-        "ideal_jax/configlib.py",
-        "    if _MISSING not in (max_len, seq_len) and max_len > seq_len:",
-        "    if _MISSING not in (max_len, seq_len) and max_len > 4 * seq_len:",
+        "ideal_jax/configlib/checks.py",
+        "    if MISSING not in (max_len, seq_len) and max_len > seq_len:",
+        "    if MISSING not in (max_len, seq_len) and max_len > 4 * seq_len:",
         ["tests/test_user_data_config.py::test_max_len_longer_than_a_training_row_is_refused"],
     ),
     (
@@ -762,8 +762,12 @@ MUTATIONS += [
     (
         "atomic_tmp_left",
         "a failed atomic write leaves its partial temporary file",
-        "ideal_jax/configlib.py",
-        "        with contextlib.suppress(OSError):\n            os.remove(tmp)",
+        "ideal_jax/utils/atomic.py",
+        "        with contextlib.suppress(OSError):\n"
+        "            if os.path.isdir(tmp) and not os.path.islink(tmp):\n"
+        "                shutil.rmtree(tmp)\n"
+        "            else:\n"
+        "                os.remove(tmp)",
         "        pass",
         [
             "tests/test_user_data_faults.py::test_a_full_disk_during_an_atomic_write_keeps_the_old_file"
@@ -800,6 +804,151 @@ MUTATIONS += [
         "        provenance.check_unmodified(workdir)",
         "        pass",
         ["tests/test_user_data_rerun.py::test_an_edited_artifact_of_a_finished_workdir_is_refused"],
+    ),
+]
+
+
+# Rows added with issue 29 (fine-tuning types: full | freeze | lora).
+MUTATIONS += [
+    (
+        "freeze_trains_all_layers",
+        "freeze: every decoder layer is trainable (frozen layers move)",
+        "ideal_jax/train/finetuning.py",
+        'len(path) > 1 and path[0] == "layers" and int(path[1]) >= self.first_trained_layer',
+        'len(path) > 1 and path[0] == "layers"',
+        [
+            "tests/test_finetuning_freeze.py::"
+            "test_frozen_parameters_are_bit_identical_and_top_layer_trains"
+        ],
+    ),
+    (
+        "prefix_key_ignores_tokens",
+        "the prefix cache keys an example by its positions only (another example's entry)",
+        "ideal_jax/train/prefix_cache.py",
+        "np.ascontiguousarray(tokens[b, cols], np.int32).tobytes()\n                + ",
+        "",
+        ["tests/test_finetuning_freeze.py::test_cached_prefix_equals_recomputation"],
+    ),
+    (
+        "prefix_key_ignores_params",
+        "the prefix cache's namespace ignores the frozen parameters' values (stale entries)",
+        "ideal_jax/train/prefix_cache.py",
+        "digest.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())",
+        'digest.update(b"")',
+        ["tests/test_finetuning_freeze.py::test_prefix_cache_is_keyed_by_the_frozen_parameters"],
+    ),
+    (
+        "prefix_cache_not_shared_by_rounds",
+        "freeze: each round keeps its prefix entries to itself (no directory beside the rounds)",
+        "ideal_jax/train/stage.py",
+        'prefix_cache_dir=os.path.join(os.path.dirname(os.path.abspath(rdir)), "prefix_cache"),',
+        "prefix_cache_dir=None,",
+        ["tests/test_finetuning_cli.py::test_freeze_prefix_cache_is_reused_by_the_next_round"],
+    ),
+    (
+        "freeze_resume_replays_nothing_skipped",
+        "a resumed freeze run does not skip the batches it already trained on",
+        "ideal_jax/train/loop.py",
+        "skip = max(start_step - epoch * steps_per_epoch, 0)",
+        "skip = 0",
+        ["tests/test_finetuning_freeze.py::test_resume_after_exception_is_exact"],
+    ),
+    (
+        "freeze_curvature_over_all_layers",
+        "freeze: the run's curvature layers keep the preset over every layer (frozen ones too)",
+        "ideal_jax/ideal.py",
+        '"cfg": trained.with_trained_curvature_layers(cfg),  # freeze: influence over them',
+        '"cfg": cfg,',
+        [
+            "tests/test_finetuning_config.py::test_freeze_curvature_layers_default_to_the_trained_layers",
+            "tests/test_finetuning_cli.py::test_freeze_influence_is_over_the_trained_layers_only",
+        ],
+    ),
+    (
+        "lora_b_not_zero",
+        "LoRA's B is initialised at random (a fresh adapter changes the model)",
+        "ideal_jax/model/lora.py",
+        "            out.append(jnp.zeros(shape.shape, jnp.float32))",
+        "            out.append(jax.random.uniform(k, shape.shape, jnp.float32, -0.1, 0.1))",
+        ["tests/test_finetuning_lora.py::test_zero_initialised_adapters_leave_logits_unchanged"],
+    ),
+    (
+        "lora_scale_ignored",
+        "the forward adds (x A) B without the alpha / r scale",
+        "ideal_jax/model/transformer.py",
+        "return (kfac_tags.lora_scale.astype(dtype) * v).astype(dtype)",
+        "return v.astype(dtype)",
+        ["tests/test_finetuning_lora.py::test_adapters_change_the_logits_by_scale_x_a_b"],
+    ),
+    (
+        "lora_base_trained",
+        "LoRA trains the base weights too (everything but the scale)",
+        "ideal_jax/train/finetuning.py",
+        'return len(path) > 1 and path[0] == LORA_KEY and path[1] == "layers"',
+        'return not (len(path) > 1 and path[0] == LORA_KEY and path[1] == "scale")',
+        ["tests/test_finetuning_lora.py::test_lora_trains_only_the_adapters"],
+    ),
+    (
+        "lora_export_unmerged",
+        "the exported model is the base model (adapters dropped)",
+        "ideal_jax/export.py",
+        "restored = lora.merge_host(restore_params_only(directory))",
+        "restored = restore_params_only(directory)",
+        [
+            "tests/test_finetuning_lora.py::"
+            "test_merged_export_equals_the_adapted_model_in_transformers"
+        ],
+    ),
+    (
+        "lora_tags_misnamed",
+        "adapter matmuls tagged under the base layer's name (K-FAC blocks not over the adapters)",
+        "ideal_jax/model/transformer.py",
+        'name = f"{LORA_KEY}.{self.path}"',
+        "name = self.path",
+        [
+            "tests/test_finetuning_lora_influence.py::"
+            "test_kfac_and_ekfac_over_adapters_match_the_exact_damped_curvature"
+        ],
+    ),
+    (
+        "lora_base_layers_as_curvature",
+        "curvature layers over a LoRA model's frozen base weights pass",
+        "ideal_jax/curvature/layers.py",
+        '    if adapters and any(not p.startswith("lora.") for p in chosen):',
+        "    if False:",
+        ["tests/test_finetuning_lora_influence.py::test_base_layers_of_a_lora_model_are_refused"],
+    ),
+    (
+        "freeze_layers_unbounded",
+        "train.freeze_trainable_layers above the model's layers passes",
+        "ideal_jax/train/finetuning.py",
+        "not 1 <= n <= num_layers:",
+        "not 1 <= n:",
+        ["tests/test_finetuning_config.py::test_bad_finetuning_fields_exit_2_naming_the_field"],
+    ),
+    (
+        "lora_targets_unchecked",
+        "a LoRA target that names no projection passes",
+        "ideal_jax/train/finetuning.py",
+        "    if unknown or not targets:",
+        "    if not targets:",
+        ["tests/test_finetuning_config.py::test_bad_finetuning_fields_exit_2_naming_the_field"],
+    ),
+    (
+        "lora_rank_unchecked",
+        "train.lora_rank <= 0 passes",
+        "ideal_jax/train/finetuning.py",
+        "or not isinstance(rank, int) or rank <= 0:",
+        "or not isinstance(rank, int):",
+        ["tests/test_finetuning_config.py::test_bad_finetuning_fields_exit_2_naming_the_field"],
+    ),
+    (
+        "finetuning_not_checked",
+        "main.check_config does not check train.finetuning's fields",
+        "ideal_jax/main.py",
+        "    trained.check_config(cfg)  # train.finetuning's fields against the model's layers",
+        "    pass",
+        ["tests/test_finetuning_config.py::test_bad_finetuning_fields_exit_2_naming_the_field"],
     ),
 ]
 

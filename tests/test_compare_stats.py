@@ -78,7 +78,9 @@ def test_regmix_recovers_a_linear_law_and_proposes_towards_its_minimum():
     # Differences of coefficients are what the simplex identifies.
     got = np.asarray(fit["coef"])
     assert np.allclose(got - got.mean(), coef - coef.mean(), atol=5e-3)
-    proposal = baselines.propose_regmix(fit, 4, seed=1, concentration=1.0, candidates=20000)
+    proposal = baselines.propose_regmix(
+        fit, 4, seed=1, concentration=1.0, candidates=20000, top=100
+    )
     assert proposal.sum() == pytest.approx(1.0)
     assert int(np.argmax(proposal)) == 1  # the domain with the smallest loss coefficient
     assert proposal @ coef < np.full(4, 0.25) @ coef  # better than uniform under the law

@@ -8,12 +8,19 @@ import os
 import pytest
 from config_helpers import tiny_config
 
-from ideal_jax import configlib, provenance
+from ideal_jax import main, provenance
+from ideal_jax.configlib.fields import to_json
+from ideal_jax.configlib.workdir import prepare_workdir
 from ideal_jax.utils.errors import InputError
 
 
 def _cfg(**changes):
     return tiny_config(**changes)
+
+
+def _prepare(cfg, workdir: str) -> bool:
+    """The workdir guard as the command line runs it (with configs/common.py's defaults)."""
+    return prepare_workdir(cfg, workdir, defaults=main.default_fields())
 
 
 def test_stage_fingerprints_cover_exactly_the_sections_the_stage_reads():
@@ -42,7 +49,7 @@ def test_stage_fingerprints_cover_exactly_the_sections_the_stage_reads():
 
 def _stored(tmp_path, cfg, drop=()):
     workdir = str(tmp_path / "w")
-    configlib.prepare_workdir(cfg, workdir)
+    _prepare(cfg, workdir)
     path = os.path.join(workdir, "config.json")
     with open(path) as f:
         stored = json.load(f)
@@ -59,7 +66,7 @@ def _stored(tmp_path, cfg, drop=()):
 
 def test_a_field_added_later_at_its_default_does_not_refuse_the_workdir(tmp_path):
     workdir = _stored(tmp_path, _cfg(), drop=("daar.feature_norm", "compare.doremi_eta"))
-    assert configlib.prepare_workdir(_cfg(), workdir) is True  # resumes
+    assert _prepare(_cfg(), workdir) is True  # resumes
     with open(os.path.join(workdir, "config.json")) as f:
         assert "feature_norm" in json.load(f)["daar"]  # the stored config is completed
 
@@ -67,10 +74,29 @@ def test_a_field_added_later_at_its_default_does_not_refuse_the_workdir(tmp_path
 def test_a_field_added_later_at_another_value_is_refused(tmp_path):
     workdir = _stored(tmp_path, _cfg(), drop=("compare.doremi_eta",))
     with pytest.raises(InputError, match="compare.doremi_eta"):
-        configlib.prepare_workdir(_cfg(**{"compare.doremi_eta": 3.0}), workdir)
+        _prepare(_cfg(**{"compare.doremi_eta": 3.0}), workdir)
 
 
 def test_a_changed_field_that_the_stored_config_has_is_still_refused(tmp_path):
     workdir = _stored(tmp_path, _cfg())
     with pytest.raises(InputError, match="curvature.damping"):
-        configlib.prepare_workdir(_cfg(**{"curvature.damping": 0.5}), workdir)
+        _prepare(_cfg(**{"curvature.damping": 0.5}), workdir)
+
+
+def test_fields_added_later_leave_an_older_workdirs_stage_fingerprints_unchanged():
+    """A workdir written before a section gained fields (train.finetuning and its knobs): its
+    config lacks them, and at the values that do what it did every stage fingerprint is the
+    one it recorded, so its finished stages are reused; another value is another input."""
+    cfg = _cfg()
+    older = json.loads(to_json(cfg))
+    for dotted in provenance.ADDED_FIELDS:
+        section, leaf = dotted.split(".")
+        del older[section][leaf]
+    for stage in provenance.STAGE_SECTIONS:
+        assert provenance.stage_inputs(older, stage, "d") == provenance.stage_inputs(
+            cfg, stage, "d"
+        )
+    freeze = _cfg(**{"train.finetuning": "freeze"})
+    assert provenance.stage_inputs(freeze, "train", "d") != provenance.stage_inputs(
+        cfg, "train", "d"
+    )

@@ -7,7 +7,7 @@ import numpy as np
 
 from ideal_jax.daar import demo_pools
 from ideal_jax.daar.centroids import example_text
-from ideal_jax.data import records
+from ideal_jax.data.domains import load_domains
 
 
 def test_premise_pool_is_redundant_in_the_head_distinct_in_the_tail_and_disjoint(tmp_path):
@@ -39,7 +39,7 @@ def test_premise_pool_is_redundant_in_the_head_distinct_in_the_tail_and_disjoint
     pool_texts = {example_text(ex) for ex in pp.pool}
     assert not pool_texts & {example_text(ex) for ex in pp.probe}
     # Written in the demo layout: train files read back as the pool, test prompts unseen.
-    loaded = records.load_domains({c: f"{tmp_path}/train/{c}.jsonl" for c in pp.sizes})
+    loaded = load_domains({c: f"{tmp_path}/train/{c}.jsonl" for c in pp.sizes})
     assert {c: len(v) for c, v in loaded.items()} == pp.sizes
     for cap in pp.sizes:  # the test split is unseen: no test prompt is a pool prompt
         with open(f"{tmp_path}/test/{cap}.jsonl") as f:

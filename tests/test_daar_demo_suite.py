@@ -17,7 +17,7 @@ import pytest
 from configs import common
 from ideal_jax.daar import generation, pipeline, selection
 from ideal_jax.data import demo_suite, demo_tasks
-from ideal_jax.data.records import load_domains
+from ideal_jax.data.domains import load_domains
 from ideal_jax.model.config import ModelConfig
 from ideal_jax.model.transformer import init_params
 

@@ -26,7 +26,8 @@ from configs import common
 from ideal_jax.daar import generation, pipeline, selection
 from ideal_jax.daar.config import DaarConfig
 from ideal_jax.data import demo_suite
-from ideal_jax.data.records import Example, load_domains
+from ideal_jax.data.domains import load_domains
+from ideal_jax.data.records import Example
 from ideal_jax.model.config import ModelConfig
 from ideal_jax.model.transformer import init_params
 from ideal_jax.utils.errors import InputError

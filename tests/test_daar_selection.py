@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from ideal_jax.daar import selection
-from ideal_jax.data.records import Example, load_domains
+from ideal_jax.data.domains import load_domains
+from ideal_jax.data.records import Example
 from ideal_jax.utils.errors import InputError
 
 

@@ -3,7 +3,7 @@
 import pytest
 from config_helpers import tiny_config
 
-from ideal_jax.configlib import validate_config
+from ideal_jax.configlib.checks import validate_config
 from ideal_jax.data import suite as suite_lib
 from ideal_jax.data.records import Example
 from ideal_jax.utils.errors import InputError

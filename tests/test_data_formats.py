@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from ideal_jax.data.records import load_domains, load_reference
+from ideal_jax.data.domains import load_domains, load_reference
 from ideal_jax.utils.errors import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from ideal_jax.data.records import Example, load_domains, load_reference, normalize_record
+from ideal_jax.data.domains import load_domains, load_reference
+from ideal_jax.data.records import Example, normalize_record
 from ideal_jax.utils.errors import InputError
 
 CHAT = {
@@ -168,7 +169,6 @@ def test_reference_grouped_by_capability(tmp_path):
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json"])
 def test_non_utf8_file_names_file_and_line(tmp_path, suffix):
-    from ideal_jax.data import records as records_lib
 
     path = tmp_path / f"bad{suffix}"
     good = b'{"prompt": "ok", "response": "b"}'
@@ -176,13 +176,12 @@ def test_non_utf8_file_names_file_and_line(tmp_path, suffix):
     body = good + b"\n" + bad + b"\n" if suffix == ".jsonl" else b"[" + good + b",\n" + bad + b"]"
     path.write_bytes(body)
     with pytest.raises(InputError, match=r"bad\.json.*line 2.*not UTF-8"):
-        records_lib.load_domains({"x": str(path)})
+        load_domains({"x": str(path)})
 
 
 def test_duplicate_domain_names_are_rejected(tmp_path):
-    from ideal_jax.data import records as records_lib
 
     path = tmp_path / "d.jsonl"
     path.write_text('{"prompt": "p", "response": "r", "domain": "a"}\n')
     with pytest.raises(InputError, match=r"data.domain_names.*more than once"):
-        records_lib.load_domains(str(path), domain_names=("a", "a"))
+        load_domains(str(path), domain_names=("a", "a"))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ideal_jax.data import demo_suite, demo_tasks
-from ideal_jax.data.records import load_domains, load_reference
+from ideal_jax.data.domains import load_domains, load_reference
 from ideal_jax.utils.errors import InputError
 
 SMALL = {"arithmetic": 30, "reverse": 150, "sort": 60, "lookup": 40, "uppercase": 90}

@@ -42,10 +42,8 @@ def _config(**compare) -> ml_collections.ConfigDict:
     cfg.train.learning_rate = 3e-3
     cfg.train.warmup_steps = 2
     cfg.train.log_every = 2
-    if "compare" in cfg:  # without a compare section DoReMi falls back to its defaults
-        del cfg["compare"]
-    if compare:
-        cfg.compare = ml_collections.ConfigDict(compare)
+    # the other cfg.compare fields: configs/common.py's (a bad value's type too: not type-checked)
+    cfg.compare = ml_collections.ConfigDict({**cfg.compare.to_dict(), **compare})
     return cfg
 
 
@@ -260,7 +258,7 @@ def test_learnable_gap_is_upweighted(known_run):
     weights = result["weights"]
     assert sum(weights.values()) == pytest.approx(1.0, abs=1e-9)
     assert weights["seen"] > 0.95, weights
-    assert result["eta"] == 1.0 and result["smoothing"] == 1e-3  # defaults without cfg.compare
+    assert result["eta"] == 1.0 and result["smoothing"] == 1e-3  # configs/common.py's defaults
     floor = result["smoothing"] / 2
     assert floor * (1 - 1e-5) <= result["final_weights"]["unseen"] < 3 * floor
     _, steps_per_epoch = suite_lib.mixture_batches(suite, _uniform(suite), cfg.train, cfg.data, 0)
@@ -287,7 +285,7 @@ def test_resume_returns_the_file_without_training(known_run, monkeypatch):
     monkeypatch.setattr(doremi_proxy, "make_doremi_step", no_training)
     args = (model_cfg, mesh, suite, _uniform(suite), params, known_run["reference"], workdir)
     assert doremi.doremi_weights(known_run["cfg"], *args) == on_disk
-    # The defaults written out in a compare section are the same inputs.
+    # The defaults written out again are the same inputs.
     same = _config(doremi_eta=1.0, doremi_smoothing=1e-3)
     assert doremi.doremi_weights(same, *args) == on_disk
     mtime = os.path.getmtime(path)

@@ -8,7 +8,8 @@ The package's sources (ideal_jax/**/*.py) are parsed with `ast`, never imported.
   names daar.tau) or a module-level string constant;
 - dotted `section.field` names in the message (first argument) of those calls and of every
   `raise SomeError(...)`, with a leading `cfg.` or `--config.` dropped;
-- the fields configlib validates (CHOICES, RANGES), which it names through a loop variable.
+- the fields of the choice and range tables (configlib/checks.py and the typed configs'), which
+  name them through a loop variable.
 
 Which of them are claims about the config is decided by structure, not by a list of names:
 
@@ -40,7 +41,19 @@ import ml_collections
 import pytest
 
 from configs import common
-from ideal_jax import configlib
+from ideal_jax import reweight, step_policy
+from ideal_jax.compare import config as compare_config
+from ideal_jax.configlib import checks
+
+# The choice and range tables, which name their fields through a loop variable.
+TABLES = {
+    "ideal_jax/configlib/checks.py CHOICES": checks.CHOICES,
+    "ideal_jax/configlib/checks.py RANGES": checks.RANGES,
+    "ideal_jax/reweight.py RANGES": reweight.RANGES,
+    "ideal_jax/step_policy.py CHOICES": step_policy.CHOICES,
+    "ideal_jax/step_policy.py RANGES": step_policy.RANGES,
+    "ideal_jax/compare/config.py RANGES": compare_config.RANGES,
+}
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "ideal_jax")
@@ -61,7 +74,7 @@ _DOTTED = re.compile(
 class Name:
     name: str
     where: str  # "ideal_jax/x.py:LINE"
-    how: str  # "field=", "message", "configlib.CHOICES", ...
+    how: str  # "field=", "message", "CHOICES", ...
 
 
 def _sources() -> list[str]:
@@ -205,8 +218,7 @@ def test_every_config_field_an_error_names_exists(package_names):
     claims, _ = package_names
     checked = [
         *claims,
-        *(Name(k, "ideal_jax/configlib.py", "configlib.CHOICES") for k in configlib.CHOICES),
-        *(Name(k, "ideal_jax/configlib.py", "configlib.RANGES") for k in configlib.RANGES),
+        *(Name(k, where, "a table") for where, table in TABLES.items() for k in table),
     ]
     wrong = sorted({f"{c.where} ({c.how}): {c.name}" for c in checked if not resolves(cfg, c.name)})
     listing = "\n".join(wrong)

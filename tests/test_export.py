@@ -15,13 +15,15 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from ideal_jax import configlib, export, main
+from ideal_jax import export, main
+from ideal_jax.configlib.workdir import prepare_workdir
 from ideal_jax.data import demo_suite
 from ideal_jax.model import decoding
 from ideal_jax.model.config import preset
 from ideal_jax.model.transformer import abstract_params
 from ideal_jax.model.transformer import forward as _forward
 from ideal_jax.train.checkpoint import Checkpointer
+from ideal_jax.utils.atomic import write_json_atomic
 from ideal_jax.utils.errors import InputError
 
 torch = pytest.importorskip("torch")
@@ -45,7 +47,7 @@ def _config(**changes):
 
 def _fake_finished_run(workdir, cfg, rounds=(0,)):
     """A workdir as a finished run leaves it; returns {round: params} (random, distinct)."""
-    configlib.prepare_workdir(cfg, workdir)
+    prepare_workdir(cfg, workdir)
     tokenizer = demo_suite.build_tokenizer()
     tokenizer.save_pretrained(os.path.join(workdir, "demo_data", "tokenizer"))
     model_cfg = preset("tiny", vocab_size=len(tokenizer)).replace(
@@ -67,9 +69,7 @@ def _fake_finished_run(workdir, cfg, rounds=(0,)):
         )
         ckpt.save(7, {"params": params}, {"step": 7})
         ckpt.close()
-        configlib.write_json_atomic(
-            os.path.join(workdir, f"round_{k}", "train", "summary.json"), {}
-        )
+        write_json_atomic(os.path.join(workdir, f"round_{k}", "train", "summary.json"), {})
         out[k] = params
     return model_cfg, tokenizer, out
 

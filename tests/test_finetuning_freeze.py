@@ -251,3 +251,12 @@ def test_freeze_layers_outside_the_model_name_the_field(n):
 
     with pytest.raises(InputError, match="train.freeze_trainable_layers"):
         finetuning_lib.from_config(train_config(freeze_trainable_layers=n), CFG.num_layers)
+
+
+def test_freeze_with_grad_accum_matches_one_microbatch(reference, tmp_path):
+    """Microbatches split the cached prefix [B, T, D] like the other batch fields."""
+    _, ref_params, _ = reference
+    params, _ = train(tmp_path, grad_accum=2)
+    params = jax.device_get(params)
+    for name, x in _leaves(params).items():
+        np.testing.assert_allclose(x, _leaves(ref_params)[name], rtol=2e-4, atol=2e-5)

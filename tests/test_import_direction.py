@@ -25,6 +25,7 @@ LAYERS = [
     {"round"},
     {"ideal", "export", "analyze"},
     {"compare"},
+    {"stages"},
     {"main"},
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from ideal_jax.data import mixture as mx
-from ideal_jax.data.records import Example, load_domains
+from ideal_jax.data.domains import load_domains
+from ideal_jax.data.records import Example
 from ideal_jax.utils.errors import InputError
 
 SIZES = {"math": 10, "code": 37, "chat": 120}

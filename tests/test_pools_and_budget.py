@@ -248,11 +248,11 @@ def test_every_mixture_trains_the_budgets_steps_whatever_it_packs_into():
 )
 def test_bad_pool_and_budget_settings_are_refused_when_the_config_loads(field, value):
     from configs import common
-    from ideal_jax import configlib
+    from ideal_jax.configlib.checks import validate_config
 
     cfg = common.base_config()
     section, leaf = field.split(".")
     cfg[section][leaf] = value
     with pytest.raises(InputError) as e:
-        configlib.validate_config(cfg)
+        validate_config(cfg)
     assert e.value.field == field

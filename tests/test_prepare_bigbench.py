@@ -14,7 +14,8 @@ import tarfile
 import pytest
 
 from configs import smollm2_bigbench
-from ideal_jax.data import prepare_bigbench, records
+from ideal_jax.data import prepare_bigbench
+from ideal_jax.data.domains import load_domains, load_reference
 from ideal_jax.evaluate.loaders import load_benchmark
 
 
@@ -69,10 +70,10 @@ def test_prepare_writes_disjoint_splits_and_the_small_variant(tmp_path):
     assert {r["capability"] for r in test} == set(smollm2_bigbench.DOMAINS)
     # The config's files load as domains and reference; :small reads OUT/small.
     cfg = smollm2_bigbench.get_config(f"small,data={out}")
-    domains = records.load_domains(dict(cfg.data.domains))
+    domains = load_domains(dict(cfg.data.domains))
     small = {d: min(40, v["train"]) for d, v in manifest["domains"].items()}
     assert {d: len(v) for d, v in domains.items()} == small
-    reference = records.load_reference(cfg.data.reference_source)
+    reference = load_reference(cfg.data.reference_source)
     assert all(len(v) == prepare_bigbench.SMALL["ref"] for v in reference.values())
     assert len(_jsonl(cfg.eval.tasks.bigbench.path)) == 5 * prepare_bigbench.SMALL["test"]
 

@@ -339,14 +339,14 @@ def test_eval_output_names_the_backend(bwrap):
 
 def test_config_field_validated():
     from configs import tiny
-    from ideal_jax import configlib
+    from ideal_jax.configlib.checks import CHOICES, validate_config
 
     cfg = tiny.get_config().unlock()
     assert cfg.eval.code_sandbox == "bwrap"
-    assert set(configlib.CHOICES["eval.code_sandbox"]) == set(sandbox_lib.SANDBOXES)
+    assert set(CHOICES["eval.code_sandbox"]) == set(sandbox_lib.SANDBOXES)
     cfg.eval.code_sandbox = "none"
     with pytest.raises(InputError, match="bwrap, inprocess, auto"):
-        configlib.validate_config(cfg)
+        validate_config(cfg)
 
 
 def _toy_problem() -> dict:

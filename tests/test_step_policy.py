@@ -4,7 +4,7 @@ returns to the incumbent and shrinks, the floor stops, the best accepted round i
 import pytest
 
 from configs import common
-from ideal_jax import configlib, step_policy
+from ideal_jax import stages, step_policy
 from ideal_jax.utils.errors import InputError
 
 
@@ -106,7 +106,7 @@ def test_bad_policy_settings_name_the_field(changes, field):
     for key, value in changes.items():
         cfg.reweight[key] = value
     with pytest.raises(InputError) as e:  # the config is refused when it loads
-        configlib.validate_config(cfg)
+        stages.load(cfg)
     assert e.value.field == field
 
 

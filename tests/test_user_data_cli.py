@@ -105,7 +105,8 @@ def test_bad_config_exits_2_before_the_workdir(tmp_path, flag, field):
 DISK_FULL = """
 import errno, json, sys, types
 from absl import app
-from ideal_jax import configlib, main
+from ideal_jax import main
+from ideal_jax.utils import atomic
 
 def dump(obj, f, **kw):
     if f.name.split(".tmp.")[0].endswith("round_0/influence.json"):
@@ -113,7 +114,7 @@ def dump(obj, f, **kw):
         raise OSError(errno.ENOSPC, "No space left on device", f.name)
     return json.dump(obj, f, **kw)
 
-configlib.json = types.SimpleNamespace(
+atomic.json = types.SimpleNamespace(
     **{k: getattr(json, k) for k in ("load", "loads", "dumps", "JSONDecodeError")}, dump=dump
 )
 sys.argv[0] = "ideal_jax.main"

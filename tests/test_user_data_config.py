@@ -9,7 +9,9 @@ import pytest
 from config_helpers import set_fields, tiny_config
 from hostile_data import BAD_CONFIG_VALUES, batch_geometry_cases, mesh_cases
 
-from ideal_jax import configlib, main
+from ideal_jax import main
+from ideal_jax.configlib.fields import flat_fields
+from ideal_jax.configlib.machine import check_machine, check_paths
 from ideal_jax.utils.errors import InputError
 
 DEVICES = jax.device_count()
@@ -45,7 +47,7 @@ def test_out_of_range_value_is_refused_before_the_workdir(tmp_path, field, value
 
 
 def test_every_generated_field_exists_in_the_tiny_config():
-    flat = configlib.flat_fields(tiny_config())
+    flat = flat_fields(tiny_config())
     assert {f for f, _ in BAD_CONFIG_VALUES} <= set(flat)
 
 
@@ -74,12 +76,12 @@ def test_batch_that_does_not_split_over_the_mesh_is_refused(tmp_path, changes, f
 
 def test_export_mode_does_not_check_the_mesh():
     cfg = tiny_config(mode="export", **{"mesh.data": DEVICES + 1})
-    configlib.check_machine(cfg, DEVICES)  # export reads the run's own config; no mesh
+    check_machine(cfg, DEVICES)  # export reads the run's own config; no mesh
 
 
 def test_a_mesh_that_fits_passes():
     for shape in ({"mesh.data": -1}, {"mesh.data": DEVICES}, {"mesh.data": 1, "mesh.fsdp": -1}):
-        configlib.check_machine(tiny_config(**shape), DEVICES)
+        check_machine(tiny_config(**shape), DEVICES)
 
 
 def test_max_len_longer_than_a_training_row_is_refused(tmp_path):
@@ -129,5 +131,5 @@ def test_paths_of_a_demo_run_are_not_checked(tmp_path):
     cfg = tiny_config()
     cfg.unlock()
     cfg.data.domains = {"ignored": "/nonexistent"}  # the demo suite replaces them
-    configlib.check_paths(cfg)
-    configlib.check_paths(_own_data_config(tmp_path))  # every path exists
+    check_paths(cfg)
+    check_paths(_own_data_config(tmp_path))  # every path exists

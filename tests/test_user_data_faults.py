@@ -10,7 +10,8 @@ import os
 import pytest
 from config_helpers import tiny_config
 
-from ideal_jax import configlib, main
+from ideal_jax import main
+from ideal_jax.utils.atomic import write_json_atomic
 from ideal_jax.utils.errors import InputError, describe_machine_error
 
 # What orbax raised when the disk filled during a checkpoint (measured on a 2 MiB tmpfs).
@@ -125,7 +126,7 @@ def test_command_lets_a_bug_through(monkeypatch, capsys):
 
 def test_a_full_disk_during_an_atomic_write_keeps_the_old_file(tmp_path, monkeypatch):
     path = str(tmp_path / "summary.json")
-    configlib.write_json_atomic(path, {"v": 1})
+    write_json_atomic(path, {"v": 1})
     real_dump = json.dump
 
     def dump_then_fill(obj, f, **kw):
@@ -134,7 +135,7 @@ def test_a_full_disk_during_an_atomic_write_keeps_the_old_file(tmp_path, monkeyp
 
     monkeypatch.setattr(json, "dump", dump_then_fill)
     with pytest.raises(OSError) as info:
-        configlib.write_json_atomic(path, {"v": 2})
+        write_json_atomic(path, {"v": 2})
     monkeypatch.setattr(json, "dump", real_dump)
     assert json.load(open(path)) == {"v": 1}
     assert os.listdir(tmp_path) == ["summary.json"]  # no partial .tmp file left behind

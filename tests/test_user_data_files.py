@@ -13,6 +13,7 @@ from ideal_jax import summary
 from ideal_jax.data import formatting, records
 from ideal_jax.data import mixture as mixture_lib
 from ideal_jax.data.demo_suite import build_tokenizer
+from ideal_jax.data.domains import load_domains, load_reference
 from ideal_jax.utils.errors import InputError
 
 CASES = data_cases(seed=0)
@@ -27,7 +28,7 @@ def tokenizers():
 
 
 def _read_and_tokenize(path, tokenizers):
-    domains = records.load_domains({"d": path})
+    domains = load_domains({"d": path})
     for tok in tokenizers.values():
         kept, _ = formatting.tokenize_examples(domains["d"], tok, max_len=64)
         assert kept
@@ -71,7 +72,7 @@ def test_odd_text_survives_the_round_trip_to_final_mixture(tmp_path, tokenizers,
     mix = mixture_lib.build_mixture({"d": [ex.id for ex in domains["d"]]}, None, seed=0)
     out = tmp_path / "final_mixture.jsonl"
     mixture_lib.export_jsonl(mix, domains, out)
-    back = records.load_domains(str(out))
+    back = load_domains(str(out))
     assert {ex.response for ex in back["d"]} == {text}
 
 
@@ -80,11 +81,11 @@ def test_hostile_domain_names_in_a_grouped_source(tmp_path, name, content, refus
     path = tmp_path / "all.jsonl"
     path.write_bytes(content)
     if refused is None:
-        domains = records.load_domains(str(path))
+        domains = load_domains(str(path))
         assert len(domains) == 2
         return
     with pytest.raises(InputError) as info:
-        records.load_domains(str(path))
+        load_domains(str(path))
     assert (info.value.path, info.value.record, info.value.field) == (str(path), *refused)
 
 
@@ -146,11 +147,11 @@ def test_capability_named_all_beside_others_is_refused(tmp_path):
         + "\n"
     )
     with pytest.raises(InputError, match="reserved") as info:
-        records.load_reference(str(ref))
+        load_reference(str(ref))
     assert info.value.path == str(ref) and info.value.field == "capability"
     only_all = tmp_path / "only.jsonl"
     only_all.write_text(json.dumps({"capability": "all", "prompt": "q", "response": "a"}) + "\n")
-    assert list(records.load_reference(str(only_all))) == ["all"]
+    assert list(load_reference(str(only_all))) == ["all"]
 
 
 def test_a_template_error_names_the_record(tmp_path):
@@ -165,7 +166,7 @@ def test_a_template_error_names_the_record(tmp_path):
     lines = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(5)]
     lines[3]["prompt"] = "forbidden"
     path.write_text("".join(json.dumps(r) + "\n" for r in lines))
-    examples = records.load_domains({"d": str(path)})["d"]
+    examples = load_domains({"d": str(path)})["d"]
     with pytest.raises(InputError, match="roles must alternate") as info:
         formatting.tokenize_examples(examples, tok, max_len=64)
     assert (info.value.path, info.value.record, info.value.field) == (

@@ -9,7 +9,9 @@ import os
 import pytest
 from config_helpers import tiny_config
 
-from ideal_jax import configlib, main, provenance
+from ideal_jax import main, provenance
+from ideal_jax.configlib.workdir import prepare_workdir
+from ideal_jax.utils.atomic import write_json_atomic
 from ideal_jax.utils.errors import InputError
 
 INPUTS = {"config.seed": "abc", "data": "def"}
@@ -17,14 +19,14 @@ INPUTS = {"config.seed": "abc", "data": "def"}
 
 def _artifact(workdir, rel, obj):
     path = os.path.join(workdir, rel)
-    configlib.write_json_atomic(path, obj)
+    write_json_atomic(path, obj)
     provenance.record(path, INPUTS)
     return path
 
 
 def _finished(workdir, rounds: int):
     """A workdir as a finished run of `rounds` rounds leaves it (the files these checks read)."""
-    configlib.prepare_workdir(tiny_config(rounds=rounds), str(workdir))
+    prepare_workdir(tiny_config(rounds=rounds), str(workdir))
     for k in range(rounds + 1):
         _artifact(workdir, f"round_{k}/influence.json", {"matrix": [[1.0 + k, -2.0]]})
         _artifact(workdir, f"round_{k}/row.json", {"step": k < rounds, "row": {"round": k}})

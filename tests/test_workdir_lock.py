@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from ideal_jax import configlib
+from ideal_jax.configlib import workdir as workdir_guard
+from ideal_jax.configlib.workdir import prepare_workdir
 from ideal_jax.utils import workdir_lock
 from ideal_jax.utils.errors import InputError
 
@@ -103,11 +104,12 @@ def test_resume_with_the_same_config_writes_nothing(tmp_path, monkeypatch):
 
     cfg = tiny.get_config()
     workdir = str(tmp_path / "run")
-    assert configlib.prepare_workdir(cfg, workdir) is False
+    assert prepare_workdir(cfg, workdir) is False
     path = os.path.join(workdir, "config.json")
     before = os.stat(path)
-    monkeypatch.setattr(configlib, "write_json_atomic", lambda *a: pytest.fail("rewrote config"))
-    assert configlib.prepare_workdir(cfg, workdir) is True
+    rewrite = lambda *a: pytest.fail("rewrote config")  # noqa: E731
+    monkeypatch.setattr(workdir_guard, "write_json_atomic", rewrite)
+    assert prepare_workdir(cfg, workdir) is True
     after = os.stat(path)
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
 
@@ -142,7 +144,7 @@ def test_read_only_workdir(read_only):
     assert line.startswith("error: file ") and "read-only" in line.lower()
     # a workdir whose config.json is current: the lock works and prepare_workdir writes nothing
     cfg = tiny.get_config()
-    configlib.prepare_workdir(cfg, str(src / "done"))
+    prepare_workdir(cfg, str(src / "done"))
     with workdir_lock.hold(str(ro / "done")):
-        assert configlib.prepare_workdir(cfg, str(ro / "done")) is True
+        assert prepare_workdir(cfg, str(ro / "done")) is True
     assert sorted(os.listdir(src / "done")) == ["config.json"]

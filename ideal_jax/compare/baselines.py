@@ -120,10 +120,11 @@ def propose_regmix(
     num_domains: int,
     seed: int,
     concentration: float,
-    candidates: int = 100_000,
-    top: int = 100,
+    candidates: int,
+    top: int,
 ) -> np.ndarray:
-    """The mean of the `top` simulated proportions (Dirichlet draws) with the lowest prediction."""
+    """The mean of the `top` simulated proportions (Dirichlet draws) with the lowest prediction
+    (cfg.compare.regmix_candidates and regmix_top: defaults in configs/common.py)."""
     rng = np.random.default_rng([seed, 0x12E6])
     sims = rng.dirichlet(np.full(num_domains, float(concentration)), size=candidates)
     best = np.argsort(predict_regmix(model, sims), kind="stable")[:top]

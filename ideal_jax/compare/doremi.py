@@ -17,7 +17,7 @@ the proxy's loss. The proxy uses the optimizer, schedule and number of steps of 
 on the mixture (train.state.make_optimizer over train.epochs epochs). A step costs a training
 step plus one forward pass of the reference (and, with grad_accum > 1, one more of the proxy).
 
-Knobs: cfg.compare.doremi_eta (η, default 1.0) and cfg.compare.doremi_smoothing (c, default 1e-3).
+Knobs: cfg.compare.doremi_eta (η) and cfg.compare.doremi_smoothing (c); defaults: configs/common.py.
 `doremi_weights` writes WORKDIR/doremi.json and returns it on a rerun whose inputs are the same.
 The jitted step of the proxy run is in doremi_proxy.py.
 """
@@ -26,57 +26,46 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 from typing import Any
 
 import jax
 import numpy as np
 
-from ideal_jax import artifacts, configlib, sharding
+from ideal_jax import artifacts, sharding
 from ideal_jax.compare import doremi_proxy as proxy
+from ideal_jax.compare.config import CompareConfig
+from ideal_jax.configlib.fields import fingerprint, to_dict
 from ideal_jax.data import suite as suite_lib
 from ideal_jax.model.config import ModelConfig
 from ideal_jax.train.loop import BATCH_KEYS, NonFiniteLossError
 from ideal_jax.train.state import make_optimizer
 from ideal_jax.utils import progress
+from ideal_jax.utils.atomic import write_json_atomic
 from ideal_jax.utils.distributed import is_lead_host
 from ideal_jax.utils.errors import InputError
 
 ARTIFACT = "doremi.json"
-DEFAULT_ETA = 1.0
-DEFAULT_SMOOTHING = 1e-3
 
 
 def doremi_settings(cfg) -> tuple[float, float]:
-    """(η, c) from cfg.compare, defaults where the section or field is missing; InputError
-    naming the field for a value out of range."""
-    section = cfg.get("compare", None) or {}
-    eta = section.get("doremi_eta", DEFAULT_ETA)
-    smoothing = section.get("doremi_smoothing", DEFAULT_SMOOTHING)
-    for field, value, ok, what in (
-        ("compare.doremi_eta", eta, lambda v: v > 0, "> 0"),
-        ("compare.doremi_smoothing", smoothing, lambda v: 0 <= v < 1, "in [0, 1)"),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise InputError(f"must be a number {what}, got {value!r}", field=field)
-        if not (math.isfinite(value) and ok(value)):
-            raise InputError(f"must be finite and {what}, got {value!r}", field=field)
-    return float(eta), float(smoothing)
+    """(η, c) from cfg.compare (CompareConfig: InputError naming a field out of range)."""
+    settings = CompareConfig.from_config_dict(cfg.compare)
+    return float(settings.doremi_eta), float(settings.doremi_smoothing)
 
 
 def _fingerprint(cfg, model_cfg: ModelConfig, suite, mix, eta: float, smoothing: float) -> str:
     """What the weights depend on; logging cadence and other modes' sections are left out."""
     inputs = {
-        "train": configlib.to_dict(cfg.train),
-        "data": configlib.to_dict(cfg.data),
+        "train": to_dict(cfg.train),
+        "data": to_dict(cfg.data),
         "model": repr(model_cfg),
-        "seed": cfg.get("seed", None),
+        "seed": cfg.seed,
         "domains": list(suite.domain_names),
         "mixture": json.dumps(mix.to_manifest(), sort_keys=True),
         "doremi": {"eta": eta, "smoothing": smoothing},
     }
-    return configlib.fingerprint(inputs)
+    return fingerprint(inputs)
 
 
 def doremi_weights(
@@ -105,18 +94,78 @@ def doremi_weights(
     path = os.path.join(workdir, ARTIFACT)
     fingerprint = _fingerprint(cfg, model_cfg, suite, mix, eta, smoothing)
     if os.path.exists(path):
-        previous = artifacts.read_json(path)
-        if previous.get("config") != fingerprint:
-            raise InputError(
-                "this DoReMi result was computed from other inputs (config, mixture or DoReMi "
-                "settings); delete it to recompute or use a new --workdir",
-                path=path,
-                field="config",
-            )
-        return previous
-
+        return _previous_result(path, fingerprint)
     names = list(suite.domain_names)
-    num_domains = len(names)
+    batches_for_epoch, steps_per_epoch, total_steps = _proxy_batches(cfg, suite, mix, mesh)
+    optimizer = make_optimizer(cfg.train, total_steps)
+    shardings = proxy.doremi_shardings(model_cfg, optimizer, mesh)
+    # The jitted init writes fresh buffers: donating the state never frees the caller's params.
+    reference_params = jax.device_put(reference_params, shardings.params)
+    state = jax.jit(
+        functools.partial(proxy.init_doremi_state, optimizer=optimizer, num_domains=len(names)),
+        out_shardings=shardings,
+    )(jax.device_put(init_params, shardings.params))
+    step_fn = proxy.make_doremi_step(
+        model_cfg,
+        optimizer,
+        shardings,
+        mesh,
+        num_domains=len(names),
+        eta=eta,
+        smoothing=smoothing,
+        grad_accum=int(cfg.train.grad_accum),
+        compiler_options=compiler_options,
+    )
+    every = max(int(cfg.train.log_every), 1)
+    state, trajectory = _train_proxy(
+        state,
+        step_fn,
+        reference_params,
+        mesh,
+        batches_for_epoch,
+        steps_per_epoch,
+        epochs=int(cfg.train.epochs),
+        every=every,
+        names=names,
+        workdir=workdir,
+    )
+    alpha_sum_j = np.asarray(jax.device_get(state.alpha_sum_j), np.float64)
+    mean_j = alpha_sum_j / alpha_sum_j.sum()
+    result = {
+        "method": "doremi",
+        "domains": names,
+        "weights": {n: float(w) for n, w in zip(names, mean_j)},
+        "final_weights": {n: float(w) for n, w in zip(names, trajectory["alpha"][-1])},
+        "steps": total_steps,
+        "eta": eta,
+        "smoothing": smoothing,
+        "trajectory_every": every,
+        "trajectory_steps": trajectory["steps"],
+        "trajectory": trajectory["alpha"],
+        "excess_trajectory": trajectory["excess"],
+        "config": fingerprint,
+    }
+    if is_lead_host():
+        write_json_atomic(path, result)
+    return result
+
+
+def _previous_result(path: str, fingerprint: str) -> dict:
+    """The DoReMi result at `path`, if it was computed from the same inputs (else InputError)."""
+    previous = artifacts.read_json(path)
+    if previous.get("config") != fingerprint:
+        raise InputError(
+            "this DoReMi result was computed from other inputs (config, mixture or DoReMi "
+            "settings); delete it to recompute or use a new --workdir",
+            path=path,
+            field="config",
+        )
+    return previous
+
+
+def _proxy_batches(cfg, suite, mix, mesh):
+    """(batches_for_epoch, steps per epoch, total steps) of an ordinary run on `mix`; InputError
+    for a batch that does not split over the mesh or a mixture that gives no step."""
     train_cfg = cfg.train
     batch_size, accum = int(train_cfg.batch_size), int(train_cfg.grad_accum)
     if accum < 1 or batch_size % accum or (batch_size // accum) % sharding.batch_divisor(mesh):
@@ -132,33 +181,30 @@ def doremi_weights(
     total_steps = int(train_cfg.epochs) * int(steps_per_epoch)
     if total_steps < 1:
         raise InputError("the mixture gives no training step", field="train.batch_size")
-    every = max(int(train_cfg.log_every), 1)
+    return batches_for_epoch, steps_per_epoch, total_steps
 
-    optimizer = make_optimizer(train_cfg, total_steps)
-    shardings = proxy.doremi_shardings(model_cfg, optimizer, mesh)
-    # The jitted init writes fresh buffers: donating the state never frees the caller's params.
-    reference_params = jax.device_put(reference_params, shardings.params)
-    state = jax.jit(
-        functools.partial(proxy.init_doremi_state, optimizer=optimizer, num_domains=num_domains),
-        out_shardings=shardings,
-    )(jax.device_put(init_params, shardings.params))
-    step_fn = proxy.make_doremi_step(
-        model_cfg,
-        optimizer,
-        shardings,
-        mesh,
-        num_domains=num_domains,
-        eta=eta,
-        smoothing=smoothing,
-        grad_accum=accum,
-        compiler_options=compiler_options,
-    )
 
-    trajectory, excess_trajectory, trajectory_steps = [], [], []
+def _train_proxy(
+    state,
+    step_fn,
+    reference_params,
+    mesh,
+    batches_for_epoch,
+    steps_per_epoch: int,
+    *,
+    epochs: int,
+    every: int,
+    names: list[str],
+    workdir: str,
+):
+    """Every proxy step; (final state, {"alpha", "excess", "steps"}: the weights and excess losses
+    every `every` steps and at the end)."""
+    total_steps = epochs * steps_per_epoch
+    trajectory = {"alpha": [], "excess": [], "steps": []}
     bar = progress.bar(total=total_steps, desc="doremi proxy", unit="step")
     try:
         step = 0
-        for epoch in range(int(train_cfg.epochs)):
+        for epoch in range(epochs):
             for index, host_batch in enumerate(batches_for_epoch(epoch)):
                 if index >= steps_per_epoch:
                     break
@@ -178,10 +224,10 @@ def doremi_weights(
                         record=f"epoch {epoch_of} batch {index_of}",
                         field="loss",
                     )
-                trajectory.append([float(a) for a in fetched["alpha_j"]])
-                excess_trajectory.append([float(e) for e in fetched["excess_j"]])
-                trajectory_steps.append(step)
-                top = max(range(num_domains), key=lambda j: trajectory[-1][j])
+                trajectory["alpha"].append([float(a) for a in fetched["alpha_j"]])
+                trajectory["excess"].append([float(e) for e in fetched["excess_j"]])
+                trajectory["steps"].append(step)
+                top = max(range(len(names)), key=lambda j: trajectory["alpha"][-1][j])
                 bar.set_postfix(loss=f"{float(fetched['loss']):.4f}", top=names[top])
     finally:
         bar.close()
@@ -190,23 +236,4 @@ def doremi_weights(
             f"the mixture's batches gave {step} steps, expected {total_steps}",
             field="train.epochs",
         )
-
-    alpha_sum_j = np.asarray(jax.device_get(state.alpha_sum_j), np.float64)
-    mean_j = alpha_sum_j / alpha_sum_j.sum()
-    result = {
-        "method": "doremi",
-        "domains": names,
-        "weights": {n: float(w) for n, w in zip(names, mean_j)},
-        "final_weights": {n: float(w) for n, w in zip(names, trajectory[-1])},
-        "steps": total_steps,
-        "eta": eta,
-        "smoothing": smoothing,
-        "trajectory_every": every,
-        "trajectory_steps": trajectory_steps,
-        "trajectory": trajectory,
-        "excess_trajectory": excess_trajectory,
-        "config": fingerprint,
-    }
-    if is_lead_host():
-        configlib.write_json_atomic(path, result)
-    return result
+    return state, trajectory

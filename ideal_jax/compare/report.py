@@ -7,6 +7,8 @@ from typing import Any
 import numpy as np
 
 from ideal_jax import stats
+from ideal_jax.compare.config import CompareConfig
+from ideal_jax.reweight import ReweightConfig
 
 SINGLE_SEED_NOTE = (
     "one seed: these differences cannot be separated from training noise (the same mixture "
@@ -15,8 +17,12 @@ SINGLE_SEED_NOTE = (
 )
 
 
-def build(per_seed: list[dict[str, Any]], methods: tuple[str, ...], cfg) -> dict[str, Any]:
-    """Per method: scores (mean ± ci95, paired Δ to D0 per metric), reference loss, compute."""
+def build(
+    per_seed: list[dict[str, Any]], cfg, settings: CompareConfig, reweight_cfg: ReweightConfig
+) -> dict[str, Any]:
+    """Per method of `settings.methods`: scores (mean ± ci95, paired Δ to D0 per metric),
+    reference loss, compute."""
+    methods = settings.methods
     runs = {m: [ps["methods"][m] for ps in per_seed] for m in methods}
     scores = stats.summarise_methods({m: [r["scores"] for r in runs[m]] for m in methods}, "d0")
     d0_ref = [r["reference_loss"] for r in runs["d0"]]
@@ -81,9 +87,9 @@ def build(per_seed: list[dict[str, Any]], methods: tuple[str, ...], cfg) -> dict
         "settings": {
             "rounds": int(cfg.rounds),
             "epochs": int(cfg.train.epochs),
-            "k": int(cfg.compare.k),
-            "step_size": float(cfg.reweight.step_size),
-            "rule": cfg.reweight.rule,
+            "k": int(settings.k),
+            "step_size": float(reweight_cfg.step_size),
+            "rule": reweight_cfg.rule,
             "operator": cfg.influence.operator,
             "budget": cfg.train.budget,
             "upsample": cfg.data.upsample,

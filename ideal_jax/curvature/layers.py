@@ -25,6 +25,9 @@ LAYER_PRESETS: dict[str, tuple[str, ...]] = {
     "mlp": (r"layers\.\d+\.mlp\.(gate|up|down)_proj",),
     "attention": (r"layers\.\d+\.self_attn\.(q|k|v|o)_proj",),
     "all_linear": (r"layers\.\d+\.(mlp|self_attn)\.\w+",),
+    # LoRA adapters (train.finetuning = lora): both matmuls of every adapter, each a dense layer
+    # "lora.layers.N.<block>.<proj>.lora_a" [D_in, r] / ".lora_b" [r, D_out] (model/lora.py).
+    "lora": (r"lora\.layers\.\d+\.\w+\.\w+\.lora_[ab]",),
 }
 DEFAULT_PRESET = "mlp"
 
@@ -80,6 +83,15 @@ def select_layers(
         raise InputError(
             f"layer patterns {list(patterns)} match no linear layer; available: "
             f"{sorted(all_layers)[:12]}{' ...' if len(all_layers) > 12 else ''}",
+            field="curvature.layers",
+        )
+    adapters = [p for p in all_layers if p.startswith("lora.")]
+    if adapters and any(not p.startswith("lora.") for p in chosen):
+        # LoRA trains only the adapters: H over base weights would be over frozen parameters.
+        raise InputError(
+            f"these parameters carry LoRA adapters, but the patterns {list(patterns)} select "
+            f"base weights ({[p for p in chosen if not p.startswith('lora.')][:3]}); select "
+            "adapters (the preset 'lora', or regexes over 'lora.layers.N.<block>.<proj>.lora_a|b')",
             field="curvature.layers",
         )
     for path in chosen:

@@ -103,11 +103,13 @@ def lm_problem(model_cfg: Any, layers: tuple[str, ...], start_layer: int = 0) ->
 
 
 def first_decoder_layer(layers: tuple[str, ...] | list[str]) -> int:
-    """The lowest decoder layer index N among paths "layers.N....", 0 if any path is outside the
-    decoder layers (embedding, lm_head) or there are none."""
+    """The lowest decoder layer index N among paths "layers.N...." (or LoRA adapters
+    "lora.layers.N...."), 0 if any path is outside the decoder layers (embedding, lm_head) or
+    there are none."""
     indices = []
     for path in layers:
         parts = path.split(".")
+        parts = parts[1:] if parts[0] == "lora" else parts
         if len(parts) < 2 or parts[0] != "layers" or not parts[1].isdigit():
             return 0
         indices.append(int(parts[1]))

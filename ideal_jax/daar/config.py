@@ -15,7 +15,7 @@ import hashlib
 import json
 from typing import Any
 
-from ideal_jax import configlib
+from ideal_jax.configlib.checks import section_fields
 from ideal_jax.daar import centroids as cen
 from ideal_jax.daar import kmeans as km
 from ideal_jax.utils.errors import InputError
@@ -133,7 +133,7 @@ class DaarConfig:
     def from_section(cls, section: Any) -> DaarConfig:
         """From cfg.daar (an ml_collections section or a dict of the same shape: descriptions and
         τ keyed by domain name). A missing field or a bad value raises InputError naming it."""
-        values = configlib.section_fields(section, cls, "daar", exclude=("domains",))
+        values = section_fields(section, cls, "daar", exclude=("domains",))
         names = [f.name for f in dataclasses.fields(cls) if f.name != "domains"]
         descriptions = dict(values.get("domains") or {})
         taus = dict(values.get("tau") or {})

@@ -24,6 +24,7 @@ from ideal_jax.daar.config import DaarConfig
 from ideal_jax.daar.generation import ModelGenerator
 from ideal_jax.data import records
 from ideal_jax.data import suite as suite_lib
+from ideal_jax.data.domains import load_domains
 from ideal_jax.model import loading
 from ideal_jax.utils.errors import InputError
 
@@ -95,10 +96,10 @@ def _unlabeled(examples_by_domain: dict[str, list[records.Example]]) -> list[rec
 def load_pool(cfg, suite=None) -> tuple[list[records.Example], list[records.Example]]:
     """(pool, probe) examples with labels hidden."""
     if cfg.daar.pool:
-        pool = _unlabeled(records.load_domains({"pool": cfg.daar.pool}))
+        pool = _unlabeled(load_domains({"pool": cfg.daar.pool}))
         if not cfg.daar.probe:
             raise InputError("a probe set is required with a pool", field="daar.probe")
-        probe = _unlabeled(records.load_domains({"probe": cfg.daar.probe}))
+        probe = _unlabeled(load_domains({"probe": cfg.daar.probe}))
         return pool, probe
     if suite is None or not cfg.data.demo:
         raise InputError("set daar.pool and daar.probe (or data.demo)", field="daar.pool")

@@ -152,6 +152,44 @@ def run_daar(
     model, its tokenizer, the generator); job.run_inputs gives them for a config's run.
     """
     cfg = _as_config(daar_cfg)
+    _check_inputs(cfg, model_cfg, pool_examples, probe_examples)
+    workdir = os.fspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    context = {"data": examples_fingerprint(pool_examples, probe_examples), **(inputs or {})}
+    stages = _Stages(cfg, workdir, embedder(cfg, model_cfg, params, tokenizer, mesh), context, mesh)
+    km.check_enough_rows(len(probe_examples), len(cfg.domains))  # before the generation budget
+    generated = stages.generate(
+        lambda: generator or gen.ModelGenerator(model_cfg, params, tokenizer)
+    )
+    centroids_kd = stages.centroids(generated)
+    pseudo = stages.pseudo_labels(probe_examples, centroids_kd)
+    probe_stats = stages.probes(probe_examples, pseudo)
+    pool_scores = stages.scores(pool_examples)
+    manifest = stages.select(pool_examples, pool_scores)
+    index_of = {ex.id: i for i, ex in enumerate(pool_examples)}
+    selected_n = np.array([index_of[s["id"]] for s in manifest["selected"]], np.int64)
+    return DaarResult(
+        domain_names=cfg.domain_names,
+        centroids_kd=centroids_kd,
+        generation_stats=generated["stats"],
+        probe_labels_n=pseudo["labels_n"],
+        probe_stats=probe_stats,
+        pool_scores_n=pool_scores["scores_n"],
+        pool_entropy_n=pool_scores["entropy_n"],
+        pool_labels_n=pool_scores["labels_n"],
+        selected_n=selected_n,
+        manifest_path=stages.manifest_path,
+        selected_path=os.path.join(stages.selection_dir, "selected.jsonl"),
+        stages_run=stages.run,
+    )
+
+
+def _check_inputs(
+    cfg: DaarConfig,
+    model_cfg: ModelConfig,
+    pool_examples: Sequence[Example],
+    probe_examples: Sequence[Example],
+) -> None:
     if not 1 <= cfg.feature_layer <= model_cfg.num_layers:
         raise InputError(
             f"feature_layer={cfg.feature_layer} but the model has {model_cfg.num_layers} layers",
@@ -160,198 +198,213 @@ def run_daar(
     if not pool_examples:
         raise InputError("the DaaR pool is empty", field="daar.pool")
     check_disjoint(pool_examples, probe_examples)
-    workdir = os.fspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    path = lambda name: os.path.join(workdir, name)
-    emb = embedder(cfg, model_cfg, params, tokenizer, mesh)
-    names, k = cfg.domain_names, len(cfg.domains)
-    context = {"data": examples_fingerprint(pool_examples, probe_examples), **(inputs or {})}
-    timer = artifacts.Timer(path("timings.json"))
-    run: list[str] = []
 
-    def stage_inputs(stage: str, *upstream: str) -> dict[str, str]:
-        own = {**context, "config.daar": cfg.fingerprint(stage)}
+
+_NPZ = dict(load=store.load_npz, save=store.save_npz)
+
+
+class _Stages:
+    """DaaR's stages in WORKDIR, each one `artifacts.cached` call keyed by its own inputs: the
+    DaarConfig fields it reads, the examples, the caller's inputs and its upstream artifacts."""
+
+    def __init__(self, cfg: DaarConfig, workdir: str, emb, context: dict, mesh):
+        self.cfg, self.workdir, self.emb, self.context, self.mesh = cfg, workdir, emb, context, mesh
+        self.timer = artifacts.Timer(self.path("timings.json"))
+        self.run: list[str] = []  # the stages computed in this call
+        self.probe_files = {
+            "domain": self.path("probe_domain.npz"),
+            "diversity": self.path("probe_diversity.npz"),
+        }
+        self.selection_dir = self.path("selection")
+        self.manifest_path = os.path.join(self.selection_dir, "manifest.json")
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.workdir, name)
+
+    def inputs(self, stage: str, *upstream: str) -> dict[str, str]:
+        own = {**self.context, "config.daar": self.cfg.fingerprint(stage)}
         return provenance.with_upstream(own, **{os.path.basename(p): p for p in upstream})
 
-    def cached(stage: str, file: str, compute, inputs: Mapping[str, str], **load_save):
+    def cached(self, stage: str, file: str, compute, inputs: Mapping[str, str], **load_save):
         def computed():
-            run.append(stage)
+            self.run.append(stage)
             return compute()
 
-        return artifacts.cached(file, computed, inputs=inputs, timer=timer, name=stage, **load_save)
-
-    npz = dict(load=store.load_npz, save=store.save_npz)
-    km.check_enough_rows(len(probe_examples), k)  # fail before spending the generation budget
-
-    # 1. Model-aware synthetic pairs per domain.
-    def generate():
-        writer = generator or gen.ModelGenerator(model_cfg, params, tokenizer)
-        domains = [dataclasses.asdict(d) for d in cfg.domains]
-        pairs, _, stats = gen.generate_all_domains(
-            writer, emb.centroid_space, domains, **cfg.generation_kwargs()
+        return artifacts.cached(
+            file, computed, inputs=inputs, timer=self.timer, name=stage, **load_save
         )
-        as_json = {d: [{"instruction": i, "response": r} for i, r in ps] for d, ps in pairs.items()}
-        return {"pairs": as_json, "stats": {d: s.to_dict() for d, s in stats.items()}}
 
-    generated = cached("generate", path("generation.json"), generate, stage_inputs("generate"))
+    def generate(self, make_writer) -> dict:
+        """1. Model-aware synthetic pairs per domain → generation.json."""
+        cfg, emb = self.cfg, self.emb
 
-    # 2. Centroids: mean centroid-space embedding of each domain's accepted pairs.
-    def centroids():
-        per_domain = [
-            emb.centroid_space(
-                [cen.pair_text(p["instruction"], p["response"]) for p in generated["pairs"][d]]
+        def generate():
+            domains = [dataclasses.asdict(d) for d in cfg.domains]
+            pairs, _, stats = gen.generate_all_domains(
+                make_writer(), emb.centroid_space, domains, **cfg.generation_kwargs()
             )
-            for d in names
-        ]
-        return {"centroids_kd": cen.domain_centroids(per_domain)}
+            as_json = {
+                d: [{"instruction": i, "response": r} for i, r in ps] for d, ps in pairs.items()
+            }
+            return {"pairs": as_json, "stats": {d: s.to_dict() for d, s in stats.items()}}
 
-    centroid_inputs = stage_inputs("centroids", path("generation.json"))
-    centroids_kd = cached("centroids", path("centroids.npz"), centroids, centroid_inputs, **npz)[
-        "centroids_kd"
-    ]
-
-    # 3. Pseudo-labels: k-means on the probe set, initialized at the centroids.
-    def pseudo_labels():
-        probe_emb_nd = emb.centroid_space([cen.example_text(ex) for ex in probe_examples])
-        res = km.kmeans(
-            probe_emb_nd,
-            centroids_kd,
-            metric=cfg.kmeans_metric,
-            max_iters=cfg.kmeans_max_iters,
-            mesh=mesh,
-        )
-        info = dict(iterations=res.iterations, converged=res.converged, inertia=res.inertia)
-        return dict(
-            labels_n=res.labels_n, centers_kd=res.centers_kd, info=np.array(json.dumps(info))
+        return self.cached(
+            "generate", self.path("generation.json"), generate, self.inputs("generate")
         )
 
-    label_inputs = stage_inputs("pseudo_labels", path("centroids.npz"))
-    pseudo = cached("pseudo_labels", path("pseudo_labels.npz"), pseudo_labels, label_inputs, **npz)
-    probe_labels_n = pseudo["labels_n"]
+    def centroids(self, generated: dict) -> np.ndarray:
+        """2. The mean centroid-space embedding of each domain's accepted pairs → centroids_kd."""
 
-    # 4. ψ_dom on the pseudo-labels, then ψ_div on ψ_dom's entropy. probe_stats.json is the stage's
-    # artifact; the two probes' .npz files are written (and recorded) before it.
-    probe_files = {"domain": path("probe_domain.npz"), "diversity": path("probe_diversity.npz")}
-    probe_inputs = stage_inputs("probes", path("pseudo_labels.npz"))
+        def centroids():
+            per_domain = [
+                self.emb.centroid_space(
+                    [cen.pair_text(p["instruction"], p["response"]) for p in generated["pairs"][d]]
+                )
+                for d in self.cfg.domain_names
+            ]
+            return {"centroids_kd": cen.domain_centroids(per_domain)}
 
-    def probes():
-        probe_feat_nd = emb.features(probe_examples)
-        common = cfg.probe_kwargs() | dict(mesh=mesh)
-        dom, dom_stats = pr.train_probe(
-            probe_feat_nd, probe_labels_n, kind="classify", out=k, **common
-        )
-        stats = dict(domain=dom_stats.to_dict())
-        if cfg.probe_cross_fit_folds:
-            # ψ_div's targets: ψ_dom's entropy on examples it was not trained on (METHOD.md §2.4
-            # computes H with the trained ψ_dom; in-sample H is over-confident, see probes.py).
-            seed = common.pop("seed")
-            logits_nk, stats["cross_fit"] = pr.cross_fit_logits(
-                probe_feat_nd,
-                probe_labels_n,
-                folds=min(cfg.probe_cross_fit_folds, len(probe_examples)),
-                out=k,
-                seed=seed,
-                **common,
+        inputs = self.inputs("centroids", self.path("generation.json"))
+        out = self.cached("centroids", self.path("centroids.npz"), centroids, inputs, **_NPZ)
+        return out["centroids_kd"]
+
+    def pseudo_labels(self, probe_examples: Sequence[Example], centroids_kd: np.ndarray) -> dict:
+        """3. k-means on the probe set, initialized at the centroids → pseudo_labels.npz."""
+        cfg = self.cfg
+
+        def pseudo_labels():
+            probe_emb_nd = self.emb.centroid_space([cen.example_text(ex) for ex in probe_examples])
+            res = km.kmeans(
+                probe_emb_nd,
+                centroids_kd,
+                metric=cfg.kmeans_metric,
+                max_iters=cfg.kmeans_max_iters,
+                mesh=self.mesh,
             )
-            common["seed"] = seed
-        else:
-            logits_nk = pr.predict(dom, probe_feat_nd)
-        entropy_n = pr.entropy(logits_nk)
-        stats["in_sample_mean_entropy"] = float(np.mean(pr.entropy(pr.predict(dom, probe_feat_nd))))
-        div, div_stats = pr.train_probe(probe_feat_nd, entropy_n, kind="regress", out=1, **common)
-        stats["diversity"] = div_stats.to_dict()
-        stats["kmeans"] = json.loads(str(pseudo["info"]))
-        return {
-            "stats": stats,
-            "domain": pr.probe_to_arrays(dom),
-            "diversity": pr.probe_to_arrays(div),
-        }
+            info = dict(iterations=res.iterations, converged=res.converged, inertia=res.inertia)
+            return dict(
+                labels_n=res.labels_n, centers_kd=res.centers_kd, info=np.array(json.dumps(info))
+            )
 
-    def save_probes(stats_path: str, out: dict) -> None:
-        for key, file in probe_files.items():
-            store.save_npz(file, out[key])
-            provenance.record(file, probe_inputs)
-        artifacts.write_json(stats_path, out["stats"])
-
-    def load_probes(stats_path: str) -> dict:
-        for file in probe_files.values():
-            provenance.check(file, probe_inputs)
-        return {"stats": artifacts.read_json(stats_path)}
-
-    probe_stats = cached(
-        "probes",
-        path("probe_stats.json"),
-        probes,
-        probe_inputs,
-        load=load_probes,
-        save=save_probes,
-    )["stats"]
-
-    # 5. Score the pool.
-    def scores():
-        dom = pr.probe_from_arrays(store.load_npz(probe_files["domain"]))
-        div = pr.probe_from_arrays(store.load_npz(probe_files["diversity"]))
-        pool_feat_nd = emb.features(pool_examples)
-        logits_nk = pr.predict(dom, pool_feat_nd)
-        return dict(
-            scores_n=pr.predict(div, pool_feat_nd)[:, 0],
-            entropy_n=pr.entropy(logits_nk),
-            labels_n=logits_nk.argmax(-1).astype(np.int32),
+        inputs = self.inputs("pseudo_labels", self.path("centroids.npz"))
+        return self.cached(
+            "pseudo_labels", self.path("pseudo_labels.npz"), pseudo_labels, inputs, **_NPZ
         )
 
-    score_inputs = stage_inputs("scores", *probe_files.values())
-    pool_scores = cached("scores", path("scores.npz"), scores, score_inputs, **npz)
-    scores_n, labels_n = pool_scores["scores_n"], pool_scores["labels_n"]
+    def probes(self, probe_examples: Sequence[Example], pseudo: dict) -> dict:
+        """4. ψ_dom on the pseudo-labels, then ψ_div on ψ_dom's entropy. probe_stats.json is the
+        stage's artifact; the two probes' .npz files are written (and recorded) before it."""
+        cfg, probe_files = self.cfg, self.probe_files
+        probe_inputs = self.inputs("probes", self.path("pseudo_labels.npz"))
+        k, probe_labels_n = len(cfg.domains), pseudo["labels_n"]
 
-    # 6. Select: the manifest (the stage's artifact) and the selected records.
-    sel_dir = path("selection")
-    manifest_path = os.path.join(sel_dir, "manifest.json")
+        def probes():
+            probe_feat_nd = self.emb.features(probe_examples)
+            common = cfg.probe_kwargs() | dict(mesh=self.mesh)
+            dom, dom_stats = pr.train_probe(
+                probe_feat_nd, probe_labels_n, kind="classify", out=k, **common
+            )
+            stats = dict(domain=dom_stats.to_dict())
+            if cfg.probe_cross_fit_folds:
+                # ψ_div's targets: ψ_dom's entropy on examples it was not trained on (METHOD.md
+                # §2.4 computes H with the trained ψ_dom; in-sample H is over-confident, see
+                # probes.py).
+                seed = common.pop("seed")
+                logits_nk, stats["cross_fit"] = pr.cross_fit_logits(
+                    probe_feat_nd,
+                    probe_labels_n,
+                    folds=min(cfg.probe_cross_fit_folds, len(probe_examples)),
+                    out=k,
+                    seed=seed,
+                    **common,
+                )
+                common["seed"] = seed
+            else:
+                logits_nk = pr.predict(dom, probe_feat_nd)
+            entropy_n = pr.entropy(logits_nk)
+            in_sample_n = pr.entropy(pr.predict(dom, probe_feat_nd))
+            stats["in_sample_mean_entropy"] = float(np.mean(in_sample_n))
+            div, div_stats = pr.train_probe(
+                probe_feat_nd, entropy_n, kind="regress", out=1, **common
+            )
+            stats["diversity"] = div_stats.to_dict()
+            stats["kmeans"] = json.loads(str(pseudo["info"]))
+            return {
+                "stats": stats,
+                "domain": pr.probe_to_arrays(dom),
+                "diversity": pr.probe_to_arrays(div),
+            }
 
-    def select():
-        selected_n, method, fractions = sel.choose(
-            scores_n,
-            labels_n,
-            names,
-            method=cfg.select_method,
-            fraction=cfg.select_fraction,
-            customized_target=cfg.customized_target,
-            customized_fractions=cfg.customized_fractions,
+        def save_probes(stats_path: str, out: dict) -> None:
+            for key, file in probe_files.items():
+                store.save_npz(file, out[key])
+                provenance.record(file, probe_inputs)
+            artifacts.write_json(stats_path, out["stats"])
+
+        def load_probes(stats_path: str) -> dict:
+            for file in probe_files.values():
+                provenance.check(file, probe_inputs)
+            return {"stats": artifacts.read_json(stats_path)}
+
+        return self.cached(
+            "probes",
+            self.path("probe_stats.json"),
+            probes,
+            probe_inputs,
+            load=load_probes,
+            save=save_probes,
+        )["stats"]
+
+    def scores(self, pool_examples: Sequence[Example]) -> dict:
+        """5. Every pool example's ψ_div score, ψ_dom entropy and argmax → scores.npz."""
+
+        def scores():
+            dom = pr.probe_from_arrays(store.load_npz(self.probe_files["domain"]))
+            div = pr.probe_from_arrays(store.load_npz(self.probe_files["diversity"]))
+            pool_feat_nd = self.emb.features(pool_examples)
+            logits_nk = pr.predict(dom, pool_feat_nd)
+            return dict(
+                scores_n=pr.predict(div, pool_feat_nd)[:, 0],
+                entropy_n=pr.entropy(logits_nk),
+                labels_n=logits_nk.argmax(-1).astype(np.int32),
+            )
+
+        inputs = self.inputs("scores", *self.probe_files.values())
+        return self.cached("scores", self.path("scores.npz"), scores, inputs, **_NPZ)
+
+    def select(self, pool_examples: Sequence[Example], pool_scores: dict) -> dict:
+        """6. The selection: its manifest (the stage's artifact) and the selected records."""
+        cfg, names = self.cfg, self.cfg.domain_names
+        scores_n, labels_n = pool_scores["scores_n"], pool_scores["labels_n"]
+
+        def select():
+            selected_n, method, fractions = sel.choose(
+                scores_n,
+                labels_n,
+                names,
+                method=cfg.select_method,
+                fraction=cfg.select_fraction,
+                customized_target=cfg.customized_target,
+                customized_fractions=cfg.customized_fractions,
+            )
+            return sel.manifest_of(
+                pool_examples,
+                selected_n,
+                scores_n,
+                labels_n,
+                names,
+                method=method,
+                fractions=fractions,
+                seed=cfg.seed,
+            )
+
+        return self.cached(
+            "select",
+            self.manifest_path,
+            select,
+            self.inputs("select", self.path("scores.npz")),
+            save=lambda _, m: sel.write_selection_files(self.selection_dir, pool_examples, m),
         )
-        return sel.manifest_of(
-            pool_examples,
-            selected_n,
-            scores_n,
-            labels_n,
-            names,
-            method=method,
-            fractions=fractions,
-            seed=cfg.seed,
-        )
-
-    manifest = cached(
-        "select",
-        manifest_path,
-        select,
-        stage_inputs("select", path("scores.npz")),
-        save=lambda _, m: sel.write_selection_files(sel_dir, pool_examples, m),
-    )
-    index_of = {ex.id: i for i, ex in enumerate(pool_examples)}
-    selected_n = np.array([index_of[s["id"]] for s in manifest["selected"]], np.int64)
-
-    return DaarResult(
-        domain_names=names,
-        centroids_kd=centroids_kd,
-        generation_stats=generated["stats"],
-        probe_labels_n=probe_labels_n,
-        probe_stats=probe_stats,
-        pool_scores_n=scores_n,
-        pool_entropy_n=pool_scores["entropy_n"],
-        pool_labels_n=labels_n,
-        selected_n=selected_n,
-        manifest_path=manifest_path,
-        selected_path=os.path.join(sel_dir, "selected.jsonl"),
-        stages_run=run,
-    )
 
 
 def pseudo_domains(

@@ -47,7 +47,7 @@ def _count(n: int, fraction: float) -> int:
     return min(n, max(1, math.floor(n * fraction + 0.5))) if n else 0
 
 
-def select_top_fraction(scores_n: np.ndarray, fraction: float = 0.2) -> np.ndarray:
+def select_top_fraction(scores_n: np.ndarray, fraction: float) -> np.ndarray:
     """Pool indices of the top `fraction` by score, best first."""
     scores_n = np.asarray(scores_n, np.float64)
     return _top(np.arange(len(scores_n)), scores_n, _count(len(scores_n), fraction))

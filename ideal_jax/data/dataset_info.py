@@ -90,7 +90,7 @@ def load_entries(
         raw = records.read_records(source)
         if not raw:
             raise InputError(f"{kind} {name!r} is empty", path=source)
-        result[name] = records._normalize_all(
+        result[name] = records.normalize_all(
             ((name, r) for r in raw), source, {**entry_map, **dict(field_map or {})}, tags
         )
     return result

@@ -65,6 +65,7 @@ from ideal_jax.data.demo_tasks import (
     generate_items,
     table,
 )
+from ideal_jax.utils.atomic import atomic_file
 from ideal_jax.utils.errors import InputError
 
 # The demo's starting mixture (configs/demo.py holds the same): wrong in three known ways.
@@ -126,12 +127,9 @@ def build_tokenizer():
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")  # unique per process
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path) as f:  # a crash never leaves half a file behind
         for record in records:
             f.write(json.dumps(record) + "\n")
-    os.replace(tmp, path)  # atomic: a crash never leaves half a file behind
 
 
 def family(domain: str) -> tuple[str, ...]:

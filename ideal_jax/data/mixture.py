@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ideal_jax.data.records import Example
+from ideal_jax.utils.atomic import atomic_file
 from ideal_jax.utils.errors import InputError
 
 T = TypeVar("T")
@@ -387,15 +388,11 @@ def materialize(
 
 
 def _write_atomic(path: str | os.PathLike, text_lines: Sequence[str] | str) -> None:
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path) as f:  # readers see the old file or the new one, never half of one
         if isinstance(text_lines, str):
             f.write(text_lines)
         else:
             f.writelines(text_lines)
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
 
 
 def write_manifest(mixture: Mixture, path: str | os.PathLike) -> None:

@@ -31,7 +31,7 @@ import sys
 import tarfile
 from collections.abc import Iterator
 
-from ideal_jax.configlib import write_json_atomic
+from ideal_jax.utils.atomic import atomic_file, write_json_atomic
 from ideal_jax.utils.errors import InputError
 
 # domain -> BIG-bench tasks (subtask folders with a task.json each).
@@ -205,11 +205,9 @@ def _read_jsonl(path: str) -> list[dict]:
 
 
 def _write_jsonl(path: str, rows: list[dict]) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path) as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:

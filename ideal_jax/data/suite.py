@@ -17,8 +17,10 @@ import numpy as np
 from absl import logging
 
 from ideal_jax.data import batching, demo_suite, formatting, mixture, records
+from ideal_jax.data.domains import load_domains, load_reference
 from ideal_jax.model import hf_io
-from ideal_jax.utils import progress, workdir_lock
+from ideal_jax.utils import progress
+from ideal_jax.utils.atomic import atomic_path
 from ideal_jax.utils.errors import InputError
 
 
@@ -57,25 +59,24 @@ def _load_suite(cfg, workdir: str) -> Suite:
         demo_dir = os.path.join(workdir, "demo_data")
         if not os.path.exists(os.path.join(demo_dir, "tokenizer", "tokenizer.json")):
             # Built into a temporary directory and renamed: a crash leaves no half-built suite.
-            tmp = workdir_lock.unique_tmp(demo_dir)  # unique per process
-            demo_suite.build_demo_suite(
-                tmp,
-                seed=cfg.seed,
-                train_sizes=dict(data.demo_train_sizes),
-                n_test=data.demo_n_test,
-                n_ref=data.demo_n_ref,
-                pool_factor=data.demo_pool_factor,
-            )
-            os.replace(tmp, demo_dir)
+            with atomic_path(demo_dir) as tmp:
+                demo_suite.build_demo_suite(
+                    tmp,
+                    seed=cfg.seed,
+                    train_sizes=dict(data.demo_train_sizes),
+                    n_test=data.demo_n_test,
+                    n_ref=data.demo_n_ref,
+                    pool_factor=data.demo_pool_factor,
+                )
         train_paths = {
             cap: os.path.join(demo_dir, "train", f"{cap}.jsonl")
             for cap in data.demo_train_sizes
             if data.demo_train_sizes[cap] > 0
         }
-        domains = records.load_domains(train_paths)
+        domains = load_domains(train_paths)
         # Capabilities: those with a training domain (a harmful domain is none; demo_suite.py).
         capabilities = tuple(c for c in demo_suite.CAPABILITIES if c in train_paths)
-        reference = records.load_reference(
+        reference = load_reference(
             os.path.join(demo_dir, "ref.jsonl"), capability_names=capabilities
         )
         tokenizer = load_run_tokenizer(cfg, workdir)
@@ -98,13 +99,13 @@ def _load_suite(cfg, workdir: str) -> Suite:
                 "no training data: set data.domains or data.source (or data.demo)",
                 field="data.domains",
             )
-        domains = records.load_domains(
+        domains = load_domains(
             sources,
             domain_names=tuple(data.domain_names) or None,
             field_map=field_map,
             group_field=data.domain_field,
         )
-        reference = records.load_reference(
+        reference = load_reference(
             dict(data.reference) or data.reference_source, field_map=field_map
         )
         tokenizer = load_run_tokenizer(cfg, workdir)

@@ -27,11 +27,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 
-from ideal_jax.configlib import write_json_atomic
 from ideal_jax.evaluate import answers, code_exec, ifeval, multiple_choice
 from ideal_jax.evaluate import sandbox as sandbox_lib
 from ideal_jax.evaluate.loaders import load_benchmark, normalize_records
 from ideal_jax.utils import progress as progress_lib
+from ideal_jax.utils.atomic import write_json_atomic
 from ideal_jax.utils.errors import InputError
 
 GenerateFn = Callable[[list[str], int, float, int], list[list[str]]]

@@ -74,7 +74,7 @@ def evaluate_round(
     loglik_fn = model_adapter.make_loglik_fn(
         model_cfg, params, suite.tokenizer, batch_size=eval_cfg.batch_size
     )
-    sandbox = eval_cfg.get("code_sandbox", "bwrap")  # docs/sandbox.md
+    sandbox = eval_cfg.code_sandbox  # docs/sandbox.md
     results = evaluate_tasks(
         suite.eval_tasks, generate_fn, loglik_fn, progress=show_progress, code_sandbox=sandbox
     )

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from ideal_jax.configlib import write_json_atomic
 from ideal_jax.curvature import layers as layers_lib
 from ideal_jax.data import formatting, records
 from ideal_jax.influence import alpha as alpha_lib
+from ideal_jax.utils.atomic import write_json_atomic
 from ideal_jax.utils.errors import InputError
 
 SINGLE_GROUP = "all"  # domain / capability of records without a `domain` / `capability` field

@@ -51,7 +51,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ideal_jax.configlib import write_json_atomic
 from ideal_jax.curvature import ekfac, operators
 from ideal_jax.curvature import kfac as kfac_lib
 from ideal_jax.curvature import layers as layers_lib
@@ -68,6 +67,7 @@ from ideal_jax.influence.analysis_io import (
 from ideal_jax.influence.stage import loss_rows_per_example, row_length, row_plan
 from ideal_jax.model import hf_io
 from ideal_jax.utils import progress
+from ideal_jax.utils.atomic import write_json_atomic
 from ideal_jax.utils.errors import InputError
 
 

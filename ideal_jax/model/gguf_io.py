@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from ideal_jax.model.config import ModelConfig
+from ideal_jax.model.hf_layout import hf_tensor_names, tree_get, tree_set
 from ideal_jax.model.transformer import Params, abstract_params
 from ideal_jax.utils import progress
 from ideal_jax.utils.errors import InputError
@@ -42,7 +43,7 @@ SUPPORTED_TYPES = (
     "Q5_K",
     "Q6_K",
 )
-# GGUF tensor name (block suffixes) -> Hugging Face name, as in hf_io.hf_tensor_names.
+# GGUF tensor name (block suffixes) -> Hugging Face name, as in hf_layout.hf_tensor_names.
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -194,8 +195,6 @@ def permute_qk(w_oi: np.ndarray, n_head: int) -> np.ndarray:
 
 def read_hf_tensors(path: str, cfg: ModelConfig, reader=None):
     """Yield (Hugging Face name, float32 array in Hugging Face layout), one tensor at a time."""
-    from ideal_jax.model.hf_io import hf_tensor_names
-
     gguf = _gguf_package()
     reader = reader or open_gguf(path)
     by_hf_name = {}
@@ -236,14 +235,12 @@ def read_hf_tensors(path: str, cfg: ModelConfig, reader=None):
 
 def load_gguf_params(path: str, cfg: ModelConfig, shardings: Params | None = None) -> Params:
     """De-quantized float32 parameters, each placed directly with its sharding."""
-    from ideal_jax.model.hf_io import _get, _set, hf_tensor_names
-
     names = hf_tensor_names(cfg)
     shapes = abstract_params(cfg)
     params = jax.tree.map(lambda _: None, shapes)
     for name, array in read_hf_tensors(path, cfg):
         tree_path, transpose = names[name]
-        expected = tuple(_get(shapes, tree_path).shape)
+        expected = tuple(tree_get(shapes, tree_path).shape)
         if transpose:
             array = array.T
         if array.shape != expected:
@@ -254,11 +251,11 @@ def load_gguf_params(path: str, cfg: ModelConfig, shardings: Params | None = Non
                 field=name,
             )
         sharding = (
-            _get(shardings, tree_path)
+            tree_get(shardings, tree_path)
             if shardings is not None
             else jax.sharding.SingleDeviceSharding(jax.devices()[0])
         )
-        _set(params, tree_path, _place(np.ascontiguousarray(array), sharding))
+        tree_set(params, tree_path, _place(np.ascontiguousarray(array), sharding))
     return params
 
 

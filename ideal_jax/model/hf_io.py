@@ -17,11 +17,12 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from ideal_jax.configlib import write_json_atomic
 from ideal_jax.model import gguf_io
 from ideal_jax.model.config import ModelConfig, RopeScaling
+from ideal_jax.model.hf_layout import hf_tensor_names, tree_get, tree_set
 from ideal_jax.model.transformer import Params, abstract_params
 from ideal_jax.utils import progress
+from ideal_jax.utils.atomic import atomic_path, write_json_atomic
 from ideal_jax.utils.errors import InputError
 
 _HF_ARCHITECTURES = {
@@ -117,33 +118,6 @@ def load_hf_config(model_dir: str, **overrides: Any) -> ModelConfig:
     return ModelConfig(**values)
 
 
-def hf_tensor_names(cfg: ModelConfig) -> dict[str, tuple[tuple, bool]]:
-    """HF tensor name -> (path into our params, transpose?)."""
-    names: dict[str, tuple[tuple, bool]] = {
-        "model.embed_tokens.weight": (("embed_tokens",), False),
-        "model.norm.weight": (("norm", "scale"), False),
-    }
-    if not cfg.tie_word_embeddings:
-        names["lm_head.weight"] = (("lm_head", "kernel"), True)
-    for i in range(cfg.num_layers):
-        pre = f"model.layers.{i}"
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            names[f"{pre}.{norm}.weight"] = (("layers", i, norm, "scale"), False)
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            names[f"{pre}.self_attn.{proj}.weight"] = (
-                ("layers", i, "self_attn", proj, "kernel"),
-                True,
-            )
-            if cfg.attention_bias and proj != "o_proj":
-                names[f"{pre}.self_attn.{proj}.bias"] = (
-                    ("layers", i, "self_attn", proj, "bias"),
-                    False,
-                )
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            names[f"{pre}.mlp.{proj}.weight"] = (("layers", i, "mlp", proj, "kernel"), True)
-    return names
-
-
 class _SafetensorsFile:
     """Minimal lazy reader: header parsed once, tensors memory-mapped on demand."""
 
@@ -237,12 +211,6 @@ def _open_checkpoint(model_dir: str) -> dict[str, _SafetensorsFile]:
     raise InputError("no model.safetensors or model.safetensors.index.json", path=model_dir)
 
 
-def _set(tree: dict, path: tuple, value) -> None:
-    for key in path[:-1]:
-        tree = tree[key]
-    tree[path[-1]] = value
-
-
 def load_hf_params(model_dir: str, cfg: ModelConfig, shardings: Params | None = None) -> Params:
     """Parameters from safetensors, float32, each placed directly with its sharding.
 
@@ -260,7 +228,7 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, shardings: Params | None = 
             raise InputError("tensor missing from the checkpoint", path=model_dir, field=name)
         st = files[name]
         info = st.header[name]
-        expected = _get(shapes, path).shape
+        expected = tree_get(shapes, path).shape
         got = tuple(info["shape"][::-1] if transpose else info["shape"])
         if got != tuple(expected):
             raise InputError(
@@ -270,18 +238,12 @@ def load_hf_params(model_dir: str, cfg: ModelConfig, shardings: Params | None = 
                 field=name,
             )
         sharding = (
-            _get(shardings, path)
+            tree_get(shardings, path)
             if shardings is not None
             else jax.sharding.SingleDeviceSharding(jax.devices()[0])
         )
-        _set(params, path, _place(st, name, transpose, expected, sharding))
+        tree_set(params, path, _place(st, name, transpose, expected, sharding))
     return params
-
-
-def _get(tree, path):
-    for key in path:
-        tree = tree[key]
-    return tree
 
 
 def _place(st: _SafetensorsFile, name: str, transpose: bool, shape, sharding) -> jax.Array:
@@ -308,11 +270,10 @@ def save_hf(
     np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[dtype]
     tensors = {}
     for name, (path, transpose) in hf_tensor_names(cfg).items():
-        array = np.asarray(jax.device_get(_get(params, path)), dtype=np.float32)
+        array = np.asarray(jax.device_get(tree_get(params, path)), dtype=np.float32)
         tensors[name] = np.ascontiguousarray(array.T if transpose else array).astype(np_dtype)
-    tmp = os.path.join(model_dir, "model.safetensors.tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(model_dir, "model.safetensors"))
+    with atomic_path(os.path.join(model_dir, "model.safetensors")) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
     write_json_atomic(os.path.join(model_dir, "config.json"), hf_config_dict(cfg, dtype))
     if tokenizer is not None:
         tokenizer.save_pretrained(model_dir)

@@ -32,9 +32,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from ideal_jax.configlib import write_json_atomic
 from ideal_jax.provenance import file_sha256
 from ideal_jax.train.state import TrainState
+from ideal_jax.utils.atomic import write_json_atomic
 from ideal_jax.utils.errors import InputError
 
 # Orbax names an unfinished save "<step>.orbax-checkpoint-tmp" (then renames it to "<step>").

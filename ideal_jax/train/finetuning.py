@@ -17,7 +17,6 @@ leaves are never touched by an update: they stay bit-identical.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -151,16 +150,17 @@ def model_num_layers(model_section: Any) -> int:
     return int(model_config.preset(model_section.preset, vocab_size=8).num_layers)
 
 
-def check_config(cfg: Any) -> None:
-    """The fine-tuning fields of a whole config, before its workdir is touched (main.check_config):
-    from_config's checks against the model's layer count, and LoRA with a mode that computes
+def check_config(cfg: Any) -> Finetuning | None:
+    """The fine-tuning fields of a whole config, before its workdir is touched (through
+    curvature/trained.check_config, from main.check_config): from_config's checks against the
+    model's layer count, and LoRA with a mode that computes
     influence, which is refused (InputError on train.finetuning): the round's influence stage
     takes curvature layers from cfg.curvature over the merged model, not over the adapters."""
     train = cfg.get("train") if hasattr(cfg, "get") else None
     if train is None or str(train.get("finetuning", "full")) == "full":
         if train is not None:
             from_config(train, 1)  # the kind itself
-        return
+        return None
     spec = from_config(train, model_num_layers(cfg.model))
     if spec.kind == "lora" and cfg.get("mode") in INFLUENCE_MODES:
         raise InputError(
@@ -169,39 +169,7 @@ def check_config(cfg: Any) -> None:
             "trained adapters); use train.finetuning=freeze or full for it, or mode=sft",
             field="train.finetuning",
         )
-    if spec.kind == "freeze":
-        curvature_layers(spec, cfg.get("curvature", {}).get("layers", "mlp"))
-
-
-def curvature_layers(spec: Finetuning, patterns: str) -> str:
-    """cfg.curvature.layers restricted to the trained decoder layers (freeze): a preset (mlp,
-    attention, all_linear) becomes the same projections of the top N layers only; regexes are
-    kept, and refused (InputError on curvature.layers) when they can select a frozen layer.
-    `patterns` itself for full fine-tuning."""
-    from ideal_jax.curvature import layers as layers_lib
-
-    if spec.kind != "freeze":
-        return patterns
-    trained = "|".join(str(i) for i in range(spec.first_trained_layer, spec.num_layers))
-    if patterns in layers_lib.LAYER_PRESETS:  # select_layers takes one regex: join the preset's
-        return "|".join(
-            "(?:" + p.replace(r"layers\.\d+\.", rf"layers\.({trained})\.") + ")"
-            for p in layers_lib.LAYER_PRESETS[patterns]
-        )
-    frozen = [
-        f"layers.{i}.{block}.{proj}"
-        for i in range(spec.first_trained_layer)
-        for proj, block in lora_lib.PROJECTIONS.items()
-    ] + ["lm_head", "embed_tokens"]
-    for path in frozen:
-        if re.fullmatch(patterns, path):
-            raise InputError(
-                f"{patterns!r} selects {path}, which train.finetuning=freeze keeps frozen "
-                f"(decoder layers {spec.first_trained_layer}..{spec.num_layers - 1} train): "
-                "influence must be over trained parameters",
-                field="curvature.layers",
-            )
-    return patterns
+    return spec
 
 
 def merged_params(params: Mapping, model_cfg: Any, mesh: Any) -> dict:

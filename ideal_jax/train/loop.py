@@ -330,6 +330,8 @@ def run_sft(
             sum(np.size(x) for x in jax.tree.leaves(_trainable(finetuning, state.params)))
         ),
     }
+    if cache is not None:  # examples whose frozen-prefix output this run computed (not reused)
+        summary["prefix_cache"] = {"computed": cache.computed, "key": cache.fingerprint[:16]}
     if eval_fn is not None:
         summary["eval"] = eval_fn(state.params)
     return state.params, summary

@@ -17,19 +17,14 @@ import json
 import os
 import socket
 import threading
-import uuid
 from collections.abc import Iterator
 
+from ideal_jax.utils.atomic import atomic_file
 from ideal_jax.utils.errors import InputError
 
 LOCK_NAME = ".lock"
 _held: dict[str, tuple[int, int]] = {}  # realpath -> (fd, depth): re-entrant within a process
 _mutex = threading.Lock()
-
-
-def unique_tmp(path: str) -> str:
-    """A temporary name next to `path`, unique per process and call (for write-then-rename)."""
-    return f"{path}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}"
 
 
 def check_workdir(workdir: str) -> None:
@@ -56,14 +51,8 @@ def _holder(workdir: str) -> str:
 def _record(workdir: str) -> None:
     """Write DIR/.lock (pid, host) atomically; skipped on a read-only workdir."""
     path = os.path.join(workdir, LOCK_NAME)
-    tmp = unique_tmp(path)
-    try:
-        with open(tmp, "w") as f:
-            json.dump({"pid": os.getpid(), "host": socket.gethostname()}, f)
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
+    with contextlib.suppress(OSError), atomic_file(path) as f:
+        json.dump({"pid": os.getpid(), "host": socket.gethostname()}, f)
 
 
 def acquire(workdir: str) -> None:

@@ -1,0 +1,104 @@
+"""Fine-tuning types end to end on the tiny config (integration tier): an IDEAL run with freeze
+(frozen layers bit-identical in every round, influence over the trained layers only, the prefix
+cache reused by the next round) and an SFT run with LoRA (exported with the adapters merged)."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from config_helpers import tiny_config
+
+from ideal_jax import export, main
+from ideal_jax.model import loading
+from ideal_jax.train.checkpoint import restore_params_only
+
+pytestmark = pytest.mark.integration
+FREEZE = {"train.finetuning": "freeze", "train.freeze_trainable_layers": 1}
+
+
+def _flat(tree):
+    return {
+        jax.tree_util.keystr(p, simple=True, separator="."): np.asarray(x)
+        for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+@pytest.fixture(scope="module")
+def freeze_run(tmp_path_factory):
+    """Two rounds; every prefix-cache entry on disk (0 GiB in memory), so round 1 can only reuse
+    what round 0 wrote."""
+    workdir = str(tmp_path_factory.mktemp("freeze"))
+    result = main.run(tiny_config(rounds=1, **FREEZE, **{"train.prefix_cache_gib": 0.0}), workdir)
+    return workdir, result
+
+
+def _summary(workdir, k):
+    return json.load(open(os.path.join(workdir, f"round_{k}", "train", "summary.json")))
+
+
+def test_freeze_ideal_run_trains_only_the_top_layer(freeze_run):
+    workdir, _ = freeze_run
+    assert all(_summary(workdir, k)["finetuning"] == "freeze" for k in (0, 1))
+    p0, p1 = (
+        _flat(restore_params_only(os.path.join(workdir, f"round_{k}", "train", "checkpoints")))
+        for k in (0, 1)
+    )
+    top = max(int(n.split(".")[1]) for n in p0 if n.startswith("layers."))
+    assert top == 1  # the tiny preset's 2 layers: layer 1 trains
+    for name in p0:  # both rounds start from the base model: frozen parameters agree exactly
+        if name.startswith(f"layers.{top}."):
+            assert not np.array_equal(p0[name], p1[name]), name  # trained on other mixtures
+        else:
+            np.testing.assert_array_equal(p0[name], p1[name], err_msg=name)
+
+
+def test_freeze_influence_is_over_the_trained_layers_only(freeze_run):
+    workdir, _ = freeze_run
+    influence = json.load(open(os.path.join(workdir, "round_0", "influence.json")))
+    assert influence["layers"] == [f"layers.1.mlp.{p}_proj" for p in ("down", "gate", "up")]
+
+
+def test_freeze_prefix_cache_is_reused_by_the_next_round(freeze_run):
+    workdir, _ = freeze_run
+    s0, s1 = _summary(workdir, 0)["prefix_cache"], _summary(workdir, 1)["prefix_cache"]
+    assert s0["key"] == s1["key"]  # the same frozen parameters
+    files = os.listdir(
+        os.path.join(workdir, "prefix_cache", os.listdir(os.path.join(workdir, "prefix_cache"))[0])
+    )
+    assert len(files) == s0["computed"] + s1["computed"] > 0
+    assert s1["computed"] < s0["computed"]  # D1 shares most of D0's examples
+    assert os.path.isdir(os.path.join(workdir, "final_model"))
+
+
+def test_lora_sft_exports_the_merged_model(tmp_path):
+    workdir = str(tmp_path / "lora")
+    cfg = tiny_config(
+        mode="sft",
+        **{"train.finetuning": "lora", "train.lora_rank": 4, "train.learning_rate": 3e-3},
+    )
+    main.run(cfg, workdir)
+    summary = json.load(open(os.path.join(workdir, "round_0", "train", "summary.json")))
+    assert summary["finetuning"] == "lora" and summary["rank"] == 4
+    raw = restore_params_only(os.path.join(workdir, "round_0", "train", "checkpoints"))
+    assert "lora" in raw
+    tokenizer_dir = os.path.join(workdir, "final_model")
+    model_cfg = loading.model_config(cfg.model, _tokenizer(tokenizer_dir))
+    merged = _flat(export.round_params(workdir, 0, model_cfg))
+    base = _flat({k: v for k, v in raw.items() if k != "lora"})
+    # The exported weights are the base plus the adapters, not the base alone.
+    assert any(not np.array_equal(merged[k], base[k]) for k in merged)
+
+
+def _tokenizer(path):
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(path)
+
+
+def test_freeze_rerun_resumes_with_the_cache_in_the_workdir(freeze_run):
+    workdir, result = freeze_run
+    again = main.run(tiny_config(rounds=1, **FREEZE, **{"train.prefix_cache_gib": 0.0}), workdir)
+    assert again["rounds"][0]["alpha"] == result["rounds"][0]["alpha"]
+    assert again["scores"] == result["scores"]

@@ -1,0 +1,100 @@
+"""train.finetuning's fields on the command line: bad input exits 2 naming the field before the
+workdir exists; with freeze, the run's curvature layers are the trained layers only."""
+
+import os
+
+import jax
+import pytest
+from config_helpers import tiny_config
+
+from ideal_jax import ideal, main
+from ideal_jax.curvature import layers as layers_lib
+from ideal_jax.model import config as model_config
+from ideal_jax.model.transformer import abstract_params
+from ideal_jax.train import finetuning as finetuning_lib
+
+TINY_LAYERS = model_config.preset("tiny", vocab_size=8).num_layers
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        (
+            {"train.finetuning": "freeze", "train.freeze_trainable_layers": TINY_LAYERS + 1},
+            "train.freeze_trainable_layers",
+        ),
+        (
+            {"train.finetuning": "freeze", "train.freeze_trainable_layers": 0},
+            "train.freeze_trainable_layers",
+        ),
+        (
+            {"train.finetuning": "lora", "mode": "sft", "train.lora_targets": "q_proj,qkv"},
+            "train.lora_targets",
+        ),
+        ({"train.finetuning": "lora", "mode": "sft", "train.lora_rank": 0}, "train.lora_rank"),
+        ({"train.finetuning": "lora", "mode": "sft", "train.lora_rank": -1}, "train.lora_rank"),
+        ({"train.finetuning": "lora", "mode": "ideal"}, "train.finetuning"),
+        ({"train.finetuning": "partial"}, "train.finetuning"),
+        (
+            {
+                "train.finetuning": "freeze",
+                "train.freeze_trainable_layers": 1,
+                "curvature.layers": r"layers\.\d+\.mlp\.up_proj",
+            },
+            "curvature.layers",
+        ),
+    ],
+)
+def test_bad_finetuning_fields_exit_2_naming_the_field(changes, field, tmp_path, capsys):
+    workdir = str(tmp_path / "run")
+    with pytest.raises(SystemExit) as stop:
+        main.command(tiny_config(**changes), workdir)
+    assert stop.value.code == 2
+    assert field in capsys.readouterr().err
+    assert not os.path.exists(workdir)
+
+
+def test_good_finetuning_configs_pass_the_checks():
+    finetuning_lib.check_config(tiny_config(**{"train.finetuning": "lora", "mode": "sft"}))
+    finetuning_lib.check_config(tiny_config(**{"train.finetuning": "freeze"}))
+    finetuning_lib.check_config(tiny_config())
+
+
+@pytest.mark.parametrize("preset", ["mlp", "attention", "all_linear"])
+def test_freeze_curvature_layers_default_to_the_trained_layers(preset):
+    """A run's config (ideal._config_parts, what every stage reads) has curvature.layers over
+    the top N layers only; full fine-tuning keeps the preset."""
+    changes = {"train.finetuning": "freeze", "train.freeze_trainable_layers": 1}
+    cfg = tiny_config(**changes, **{"curvature.layers": preset})
+    run_cfg = ideal._config_parts(cfg)["cfg"]
+    params = abstract_params(model_config.preset("tiny", vocab_size=8))
+    everything = layers_lib.select_layers(params, preset)
+    chosen = layers_lib.select_layers(params, run_cfg.curvature.layers)
+    top = f"layers.{TINY_LAYERS - 1}."
+    assert chosen == tuple(p for p in everything if p.startswith(top)) and chosen
+    assert cfg.curvature.layers == preset  # the caller's config is not changed
+    full = tiny_config(**{"curvature.layers": preset})
+    assert ideal._config_parts(full)["cfg"].curvature.layers == preset
+
+
+def test_user_regexes_over_trained_layers_are_kept():
+    top = TINY_LAYERS - 1
+    pattern = rf"layers\.{top}\.mlp\.(gate|up)_proj"
+    cfg = tiny_config(
+        **{
+            "train.finetuning": "freeze",
+            "train.freeze_trainable_layers": 1,
+            "curvature.layers": pattern,
+        }
+    )
+    assert ideal._config_parts(cfg)["cfg"].curvature.layers == pattern
+
+
+def test_split_keeps_paths_and_join_restores_the_tree():
+    cfg = model_config.preset("tiny", vocab_size=8)
+    params = jax.tree.map(lambda s: s.shape, abstract_params(cfg))
+    spec = finetuning_lib.Finetuning("freeze", cfg.num_layers, trainable_layers=1)
+    trainable, frozen = spec.split(params)
+    assert list(trainable) == ["layers"] and list(trainable["layers"]) == [cfg.num_layers - 1]
+    assert cfg.num_layers - 1 not in frozen["layers"]
+    assert spec.join(trainable, frozen) == params
