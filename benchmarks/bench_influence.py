@@ -1,10 +1,12 @@
-"""Influence stage cost relative to one SFT epoch, at demo scale and at ≥ 20,000 training examples.
+"""Influence stage cost relative to one SFT epoch at ≥ 20,000 training examples, at the product's
+defaults (the α-error subsample budget) unless told otherwise.
 
-    PYTHONPATH=. python benchmarks/bench_influence.py            # both scales, defaults below
-    PYTHONPATH=. python benchmarks/bench_influence.py --scales demo --examples-per-domain 0   # σ
+    PYTHONPATH=. python benchmarks/bench_influence.py                      # the defaults
+    PYTHONPATH=. python benchmarks/bench_influence.py --examples-per-domain 0   # σ = 0.5
+    PYTHONPATH=. python benchmarks/bench_influence.py --scales demo,large  # also 56,000 examples
 
-For each scale (one model, one mixture: D_0 of the demo suite; "large" is the demo suite grown
-to 27,400 examples, on the same tiny model):
+For each scale (one model, one mixture; "demo" is every source of the demo suite, 28,000
+examples, "large" twice that, on the same tiny model):
   * SFT (train_stage.train_round, one epoch from the base model): step time (compile excluded) and
     compile time, from run_sft's summary;
   * the influence stage (influence/stage.py influence_for_round) called twice in one process: the
@@ -42,6 +44,8 @@ from ideal_jax.influence import stage as influence_stage  # noqa: E402
 from ideal_jax.model import loading  # noqa: E402
 from ideal_jax.model.config import preset  # noqa: E402
 from ideal_jax.train import stage as train_stage  # noqa: E402
+
+demo_config = importlib.import_module("configs.demo")
 
 GIB = 2**30
 COMPILE_EVENTS = (  # tracing, lowering to MLIR and XLA compilation: everything before running
@@ -83,17 +87,17 @@ def stage_compile(clock: CompileClock, end: float, timings: dict[str, float]) ->
     return dict(reversed(list(out.items())))
 
 
-# Domain sizes per scale: demo = configs/demo.py (5,800 examples); large = 27,400 examples (the
-# arithmetic generator has too few distinct prompts to grow, the other domains ×5).
+# Domain sizes per scale: demo = every source of configs/demo.py (its pools, 4 x D0: 28,000
+# examples); large = twice that (56,000).
 SCALES = {
     "demo": None,
-    "large": dict(arithmetic=400, reverse=10000, sort=5000, lookup=4000, uppercase=8000),
+    "large": {k: 2 * v for k, v in demo_config.STARTING_MIXTURES["default"].items()},
 }
 
 
 def make_config(scale: str, args):
     """configs/demo.py with the benchmark's overrides (no progress bars, one round, one epoch)."""
-    cfg = importlib.import_module("configs.demo").get_config()
+    cfg = demo_config.get_config()
     with cfg.unlocked():
         cfg.progress = False
         cfg.train.epochs = 1
@@ -109,6 +113,8 @@ def make_config(scale: str, args):
             cfg.curvature.examples_per_domain = args.examples_per_domain
         if args.alpha_se_target is not None:
             cfg.curvature.alpha_se_target = args.alpha_se_target
+        if args.max_examples_per_domain is not None:
+            cfg.curvature.max_examples_per_domain = args.max_examples_per_domain
     return cfg
 
 
@@ -281,7 +287,7 @@ def run_scale(scale: str, args, clock: CompileClock) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scales", default="demo,large", help="comma-separated: demo, large")
+    parser.add_argument("--scales", default="demo", help="comma-separated: demo, large")
     parser.add_argument("--operator", default=None, help="identity|kfac|ekfac (config default)")
     parser.add_argument("--sigma", type=float, default=None, help="σ when --examples-per-domain=0")
     parser.add_argument(
@@ -295,6 +301,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--alpha-se-target", type=float, default=None, help="curvature.alpha_se_target"
+    )
+    parser.add_argument(
+        "--max-examples-per-domain",
+        type=int,
+        default=None,
+        help="curvature.max_examples_per_domain",
     )
     parser.add_argument("--json", default="", help="also write the last line to this file")
     args = parser.parse_args()

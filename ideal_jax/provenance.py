@@ -169,6 +169,13 @@ ADDED_FIELDS: dict[str, Any] = {
     "train.lora_rank": 8,
     "train.lora_alpha": 16.0,
     "train.lora_targets": "all",
+    # The α-error subsample budget (issue 28): older runs set examples_per_domain to 0 (σ), which
+    # still means σ whatever these say. (An older run with a fixed examples_per_domain > 0 resumes
+    # with the α-error budget for the rounds it has not finished: set subsample = "fixed" to keep
+    # its fixed budget.)
+    "curvature.subsample": "alpha_se",
+    "curvature.max_examples_per_domain": 1024,
+    "curvature.alpha_se_target": 0.2,
 }
 _ABSENT = object()
 

@@ -952,6 +952,66 @@ MUTATIONS += [
     ),
 ]
 
+# Issue 28: the α-error subsample budget, host eigendecompositions, CG on the host.
+MUTATIONS += [
+    (
+        "alpha_se_grows_resolved_domains",
+        "the α-error budget doubles every domain, resolved ones too",
+        "ideal_jax/influence/stage.py",
+        "want = [min(2 * n, plan.cap[j]) if j in grow else n for j, n in enumerate(sizes)]",
+        "want = [min(2 * n, plan.cap[j]) for j, n in enumerate(sizes)]",
+        ["tests/test_alpha_budget.py"],
+    ),
+    (
+        "alpha_se_target_ignored",
+        "the α-error budget stops after its first stage whatever the standard errors",
+        "ideal_jax/influence/stage.py",
+        "resolved = np.isfinite(se_j) & (se_j <= plan.target * scale)",
+        "resolved = np.isfinite(se_j) | (se_j <= plan.target * scale)",
+        ["tests/test_alpha_budget.py"],
+    ),
+    (
+        "alpha_se_curvature_not_prefix",
+        "the curvature passes' sample is not the first stage's examples (not a prefix of the order)",
+        "ideal_jax/influence/stage.py",
+        "curvature_items = [t for b, k in zip(by_domain, first) for t in b[:k]]",
+        "curvature_items = [t for b, k in zip(by_domain, first) for t in b[len(b) - k :]]",
+        ["tests/test_alpha_budget.py"],
+    ),
+    (
+        "alpha_se_stage_rereads",
+        "each stage re-reads the domain's earlier examples (counted twice)",
+        "ideal_jax/influence/stage.py",
+        "chosen = [plan.by_domain[j][a:b] for j, (a, b) in enumerate(ranges)]",
+        "chosen = [plan.by_domain[j][0:b] for j, (a, b) in enumerate(ranges)]",
+        ["tests/test_alpha_budget.py"],
+    ),
+    (
+        "alpha_from_terms_uncentred",
+        "α from the per-example terms, exact scaling, without the training-gradient term",
+        "ideal_jax/influence/alpha.py",
+        "return f[None] * (m - (m * f[None]).sum(axis=1, keepdims=True))",
+        "return f[None] * m",
+        ["tests/test_alpha_budget.py"],
+    ),
+    (
+        "host_eigh_transposed",
+        "host eigendecomposition returns Qᵀ for Q",
+        "ideal_jax/curvature/kfac.py",
+        "return np.clip(s, 0.0, None), q",
+        "return np.clip(s, 0.0, None), q.T",
+        ["tests/test_host_eigh.py"],
+    ),
+    (
+        "cg_host_beta_uses_rr",
+        "preconditioned CG on the host: β from r·r instead of r·z",
+        "ideal_jax/curvature/exact.py",
+        "beta = xp.where(active, rz_new / xp.where(active, rz, 1.0), 0.0)",
+        "beta = xp.where(active, rz_new / xp.where(active, rr, 1.0), 0.0)",
+        ["tests/test_cg_preconditioning.py"],
+    ),
+]
+
 
 def _copy_tree(dest: str) -> None:
     """The committed tree (HEAD), extracted to `dest`: uncommitted edits never leak in."""

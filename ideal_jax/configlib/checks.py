@@ -35,6 +35,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.schedule": ("cosine", "linear", "constant"),  # train/state.py
     "curvature.estimator": ("empirical", "fisher", "ggn_exact"),  # curvature/kfac.py
     "curvature.correction": ("per_example", "per_batch"),  # influence/stage.py
+    "curvature.subsample": ("alpha_se", "fixed", "sigma"),  # influence/stage.py SUBSAMPLES
     "influence.operator": (
         "identity",
         "kfac",
@@ -60,6 +61,8 @@ RANGES: dict[str, tuple[Any, str]] = {
     "curvature.examples_per_domain": (lambda v: v >= 0 and v == int(v), "an integer >= 0"),
     "data.max_examples_per_domain": (lambda v: v >= 0 and v == int(v), "an integer >= 0"),
     "data.demo_pool_factor": (lambda v: v >= 1 and v == int(v), "an integer >= 1"),
+    "curvature.max_examples_per_domain": (lambda v: v >= 1 and v == int(v), "an integer >= 1"),
+    "curvature.alpha_se_target": (lambda v: v > 0, "> 0"),
     "curvature.damping": (lambda v: v >= 0, ">= 0"),
     "curvature.prefix_cache_gib": (lambda v: v >= 0, ">= 0"),
     "influence.cg_tol": (lambda v: v > 0, "> 0"),
