@@ -116,7 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
     # examples_per_domain = 0 means sigma whatever `subsample` says (configs from before it).
     cfg.curvature.subsample = "alpha_se"
     cfg.curvature.examples_per_domain = 64
-    cfg.curvature.max_examples_per_domain = 1024
+    cfg.curvature.max_examples_per_domain = 512
     cfg.curvature.alpha_se_target = 0.2
     cfg.curvature.sigma = 0.5  # subsample = sigma: the fraction of each domain
     cfg.curvature.batch_size = 32

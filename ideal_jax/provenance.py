@@ -174,7 +174,7 @@ ADDED_FIELDS: dict[str, Any] = {
     # with the α-error budget for the rounds it has not finished: set subsample = "fixed" to keep
     # its fixed budget.)
     "curvature.subsample": "alpha_se",
-    "curvature.max_examples_per_domain": 1024,
+    "curvature.max_examples_per_domain": 512,
     "curvature.alpha_se_target": 0.2,
 }
 _ABSENT = object()
