@@ -919,6 +919,26 @@ MUTATIONS += [
         ["tests/test_finetuning_lora_influence.py::test_base_layers_of_a_lora_model_are_refused"],
     ),
     (
+        "lora_curvature_over_base",
+        "LoRA: the curvature preset keeps the base projections (influence over frozen weights)",
+        "ideal_jax/curvature/trained.py",
+        'f"(?:{p})" if p.startswith("lora") else rf"(?:lora\\.{p}\\.lora_[ab])"',
+        'f"(?:{p})"',
+        [
+            "tests/test_finetuning_config.py::"
+            "test_lora_curvature_layers_are_the_adapters_of_the_preset",
+            "tests/test_finetuning_cli.py::test_lora_ideal_run_computes_influence_over_the_adapters",
+        ],
+    ),
+    (
+        "lora_eval_of_base_model",
+        "LoRA: evaluation drops the adapters (scores of the base model)",
+        "ideal_jax/evaluate/stage.py",
+        "    params = lora.merge(params)  # train.finetuning = lora: the adapted model as plain weights",
+        '    params = {k: v for k, v in params.items() if k != "lora"}',
+        ["tests/test_finetuning_cli.py::test_lora_ideal_run_computes_influence_over_the_adapters"],
+    ),
+    (
         "freeze_layers_unbounded",
         "train.freeze_trainable_layers above the model's layers passes",
         "ideal_jax/train/finetuning.py",

@@ -1,6 +1,7 @@
 """Fine-tuning types end to end on the tiny config (integration tier): an IDEAL run with freeze
 (frozen layers bit-identical in every round, influence over the trained layers only, the prefix
-cache reused by the next round) and an SFT run with LoRA (exported with the adapters merged)."""
+cache reused by the next round), an SFT run with LoRA (exported with the adapters merged) and an
+IDEAL run with LoRA (influence over the adapters, evaluation of the adapted model)."""
 
 import json
 import os
@@ -102,3 +103,39 @@ def test_freeze_rerun_resumes_with_the_cache_in_the_workdir(freeze_run):
     again = main.run(tiny_config(rounds=1, **FREEZE, **{"train.prefix_cache_gib": 0.0}), workdir)
     assert again["rounds"][0]["alpha"] == result["rounds"][0]["alpha"]
     assert again["scores"] == result["scores"]
+
+
+def test_lora_ideal_run_computes_influence_over_the_adapters(tmp_path):
+    workdir = str(tmp_path / "lora_ideal")
+    cfg = tiny_config(
+        rounds=1,
+        **{"train.finetuning": "lora", "train.lora_rank": 4, "train.learning_rate": 3e-3},
+    )
+    main.run(cfg, workdir)
+    influence = json.load(open(os.path.join(workdir, "round_0", "influence.json")))
+    assert influence["layers"] == sorted(
+        f"lora.layers.{i}.mlp.{p}_proj.lora_{ab}"
+        for i in (0, 1)
+        for p in ("gate", "up", "down")
+        for ab in "ab"
+    )
+    alpha = np.asarray(influence["matrix"], float)
+    assert np.all(np.isfinite(alpha)) and np.abs(alpha).max() > 0
+    raw = restore_params_only(os.path.join(workdir, "round_1", "train", "checkpoints"))
+    assert "lora" in raw  # round 1 trained adapters again (from the base model)
+    # Evaluation ran the adapted model: eval.json's reference loss is the merged model's, not
+    # the base model's.
+    from ideal_jax import sharding
+    from ideal_jax.data import suite as suite_lib
+    from ideal_jax.evaluate.stage import reference_losses
+
+    suite = suite_lib.load_suite(cfg, workdir)
+    mesh = sharding.make_mesh(dict(cfg.mesh))
+    model_cfg, base = loading.load_model(cfg.model, mesh, suite.tokenizer, seed=cfg.seed)
+    merged = export.round_params(workdir, 0, model_cfg)
+    pad = suite.tokenizer.pad_token_id or 0
+    args = (suite, mesh, cfg.influence.batch_size, cfg.train.seq_len, pad)
+    recorded = json.load(open(os.path.join(workdir, "round_0", "eval.json")))["reference_loss"]
+    adapted = reference_losses(model_cfg, merged, *args)["all"]
+    assert abs(recorded["all"] - adapted) < 1e-4
+    assert abs(recorded["all"] - reference_losses(model_cfg, base, *args)["all"]) > 1e-3

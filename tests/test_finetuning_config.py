@@ -33,7 +33,22 @@ TINY_LAYERS = model_config.preset("tiny", vocab_size=8).num_layers
         ),
         ({"train.finetuning": "lora", "mode": "sft", "train.lora_rank": 0}, "train.lora_rank"),
         ({"train.finetuning": "lora", "mode": "sft", "train.lora_rank": -1}, "train.lora_rank"),
-        ({"train.finetuning": "lora", "mode": "ideal"}, "train.finetuning"),
+        (
+            {"train.finetuning": "lora", "mode": "ideal", "curvature.device_memory_gib": 40.0},
+            "train.finetuning",
+        ),
+        (
+            {
+                "train.finetuning": "lora",
+                "train.lora_targets": "q_proj,v_proj",
+                "curvature.layers": "mlp",
+            },
+            "curvature.layers",
+        ),
+        (
+            {"train.finetuning": "lora", "curvature.layers": r"layers\.\d+\.mlp\.up_proj"},
+            "curvature.layers",
+        ),
         ({"train.finetuning": "partial"}, "train.finetuning"),
         (
             {
@@ -58,6 +73,11 @@ def test_good_finetuning_configs_pass_the_checks():
     finetuning_lib.check_config(tiny_config(**{"train.finetuning": "lora", "mode": "sft"}))
     finetuning_lib.check_config(tiny_config(**{"train.finetuning": "freeze"}))
     finetuning_lib.check_config(tiny_config())
+    from ideal_jax.curvature import trained
+
+    trained.check_config(tiny_config(**{"train.finetuning": "lora"}))  # ideal on a CPU
+    sft = {"train.finetuning": "lora", "mode": "sft", "train.lora_targets": "q_proj"}
+    trained.check_config(tiny_config(**sft))  # no influence: the mlp preset is not read
 
 
 @pytest.mark.parametrize("preset", ["mlp", "attention", "all_linear"])
@@ -98,3 +118,42 @@ def test_split_keeps_paths_and_join_restores_the_tree():
     assert list(trainable) == ["layers"] and list(trainable["layers"]) == [cfg.num_layers - 1]
     assert cfg.num_layers - 1 not in frozen["layers"]
     assert spec.join(trainable, frozen) == params
+
+
+@pytest.mark.parametrize(
+    "targets, preset, chosen",
+    [
+        ("all", "mlp", ("gate_proj", "up_proj", "down_proj")),
+        ("q_proj,v_proj,up_proj", "mlp", ("up_proj",)),
+        ("q_proj,v_proj", "attention", ("q_proj", "v_proj")),
+        ("q_proj,down_proj", "lora", ("q_proj", "down_proj")),
+    ],
+)
+def test_lora_curvature_layers_are_the_adapters_of_the_preset(targets, preset, chosen):
+    """A LoRA run's config has curvature.layers over the adapters (both matmuls) of the
+    projections the preset names, in every layer, and nothing else."""
+    from ideal_jax.model import lora as lora_lib
+    from ideal_jax.model.transformer import LORA_KEY
+
+    cfg = tiny_config(
+        **{
+            "train.finetuning": "lora",
+            "train.lora_targets": targets,
+            "train.lora_rank": 2,
+            "curvature.layers": preset,
+        }
+    )
+    run_cfg = ideal._config_parts(cfg)["cfg"]
+    model = model_config.preset("tiny", vocab_size=8)
+    params = {
+        **abstract_params(model),
+        LORA_KEY: lora_lib.abstract_adapters(model, lora_lib.parse_targets(targets), 2),
+    }
+    got = layers_lib.select_layers(params, run_cfg.curvature.layers)
+    want = {
+        f"lora.layers.{i}.{lora_lib.PROJECTIONS[p]}.{p}.lora_{ab}"
+        for i in range(TINY_LAYERS)
+        for p in chosen
+        for ab in "ab"
+    }
+    assert set(got) == want

@@ -11,6 +11,7 @@ import numpy as np
 from ideal_jax import sharding
 from ideal_jax.data import batching
 from ideal_jax.data.suite import Suite
+from ideal_jax.model import lora
 from ideal_jax.model.config import ModelConfig
 from ideal_jax.model.transformer import abstract_params, logical_axes
 
@@ -68,6 +69,7 @@ def evaluate_round(
     from ideal_jax.evaluate import model_adapter
     from ideal_jax.evaluate.runner import evaluate_tasks
 
+    params = lora.merge(params)  # train.finetuning = lora: the adapted model as plain weights
     generate_fn = model_adapter.make_generate_fn(
         model_cfg, params, suite.tokenizer, batch_size=eval_cfg.batch_size, seed=seed
     )

@@ -7,7 +7,9 @@
             layers' output is computed once per example and reused (train/prefix_cache.py).
     lora    rank-`train.lora_rank` adapters (scale `train.lora_alpha` / rank) on the projections
             named by `train.lora_targets` in every decoder layer; the base model stays frozen
-            (ideal_jax/model/lora.py). Exported models carry the adapters merged into the weights.
+            (ideal_jax/model/lora.py). The stages after training see params["lora"]: evaluation
+            runs the adapted model, influence is over the adapters (curvature/trained.py),
+            exported models carry the adapters merged into the weights.
 
 A `Finetuning` splits the parameter tree into (trainable, frozen) subtrees that keep their paths
 from the root (so the optimizer state shards like its parameters) and joins them back. Frozen
@@ -153,23 +155,34 @@ def model_num_layers(model_section: Any) -> int:
 def check_config(cfg: Any) -> Finetuning | None:
     """The fine-tuning fields of a whole config, before its workdir is touched (through
     curvature/trained.check_config, from main.check_config): from_config's checks against the
-    model's layer count, and LoRA with a mode that computes
-    influence, which is refused (InputError on train.finetuning): the round's influence stage
-    takes curvature layers from cfg.curvature over the merged model, not over the adapters."""
+    model's layer count, and LoRA with a mode that computes influence where the curvature layer
+    groups would be planned for an accelerator's memory (memory_plan.py knows the model's layers,
+    not the adapters): refused, InputError on train.finetuning."""
     train = cfg.get("train") if hasattr(cfg, "get") else None
     if train is None or str(train.get("finetuning", "full")) == "full":
         if train is not None:
             from_config(train, 1)  # the kind itself
         return None
     spec = from_config(train, model_num_layers(cfg.model))
-    if spec.kind == "lora" and cfg.get("mode") in INFLUENCE_MODES:
+    if spec.kind == "lora" and cfg.get("mode") in INFLUENCE_MODES and _plans_layer_groups(cfg):
         raise InputError(
-            f"mode={cfg.get('mode')} computes influence, and the round's influence stage does not "
-            "yet run over LoRA adapters (it would differentiate the merged weights, not the "
-            "trained adapters); use train.finetuning=freeze or full for it, or mode=sft",
+            f"mode={cfg.get('mode')} computes influence over the LoRA adapters, and on an "
+            "accelerator (or with curvature.device_memory_gib set) the curvature layer groups are "
+            "planned by memory_plan.py, which does not know adapter layers yet; use "
+            "train.finetuning=freeze or full there, or mode=sft",
             field="train.finetuning",
         )
     return spec
+
+
+def _plans_layer_groups(cfg: Any) -> bool:
+    """Whether the influence stage will plan curvature layer groups by device memory
+    (influence/stage.device_memory_bytes is not None)."""
+    import jax
+
+    if cfg.get("curvature", {}).get("device_memory_gib", 0):
+        return True
+    return jax.devices()[0].platform != "cpu"
 
 
 def merged_params(params: Mapping, model_cfg: Any, mesh: Any) -> dict:

@@ -1,7 +1,8 @@
 """The training stage of a round: SFT on the round's mixture from given parameters (full, freeze
 or LoRA: cfg.train.finetuning, train/finetuning.py), into RDIR/train (checkpoints, metrics,
-summary.json); a rerun resumes from the checkpoints. A LoRA round hands the next stages its
-adapters merged into the base weights (ideal_jax/model/lora.py); its checkpoints keep them apart."""
+summary.json); a rerun resumes from the checkpoints. A LoRA round hands the next stages the base
+model with its adapters in params["lora"] (ideal_jax/model/lora.py): evaluation runs the adapted
+model, influence differentiates the adapters, export merges them."""
 
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ def train_round(
         suite, mix, train_cfg, data_cfg, pad_id, steps_per_epoch
     )
     spec = finetuning_lib.from_config(train_cfg, model_cfg.num_layers)
+    if init_params is not None and "lora" in init_params:  # warm start from a LoRA round
+        init_params = finetuning_lib.merged_params(init_params, model_cfg, mesh)
     params, train_summary = run_sft(
         model_cfg,
         train_cfg,
@@ -55,8 +58,6 @@ def train_round(
         # Beside the rounds: later rounds (and epochs) read the examples kept by earlier ones.
         prefix_cache_dir=os.path.join(os.path.dirname(os.path.abspath(rdir)), "prefix_cache"),
     )
-    if spec.kind == "lora":
-        params = finetuning_lib.merged_params(params, model_cfg, mesh)
     if not train_done(rdir):
         train_summary["steps_per_epoch"] = int(steps)
         train_summary.update(count_tokens(batches_for_epoch, train_cfg.epochs))
