@@ -114,7 +114,13 @@ def run_ideal_jax(path, train, query, args) -> tuple[dict, np.ndarray]:
         jax.block_until_ready(state.correction)
         t1 = time.perf_counter()
         op = operators.build_operator(
-            "ekfac", problem=problem, params=params, curvature=curvature, state=state
+            "ekfac",
+            problem=problem,
+            params=params,
+            curvature=curvature,
+            state=state,
+            damping=0.1,
+            relative_damping=True,
         )
         qgrads = gradients.single_group_mean_gradients(
             problem,

@@ -176,7 +176,13 @@ def main(argv: list[str]) -> None:
         ref = gradients.group_mean_gradients(problem, params, ref_batches, CAPABILITIES)
         _log("gradients done")
         inverse = operators.build_operator(
-            "kfac", problem=problem, params=params, curvature=curvature, state=state
+            "kfac",
+            problem=problem,
+            params=params,
+            curvature=curvature,
+            state=state,
+            damping=0.1,
+            relative_damping=True,
         )
         alpha = alpha_lib.compute_alpha(ref, dom, inverse, layers=layers)
 

@@ -34,7 +34,13 @@ def setup():
     curvature = kfac_lib.KfacCurvature(problem, "fisher")
     state = kfac_lib.accumulate_factors(curvature, params, train, jax.random.key(0))
     op = operators.build_operator(
-        "kfac", problem=problem, params=params, damping=0.1, curvature=curvature, state=state
+        "kfac",
+        problem=problem,
+        params=params,
+        damping=0.1,
+        curvature=curvature,
+        state=state,
+        relative_damping=True,
     )
     dom = gradients.group_mean_gradients(problem, params, train, DOMAINS)
     refg = gradients.group_mean_gradients(problem, params, ref, ("c0", "c1", "c2"))

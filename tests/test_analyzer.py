@@ -123,7 +123,13 @@ def test_scores_equal_the_per_example_path(ekfac_result):
     state = kfac_lib.accumulate_factors(curvature, params, batches, rng)
     state = ekfac.fit_eigen_correction(curvature, state, params, batches, rng)
     op = operators.build_operator(
-        "ekfac", problem=problem, params=params, curvature=curvature, state=state
+        "ekfac",
+        problem=problem,
+        params=params,
+        curvature=curvature,
+        state=state,
+        damping=0.1,
+        relative_damping=True,
     )
     query = result.query
     qbatches = _lower_level_batches(query, 1, pad)

@@ -134,9 +134,13 @@ def test_a_preconditioner_without_a_fitted_state_is_an_input_error(setup):
             params=setup["params"],
             batches=setup["batches"],
             cg_preconditioner="ekfac",
+            damping=0.1,
+            relative_damping=True,
+            cg_tol=1e-6,
+            cg_max_iters=200,
         )
     with pytest.raises(InputError, match="influence.cg_preconditioner"):
-        _build(setup, "cg", cg_preconditioner="jacobi")
+        _build(setup, "cg", cg_preconditioner="jacobi", cg_tol=1e-6, cg_max_iters=200)
 
 
 def test_the_stage_fits_the_preconditioner_and_records_the_solve(tmp_path):

@@ -33,6 +33,7 @@ def _build(name, problem, params, batches, curvature=None, state=None, kind="emp
         batches=batches,
         exact_kind=kind,
         damping=0.1,
+        relative_damping=True,
     )
 
 

@@ -45,6 +45,7 @@ def _measure(problem, params, train, reference, mode="fisher", damping=0.1):
             state=state,
             batches=train,
             exact_kind="ggn",
+            relative_damping=True,
         )
         alphas[name] = alpha_lib.compute_alpha(ref, dom, op, layers=problem.layers).matrix
     exact = alphas["exact"].ravel()

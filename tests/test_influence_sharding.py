@@ -31,7 +31,13 @@ def _pipeline(params, train, reference):
     }
     for name in ("kfac", "ekfac"):
         op = operators.build_operator(
-            name, problem=problem, params=params, curvature=curvature, state=state
+            name,
+            problem=problem,
+            params=params,
+            curvature=curvature,
+            state=state,
+            damping=0.1,
+            relative_damping=True,
         )
         out[name + "_product"] = op(ref.overall)
         out[name + "_alpha"] = alpha_lib.compute_alpha(ref, dom, op, layers=problem.layers).matrix

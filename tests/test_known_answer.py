@@ -171,6 +171,7 @@ def influence(params, train_batch, ref_batch, operator, damping=0.1):
         state=state,
         batches=batches,
         exact_kind="hessian",
+        relative_damping=True,
     )
     domain_grads = gradients.group_mean_gradients(problem, params, batches, tuple(SIZES))
     ref_grads = gradients.group_mean_gradients(problem, params, [ref_batch], ("all",))

@@ -13,13 +13,36 @@ def test_needs_batches_names_exactly_the_operators_built_from_batches(name):
     problem = CurvatureProblem.__new__(CurvatureProblem)  # never used before the check
     object.__setattr__(problem, "layers", ())
     try:
-        operators.build_operator(name, problem=problem, params={}, batches=None)
+        operators.build_operator(
+            name,
+            problem=problem,
+            params={},
+            batches=None,
+            damping=0.1,
+            relative_damping=True,
+            cg_tol=1e-6,
+            cg_max_iters=200,
+        )
         asked_for_batches = False
     except InputError as e:
         asked_for_batches = "needs the training batches" in str(e)
     except Exception:  # failed later, on the empty problem: it did not ask for batches
         asked_for_batches = False
     assert asked_for_batches == operators.needs_batches(name)
+
+
+@pytest.mark.parametrize("name", [n for n in operators.OPERATORS if n != "identity"])
+def test_damping_and_the_cg_settings_have_no_library_default(name):
+    """configs/common.py is their one home: an operator built without them is refused."""
+    problem = CurvatureProblem.__new__(CurvatureProblem)
+    object.__setattr__(problem, "layers", ())
+    with pytest.raises(TypeError, match="damping"):
+        operators.build_operator(name, problem=problem, params={}, batches=None)
+    if name.startswith("cg"):
+        with pytest.raises(TypeError, match="cg_tol, cg_max_iters"):
+            operators.build_operator(
+                name, problem=problem, params={}, damping=0.1, relative_damping=True
+            )
 
 
 def test_batches_may_be_a_function_called_only_by_the_operators_that_need_them():
@@ -39,8 +62,17 @@ def test_batches_may_be_a_function_called_only_by_the_operators_that_need_them()
         calls.append(1)
         return iter(batches)
 
-    from_list = operators.build_operator("exact", problem=problem, params=params, batches=batches)
-    from_fn = operators.build_operator("exact", problem=problem, params=params, batches=batches_fn)
+    from_list = operators.build_operator(
+        "exact", problem=problem, params=params, batches=batches, damping=0.1, relative_damping=True
+    )
+    from_fn = operators.build_operator(
+        "exact",
+        problem=problem,
+        params=params,
+        batches=batches_fn,
+        damping=0.1,
+        relative_damping=True,
+    )
     assert calls == [1]
     selected, _ = layers_lib.split_params(params, problem.layers)
     v = jax.tree.map(lambda x: np.ones_like(x), selected)

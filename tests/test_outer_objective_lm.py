@@ -47,7 +47,13 @@ def round_pieces():
     state = kfac_lib.accumulate_factors(curvature, params, train, jax.random.key(0))
     state = ekfac_lib.fit_eigen_correction(curvature, state, params, train, jax.random.key(1))
     op = operators.build_operator(
-        "ekfac", problem=problem, params=params, curvature=curvature, state=state
+        "ekfac",
+        problem=problem,
+        params=params,
+        curvature=curvature,
+        state=state,
+        damping=0.1,
+        relative_damping=True,
     )
     dom = gradients.single_group_mean_gradients(problem, params, _grouped(train, 4), DOMAINS)
     refg = gradients.single_group_mean_gradients(problem, params, _grouped(ref, 3), CAPS)

@@ -52,6 +52,7 @@ def _round_pieces(params, weights_j, train_batch, ref_batch, operator):
         state=state,
         batches=batches,
         exact_kind="hessian",
+        relative_damping=True,
     )
     dom = gradients.group_mean_gradients(PROBLEM, params, batches, tuple(ka.SIZES))
     ref = gradients.group_mean_gradients(PROBLEM, params, [ref_batch], ("all",))

@@ -72,14 +72,14 @@ def build_operator(
     *,
     problem: CurvatureProblem,
     params: Params,
-    damping: float = 0.1,
-    relative_damping: bool = True,
+    damping: float | None = None,
+    relative_damping: bool | None = None,
     curvature: KfacCurvature | None = None,
     state: CurvatureState | None = None,
     batches: Sequence[Batch] | Callable[[], Iterable[Batch]] | None = None,
     exact_kind: str = "ggn",
-    cg_tol: float = 1e-6,
-    cg_max_iters: int = 200,
+    cg_tol: float | None = None,
+    cg_max_iters: int | None = None,
     cg_preconditioner: str = "none",
     rng: jax.Array | None = None,
 ) -> InverseOperator:
@@ -87,13 +87,22 @@ def build_operator(
     `needs_batches(name)` (exact, exact_block, cg) need `batches` — a sequence, or a function
     returning the pass's batches, called only by those operators (callers need not check).
     cg_preconditioner (cg only): none | kfac | ekfac — the latter two need (curvature, state) and
-    precondition with that inverse damped by the CG's own λ_b."""
+    precondition with that inverse damped by the CG's own λ_b. damping and relative_damping (every
+    operator but identity) and cg_tol / cg_max_iters (cg, cg_block) have no defaults here: they
+    are cfg.curvature's and cfg.influence's fields, whose defaults live in configs/common.py."""
     if name not in OPERATORS:
         raise InputError(
             f"unknown inverse operator {name!r}; one of {OPERATORS}", field="influence.operator"
         )
     if name == "identity":
         return InverseOperator("identity", {p: 0.0 for p in problem.layers}, lambda v: v)
+    missing = [
+        k for k, v in (("damping", damping), ("relative_damping", relative_damping)) if v is None
+    ]
+    if name in ("cg", "cg_block"):
+        missing += [k for k, v in (("cg_tol", cg_tol), ("cg_max_iters", cg_max_iters)) if v is None]
+    if missing:
+        raise TypeError(f"build_operator({name!r}) needs {', '.join(missing)} (configs/common.py)")
     if name in ("cg", "cg_block") and cg_preconditioner not in CG_PRECONDITIONERS:
         raise InputError(
             f"unknown CG preconditioner {cg_preconditioner!r}; one of {CG_PRECONDITIONERS}",
