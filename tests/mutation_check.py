@@ -939,6 +939,14 @@ MUTATIONS += [
         ["tests/test_finetuning_cli.py::test_lora_ideal_run_computes_influence_over_the_adapters"],
     ),
     (
+        "finetuning_layers_from_preset",
+        "N and the adapters are checked against the preset, not model.path's checkpoint",
+        "ideal_jax/train/finetuning.py",
+        '    if model_section.get("path"):',
+        "    if False:",
+        ["tests/test_finetuning_config.py::test_freeze_layers_are_counted_from_the_checkpoint"],
+    ),
+    (
         "freeze_layers_unbounded",
         "train.freeze_trainable_layers above the model's layers passes",
         "ideal_jax/train/finetuning.py",

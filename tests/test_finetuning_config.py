@@ -157,3 +157,18 @@ def test_lora_curvature_layers_are_the_adapters_of_the_preset(targets, preset, c
         for ab in "ab"
     }
     assert set(got) == want
+
+
+def test_freeze_layers_are_counted_from_the_checkpoint(tmp_path):
+    """With model.path, N is checked against the checkpoint's config.json (no weights loaded)."""
+    from ideal_jax.curvature import trained
+    from ideal_jax.model import hf_io
+    from ideal_jax.model.transformer import init_params
+    from ideal_jax.utils.errors import InputError
+
+    model = model_config.preset("tiny", vocab_size=32).replace(num_layers=3)
+    hf_io.save_hf(str(tmp_path), model, init_params(model, jax.random.key(0)))
+    freeze = {"train.finetuning": "freeze", "model.path": str(tmp_path)}
+    trained.check_config(tiny_config(**freeze, **{"train.freeze_trainable_layers": 3}))
+    with pytest.raises(InputError, match="1..3"):
+        trained.check_config(tiny_config(**freeze, **{"train.freeze_trainable_layers": 4}))
