@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from collections.abc import Iterable, Mapping
 
 import jax
@@ -36,6 +35,7 @@ from ideal_jax.curvature import layers as layers_lib
 from ideal_jax.curvature.kfac import CurvatureState, KfacCurvature, check_finite
 from ideal_jax.curvature.problem import Batch, Params, flat_rows, loss_rows, row_losses
 from ideal_jax.utils import progress
+from ideal_jax.utils.atomic import atomic_file
 from ideal_jax.utils.errors import InputError
 
 UNITS = ("example", "batch")
@@ -308,9 +308,8 @@ def _correction_shapes(state: CurvatureState) -> dict[str, tuple[int, int]]:
 def save_state(path: str, state: CurvatureState) -> None:
     """Writes `state` to `path` (.npz with a JSON metadata entry), atomically."""
     arrays, meta = state_to_arrays(state)
-    tmp = f"{path}.tmp.npz"
-    np.savez(tmp, __meta__=np.asarray(json.dumps(meta)), **arrays)
-    os.replace(tmp, path)
+    with atomic_file(path, "wb") as f:
+        np.savez(f, __meta__=np.asarray(json.dumps(meta)), **arrays)
 
 
 def load_state(path: str, template: CurvatureState) -> CurvatureState:

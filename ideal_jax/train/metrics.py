@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from ideal_jax.utils.atomic import atomic_file
+
 # Entry fields that do not depend on timing: a resumed run must reproduce them exactly.
 DETERMINISTIC_FIELDS = ("step", "epoch", "loss", "domain_losses", "lr", "grad_norm", "tokens")
 
@@ -99,12 +101,10 @@ class MetricsWriter:
             return
         os.makedirs(os.fspath(workdir), exist_ok=True)
         kept = [e for e in read_metrics(self.path) if int(e.get("step", -1)) <= resume_step]
-        # Rewrite through a temporary file and an atomic rename: a kill here loses nothing.
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        # Rewritten atomically (utils/atomic.py): a kill here loses nothing.
+        with atomic_file(self.path) as f:
             for entry in kept:
                 f.write(json.dumps(entry) + "\n")
-        os.replace(tmp, self.path)
         from tensorboardX import SummaryWriter  # heavy import, only where metrics are written
 
         # purge_step hides events a killed run wrote beyond the checkpoint we resume from.

@@ -28,6 +28,7 @@ import numpy as np
 from ideal_jax import sharding
 from ideal_jax.model.config import ModelConfig
 from ideal_jax.model.transformer import forward
+from ideal_jax.utils.atomic import atomic_file
 
 
 def prefix_fingerprint(model_cfg: ModelConfig, params: Any, start_layer: int, seq_len: int) -> str:
@@ -125,10 +126,8 @@ class PrefixCache:
             self._bytes += hidden_td.nbytes
         elif self.directory is not None:
             os.makedirs(self.directory, exist_ok=True)
-            tmp = self._path(f"{key}.tmp")
-            with open(tmp, "wb") as f:
+            with atomic_file(self._path(key), "wb") as f:
                 np.save(f, hidden_td)
-            os.replace(tmp, self._path(key))
 
     def compute(self, examples: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
         """Hidden states [len, D] of (tokens, positions) examples, each alone at offset 0 of a
