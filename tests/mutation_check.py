@@ -1031,6 +1031,14 @@ MUTATIONS += [
         ["tests/test_host_eigh.py"],
     ),
     (
+        "operator_damping_library_default",
+        "build_operator keeps its own default damping (a second home beside configs/common.py)",
+        "ideal_jax/curvature/operators.py",
+        "    damping: float | None = None,\n    relative_damping: bool | None = None,",
+        "    damping: float | None = 0.1,\n    relative_damping: bool | None = True,",
+        ["tests/test_operator_inputs.py"],
+    ),
+    (
         "cg_host_beta_uses_rr",
         "preconditioned CG on the host: β from r·r instead of r·z",
         "ideal_jax/curvature/exact.py",
