@@ -60,7 +60,8 @@ def _worker(args: argparse.Namespace) -> None:
     import jax
 
     from configs import common
-    from ideal_jax import memory_plan, sharding
+    from ideal_jax import sharding
+    from ideal_jax.curvature import memory_plan
     from ideal_jax.model.config import preset
 
     models = [
@@ -157,7 +158,7 @@ def _repo_root() -> str:
 
 
 def _print(rows: list[dict], device_memory_gib: float) -> None:
-    from ideal_jax.memory_plan import MemoryReport, format_table
+    from ideal_jax.curvature.memory_plan import MemoryReport, format_table
 
     reports = [
         MemoryReport(

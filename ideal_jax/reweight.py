@@ -19,9 +19,9 @@ The rules.
            optimizer state and the cumulative position carry over from round to round and are saved
            with the round (reweight.json), so a resumed run continues them.
   "outer"  several optax steps (outer_optimizer, outer_learning_rate, outer_steps) on the outer
-           objective Q(w) over proportions (ideal_jax/outer_objective.py) inside the trust region
-           |β_j| ≤ m; the total is kept. Q before and after, every step's value and the predicted
-           reference loss of the next round are recorded.
+           objective Q(w) over proportions (ideal_jax/influence/outer_objective.py) inside the trust
+           region |β_j| ≤ m; the total is kept. Q before and after, every step's value and the
+           predicted reference loss of the next round are recorded.
 
 Bounds: β ∈ [beta_min, beta_max] and at least `min_volume` examples per domain; under keep_total the
 clipped domains are held and the others shifted so that Σ n_j β_j = 0 still holds.
@@ -331,8 +331,8 @@ def compute_step(
 ) -> Step:
     """The next round's volumes from this round's α row and volumes n_j (module docstring).
 
-    A rule whose `needs` is "outer" gets `outer_problem` (ideal_jax.outer_objective.OuterProblem
-    of the round); the others need α only.
+    A rule whose `needs` is "outer" gets `outer_problem`
+    (ideal_jax.influence.outer_objective.OuterProblem of the round); the others need α only.
     stderr_j: α's standard errors; with cfg.hold_indistinguishable, domains whose |α| is below
     cfg.significance_z of them keep their volume (their d_j is 0; the others carry the step).
     """
@@ -378,7 +378,7 @@ def compute_step(
 
 def _outer_step(inputs: RuleInput):
     """β from optax steps on Q(w); w are loss-weight (token) shares, β is per example."""
-    from ideal_jax import outer_objective
+    from ideal_jax.influence import outer_objective
 
     problem, sizes, cfg = inputs.outer, inputs.sizes, inputs.cfg
     if problem is None:

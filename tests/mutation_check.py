@@ -151,7 +151,7 @@ MUTATIONS = [
     (
         "outer_q_constant",
         "the outer objective evaluated at θ* whatever the proportions (Q constant in w)",
-        "ideal_jax/outer_objective.py",
+        "ideal_jax/influence/outer_objective.py",
         "    dw_j = jnp.asarray(w_j, jnp.float32) - jnp.asarray(problem.proportions, jnp.float32)",
         "    dw_j = 0.0 * jnp.asarray(w_j, jnp.float32)",
         ["tests/test_outer_objective_lm.py", "tests/test_outer_rule_known_answer.py"],
@@ -159,7 +159,7 @@ MUTATIONS = [
     (
         "outer_accepts_every_step",
         "the outer rule accepts steps that raise Q (no step-length control)",
-        "ideal_jax/outer_objective.py",
+        "ideal_jax/influence/outer_objective.py",
         "better = q_w < q_z",
         "better = q_w == q_w",
         ["tests/test_outer_objective_lm.py", "tests/test_outer_rule_known_answer.py"],
@@ -290,7 +290,7 @@ MUTATIONS = [
     (
         "plan_lowers_its_own_jit",
         "memory_plan lowers a jit of its own, not the factor update the influence stage runs",
-        "ideal_jax/memory_plan.py",
+        "ideal_jax/curvature/memory_plan.py",
         "update = curvature.update_fn(mesh, abstract_state)",
         "update = jax.jit(curvature.update, donate_argnums=0)",
         ["tests/test_curvature_placement.py"],
@@ -314,7 +314,7 @@ MUTATIONS = [
     (
         "activation_scores_dropped",
         "the curvature-batch plan ignores the dense attention scores",
-        "ideal_jax/curvature_batch.py",
+        "ideal_jax/curvature/batch_plan.py",
         "2 * c.num_heads * seq_len / t + ",
         "",
         ["tests/test_memory_plan.py"],

@@ -11,7 +11,8 @@ laid token rows out like the row-sharded factors: XLA replicated them to move ba
 import numpy as np
 
 from configs import common
-from ideal_jax import memory_plan, sharding
+from ideal_jax import sharding
+from ideal_jax.curvature import memory_plan
 from ideal_jax.model import transformer
 from ideal_jax.model.config import preset
 

@@ -8,8 +8,9 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from ideal_jax import memory_plan, sharding
+from ideal_jax import sharding
 from ideal_jax.curvature import kfac as kfac_lib
+from ideal_jax.curvature import memory_plan
 from ideal_jax.curvature import problem as problem_lib
 from ideal_jax.model.config import preset
 from ideal_jax.model.transformer import abstract_params, init_params, logical_axes

@@ -6,7 +6,9 @@ import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
 
 from configs import common
-from ideal_jax import curvature_batch, memory_plan, sharding
+from ideal_jax import sharding
+from ideal_jax.curvature import batch_plan as curvature_batch
+from ideal_jax.curvature import memory_plan
 from ideal_jax.model.config import preset
 from ideal_jax.utils.errors import InputError
 

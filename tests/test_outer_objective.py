@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ideal_jax import outer_objective as oo
+from ideal_jax.influence import outer_objective as oo
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,6 @@ import optax
 import pytest
 from test_curvature_models import lm_batches, tiny_lm
 
-from ideal_jax import outer_objective as oo
 from ideal_jax.curvature import ekfac as ekfac_lib
 from ideal_jax.curvature import kfac as kfac_lib
 from ideal_jax.curvature import layers as layers_lib
@@ -22,6 +21,7 @@ from ideal_jax.curvature import operators
 from ideal_jax.curvature import problem as problem_lib
 from ideal_jax.influence import alpha as alpha_lib
 from ideal_jax.influence import gradients, outer
+from ideal_jax.influence import outer_objective as oo
 
 DOMAINS, CAPS = ("d0", "d1", "d2", "d3"), ("c0", "c1", "c2")
 

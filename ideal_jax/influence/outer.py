@@ -20,7 +20,7 @@ from ideal_jax.curvature import layers as layers_lib
 from ideal_jax.curvature.operators import InverseOperator
 from ideal_jax.curvature.problem import CurvatureProblem, Params, flat_rows, row_losses
 from ideal_jax.influence.gradients import GroupGradients
-from ideal_jax.outer_objective import OuterProblem
+from ideal_jax.influence.outer_objective import OuterProblem
 from ideal_jax.utils.errors import InputError
 
 

@@ -14,9 +14,9 @@ The per-example terms give α's standard errors (alpha.standard_errors → influ
 Batches (`row_plan`): one example per row, examples in order of length, each batch only as long as
 its longest example; the loss (softmax over the vocabulary, the Fisher's sampled targets) at the
 response tokens only (curvature/kfac.py add_loss_positions) — on a 49k-token vocabulary the
-prompt and padding rows were most of the factor pass. When the
-curvature factors of all selected layers would not fit one device (ideal_jax/memory_plan.py), the
-layers are processed in groups, one after the other: H is block-diagonal over layers, so α is the
+prompt and padding rows were most of the factor pass. When the curvature factors of all
+selected layers would not fit one device (ideal_jax/curvature/memory_plan.py), the layers are
+processed in groups, one after the other: H is block-diagonal over layers, so α is the
 sum of the groups' contributions.
 """
 
@@ -209,7 +209,7 @@ def layer_groups(
     memory = device_memory_bytes(curv_cfg)
     if memory is None:
         return [layers]
-    from ideal_jax.memory_plan import plan_curvature_layer_groups
+    from ideal_jax.curvature.memory_plan import plan_curvature_layer_groups
 
     groups = plan_curvature_layer_groups(
         model_cfg, list(layers), mesh, memory, ekfac=operator == "ekfac"
@@ -401,7 +401,7 @@ def influence_for_round(
     groups = layer_groups(curv, infl.operator, model_cfg, layers, mesh)
     memory = device_memory_bytes(curv)
     if memory is not None:  # a batch that does not fit: an error now, not an OOM mid-pass
-        from ideal_jax.curvature_batch import check_curvature_batch
+        from ideal_jax.curvature.batch_plan import check_curvature_batch
 
         check_curvature_batch(
             model_cfg,

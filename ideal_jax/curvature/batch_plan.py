@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from jax.sharding import Mesh
 
 from ideal_jax import sharding
-from ideal_jax.memory_plan import (
+from ideal_jax.curvature.memory_plan import (
     F32,
     HEADROOM,
     GiB,
