@@ -71,8 +71,8 @@ MUTATIONS = [
         "ignore_multiplicity",
         "(f) σ-subsample over distinct examples, ignoring the mixture's repeats",
         "ideal_jax/influence/stage.py",
-        "entries = mixture_lib.materialize(mix, suite.tokenized)",
-        "entries = list({t.example_id: t for t in mixture_lib.materialize(mix, suite.tokenized)}"
+        "return mixture_lib.materialize(mix, suite.tokenized)",
+        "return list({t.example_id: t for t in mixture_lib.materialize(mix, suite.tokenized)}"
         ".values())",
         ["tests/test_mixture.py"],
     ),
@@ -80,8 +80,8 @@ MUTATIONS = [
         "bias_counts_padding",
         "K-FAC bias entry of the input factor counts padding rows",
         "ideal_jax/curvature/kfac.py",
-        "state = self._cache(self._real_token_bias(state))",
-        "state = self._cache(state)",
+        "state = self._real_token_bias(state)\n        state = self._host_cache",
+        "state = self._host_cache",
         ["tests/test_curvature_exactness.py"],
     ),
     (
@@ -403,8 +403,8 @@ MUTATIONS = [
         "prefix_from_the_wrong_layer",
         "the stage keeps the hidden state leaving the layer the passes start at",
         "ideal_jax/influence/stage.py",
-        "problem_lib.with_prefix_hidden(model_cfg, params, b, start, mesh)",
-        "problem_lib.with_prefix_hidden(model_cfg, params, b, start + 1, mesh)",
+        "problem_lib.with_prefix_hidden(self.model_cfg, self.params, b, self.start, self.mesh)",
+        "problem_lib.with_prefix_hidden(self.model_cfg, self.params, b, self.start + 1, self.mesh)",
         ["tests/test_prefix_cache.py"],
     ),
     (
@@ -419,8 +419,8 @@ MUTATIONS = [
         "pcg_direction_unpreconditioned",
         "preconditioned CG steps along the residual instead of the preconditioned residual",
         "ideal_jax/curvature/exact.py",
-        "d = jnp.where(active[:, None], z + beta[:, None] * d, d)",
-        "d = jnp.where(active[:, None], r + beta[:, None] * d, d)",
+        "d = xp.where(active[:, None], z + beta[:, None] * d, d)",
+        "d = xp.where(active[:, None], r + beta[:, None] * d, d)",
         [
             "tests/test_cg_preconditioning.py::test_preconditioned_cg_block_reaches_exact_block_in_a_fraction_of_plain_cg_steps"
         ],
@@ -449,7 +449,7 @@ MUTATIONS = [
         "stage_skips_cg_preconditioner_state",
         "the influence stage fits no K-FAC / EK-FAC state for a preconditioned cg_block",
         "ideal_jax/influence/stage.py",
-        'fitted = cg_preconditioner if infl.operator.startswith("cg") else infl.operator',
+        'fitted = infl.cg_preconditioner if infl.operator.startswith("cg") else infl.operator',
         "fitted = infl.operator",
         [
             "tests/test_cg_preconditioning.py::test_the_stage_fits_the_preconditioner_and_records_the_solve"
