@@ -115,6 +115,8 @@ def make_config(scale: str, args):
             cfg.curvature.alpha_se_target = args.alpha_se_target
         if args.max_examples_per_domain is not None:
             cfg.curvature.max_examples_per_domain = args.max_examples_per_domain
+        if args.batch_size is not None:  # the influence passes' rows per batch (both sections)
+            cfg.curvature.batch_size = cfg.influence.batch_size = args.batch_size
     return cfg
 
 
@@ -272,6 +274,7 @@ def run_scale(scale: str, args, clock: CompileClock) -> dict:
         "settings": {
             k: cfg.curvature[k]
             for k in (
+                "batch_size",
                 "subsample",
                 "examples_per_domain",
                 "max_examples_per_domain",
@@ -307,6 +310,9 @@ def main() -> None:
         type=int,
         default=None,
         help="curvature.max_examples_per_domain",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="curvature.batch_size = influence.batch_size"
     )
     parser.add_argument("--json", default="", help="also write the last line to this file")
     args = parser.parse_args()
