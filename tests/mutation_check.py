@@ -80,8 +80,8 @@ MUTATIONS = [
         "bias_counts_padding",
         "K-FAC bias entry of the input factor counts padding rows",
         "ideal_jax/curvature/kfac.py",
-        "state = self._real_token_bias(state)\n        state = self._host_cache",
-        "state = self._host_cache",
+        "state = self._real_token_bias(state)\n        state = self._cache(state)",
+        "state = self._cache(state)",
         ["tests/test_curvature_exactness.py"],
     ),
     (

@@ -220,17 +220,20 @@ class KfacCurvature:
             raise InputError(
                 "curvature pass saw no response tokens (all weights are 0)", field="weights"
             )
+        # kfac-jax's jitted eigendecompositions: on this project's 2-core CPU they beat LAPACK on
+        # the host (`_host_cache`; benchmarks/bench_eigh.py: 1.22 s vs 1.62 s for 24 factors of
+        # 256 and 1024, jax 0.10.2), so the host path is kept only as the measured alternative.
         state = self._real_token_bias(state)
-        state = self._host_cache(state) if eigh_on_host(state) else self._cache(state)
+        state = self._cache(state)
         check_finite(state)
         return state
 
     def _host_cache(self, state: CurvatureState) -> CurvatureState:
         """What `_cache` computes — each factor's eigenvalues (× the block's factor scale, clipped
         at 0) and eigenvectors, in kfac-jax's cache — with the eigendecompositions done by LAPACK
-        on the host in float64 (`host_eigh`). On XLA:CPU kfac-jax's jitted eigh was the largest
-        cost of the factor pass (benchmarks/bench_eigh.py); the results agree to float32
-        tolerance (tests/test_host_eigh.py)."""
+        on the host in float64 (`host_eigh`; factors on this process's devices). The measured
+        alternative to the jitted cache (benchmarks/bench_eigh.py; slower on a 2-core CPU with
+        jax 0.10.2); the results agree to float32 tolerance (tests/test_host_eigh.py)."""
         blocks = list(state.kfac.blocks_states)
         for b, (block, bstate) in enumerate(zip(self.estimator.blocks, blocks)):
             bstate = bstate.copy()
@@ -295,23 +298,6 @@ class KfacCurvature:
     def multiply_inverse(self, state: CurvatureState, vector: dict, damping: dict) -> dict:
         """(kron_scale · A⊗G + λ_b I)⁻¹ v per block; `damping` maps path → λ_b (absolute)."""
         return self._inverse(state, vector, tuple(damping[p] for p in self.block_paths()))
-
-
-def eigh_on_host(state: CurvatureState) -> bool:
-    """True when the factors live on CPU devices of this process (every shard addressable) and
-    every block is Kronecker-factored with cached eigenvectors: then LAPACK on the host is the
-    fastest place for the eigendecompositions (measured: benchmarks/bench_eigh.py)."""
-    for bstate in state.kfac.blocks_states:
-        factors = getattr(bstate, "factors", None)
-        if not factors or any(
-            f"{i}_factor_eigen_vectors" not in bstate.cache for i in range(len(factors))
-        ):
-            return False
-        for f in factors:
-            v = f.value
-            if not v.is_fully_addressable or any(d.platform != "cpu" for d in v.devices()):
-                return False
-    return True
 
 
 def host_eigh(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
