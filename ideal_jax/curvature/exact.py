@@ -283,14 +283,14 @@ def conjugate_gradient_many(
     # collective rendezvous (6 of 8 device threads arrived; tests/test_cg_mesh.py).
     xp = np if vectors_on_host(vs) else jnp
     to_xp = np.asarray if xp is np else (lambda a: a)
+    flat_rp = to_xp(flatten(vs))
+    lam_rp = to_xp(lam_p)[None]
     op = lambda x_rp: to_xp(flatten(matvec_many(stack(x_rp)))) + lam_rp * x_rp
     pre = (
         (lambda r_rp: r_rp)
         if precondition_many is None
         else (lambda r_rp: to_xp(flatten(precondition_many(stack(r_rp)))))
     )
-    flat_rp = to_xp(flatten(vs))
-    lam_rp = to_xp(lam_p)[None]
     norm_r = xp.linalg.norm(flat_rp, axis=1)
     x = xp.zeros_like(flat_rp)
     r = flat_rp

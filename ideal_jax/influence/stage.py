@@ -105,19 +105,13 @@ def plan_subsample(suite, mix, curv, seed: int) -> SubsamplePlan:
     domain_of = [t.domain for t in entries]
     if mode == "sigma":
         keep = gradients.sigma_subsample(domain_of, curv.sigma, seed)
-        items = [entries[i] for i in keep]
-        by_domain = tuple([t for t in items if t.domain == n] for n in names)
-        sizes = tuple(len(b) for b in by_domain)
-        return SubsamplePlan(items, by_domain, sizes, sizes, None, {"sigma": float(curv.sigma)})
+        return _one_stage([entries[i] for i in keep], names, {"sigma": float(curv.sigma)})
     per_domain = int(curv.examples_per_domain)
     if mode == "fixed":
         keep, whole = gradients.budget_subsample(domain_of, per_domain, seed)
         _warn_whole(per_domain, whole)
-        items = [entries[i] for i in keep]
-        by_domain = tuple([t for t in items if t.domain == n] for n in names)
-        sizes = tuple(len(b) for b in by_domain)
         info = {"examples_per_domain": per_domain, "domains_used_whole": sorted(map(str, whole))}
-        return SubsamplePlan(items, by_domain, sizes, sizes, None, info)
+        return _one_stage([entries[i] for i in keep], names, info)
     cap = int(curv.max_examples_per_domain)
     if cap < per_domain:
         raise InputError(
@@ -136,6 +130,13 @@ def plan_subsample(suite, mix, curv, seed: int) -> SubsamplePlan:
         "alpha_se_target": float(curv.alpha_se_target),
     }
     return SubsamplePlan(curvature_items, by_domain, first, caps, float(curv.alpha_se_target), info)
+
+
+def _one_stage(items: list, names: list, info: dict) -> SubsamplePlan:
+    """sigma / fixed: every pass reads `items`; the domain gradients in one stage."""
+    by_domain = tuple([t for t in items if t.domain == n] for n in names)
+    sizes = tuple(len(b) for b in by_domain)
+    return SubsamplePlan(items, by_domain, sizes, sizes, None, info)
 
 
 def _warn_whole(per_domain: int, whole) -> None:
