@@ -16,8 +16,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from ideal_jax.data import batching
 from ideal_jax.utils.errors import InputError
 
 Batch = Mapping[str, jax.Array]
@@ -144,12 +144,10 @@ def with_prefix_hidden(
     return {**batch, PREFIX_HIDDEN: _prefix_fn(model_cfg, start_layer, mesh)(params, batch)}
 
 
-# Optional batch fields [B, K]: the positions (along T) of the rows that carry loss weight, and
-# which of the K slots are real (1) or filler (0). With them the loss, its softmax and the Fisher's
-# sampled targets are formed at those K positions only, not at all T (prompt and padding rows have
-# weight 0 and contribute nothing). The layers still see all T rows.
-LOSS_POSITIONS = "loss_positions"
-LOSS_VALID = "loss_valid"
+# LOSS_POSITIONS / LOSS_VALID (optional [B, K] batch fields) and the host-side add_loss_positions
+# live with the batches (data/batching.py): training forms its loss at those rows too.
+LOSS_POSITIONS, LOSS_VALID = batching.LOSS_POSITIONS, batching.LOSS_VALID
+add_loss_positions = batching.add_loss_positions
 
 
 def _at_loss_positions(x: jax.Array, batch: Batch) -> jax.Array:
@@ -205,29 +203,6 @@ def with_loss_positions(batch: Batch) -> Batch:
         LOSS_POSITIONS: jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
         LOSS_VALID: jnp.ones((b, t), jnp.float32),
     }
-
-
-def add_loss_positions(batch: dict, k: int | None = None, minimum: int = 8) -> dict:
-    """Host-side: `batch` (numpy, [B, T] fields) with LOSS_POSITIONS / LOSS_VALID [B, K] added.
-
-    K: `k`, else the largest number of weighted tokens in a row rounded up to a power of two (at
-    least `minimum`; few shapes, few compilations). Filler slots point at position 0, valid 0.
-    """
-    weighted_bt = np.asarray(batch["weights"]) > 0
-    counts_b = weighted_bt.sum(axis=1)
-    most = int(counts_b.max()) if counts_b.size else 0
-    if k is None:
-        k = max(minimum, 1 << (max(most, 1) - 1).bit_length())
-    if most > k:
-        raise ValueError(f"a row has {most} weighted tokens, more than k={k}")
-    b = weighted_bt.shape[0]
-    positions_bk = np.zeros((b, k), np.int32)
-    valid_bk = np.zeros((b, k), np.float32)
-    rows_n, cols_n = np.nonzero(weighted_bt)  # row-major: each row's positions in order
-    slot_n = np.arange(rows_n.size) - np.repeat(np.cumsum(counts_b) - counts_b, counts_b)
-    positions_bk[rows_n, slot_n] = cols_n
-    valid_bk[rows_n, slot_n] = 1.0
-    return {**batch, LOSS_POSITIONS: positions_bk, LOSS_VALID: valid_bk}
 
 
 def row_losses(problem: CurvatureProblem, outputs_rc: jax.Array, targets: jax.Array) -> jax.Array:

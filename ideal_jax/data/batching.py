@@ -171,3 +171,48 @@ def iterate_batches(
         first = step * batch_size + host_index * per_host
         mine = rows[first : first + per_host]
         yield fill_rows(tokenized, mine, seq_len, ids_of, n_rows=per_host, pad_id=pad_id)
+
+
+# Optional batch fields [B, K]: the positions (along T) of the rows that carry loss weight, and
+# which of the K slots are real (1) or filler (0). With them the loss, its softmax and the Fisher's
+# sampled targets are formed at those K positions only, not at all T (prompt and padding rows have
+# weight 0 and contribute nothing). The layers still see all T rows.
+# (Training: train/step.py; the curvature passes: curvature/problem.py.)
+LOSS_POSITIONS = "loss_positions"
+LOSS_VALID = "loss_valid"
+
+
+def add_loss_positions(batch: dict, k: int | None = None, minimum: int = 8) -> dict:
+    """Host-side: `batch` (numpy, [B, T] fields) with LOSS_POSITIONS / LOSS_VALID [B, K] added.
+
+    K: `k`, else the largest number of weighted tokens in a row rounded up to a power of two (at
+    least `minimum`; few shapes, few compilations). Filler slots point at position 0, valid 0.
+    """
+    weighted_bt = np.asarray(batch["weights"]) > 0
+    counts_b = weighted_bt.sum(axis=1)
+    most = int(counts_b.max()) if counts_b.size else 0
+    if k is None:
+        k = max(minimum, 1 << (max(most, 1) - 1).bit_length())
+    if most > k:
+        raise ValueError(f"a row has {most} weighted tokens, more than k={k}")
+    b = weighted_bt.shape[0]
+    positions_bk = np.zeros((b, k), np.int32)
+    valid_bk = np.zeros((b, k), np.float32)
+    rows_n, cols_n = np.nonzero(weighted_bt)  # row-major: each row's positions in order
+    slot_n = np.arange(rows_n.size) - np.repeat(np.cumsum(counts_b) - counts_b, counts_b)
+    positions_bk[rows_n, slot_n] = cols_n
+    valid_bk[rows_n, slot_n] = 1.0
+    return {**batch, LOSS_POSITIONS: positions_bk, LOSS_VALID: valid_bk}
+
+
+def loss_rows_bound(examples: Sequence[TokenizedExample], seq_len: int, minimum: int = 8) -> int:
+    """A K for add_loss_positions that no row of `seq_len` tokens built from `examples` exceeds,
+    however they are packed: a row's weighted tokens are at most seq_len × the largest weighted
+    fraction of one example (its examples' lengths sum to at most seq_len), rounded up to a multiple
+    of 8 (at least `minimum`, at most seq_len). One K per training: the step compiles once."""
+    frac = max(
+        (float(np.sum(ex.loss_mask)) / max(len(ex.input_ids), 1) for ex in examples),
+        default=1.0,
+    )
+    k = int(np.ceil(frac * seq_len - 1e-9))
+    return int(min(seq_len, max(minimum, -(-k // 8) * 8)))

@@ -39,6 +39,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from ideal_jax import sharding
+from ideal_jax.data import batching
 from ideal_jax.model.config import ModelConfig
 from ideal_jax.train.checkpoint import Checkpointer
 from ideal_jax.train.finetuning import Finetuning
@@ -146,6 +147,7 @@ def run_sft(
     compiler_options: dict[str, Any] | None = None,
     finetuning: Finetuning | None = None,
     prefix_cache_dir: str | None = None,
+    loss_rows: int | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Train for `train_cfg.epochs` epochs of `steps_per_epoch` updates; returns (params, summary).
 
@@ -157,6 +159,9 @@ def run_sft(
     finetuning: which parameters train (None: all). With LoRA the returned params hold
     params["lora"] (model/lora.py merges them). With freeze, the frozen layers' output is kept per
     example (train_cfg.prefix_cache), spilling to `prefix_cache_dir` beyond prefix_cache_gib.
+    loss_rows: K >= the weighted tokens of any row (data/batching.py loss_rows_bound): the loss
+    and the output head are formed at those K rows per row only (the same loss, a cheaper step;
+    nothing changes when K is not below seq_len).
     """
     workdir = os.fspath(workdir)
     batch_size, seq_len, accum = _check_batch_geometry(train_cfg, mesh)
@@ -249,6 +254,8 @@ def run_sft(
                 if index < skip:
                     continue
                 host_batch = _host_batch(host_batch, rows, seq_len, f"epoch {epoch} batch {index}")
+                if loss_rows is not None and loss_rows < seq_len:  # the head at loss rows only
+                    host_batch = batching.add_loss_positions(host_batch, loss_rows)
                 if cache is not None:  # freeze: the frozen layers' output, computed once
                     host_batch[PREFIX_HIDDEN] = cache.hidden(host_batch)
                 batch = sharding.shard_batch(host_batch, mesh)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from ideal_jax.artifacts import write_json
-from ideal_jax.data import mixture
+from ideal_jax.data import batching, mixture
 from ideal_jax.data.suite import Suite, count_tokens, mixture_batches
 from ideal_jax.train import finetuning as finetuning_lib
 from ideal_jax.train.loop import run_sft
@@ -55,6 +55,9 @@ def train_round(
         domain_names=suite.domain_names,
         progress=show_progress,
         finetuning=spec,
+        loss_rows=batching.loss_rows_bound(
+            [ex for exs in suite.tokenized.values() for ex in exs], int(train_cfg.seq_len)
+        ),
         # Beside the rounds: later rounds (and epochs) read the examples kept by earlier ones.
         prefix_cache_dir=os.path.join(os.path.dirname(os.path.abspath(rdir)), "prefix_cache"),
     )

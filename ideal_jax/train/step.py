@@ -27,6 +27,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ideal_jax import sharding
+from ideal_jax.data.batching import LOSS_POSITIONS, LOSS_VALID
 from ideal_jax.model.config import ModelConfig
 from ideal_jax.model.transformer import forward, token_losses
 from ideal_jax.train.finetuning import Finetuning
@@ -56,6 +57,37 @@ def weighted_token_losses(
     return token_losses(logits_btv, batch["targets"]) * batch["weights"]
 
 
+def loss_row_losses(
+    model_cfg: ModelConfig, params: Any, batch: Batch, start_layer: int = 0
+) -> tuple[jax.Array, jax.Array]:
+    """(token_loss * weights, domain ids) at the rows that carry loss: [B, K] at
+    batch[LOSS_POSITIONS] when the batch names them (the output head then runs at those K rows
+    only, not at all T: on a 49k-word vocabulary the head costs more than a decoder layer), else
+    [B, T] (weighted_token_losses). Filler slots have weight 0 and domain id -1."""
+    if LOSS_POSITIONS not in batch:
+        return weighted_token_losses(model_cfg, params, batch, start_layer), batch["domain_ids"]
+    prefix = start_layer > 0 and PREFIX_HIDDEN in batch
+    pos_bk = batch[LOSS_POSITIONS]
+    valid_bk = batch[LOSS_VALID] > 0
+    logits_bkv = forward(
+        model_cfg,
+        params,
+        batch["tokens"],
+        batch["positions"],
+        batch["segment_ids"],
+        start_layer=start_layer if prefix else 0,
+        hidden_btd=batch[PREFIX_HIDDEN] if prefix else None,
+        head_positions_bk=pos_bk,
+    )
+
+    def at(x_bt):
+        return jnp.take_along_axis(x_bt, pos_bk, axis=1)
+
+    weights_bk = jnp.where(valid_bk, at(batch["weights"]), 0.0)
+    domains_bk = jnp.where(valid_bk, at(batch["domain_ids"]), -1)
+    return token_losses(logits_bkv, at(batch["targets"])) * weights_bk, domains_bk
+
+
 def group_sums(values_bt: jax.Array, group_ids_bt: jax.Array, num_groups: int) -> jax.Array:
     """[num_groups] sums of values by group id; ids outside [0, num_groups) (-1 = pad) dropped."""
     ids = jnp.where((group_ids_bt >= 0) & (group_ids_bt < num_groups), group_ids_bt, num_groups)
@@ -78,16 +110,18 @@ def _microbatch_sums(model_cfg, num_domains, params, batch, finetuning=None):
     start = 0 if finetuning is None else finetuning.first_trained_layer
 
     def loss_sum(t):
-        weighted_bt = weighted_token_losses(model_cfg, _join(finetuning, t, frozen), batch, start)
-        return jnp.sum(weighted_bt), weighted_bt
+        weighted, domains = loss_row_losses(model_cfg, _join(finetuning, t, frozen), batch, start)
+        return jnp.sum(weighted), (weighted, domains)
 
-    (total, weighted_bt), grads = jax.value_and_grad(loss_sum, has_aux=True)(trainable)
+    (total, (weighted_bt, domains_bt)), grads = jax.value_and_grad(loss_sum, has_aux=True)(
+        trainable
+    )
     stats = {
         "loss_sum": total,
         "tokens": jnp.sum(batch["weights"]),
         # Segments are numbered 1..n in each row, so the row max counts its packed examples.
         "examples": jnp.sum(jnp.max(batch["segment_ids"], axis=1)).astype(jnp.float32),
-        "domain_loss_sums": group_sums(weighted_bt, batch["domain_ids"], num_domains),
+        "domain_loss_sums": group_sums(weighted_bt, domains_bt, num_domains),
         "domain_tokens": group_sums(batch["weights"], batch["domain_ids"], num_domains),
     }
     return grads, stats
