@@ -3,16 +3,20 @@
 With train.finetuning = freeze, the decoder layers below the first trained one never change, so
 the hidden state entering it depends only on the example: `PrefixCache.hidden(batch)` returns it
 for every token of a packed [B, T] batch, [B, T, D] float32, computing only examples it has not
-seen. Each example is computed alone, at offset 0 of a row of `seq_len` tokens (its canonical
-layout), so its entry does not depend on how an epoch packed it: a resumed run, a later epoch, a
-later round and another method of a comparison all read the same values (resume is exact).
+seen. Each example is computed alone, at offset 0 of a row of its length bucket (the smallest power
+of two >= its length, at least 16, at most `seq_len`: its canonical layout), so its entry does not
+depend on how an epoch packed it: a resumed run, a later epoch, a later round and another method of
+a comparison all read the same values (resume is exact), and a short example does not pay for a
+row of seq_len tokens.
 
 Entries are keyed by the example's tokens and positions, inside a namespace keyed by the frozen
 prefix's parameters (embedding and layers below the boundary, SHA-256 of their bytes), the model
-config, the boundary layer and seq_len: a cache is never read for other parameters. Up to
-`memory_bytes` of entries stay in memory; beyond that they go to `directory` (one .npy per example,
-written atomically), or are recomputed when there is no directory. Padding positions get zeros
-(they carry no loss and real tokens never attend to them).
+config, the boundary layer and seq_len: a cache is never read for other parameters. With a
+`directory`, every entry is written there (one .npy per example, atomically) as it is computed, so
+every later training that uses the same directory — the run's other rounds, compare methods and
+seeds (train/stage.py puts it at the run's root) — reads it instead of recomputing; up to
+`memory_bytes` of entries also stay in memory. Padding positions get zeros (they carry no loss and
+real tokens never attend to them).
 """
 
 from __future__ import annotations
@@ -121,21 +125,38 @@ class PrefixCache:
         return hit
 
     def _store(self, key: str, hidden_td: np.ndarray) -> None:
+        if self.directory is not None and not os.path.exists(self._path(key)):
+            os.makedirs(self.directory, exist_ok=True)  # written through: other trainings read it
+            with atomic_file(self._path(key), "wb") as f:
+                np.save(f, hidden_td)
         if self._bytes + hidden_td.nbytes <= self.memory_bytes:
             self._memory[key] = hidden_td
             self._bytes += hidden_td.nbytes
-        elif self.directory is not None:
-            os.makedirs(self.directory, exist_ok=True)
-            with atomic_file(self._path(key), "wb") as f:
-                np.save(f, hidden_td)
+
+    def bucket(self, length: int) -> int:
+        """The row length an example of `length` tokens is computed in (its canonical layout)."""
+        return min(self.seq_len, max(16, 1 << (max(length, 1) - 1).bit_length()))
 
     def compute(self, examples: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
         """Hidden states [len, D] of (tokens, positions) examples, each alone at offset 0 of a
-        row of seq_len tokens (the canonical layout), `rows` rows per call."""
+        row of its length bucket (the canonical layout), `rows` rows per call."""
+        out: list[np.ndarray | None] = [None] * len(examples)
+        by_bucket: dict[int, list[int]] = {}
+        for i, (tok, _) in enumerate(examples):
+            by_bucket.setdefault(self.bucket(len(tok)), []).append(i)
+        for width, members in sorted(by_bucket.items()):
+            for i, hidden in zip(
+                members, self._compute_rows([examples[i] for i in members], width)
+            ):
+                out[i] = hidden
+        self.computed += len(examples)
+        return out
+
+    def _compute_rows(self, examples, width: int) -> list[np.ndarray]:
         out = []
         for start in range(0, len(examples), self.rows):
             chunk = examples[start : start + self.rows]
-            shape = (self.rows, self.seq_len)
+            shape = (self.rows, width)
             tokens, positions = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
             segs = np.zeros(shape, np.int32)
             for r, (tok, pos) in enumerate(chunk):
@@ -152,7 +173,6 @@ class PrefixCache:
                 np.float32,
             )
             out += [hidden[r, : len(tok)].copy() for r, (tok, _) in enumerate(chunk)]
-        self.computed += len(examples)
         return out
 
     def hidden(self, batch: dict[str, np.ndarray]) -> np.ndarray:

@@ -19,6 +19,20 @@ def train_done(rdir: str) -> bool:
     return os.path.exists(os.path.join(rdir, "train", "summary.json"))
 
 
+def run_root(rdir: str) -> str:
+    """The run's workdir (the nearest directory above `rdir` holding config.json; else rdir's
+    parent), where per-run caches live."""
+    here = os.path.dirname(os.path.abspath(rdir))
+    probe = here
+    while True:
+        if os.path.exists(os.path.join(probe, "config.json")):
+            return probe
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            return here
+        probe = parent
+
+
 def train_round(
     train_cfg,
     data_cfg,
@@ -58,8 +72,8 @@ def train_round(
         loss_rows=batching.loss_rows_bound(
             [ex for exs in suite.tokenized.values() for ex in exs], int(train_cfg.seq_len)
         ),
-        # Beside the rounds: later rounds (and epochs) read the examples kept by earlier ones.
-        prefix_cache_dir=os.path.join(os.path.dirname(os.path.abspath(rdir)), "prefix_cache"),
+        # At the run's root: every round, compare method and seed reads what another computed.
+        prefix_cache_dir=os.path.join(run_root(rdir), "prefix_cache"),
     )
     if not train_done(rdir):
         train_summary["steps_per_epoch"] = int(steps)
