@@ -222,8 +222,9 @@ def with_domains(suite: Suite, domains: dict[str, list[records.Example]], data_c
 
 
 def load_run_tokenizer(cfg, workdir: str):
-    """The run's tokenizer: the demo suite's, else data.tokenizer or model.path (dir or .gguf)."""
-    if cfg.data.demo:
+    """The run's tokenizer: data.tokenizer or model.path (dir or .gguf); on the demo suite with a
+    randomly initialised model (no model.path), the suite's own small tokenizer."""
+    if cfg.data.demo and not cfg.data.tokenizer and not cfg.model.path:
         return hf_io.load_tokenizer(os.path.join(workdir, "demo_data", "tokenizer"))
     tok_dir = cfg.data.tokenizer or cfg.model.path
     if not tok_dir:
