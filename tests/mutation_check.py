@@ -1046,6 +1046,46 @@ MUTATIONS += [
         "beta = xp.where(active, rz_new / xp.where(active, rr, 1.0), 0.0)",
         ["tests/test_cg_preconditioning.py"],
     ),
+    (
+        "rotation_plan_sides_swapped",
+        "EK-FAC correction: each side's rows-or-gradient rotation chosen by the other side's rule",
+        "ideal_jax/curvature/ekfac.py",
+        "    return t <= o, t <= i\n",
+        "    return t <= i, t <= o\n",
+        ["tests/test_influence_pass_orders.py"],
+    ),
+    (
+        "correction_left_basis_transposed",
+        "EK-FAC correction: Q_A (not Q_Aᵀ) applied to a formed per-example gradient",
+        "ideal_jax/curvature/ekfac.py",
+        "            g_io = qa.T @ g_io\n",
+        "            g_io = qa @ g_io\n",
+        ["tests/test_influence_pass_orders.py"],
+    ),
+    (
+        "correction_output_rows_unrotated",
+        "EK-FAC correction: output-gradient rows left unrotated when the plan rotates them",
+        "ideal_jax/curvature/ekfac.py",
+        "        d_bto = (d_bto.reshape(b * t, o) @ qg).reshape(b, t, o)\n",
+        "        d_bto = d_bto\n",
+        ["tests/test_influence_pass_orders.py"],
+    ),
+    (
+        "score_batch_gradient_last_example",
+        "per-example scores: the batch gradient keeps only the last example's",
+        "ideal_jax/influence/per_example.py",
+        "        return g_io + g, -(v_rk @ g.reshape(i * o))\n",
+        "        return g, -(v_rk @ g.reshape(i * o))\n",
+        ["tests/test_influence_pass_orders.py"],
+    ),
+    (
+        "score_dot_unnegated",
+        "per-example scores: +⟨∇ℓ_n, H⁻¹g⟩ instead of −",
+        "ideal_jax/influence/per_example.py",
+        "        return g_io + g, -(v_rk @ g.reshape(i * o))\n",
+        "        return g_io + g, (v_rk @ g.reshape(i * o))\n",
+        ["tests/test_influence_pass_orders.py"],
+    ),
 ]
 
 
