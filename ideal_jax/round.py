@@ -363,9 +363,17 @@ def reference_objective(scores: dict, cfg) -> float | None:
 
 def _influence_stage(run: Run, params, mix, with_outer: bool):
     from ideal_jax.influence.stage import influence_from_config
+    from ideal_jax.train.stage import prefix_cache_dir
 
     return influence_from_config(
-        run.cfg, run.model_cfg, params, run.suite, mix, run.mesh, with_outer=with_outer
+        run.cfg,
+        run.model_cfg,
+        params,
+        run.suite,
+        mix,
+        run.mesh,
+        with_outer=with_outer,
+        prefix_cache_dir=prefix_cache_dir(run.cfg.train, run.rdir(0)),
     )
 
 

@@ -68,9 +68,64 @@ def test_freeze_prefix_cache_is_reused_by_the_next_round(freeze_run):
     files = os.listdir(
         os.path.join(workdir, "prefix_cache", os.listdir(os.path.join(workdir, "prefix_cache"))[0])
     )
-    assert len(files) == s0["computed"] + s1["computed"] > 0
+    # Training's entries, plus the reference examples the influence stage added.
+    assert len(files) >= s0["computed"] + s1["computed"] > 0
     assert s1["computed"] < s0["computed"]  # D1 shares most of D0's examples
     assert os.path.isdir(os.path.join(workdir, "final_model"))
+
+
+def test_freeze_influence_reads_the_training_prefix_cache(freeze_run, tmp_path):
+    """Round 0's influence stage read the hidden states entering the trained layer from the
+    training's cache: computed again without it, α agrees to float rounding; and read again with
+    it, nothing is computed (every training, curvature and reference example is on disk)."""
+    from ideal_jax import sharding
+    from ideal_jax.data import mixture as mixture_lib
+    from ideal_jax.data import suite as suite_lib
+    from ideal_jax.influence import stage as stage_lib
+    from ideal_jax.train import prefix_cache as prefix_lib
+
+    workdir, _ = freeze_run
+    from ideal_jax.curvature import trained
+
+    cfg = tiny_config(rounds=1, **FREEZE, **{"train.prefix_cache_gib": 0.0})
+    cfg = trained.with_trained_curvature_layers(cfg)  # what the run's stages read: layer 1 only
+    suite = suite_lib.load_suite(cfg, workdir)
+    mesh = sharding.make_mesh(dict(cfg.mesh))
+    model_cfg, _ = loading.load_model(cfg.model, mesh, suite.tokenizer, seed=cfg.seed)
+    params = jax.device_put(
+        restore_params_only(os.path.join(workdir, "round_0", "train", "checkpoints"))
+    )
+    mix = mixture_lib.read_manifest(os.path.join(workdir, "round_0", "mixture.json"))
+    recorded = json.load(open(os.path.join(workdir, "round_0", "influence.json")))
+    computed, read = [], []
+    original, original_hidden = prefix_lib.PrefixCache.compute, prefix_lib.PrefixCache.hidden
+
+    def counting(self, examples):
+        computed.append(len(examples))
+        return original(self, examples)
+
+    def reading(self, batch):
+        read.append(batch["tokens"].shape[0])
+        return original_hidden(self, batch)
+
+    prefix_lib.PrefixCache.compute, prefix_lib.PrefixCache.hidden = counting, reading
+    try:
+        cached = stage_lib.influence_from_config(
+            cfg,
+            model_cfg,
+            params,
+            suite,
+            mix,
+            mesh,
+            prefix_cache_dir=os.path.join(workdir, "prefix_cache"),
+        )
+    finally:
+        prefix_lib.PrefixCache.compute, prefix_lib.PrefixCache.hidden = original, original_hidden
+    assert read and computed == []  # every pass's hidden states read, none recomputed
+    fresh = stage_lib.influence_from_config(cfg, model_cfg, params, suite, mix, mesh)
+    got, want = cached.alpha.matrix, fresh.alpha.matrix
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7 * np.abs(want).max())
+    np.testing.assert_allclose(got, np.asarray(recorded["matrix"]), rtol=1e-6)
 
 
 def test_lora_sft_exports_the_merged_model(tmp_path):

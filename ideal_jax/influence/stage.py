@@ -40,6 +40,7 @@ from ideal_jax.influence import alpha as alpha_lib
 from ideal_jax.influence import gradients, outer
 from ideal_jax.influence.result import GroupInfluence, RoundInfluence, combine_groups
 from ideal_jax.model import decoding
+from ideal_jax.train.prefix_cache import PrefixCache
 from ideal_jax.utils import progress
 from ideal_jax.utils.errors import InputError
 
@@ -241,6 +242,7 @@ class _Batches:
         self.seed, self.train_seq_len, self.seq_len = seed, train_seq_len, seq_len
         self.pad_id = suite.tokenizer.pad_token_id or 0
         self.start = 0
+        self.cache = None  # PrefixCache: the hidden states entering `start`, per example
 
     def plain(self, items, names, batch_size, *, by_length=True, k=None, prefix=True):
         plans = (
@@ -262,6 +264,10 @@ class _Batches:
                 pad_id=self.pad_id,
             ):
                 b = b if k is None else problem_lib.add_loss_positions(b, k)
+                if prefix and self.start and self.cache is not None:  # read, not recomputed
+                    b[problem_lib.PREFIX_HIDDEN] = self.cache.hidden(b)
+                    yield sharding.shard_batch(b, self.mesh)
+                    continue
                 b = sharding.shard_batch(b, self.mesh)
                 yield self.prefixed(b) if prefix else b
 
@@ -378,6 +384,7 @@ def influence_for_round(
     train_seq_len: int,
     with_outer: bool = False,
     keep_group_state: bool = False,
+    prefix_cache: tuple[str, int] | None = None,
 ) -> RoundInfluence:
     """The round's influence (cfg.curvature, cfg.influence) on the trained `params` over `mix`:
     subsample (plan_subsample) → factors (fit_curvature) → operator (operators.build_operator) →
@@ -387,6 +394,9 @@ def influence_for_round(
     with_outer=True also builds the round's outer objective problem (ideal_jax/influence/outer.py:
     θ*, u_j = H⁻¹ ∇L̄_j over all layer groups, p, L_ref); keep_group_state keeps each layer
     group's operator and gradients in the result (memory: one copy of the selected layers each).
+    prefix_cache = (directory, layer): when the passes start at that layer (freeze: the first
+    trained one), the hidden states entering it are read from the training's per-example cache
+    (train/prefix_cache.py) instead of recomputed, for every pass (domain gradients included).
     """
     layers = layers_lib.select_layers(params, curv.layers)
     plan = plan_subsample(suite, mix, curv, seed)
@@ -423,6 +433,17 @@ def influence_for_round(
     )
     kept = len(plan.curvature_items) + len(suite.reference_tokenized)
     io.start = prefix_start(curv, model_cfg, layers, kept, seq_len)
+    if prefix_cache is not None and io.start and io.start == prefix_cache[1]:
+        io.cache = PrefixCache(
+            model_cfg,
+            params,
+            io.start,
+            train_seq_len,
+            mesh,
+            rows=curv.batch_size,
+            memory_bytes=int(curv.prefix_cache_gib * 2**30),
+            directory=prefix_cache[0],
+        )
     if io.start:  # run the layers below the curvature layers once for what is read repeatedly
         t0 = time.perf_counter()
         with progress.stage(f"layers 0-{io.start - 1} (kept for every pass)"):
@@ -561,10 +582,25 @@ def influence_for_round(
 
 
 def influence_from_config(
-    cfg, model_cfg, params, suite, mix, mesh, *, with_outer: bool = False
+    cfg,
+    model_cfg,
+    params,
+    suite,
+    mix,
+    mesh,
+    *,
+    with_outer: bool = False,
+    prefix_cache_dir: str | None = None,
 ) -> RoundInfluence:
     """`influence_for_round` with the sections it reads taken from a whole run config
-    (cfg.curvature, cfg.influence, cfg.seed, cfg.train.seq_len)."""
+    (cfg.curvature, cfg.influence, cfg.seed, cfg.train.seq_len). prefix_cache_dir: the freeze
+    training's prefix cache (train/stage.py), read when the passes start at the first trained
+    layer."""
+    first_trained = 0
+    if prefix_cache_dir is not None:
+        from ideal_jax.train.finetuning import from_config
+
+        first_trained = from_config(cfg.train, model_cfg.num_layers).first_trained_layer
     return influence_for_round(
         cfg.curvature,
         cfg.influence,
@@ -576,6 +612,7 @@ def influence_from_config(
         seed=cfg.seed,
         train_seq_len=cfg.train.seq_len,
         with_outer=with_outer,
+        prefix_cache=(prefix_cache_dir, first_trained) if first_trained else None,
     )
 
 

@@ -42,7 +42,9 @@ def prefix_fingerprint(model_cfg: ModelConfig, params: Any, start_layer: int, se
     frozen = {"embed_tokens": params["embed_tokens"]}
     frozen["layers"] = {k: v for k, v in params["layers"].items() if int(k) < start_layer}
     for path, leaf in jax.tree_util.tree_flatten_with_path(frozen)[0]:
-        digest.update(jax.tree_util.keystr(path).encode())
+        # Key names as text: a restored checkpoint's '3' and a live tree's 3 are the same layer.
+        names = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+        digest.update("/".join(names).encode())
         digest.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
     return digest.hexdigest()
 

@@ -33,6 +33,14 @@ def run_root(rdir: str) -> str:
         probe = parent
 
 
+def prefix_cache_dir(train_cfg, rdir: str) -> str | None:
+    """Where the run keeps the freeze prefix cache (train/prefix_cache.py): WORKDIR/prefix_cache
+    at the run's root, shared by training and the influence stage; None without freeze."""
+    if train_cfg.finetuning != "freeze" or not train_cfg.get("prefix_cache", True):
+        return None
+    return os.path.join(run_root(rdir), "prefix_cache")
+
+
 def train_round(
     train_cfg,
     data_cfg,
@@ -73,7 +81,7 @@ def train_round(
             [ex for exs in suite.tokenized.values() for ex in exs], int(train_cfg.seq_len)
         ),
         # At the run's root: every round, compare method and seed reads what another computed.
-        prefix_cache_dir=os.path.join(run_root(rdir), "prefix_cache"),
+        prefix_cache_dir=prefix_cache_dir(train_cfg, rdir),
     )
     if not train_done(rdir):
         train_summary["steps_per_epoch"] = int(steps)
