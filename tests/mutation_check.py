@@ -1089,6 +1089,51 @@ MUTATIONS += [
 ]
 
 
+# Session 9: training's loss at the loss rows, the freeze prefix cache shared by the run.
+MUTATIONS += [
+    (
+        "train_loss_rows_filler_counted",
+        "training's loss at K loss rows counts the filler slots (they point at position 0)",
+        "ideal_jax/train/step.py",
+        'weights_bk = jnp.where(valid_bk, at(batch["weights"]), 0.0)',
+        'weights_bk = at(batch["weights"])',
+        ["tests/test_train_loss_rows.py"],
+    ),
+    (
+        "train_loss_rows_bound_too_small",
+        "K from the smallest weighted fraction of an example, not the largest",
+        "ideal_jax/data/batching.py",
+        "    frac = max(\n",
+        "    frac = min(\n",
+        ["tests/test_train_loss_rows.py"],
+    ),
+    (
+        "prefix_cache_not_written_through",
+        "the prefix cache writes to disk only what overflows memory (other trainings recompute)",
+        "ideal_jax/train/prefix_cache.py",
+        "if self.directory is not None and not os.path.exists(self._path(key)):",
+        "if self.directory is not None and self._bytes + hidden_td.nbytes > self.memory_bytes:",
+        ["tests/test_finetuning_freeze.py"],
+    ),
+    (
+        "prefix_fingerprint_key_types",
+        "the prefix fingerprint tells a restored tree's '1' from a live tree's 1",
+        "ideal_jax/train/prefix_cache.py",
+        'digest.update("/".join(names).encode())',
+        "digest.update(jax.tree_util.keystr(path).encode())",
+        ["tests/test_finetuning_cli.py::test_freeze_influence_reads_the_training_prefix_cache"],
+    ),
+    (
+        "influence_ignores_train_prefix_cache",
+        "the influence stage recomputes the frozen layers instead of reading the training's cache",
+        "ideal_jax/influence/stage.py",
+        "if prefix_cache is not None and io.start and io.start == prefix_cache[1]:",
+        "if False:",
+        ["tests/test_finetuning_cli.py::test_freeze_influence_reads_the_training_prefix_cache"],
+    ),
+]
+
+
 def _copy_tree(dest: str) -> None:
     """The committed tree (HEAD), extracted to `dest`: uncommitted edits never leak in."""
     archive = subprocess.run(["git", "archive", "HEAD"], cwd=ROOT, check=True, capture_output=True)
