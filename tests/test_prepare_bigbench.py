@@ -14,6 +14,7 @@ import tarfile
 import pytest
 
 from configs import smollm2_bigbench
+from ideal_jax import stages
 from ideal_jax.data import prepare_bigbench
 from ideal_jax.data.domains import load_domains, load_reference
 from ideal_jax.evaluate.loaders import load_benchmark
@@ -93,6 +94,24 @@ def test_config_arguments():
     assert cfg.data.domains.logic == "/d/train/logic.jsonl"
     with pytest.raises(ValueError, match="unknown argument"):
         smollm2_bigbench.get_config("tiny")
+    cpu = smollm2_bigbench.get_config("cpu,data=/d,model=/m.gguf")
+    assert cpu.train.finetuning == "freeze" and cpu.train.freeze_trainable_layers == 2
+    assert cpu.data.max_examples_per_domain == 64 and cpu.rounds == 3
+    assert cpu.eval.tasks.bigbench.limit_per_capability == 20
+    stages.load(cpu)
+    with pytest.raises(ValueError, match="one of small and cpu"):
+        smollm2_bigbench.get_config("small,cpu")
+
+
+def test_smollm2_demo_cpu_setting():
+    from configs import smollm2_demo
+
+    cfg = smollm2_demo.get_config("cpu,seeds=3,model=/m.gguf")
+    assert cfg.seeds == 3 and cfg.model.path == "/m.gguf" and cfg.data.demo
+    assert cfg.train.finetuning == "freeze" and cfg.train.freeze_trainable_layers == 2
+    sizes = dict(cfg.data.demo_train_sizes)
+    assert sum(sizes.values()) == 1400 and sizes["cities"] == 60  # the demo's D0, scaled 0.2
+    stages.load(cfg)
 
 
 def test_real_bigbench_sdist(tmp_path):
