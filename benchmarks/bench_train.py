@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import common  # noqa: E402
 from ideal_jax import sharding  # noqa: E402
+from ideal_jax.data import batching  # noqa: E402
 from ideal_jax.model.config import ModelConfig, preset  # noqa: E402
 from ideal_jax.train import finetuning as finetuning_lib  # noqa: E402
 from ideal_jax.train.prefix_cache import PrefixCache  # noqa: E402
@@ -77,12 +78,15 @@ def peak_flops_per_device(device: jax.Device, override: float | None) -> float |
     return None
 
 
-def synthetic_batch(rows: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Full rows (one example each, no padding); the second half of each row is the response."""
+def synthetic_batch(
+    rows: int, seq_len: int, vocab: int, seed: int = 0, response_fraction: float = 0.5
+) -> dict[str, np.ndarray]:
+    """Full rows (one example each, no padding); the last `response_fraction` of each row is the
+    response (the tokens that carry loss)."""
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, vocab, (rows, seq_len + 1)).astype(np.int32)
     weights = np.zeros((rows, seq_len), np.float32)
-    weights[:, seq_len // 2 :] = 1.0
+    weights[:, seq_len - int(round(response_fraction * seq_len)) :] = 1.0
     return {
         "tokens": tokens[:, :-1],
         "targets": tokens[:, 1:],
@@ -100,7 +104,15 @@ def model_config(args) -> ModelConfig:
 
 
 def time_one(kind: str, args, model_cfg: ModelConfig, mesh, host_batch) -> dict:
-    """Compile, warm up and time `args.steps` updates of fine-tuning type `kind`."""
+    """Compile, warm up and time `args.steps` updates of fine-tuning type `kind` (a suffix
+    "@all_rows": the loss and the output head at every row instead of the loss rows only)."""
+    kind, _, rows_mode = kind.partition("@")
+    head_rows = "all" if rows_mode == "all_rows" else "loss"
+    if head_rows == "loss":  # what training does (train/loop.py): K from the examples
+        k = int(np.ceil(args.response_fraction * args.seq_len))
+        k = min(args.seq_len, max(8, -(-k // 8) * 8))
+        if k < args.seq_len:
+            host_batch = batching.add_loss_positions(host_batch, k)
     train_cfg = common.base_config().train  # the optimizer settings every config starts from
     train_cfg.finetuning = "freeze" if kind.startswith("freeze") else kind
     train_cfg.freeze_trainable_layers = args.freeze_layers
@@ -130,7 +142,11 @@ def time_one(kind: str, args, model_cfg: ModelConfig, mesh, host_batch) -> dict:
             rows=args.batch,
             memory_bytes=1 << 34,
         )
-        cache.hidden(synthetic_batch(args.batch, args.seq_len, model_cfg.vocab_size, seed=1))
+        cache.hidden(
+            synthetic_batch(
+                args.batch, args.seq_len, model_cfg.vocab_size, 1, args.response_fraction
+            )
+        )
         t0 = time.perf_counter()  # compiled now: time a second batch of new examples
         host_batch = {**host_batch, PREFIX_HIDDEN: cache.hidden(host_batch)}
         prefix_s = time.perf_counter() - t0
@@ -153,7 +169,11 @@ def time_one(kind: str, args, model_cfg: ModelConfig, mesh, host_batch) -> dict:
     tokens = args.batch * args.seq_len
     trainable = sum(np.size(x) for x in jax.tree.leaves(spec.trainable(state.params)))
     return {
-        "finetuning": kind,
+        "finetuning": kind + ("@all_rows" if head_rows == "all" else ""),
+        "head_rows": head_rows,
+        "loss_rows_k": int(host_batch[batching.LOSS_POSITIONS].shape[1])
+        if batching.LOSS_POSITIONS in host_batch
+        else args.seq_len,
         **{k: v for k, v in spec.to_json().items() if k != "finetuning"},
         "trainable_params": int(trainable),
         "compile_s": round(compile_s, 2),
@@ -190,14 +210,29 @@ def main() -> None:
     parser.add_argument("--freeze_layers", type=int, default=2, help="freeze: top N layers train")
     parser.add_argument("--lora_rank", type=int, default=8)
     parser.add_argument("--lora_targets", default="all")
+    parser.add_argument(
+        "--response_fraction",
+        type=float,
+        default=0.5,
+        help="the share of each row that carries loss (the head runs at those rows only)",
+    )
+    parser.add_argument(
+        "--all_rows_too",
+        action="store_true",
+        help="time every type also with the loss and head at all rows (the old step)",
+    )
     args = parser.parse_args()
 
     model_cfg = model_config(args)
     mesh = sharding.make_mesh([int(s) for s in args.mesh.split(",")])
-    host_batch = synthetic_batch(args.batch, args.seq_len, model_cfg.vocab_size)
+    host_batch = synthetic_batch(
+        args.batch, args.seq_len, model_cfg.vocab_size, 0, args.response_fraction
+    )
     kinds = [k.strip() for k in args.finetuning.split(",") if k.strip()]
     if "freeze" in kinds and "freeze_nocache" not in kinds:
         kinds.insert(kinds.index("freeze") + 1, "freeze_nocache")
+    if args.all_rows_too:
+        kinds = [k for kind in kinds for k in (kind, f"{kind}@all_rows")]
     devices = mesh.devices.size
     peak = peak_flops_per_device(jax.devices()[0], args.peak_flops)
     flops_per_token = model_cfg.flops_per_token(args.seq_len)
@@ -229,6 +264,7 @@ def main() -> None:
         "seq_len": args.seq_len,
         "dtype": args.dtype,
         "grad_accum": args.grad_accum,
+        "response_fraction": args.response_fraction,
         "peak_flops_per_device": peak if peak else "unknown (pass --peak_flops)",
         "runs": runs,
         "speedup_vs_full": (
