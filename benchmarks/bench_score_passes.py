@@ -15,7 +15,9 @@ curvature/captures.py); then, interleaved, `--repeats` times each, over all trac
   scores      before: chunks of 8, batched [chunk, I, O] per-example gradients dotted with the
                       R vectors; after: per_example.example_dots (one example at a time).
 
-Before and after are checked equal (relative error printed) before timing. Medians are reported,
+The same four again as whole pass steps ("*_step": the capture's forward and backward pass and
+the per-layer math in one jitted program, as the library runs them). Before and after are
+checked equal (relative error printed) before timing. Medians are reported,
 with the 1-minute load average at the start and end; the last line is one JSON object.
 """
 
@@ -120,7 +122,23 @@ def main() -> None:
         p: (jax.random.normal(next(keys), (args.query, x.shape[-1], d.shape[-1])),)
         for p, (x, d) in caught.items()
     }
+
+    def step(fn):
+        """The whole pass step: one capture (forward + backward) of the batch, then `fn` per
+        layer, in one jitted program (as in the library's passes)."""
+
+        def run(extra):
+            caught = captures.layer_captures(problem, selected, rest, batch, cot)[1]
+            return {p: fn(*xd, *extra[p]) for p, xd in caught.items()}
+
+        f = jax.jit(run)
+        return lambda _caught, extra: f(extra)
+
     fns = {
+        "correction_step_before": (step(correction_before), bases),
+        "correction_step_after": (step(ekfac.squared_projections), bases),
+        "scores_step_before": (step(scores_before), vs),
+        "scores_step_after": (step(per_example.example_dots), vs),
         "correction_before": (_all_layers(correction_before), bases),
         "correction_after": (_all_layers(ekfac.squared_projections), bases),
         "scores_before": (_all_layers(scores_before), vs),
@@ -128,8 +146,8 @@ def main() -> None:
     }
     outs = {k: jax.block_until_ready(f(caught, extra)) for k, (f, extra) in fns.items()}
     rel = {
-        "correction": _rel(outs["correction_after"], outs["correction_before"]),
-        "scores": _rel(outs["scores_after"], outs["scores_before"]),
+        k: _rel(outs[f"{k}_after"], outs[f"{k}_before"])
+        for k in ("correction", "scores", "correction_step", "scores_step")
     }
     print("after vs before, max relative difference:", rel, flush=True)
     times = {k: [] for k in fns}
@@ -140,7 +158,7 @@ def main() -> None:
             times[k].append(time.perf_counter() - t0)
     med = {k: round(float(np.median(v)) * 1e3, 1) for k, v in times.items()}
     for k, v in med.items():
-        print(f"{k:20s} median {v:8.1f} ms per batch of {args.batch} (all tracked layers)")
+        print(f"{k:24s} median {v:8.1f} ms per batch of {args.batch} (all tracked layers)")
     result = {
         "size": args.size,
         "batch": args.batch,
@@ -150,8 +168,8 @@ def main() -> None:
         "query": args.query,
         "median_ms": med,
         "speedup": {
-            "correction": round(med["correction_before"] / med["correction_after"], 2),
-            "scores": round(med["scores_before"] / med["scores_after"], 2),
+            k: round(med[f"{k}_before"] / med[f"{k}_after"], 2)
+            for k in ("correction", "scores", "correction_step", "scores_step")
         },
         "max_relative_difference": rel,
         "repeats": args.repeats,
