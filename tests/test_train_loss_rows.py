@@ -16,6 +16,7 @@ CFG = ModelConfig(
     vocab_size=64, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2, head_dim=8
 )
 NUM_DOMAINS = 3
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def _batch(seed: int, rows: int = 6, seq_len: int = 24) -> dict[str, np.ndarray]:
@@ -58,9 +59,10 @@ def test_loss_at_loss_rows_equals_loss_at_every_row(finetuning):
     assert positioned[batching.LOSS_POSITIONS].shape == (6, k)
 
     def sums(b):
-        return jax.jit(lambda p, x: step_lib._microbatch_sums(CFG, NUM_DOMAINS, p, x, spec))(
-            params, b
-        )
+        return jax.jit(
+            lambda p, x: step_lib._microbatch_sums(CFG, NUM_DOMAINS, p, x, spec),
+            compiler_options=FAST_COMPILE,  # both sides alike
+        )(params, b)
 
     grads_all, stats_all = sums(batch)
     grads_k, stats_k = sums(positioned)
