@@ -1131,6 +1131,14 @@ MUTATIONS += [
         "if False:",
         ["tests/test_finetuning_cli.py::test_freeze_influence_reads_the_training_prefix_cache"],
     ),
+    (
+        "correction_step_retraced",
+        "EK-FAC correction step jitted anew for every fit (no per-process cache)",
+        "ideal_jax/curvature/ekfac.py",
+        "@functools.lru_cache(maxsize=32)\ndef _correction_jit(",
+        "def _correction_jit(",
+        ["tests/test_influence_pass_orders.py"],
+    ),
 ]
 
 

@@ -52,3 +52,26 @@ def test_example_dots_equal_dense_per_example_gradients():
         np.asarray(c), -np.einsum("nio,rio->nr", grads, v), rtol=1e-5, atol=1e-5
     )
     np.testing.assert_allclose(np.asarray(g_sum), grads.sum(axis=0), rtol=1e-5, atol=1e-5)
+
+
+def test_captured_correction_is_traced_once(monkeypatch):
+    """Two fits over several batches (as two rounds would make): one trace of the step."""
+    import chex
+    import jax
+    from test_curvature_models import classification_batches, mlp_params, mlp_problem
+
+    from ideal_jax.curvature import kfac as kfac_lib
+
+    sizes = (5, 7, 3)
+    params = mlp_params(sizes)
+    batches = classification_batches(sizes, 3, 8)
+    curvature = kfac_lib.curvature_for(mlp_problem(params), "fisher")
+    state = kfac_lib.accumulate_factors(curvature, params, batches, jax.random.key(0))
+    step = chex.assert_max_traces(ekfac._captured_correction_step, n=1)
+    monkeypatch.setitem(ekfac._STEPS, "captures", step)
+    ekfac._correction_jit.cache_clear()
+    try:
+        for seed in (1, 2):
+            ekfac.fit_eigen_correction(curvature, state, params, batches, jax.random.key(seed))
+    finally:
+        ekfac._correction_jit.cache_clear()
