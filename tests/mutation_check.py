@@ -839,9 +839,9 @@ MUTATIONS += [
     ),
     (
         "prefix_cache_not_shared_by_rounds",
-        "freeze: each round keeps its prefix entries to itself (no directory beside the rounds)",
+        "freeze: each training keeps its prefix entries to itself (no directory at the run root)",
         "ideal_jax/train/stage.py",
-        'prefix_cache_dir=os.path.join(os.path.dirname(os.path.abspath(rdir)), "prefix_cache"),',
+        "prefix_cache_dir=prefix_cache_dir(train_cfg, rdir),",
         "prefix_cache_dir=None,",
         ["tests/test_finetuning_cli.py::test_freeze_prefix_cache_is_reused_by_the_next_round"],
     ),
