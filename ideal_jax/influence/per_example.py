@@ -49,13 +49,9 @@ def example_dots(x_bti: jax.Array, d_bto: jax.Array, v_rio: jax.Array):
     return c_br, g_io
 
 
-def contributions_and_gradient(
-    problem: CurvatureProblem, params: Params, batch: Batch, vs: dict, chunk_size: int = 8
-):
+def contributions_and_gradient(problem: CurvatureProblem, params: Params, batch: Batch, vs: dict):
     """(c [B, R] = −v_r · Σ_{t∈n} w_t ∇ℓ_t, w [B] = Σ_{t∈n} w_t, Σ_n w_n ∇ℓ̄_n summed gradient)
-    from one forward + one backward pass of `batch` (vs: leading [R] axis on every leaf).
-    `chunk_size` is accepted for compatibility (examples are taken one at a time)."""
-    del chunk_size
+    from one forward + one backward pass of `batch` (vs: leading [R] axis on every leaf)."""
     selected, rest = layers_lib.split_params(params, problem.layers)
     weights_r = problem_lib.loss_rows(problem, batch)[1]
     cotangent = captures.loss_cotangent(problem, batch, weights_r)
