@@ -19,7 +19,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OWN = {"ideal_jax", "configs"}
+OWN = {"ideal_jax", "configs", "benchmarks"}
 
 # Needed at run time although nothing imports them directly; each must stay declared.
 RUNTIME_EXTRAS = {
@@ -127,7 +127,25 @@ def test_package_imports_are_install_requires():
 
 # Imported only inside a try/except by a benchmark that skips cleanly without it; declared in the
 # "bench" extra (installed by hand with --no-deps, so not necessarily present here).
-OPTIONAL_BENCHMARK_MODULES = {"kronfluence": "benchmarks/bench_vs_kronfluence.py"}
+OPTIONAL_BENCHMARK_MODULES = {
+    "kronfluence": {"benchmarks/bench_vs_kronfluence.py", "benchmarks/profile_influence_passes.py"}
+}
+
+
+def _files_importing(module: str, *dirs: str) -> set[str]:
+    """Every file under `dirs` that imports `module` (or a submodule of it)."""
+    out = set()
+    for path in _python_files(*dirs):
+        for node in ast.walk(ast.parse(open(path).read(), filename=path)):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            if any(n.split(".")[0] == module for n in names):
+                out.add(os.path.relpath(path, ROOT))
+    return out
 
 
 def test_test_and_benchmark_imports_are_declared():
@@ -135,9 +153,11 @@ def test_test_and_benchmark_imports_are_declared():
     modules = _imported_modules("tests", "benchmarks", "notebooks")
     if importlib.util.find_spec("torch") is None:  # gated by importorskip; declared below
         modules.pop("torch", None)
-    for module, path in OPTIONAL_BENCHMARK_MODULES.items():
-        assert _normalise(module) in optional, f"{module} ({path}) must be in an extra of setup.py"
-        assert modules.pop(module, path) == path, f"{module} is imported outside {path}"
+    for module, paths in OPTIONAL_BENCHMARK_MODULES.items():
+        assert _normalise(module) in optional, f"{module} ({paths}) must be in an extra of setup.py"
+        outside = _files_importing(module, "tests", "benchmarks", "notebooks") - paths
+        assert not outside, f"{module} is imported outside {sorted(paths)}: {sorted(outside)}"
+        modules.pop(module, None)
     problems = _undeclared(modules, install | test)
     assert not problems, "imported but not in install_requires or the test extra: " + "; ".join(
         problems
