@@ -411,8 +411,8 @@ MUTATIONS = [
         "head_rows_gathered_twice",
         "logits already at the loss rows are gathered again at those positions",
         "ideal_jax/curvature/problem.py",
-        "    if not problem.outputs_at_loss_positions:\n        outputs = _at_loss_positions",
-        "    if True:\n        outputs = _at_loss_positions",
+        "    if not problem.outputs_at_loss_positions:\n        outputs = batching.at_loss_positions",
+        "    if True:\n        outputs = batching.at_loss_positions",
         ["tests/test_smollm2_loss_rows.py"],
     ),
     (
@@ -1095,8 +1095,8 @@ MUTATIONS += [
         "train_loss_rows_filler_counted",
         "training's loss at K loss rows counts the filler slots (they point at position 0)",
         "ideal_jax/train/step.py",
-        'weights_bk = jnp.where(valid_bk, at(batch["weights"]), 0.0)',
-        'weights_bk = at(batch["weights"])',
+        "weights, domains = jnp.where(valid, weights, 0.0), jnp.where(valid, domains, -1)",
+        "weights, domains = weights, jnp.where(valid, domains, -1)",
         ["tests/test_train_loss_rows.py"],
     ),
     (

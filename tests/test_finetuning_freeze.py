@@ -153,13 +153,9 @@ def test_frozen_parameters_are_bit_identical_and_top_layer_trains(reference):
     assert summary["trainable_parameters"] == layer
 
 
-def test_cached_prefix_equals_recomputation(tmp_path):
-    """The cache's [B, T, D] equals each example recomputed alone (bit for bit) and the packed
-    row's own forward (to float rounding), whatever the packing, from memory and from disk."""
-    params = jax.device_put(host_params())
-    batch = packed_batch(5)
-    swapped = packed_batch(5, order=(1, 0))
-    direct = np.asarray(
+def _prefix_forward(params, batch):
+    """The hidden state entering layer 2, from the packed rows' own forward."""
+    return np.asarray(
         forward(
             CFG,
             params,
@@ -170,6 +166,15 @@ def test_cached_prefix_equals_recomputation(tmp_path):
             return_hidden=True,
         )
     )
+
+
+def test_cached_prefix_equals_recomputation(tmp_path):
+    """The cache's [B, T, D] equals each example recomputed alone (bit for bit) and the packed
+    row's own forward (to float rounding), whatever the packing, from memory and from disk."""
+    params = jax.device_put(host_params())
+    batch = packed_batch(5)
+    swapped = packed_batch(5, order=(1, 0))
+    direct = _prefix_forward(params, batch)
     real = batch["segment_ids"] > 0
     for memory_bytes in (1 << 30, 0):  # in memory; everything spilled to disk
         cache = PrefixCache(
@@ -267,17 +272,7 @@ def test_cached_prefix_in_length_buckets_equals_the_packed_forward(tmp_path):
     (16 or 32 columns, not 64), and the values equal the packed row's own forward."""
     params = jax.device_put(host_params())
     batch = packed_batch(11, rows=4, seq_len=64)
-    direct = np.asarray(
-        forward(
-            CFG,
-            params,
-            batch["tokens"],
-            batch["positions"],
-            batch["segment_ids"],
-            num_layers=2,
-            return_hidden=True,
-        )
-    )
+    direct = _prefix_forward(params, batch)
     real = batch["segment_ids"] > 0
     cache = PrefixCache(CFG, params, 2, 64, mesh(), rows=4, memory_bytes=1 << 30)
     assert [cache.bucket(n) for n in (3, 16, 17, 31, 33, 64)] == [16, 16, 32, 32, 64, 64]

@@ -150,33 +150,24 @@ LOSS_POSITIONS, LOSS_VALID = batching.LOSS_POSITIONS, batching.LOSS_VALID
 add_loss_positions = batching.add_loss_positions
 
 
-def _at_loss_positions(x: jax.Array, batch: Batch) -> jax.Array:
-    """x [B, T, ...] → [B, K, ...] at batch[LOSS_POSITIONS] (x itself without that field)."""
-    if LOSS_POSITIONS not in batch:
-        return x
-    idx_bk = batch[LOSS_POSITIONS]
-    idx = idx_bk.reshape(idx_bk.shape + (1,) * (x.ndim - 2))
-    return jnp.take_along_axis(x, idx, axis=1)
-
-
 def loss_outputs(problem: CurvatureProblem, outputs: jax.Array, batch: Batch) -> jax.Array:
     """The model outputs of the loss rows, [R, C] in float32."""
     if not problem.outputs_at_loss_positions:
-        outputs = _at_loss_positions(outputs, batch)
+        outputs = batching.at_loss_positions(outputs, batch)
     return outputs.reshape(-1, outputs.shape[-1]).astype(jnp.float32)
 
 
 def loss_rows(problem: CurvatureProblem, batch: Batch):
     """(targets [R] or [R, C], weights [R], real-row mask [R]) of the loss rows."""
-    targets = _at_loss_positions(batch["targets"], batch)
+    targets = batching.at_loss_positions(batch["targets"], batch)
     if problem.loss == "softmax_cross_entropy":
         targets = targets.reshape(-1)
     else:
         targets = targets.reshape(-1, targets.shape[-1])
-    weights = _at_loss_positions(batch["weights"].astype(jnp.float32), batch)
+    weights = batching.at_loss_positions(batch["weights"].astype(jnp.float32), batch)
     key = problem.token_mask_key
     real = (batch[key] != 0) if key and key in batch else jnp.ones_like(batch["weights"])
-    real = _at_loss_positions(real.astype(jnp.float32), batch)
+    real = batching.at_loss_positions(real.astype(jnp.float32), batch)
     if LOSS_POSITIONS in batch:
         valid = batch[LOSS_VALID].astype(jnp.float32)
         weights, real = weights * valid, real * valid

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 from ideal_jax.data.formatting import TokenizedExample
@@ -180,6 +181,15 @@ def iterate_batches(
 # (Training: train/step.py; the curvature passes: curvature/problem.py.)
 LOSS_POSITIONS = "loss_positions"
 LOSS_VALID = "loss_valid"
+
+
+def at_loss_positions(x, batch: dict):
+    """x [B, T, ...] → [B, K, ...] at batch[LOSS_POSITIONS] (x itself without that field)."""
+    if LOSS_POSITIONS not in batch:
+        return x
+    idx_bk = batch[LOSS_POSITIONS]
+    idx = idx_bk.reshape(idx_bk.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, idx, axis=1)
 
 
 def add_loss_positions(batch: dict, k: int | None = None, minimum: int = 8) -> dict:

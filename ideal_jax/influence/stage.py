@@ -40,6 +40,7 @@ from ideal_jax.influence import alpha as alpha_lib
 from ideal_jax.influence import gradients, outer
 from ideal_jax.influence.result import GroupInfluence, RoundInfluence, combine_groups
 from ideal_jax.model import decoding
+from ideal_jax.train import finetuning
 from ideal_jax.train.prefix_cache import PrefixCache
 from ideal_jax.utils import progress
 from ideal_jax.utils.errors import InputError
@@ -245,6 +246,7 @@ class _Batches:
         self.cache = None  # PrefixCache: the hidden states entering `start`, per example
 
     def plain(self, items, names, batch_size, *, by_length=True, k=None, prefix=True):
+        read_cache = bool(prefix and self.start and self.cache is not None)
         plans = (
             row_plan(items, batch_size, self.train_seq_len, k)
             if by_length
@@ -264,12 +266,10 @@ class _Batches:
                 pad_id=self.pad_id,
             ):
                 b = b if k is None else problem_lib.add_loss_positions(b, k)
-                if prefix and self.start and self.cache is not None:  # read, not recomputed
+                if read_cache:  # the training's entries, read on the host, not recomputed
                     b[problem_lib.PREFIX_HIDDEN] = self.cache.hidden(b)
-                    yield sharding.shard_batch(b, self.mesh)
-                    continue
                 b = sharding.shard_batch(b, self.mesh)
-                yield self.prefixed(b) if prefix else b
+                yield self.prefixed(b) if prefix and not read_cache else b
 
     def grouped(self, items_by_group, names, batch_size, k):
         """(group index, batch), every batch drawn from one group only (one K for all)."""
@@ -598,9 +598,7 @@ def influence_from_config(
     layer."""
     first_trained = 0
     if prefix_cache_dir is not None:
-        from ideal_jax.train.finetuning import from_config
-
-        first_trained = from_config(cfg.train, model_cfg.num_layers).first_trained_layer
+        first_trained = finetuning.from_config(cfg.train, model_cfg.num_layers).first_trained_layer
     return influence_for_round(
         cfg.curvature,
         cfg.influence,

@@ -27,7 +27,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ideal_jax import sharding
-from ideal_jax.data.batching import LOSS_POSITIONS, LOSS_VALID
+from ideal_jax.data.batching import LOSS_POSITIONS, LOSS_VALID, at_loss_positions
 from ideal_jax.model.config import ModelConfig
 from ideal_jax.model.transformer import forward, token_losses
 from ideal_jax.train.finetuning import Finetuning
@@ -42,19 +42,10 @@ PREFIX_HIDDEN = "prefix_hidden"
 def weighted_token_losses(
     model_cfg: ModelConfig, params: Any, batch: Batch, start_layer: int = 0
 ) -> jax.Array:
-    """token_loss * weights, [B, T] float32 (zero off the response tokens). With start_layer > 0
+    """token_loss * weights, [B, T] float32 (zero off the response tokens), or [B, K] at
+    batch[LOSS_POSITIONS] when the batch names them (`loss_row_losses`). With start_layer > 0
     and batch[PREFIX_HIDDEN], the layers below start_layer are not run."""
-    prefix = start_layer > 0 and PREFIX_HIDDEN in batch
-    logits_btv = forward(
-        model_cfg,
-        params,
-        batch["tokens"],
-        batch["positions"],
-        batch["segment_ids"],
-        start_layer=start_layer if prefix else 0,
-        hidden_btd=batch[PREFIX_HIDDEN] if prefix else None,
-    )
-    return token_losses(logits_btv, batch["targets"]) * batch["weights"]
+    return loss_row_losses(model_cfg, params, batch, start_layer)[0]
 
 
 def loss_row_losses(
@@ -62,14 +53,11 @@ def loss_row_losses(
 ) -> tuple[jax.Array, jax.Array]:
     """(token_loss * weights, domain ids) at the rows that carry loss: [B, K] at
     batch[LOSS_POSITIONS] when the batch names them (the output head then runs at those K rows
-    only, not at all T: on a 49k-word vocabulary the head costs more than a decoder layer), else
-    [B, T] (weighted_token_losses). Filler slots have weight 0 and domain id -1."""
-    if LOSS_POSITIONS not in batch:
-        return weighted_token_losses(model_cfg, params, batch, start_layer), batch["domain_ids"]
+    only, not at all T: on a 49k-word vocabulary the head costs more than a decoder layer; filler
+    slots get weight 0 and domain id -1), else [B, T]."""
     prefix = start_layer > 0 and PREFIX_HIDDEN in batch
-    pos_bk = batch[LOSS_POSITIONS]
-    valid_bk = batch[LOSS_VALID] > 0
-    logits_bkv = forward(
+    positioned = LOSS_POSITIONS in batch
+    logits = forward(
         model_cfg,
         params,
         batch["tokens"],
@@ -77,15 +65,15 @@ def loss_row_losses(
         batch["segment_ids"],
         start_layer=start_layer if prefix else 0,
         hidden_btd=batch[PREFIX_HIDDEN] if prefix else None,
-        head_positions_bk=pos_bk,
+        head_positions_bk=batch[LOSS_POSITIONS] if positioned else None,
     )
-
-    def at(x_bt):
-        return jnp.take_along_axis(x_bt, pos_bk, axis=1)
-
-    weights_bk = jnp.where(valid_bk, at(batch["weights"]), 0.0)
-    domains_bk = jnp.where(valid_bk, at(batch["domain_ids"]), -1)
-    return token_losses(logits_bkv, at(batch["targets"])) * weights_bk, domains_bk
+    weights = at_loss_positions(batch["weights"], batch)
+    domains = at_loss_positions(batch["domain_ids"], batch)
+    if positioned:
+        valid = batch[LOSS_VALID] > 0
+        weights, domains = jnp.where(valid, weights, 0.0), jnp.where(valid, domains, -1)
+    losses = token_losses(logits, at_loss_positions(batch["targets"], batch))
+    return losses * weights, domains
 
 
 def group_sums(values_bt: jax.Array, group_ids_bt: jax.Array, num_groups: int) -> jax.Array:
