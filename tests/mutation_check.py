@@ -1108,6 +1108,22 @@ MUTATIONS += [
         ["tests/test_train_loss_rows.py"],
     ),
     (
+        "attention_block_mask_rows",
+        "a query block of the causal attention reads the mask rows of the first block",
+        "ideal_jax/model/transformer.py",
+        "mask = mask_bts[:, None, None, q0:q1, :s1]",
+        "mask = mask_bts[:, None, None, : q1 - q0, :s1]",
+        ["tests/test_attention_blocks.py"],
+    ),
+    (
+        "attention_block_keys_short",
+        "a causal attention block stops one key before its last query row",
+        "ideal_jax/model/transformer.py",
+        "min(t, q0 + block), min(t, q0 + block)) for q0",
+        "min(t, q0 + block), min(t, q0 + block) - 1) for q0",
+        ["tests/test_attention_blocks.py"],
+    ),
+    (
         "prefix_cache_not_written_through",
         "the prefix cache writes to disk only what overflows memory (other trainings recompute)",
         "ideal_jax/train/prefix_cache.py",
