@@ -6,9 +6,11 @@ Rows of a batch are independent examples (padded, one example per row), so one o
 pass of the batch's loss gives every δ_t, and with the captured x_t every example's gradient — or
 any projection of it — without a backward pass per example.
 
-The capture uses kfac-jax's own tracer (`layer_tags_vjp`): it runs the problem's tagged forward
-(the same `register_dense` tags the factor pass uses), and pulls a cotangent of the model outputs
-back to every tag's output. The cotangent is ∂(pseudo-loss)/∂outputs, chosen by the caller
+The capture runs the problem's forward once under jax.vjp with zero probes added to the tagged
+layers' outputs (the model's capture mode, `ProbeCapture`; the inputs come out as auxiliary
+output), and pulls a cotangent of the model outputs back to every probe. Problems without that
+mode use kfac-jax's own tracer (`layer_tags_vjp`) over the same `register_dense` tags the factor
+pass uses. The cotangent is ∂(pseudo-loss)/∂outputs, chosen by the caller
 (empirical targets, sampled targets, plain loss), so one capture serves the EK-FAC correction, the
 per-example scores and the domain gradients.
 
@@ -76,23 +78,15 @@ def layer_captures(
     `cotangent_fn(outputs_rc)` returns ∂(loss)/∂outputs [R, C] for the loss whose per-example
     gradients are wanted; it is treated as a constant (no second-order terms).
     """
-    vjp_fn, extractor = _tracer(problem)
-    func_args = (selected, rest, batch)
-    losses, vjp = vjp_fn(func_args)
-    outputs_rc = losses[0].parameter_dependants[0]
-    cot_rc = jax.lax.stop_gradient(cotangent_fn(jax.lax.stop_gradient(outputs_rc)))
-    layer_data = vjp(((cot_rc.astype(outputs_rc.dtype),),))
-    processed = extractor(func_args)
-    leaf_paths = [
-        str(key_path[0].key) for key_path, _ in jax.tree_util.tree_leaves_with_path(selected)
-    ]
+    if problem.probe_capture:
+        outputs_rc, rows = _probe_rows(problem, selected, rest, batch, cotangent_fn)
+    else:
+        outputs_rc, rows = _tracer_rows(problem, selected, rest, batch, cotangent_fn)
     b = batch["weights"].shape[0]
     out = {}
-    for indices, data in zip(processed.layer_indices, layer_data):
-        path = leaf_paths[indices[0]]
-        x_ri = data.primals.inputs[0].astype(jnp.float32)
-        d_ro = data.tangents.outputs[0].astype(jnp.float32)
-        x_ri, d_ro = x_ri.reshape(-1, x_ri.shape[-1]), d_ro.reshape(-1, d_ro.shape[-1])
+    for path, (x_ri, d_ro) in rows.items():
+        x_ri = x_ri.astype(jnp.float32).reshape(-1, x_ri.shape[-1])
+        d_ro = d_ro.astype(jnp.float32).reshape(-1, d_ro.shape[-1])
         if x_ri.shape[0] % b:
             raise InputError(
                 f"layer {path!r} sees {x_ri.shape[0]} rows for a batch of {b} examples; "
@@ -109,6 +103,54 @@ def layer_captures(
             field="curvature.layers",
         )
     return outputs_rc, out
+
+
+def _probe_rows(problem, selected, rest, batch, cotangent_fn):
+    """The model's own capture mode (model/transformer.py ProbeCapture): ONE jax.vjp of the forward
+    with respect to zero probes added to the tagged outputs; the inputs are its auxiliary output.
+
+    kfac-jax's tracer (`_tracer_rows`) evaluates the forward once to read the tag inputs and again
+    inside its vjp, and XLA merges only part of the two (about 23% more FLOPs than a forward and
+    an activation-only backward at the bench's "large" size, docs/results/issue28_*.md).
+    """
+    from ideal_jax.model.transformer import ProbeCapture
+
+    params = layers_lib.merge_params(selected, rest)
+    tagged = frozenset(problem.layers)
+
+    def run(probes):
+        capture = ProbeCapture(probes)
+        outputs = problem.outputs_fn(params, batch, tagged, capture=capture)
+        return flat_rows(problem, outputs, batch)[0], dict(capture.inputs)
+
+    def shapes():
+        capture = ProbeCapture(None)
+        problem.outputs_fn(params, batch, tagged, capture=capture)
+        return dict(capture.shapes)
+
+    zeros = {p: jnp.zeros(sd.shape, sd.dtype) for p, sd in jax.eval_shape(shapes).items()}
+    outputs_rc, vjp, inputs = jax.vjp(run, zeros, has_aux=True)
+    cot_rc = jax.lax.stop_gradient(cotangent_fn(jax.lax.stop_gradient(outputs_rc)))
+    (deltas,) = vjp(cot_rc.astype(outputs_rc.dtype))
+    return outputs_rc, {p: (inputs[p], deltas[p]) for p in inputs if p in selected}
+
+
+def _tracer_rows(problem, selected, rest, batch, cotangent_fn):
+    """kfac-jax's layer-tag vjp (any problem whose outputs_fn tags with register_dense)."""
+    vjp_fn, extractor = _tracer(problem)
+    func_args = (selected, rest, batch)
+    losses, vjp = vjp_fn(func_args)
+    outputs_rc = losses[0].parameter_dependants[0]
+    cot_rc = jax.lax.stop_gradient(cotangent_fn(jax.lax.stop_gradient(outputs_rc)))
+    layer_data = vjp(((cot_rc.astype(outputs_rc.dtype),),))
+    processed = extractor(func_args)
+    leaf_paths = [
+        str(key_path[0].key) for key_path, _ in jax.tree_util.tree_leaves_with_path(selected)
+    ]
+    rows = {}
+    for indices, data in zip(processed.layer_indices, layer_data):
+        rows[leaf_paths[indices[0]]] = (data.primals.inputs[0], data.tangents.outputs[0])
+    return outputs_rc, rows
 
 
 def loss_cotangent(problem: CurvatureProblem, batch: Batch, coeff_r: jax.Array, targets=None):

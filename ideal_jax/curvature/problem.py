@@ -45,6 +45,9 @@ class CurvatureProblem:
     loss: str = "softmax_cross_entropy"
     token_mask_key: str | None = "segment_ids"
     outputs_at_loss_positions: bool = False
+    # outputs_fn(params, batch, tagged, capture=ProbeCapture) is supported (model/transformer.py):
+    # curvature/captures.py then captures through the forward's own vjp, not kfac-jax's tracer.
+    probe_capture: bool = False
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -76,10 +79,12 @@ def lm_problem(model_cfg: Any, layers: tuple[str, ...], start_layer: int = 0) ->
     if start_layer and first_decoder_layer(layers) < start_layer:
         raise ValueError(f"layers below start_layer {start_layer}: {layers}")
 
-    def outputs_fn(params: Params, batch: Batch, tagged: frozenset) -> jax.Array:
+    def outputs_fn(params: Params, batch: Batch, tagged: frozenset, capture=None) -> jax.Array:
         tags = None
         if tagged:
-            tags = transformer.KfacTags(frozenset(tagged), token_mask_bt=batch["segment_ids"] != 0)
+            tags = transformer.KfacTags(
+                frozenset(tagged), token_mask_bt=batch["segment_ids"] != 0, capture=capture
+            )
         prefix = start_layer > 0 and PREFIX_HIDDEN in batch
         head_rows = head_at_loss_positions and LOSS_POSITIONS in batch
         return _forward(
@@ -99,6 +104,7 @@ def lm_problem(model_cfg: Any, layers: tuple[str, ...], start_layer: int = 0) ->
         outputs_fn=outputs_fn,
         layers=tuple(layers),
         outputs_at_loss_positions=head_at_loss_positions,
+        probe_capture=not model_cfg.remat,  # recorded inputs must not come from inside a remat
     )
 
 

@@ -43,11 +43,29 @@ class KfacTags:
     # scale alpha / r. An adapter is tagged for kfac-jax as "lora.<path>.lora_a" / ".lora_b".
     lora: Any = None
     lora_scale: Any = None
+    # Capture mode (ideal_jax/curvature/captures.py): a ProbeCapture instead of kfac-jax's tags.
+    capture: Any = None
 
 
 jax.tree_util.register_dataclass(
-    KfacTags, data_fields=["token_mask_bt", "lora", "lora_scale"], meta_fields=["layers"]
+    KfacTags,
+    data_fields=["token_mask_bt", "lora", "lora_scale"],
+    meta_fields=["layers", "capture"],
 )
+
+
+class ProbeCapture:
+    """Capture mode of the tagged layers, for one trace of the forward: each tagged dense layer
+    records its (masked) input rows [N, I] in `inputs[path]` and its output shape in
+    `shapes[path]`, and adds `probes[path]` (zeros [N, O]) to its output, so that the gradient
+    with respect to the probes is ∂L/∂y of every layer from one ordinary backward pass of the same
+    forward that gave the inputs (probes None: record only, for jax.eval_shape)."""
+
+    def __init__(self, probes: dict | None):
+        self.probes = probes
+        self.inputs: dict[str, jax.Array] = {}
+        self.shapes: dict[str, jax.ShapeDtypeStruct] = {}
+
 
 # The params key of the LoRA adapters: {"scale": [], "layers": {i: {"self_attn" | "mlp":
 # {proj: {"lora_a": {"kernel"}, "lora_b": {"kernel"}}}}}} (ideal_jax/model/lora.py).
@@ -82,7 +100,7 @@ class Linear(nnx.Module):
         bias = None if self.bias is None else self.bias[...].astype(dtype)
         x = x.astype(dtype)
         if kfac_tags is not None and self.path in kfac_tags.layers:
-            y = _tagged_dense(x, kernel, bias, kfac_tags)
+            y = _tagged_dense(x, kernel, bias, kfac_tags, self.path)
         else:
             y = jnp.einsum("...D,DF->...F", x, kernel)
             y = y if bias is None else y + bias
@@ -96,18 +114,17 @@ class Linear(nnx.Module):
         a_dr = adapter["lora_a"]["kernel"].astype(dtype)
         b_rf = adapter["lora_b"]["kernel"].astype(dtype)
         if f"{name}.lora_a" in kfac_tags.layers:
-            u = _tagged_dense(x, a_dr, None, kfac_tags)
+            u = _tagged_dense(x, a_dr, None, kfac_tags, f"{name}.lora_a")
         else:
             u = jnp.einsum("...D,DR->...R", x, a_dr)
         if f"{name}.lora_b" in kfac_tags.layers:
-            v = _tagged_dense(u, b_rf, None, kfac_tags)
+            v = _tagged_dense(u, b_rf, None, kfac_tags, f"{name}.lora_b")
         else:
             v = jnp.einsum("...R,RF->...F", u, b_rf)
         return (kfac_tags.lora_scale.astype(dtype) * v).astype(dtype)
 
 
-def _tagged_dense(x, kernel, bias, kfac_tags: KfacTags) -> jax.Array:
-    import kfac_jax  # curvature passes only; keeps the plain forward free of kfac-jax
+def _tagged_dense(x, kernel, bias, kfac_tags: KfacTags, path: str) -> jax.Array:
 
     lead_shape, d_in = x.shape[:-1], x.shape[-1]
     x_nd = x.reshape(-1, d_in)
@@ -120,7 +137,16 @@ def _tagged_dense(x, kernel, bias, kfac_tags: KfacTags) -> jax.Array:
     y_nf = sharding.constrain_rows(x_nd @ kernel)
     if bias is not None:
         y_nf = y_nf + bias
-    y_nf = kfac_jax.register_dense(y_nf, x_nd, kernel, bias)
+    capture = kfac_tags.capture
+    if capture is not None:
+        capture.inputs[path] = x_nd
+        capture.shapes[path] = jax.ShapeDtypeStruct(y_nf.shape, y_nf.dtype)
+        if capture.probes is not None:
+            y_nf = y_nf + capture.probes[path].astype(y_nf.dtype)
+    else:
+        import kfac_jax  # curvature passes only; keeps the plain forward free of kfac-jax
+
+        y_nf = kfac_jax.register_dense(y_nf, x_nd, kernel, bias)
     return y_nf.reshape(*lead_shape, kernel.shape[1])
 
 
