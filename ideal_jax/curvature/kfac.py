@@ -37,6 +37,7 @@ from ideal_jax.curvature.problem import (
     CurvatureProblem,
     Params,
     flat_rows,
+    loss_rows,
     row_losses,
     with_loss_positions,
 )
@@ -163,21 +164,62 @@ class KfacCurvature:
         key = self.problem.token_mask_key
         real_r = (batch[key] != 0) if key and key in batch else jnp.ones_like(weights_r)
         n_rows = weights_r.shape[0]
-        kstate = self.estimator.update_curvature_matrix_estimate(
-            state.kfac,
-            ema_old=1.0,
-            ema_new=float(n_rows),
-            identity_weight=0.0,
-            batch_size=n_rows,
-            rng=rng,
-            func_args=(selected, rest, with_loss_positions(batch)),
-        )
+        if self.captured_factors:
+            kstate = self._captured_update(state.kfac, selected, rest, batch, rng, n_rows)
+        else:
+            kstate = self.estimator.update_curvature_matrix_estimate(
+                state.kfac,
+                ema_old=1.0,
+                ema_new=float(n_rows),
+                identity_weight=0.0,
+                batch_size=n_rows,
+                rng=rng,
+                func_args=(selected, rest, with_loss_positions(batch)),
+            )
         return state.replace(
             kfac=kstate,
             rows=state.rows + n_rows,
             tokens=state.tokens + jnp.sum(real_r),
             weight=state.weight + jnp.sum(weights_r),
         )
+
+    @property
+    def captured_factors(self) -> bool:
+        """Whether the factor pass forms A and G itself from the model's captures (one forward and
+        one activation-only backward per batch, curvature/captures.py) instead of through
+        kfac-jax's tracer, which evaluates the forward twice. The estimator is the same:
+        kfac-jax's dense-block statistics A_b = X̃ᵀX̃ / R_b and G_b = ΔᵀΔ / R_b, added into its
+        block states with the same weights; `ggn_exact` and problems without a capture mode keep
+        kfac-jax's own pass."""
+        p = self.problem
+        return p.probe_capture and p.loss == "softmax_cross_entropy" and self.mode != "ggn_exact"
+
+    def _captured_update(self, kstate, selected: dict, rest: Params, batch: Batch, rng, n_rows):
+        from ideal_jax.curvature import captures  # captures imports this module's problem only
+
+        p = self.problem
+        batch = with_loss_positions(batch)
+        targets_r, weights_r = loss_rows(p, batch)[:2]
+
+        def cotangent(outputs_rc):
+            if self.mode == "empirical":  # ∂(Σ_r w_r ℓ_r)/∂outputs at the data's targets
+                t_r, c_r = targets_r, weights_r
+            else:  # targets sampled from the model, √w: Σ_r δ_r δ_rᵀ is the weighted Fisher
+                t_r, c_r = jax.random.categorical(rng, outputs_rc, axis=-1), jnp.sqrt(weights_r)
+            return jax.grad(lambda o: jnp.sum(c_r * row_losses(p, o, t_r)))(outputs_rc)
+
+        with sharding.activation_mesh(self.mesh):
+            _, caught = captures.layer_captures(p, selected, rest, batch, cotangent)
+        blocks = list(kstate.blocks_states)
+        for i, path in enumerate(self.block_paths()):
+            x_bti, d_bto = caught[path]
+            x_ri = sharding.constrain_rows(x_bti.reshape(-1, x_bti.shape[-1]))
+            d_ro = sharding.constrain_rows(d_bto.reshape(-1, d_bto.shape[-1]))
+            bstate = blocks[i].copy()
+            bstate.factors[0].update((x_ri.T @ x_ri) / n_rows, 1.0, float(n_rows))
+            bstate.factors[1].update((d_ro.T @ d_ro) / n_rows, 1.0, float(n_rows))
+            blocks[i] = bstate
+        return dataclasses.replace(kstate, blocks_states=tuple(blocks))
 
     def update(self, state: CurvatureState, params: Params, batch: Batch, rng) -> CurvatureState:
         """Adds one batch to the (exact, weighted) average of the factors."""
