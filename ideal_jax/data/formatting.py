@@ -14,6 +14,7 @@ The response always ends with EOS (the model must learn to stop); EOS is part of
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -38,6 +39,11 @@ class TokenizedExample:
     loss_mask: np.ndarray  # bool [L]
     example_id: str
     domain: str
+
+    @functools.cached_property
+    def response_tokens(self) -> int:
+        """Σ loss_mask, counted once per example (the influence stage reads it every round)."""
+        return int(np.count_nonzero(self.loss_mask))
 
 
 @dataclasses.dataclass(frozen=True)

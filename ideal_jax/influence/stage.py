@@ -615,5 +615,5 @@ def influence_from_config(
 
 
 def _response_tokens(tokenized, ids) -> int:
-    counts = {t.example_id: int(np.sum(t.loss_mask)) for t in tokenized}
+    counts = {t.example_id: t.response_tokens for t in tokenized}
     return sum(counts.get(i, 0) for i in ids)
