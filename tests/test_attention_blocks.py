@@ -17,11 +17,14 @@ VOCAB = 61
 def test_causal_blocks_tile_the_rows(t, block):
     blocks = transformer.causal_blocks(t, True, block)
     assert blocks[0][0] == 0 and blocks[-1][1] == t
+    if t <= block:
+        assert blocks == [(0, t, None)]
+        return
     for (q0, q1, s1), nxt in zip(blocks, blocks[1:] + [(t, None, None)]):
         assert q1 == nxt[0] and 0 < q1 - q0 <= block
         assert s1 == q1  # every key a row of the block can see, and none after its last row
-    assert len(blocks) == (1 if t <= block else -(-t // block))
-    assert transformer.causal_blocks(t, False, block) == [(0, t, t)]
+    assert len(blocks) == -(-t // block)
+    assert transformer.causal_blocks(t, False, block) == [(0, t, None)]
 
 
 def _packed_batch(t: int, seed: int = 0):

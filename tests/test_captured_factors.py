@@ -78,3 +78,31 @@ def test_sampled_fisher_averages_to_the_exact_ggn():
         err, far = _rel(f_s[path][1], f_x[path][1]), _rel(f_e[path][1], f_x[path][1])
         assert err < 0.12, (path, err)
         assert far > 3 * err, (path, err, far)
+
+
+@pytest.mark.parametrize("unit", ["example", "batch"])
+def test_correction_from_kept_captures_equals_the_second_pass(unit):
+    """With the data's targets the factor pass's captures are exactly the correction pass's: Λ*
+    from the kept captures equals fit_eigen_correction's own pass, and nothing is kept when the
+    captures outgrow the budget."""
+    from ideal_jax.curvature import ekfac
+
+    cfg, params = tiny_lm(layers=2)
+    batches = lm_batches(cfg.vocab_size, 3, 4, 12)
+    curvature = kfac_lib.KfacCurvature(_problem(params, cfg), "empirical")
+    rng = jax.random.key(3)
+    state, kept = kfac_lib.accumulate_factors_keeping(curvature, params, batches, rng, 2**30)
+    assert kept is not None and len(kept.batches) == 3
+    sizes = [sum(x.size + d.size for x, d in c.values()) * 4 for c, _ in kept.batches]
+    assert kept.nbytes == sum(sizes)
+    one_pass = ekfac.correction_from_captures(curvature, state, kept, unit=unit)
+    two_pass = ekfac.fit_eigen_correction(curvature, state, params, batches, rng, unit=unit)
+    assert float(one_pass.correction_weight) == float(two_pass.correction_weight)
+    for path, lam in two_pass.correction.items():
+        assert _rel(np.asarray(one_pass.correction[path]), np.asarray(lam)) < 1e-5, path
+    # the budget: two batches' worth is not enough for three, and 0 keeps nothing
+    _, over = kfac_lib.accumulate_factors_keeping(
+        curvature, params, batches, rng, sizes[0] + sizes[1]
+    )
+    _, off = kfac_lib.accumulate_factors_keeping(curvature, params, batches, rng, 0)
+    assert over is None and off is None

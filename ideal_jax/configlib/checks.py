@@ -65,6 +65,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "curvature.alpha_se_target": (lambda v: v > 0, "> 0"),
     "curvature.damping": (lambda v: v >= 0, ">= 0"),
     "curvature.prefix_cache_gib": (lambda v: v >= 0, ">= 0"),
+    "curvature.keep_captures_gib": (lambda v: v >= 0, ">= 0"),
     "influence.cg_tol": (lambda v: v > 0, "> 0"),
     "influence.cg_max_iters": (lambda v: v >= 1 and v == int(v), "an integer >= 1"),
     "daar.select_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),

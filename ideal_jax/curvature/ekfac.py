@@ -236,6 +236,50 @@ def fit_eigen_correction(
     return state
 
 
+def _kept_correction_step(unit: str, acc: dict, caught: dict, bases: dict) -> dict:
+    acc = dict(acc)
+    for path, (x_bti, d_bto) in caught.items():
+        qa, _, qg, _ = bases[path]
+        if unit == "batch":
+            g_io = jnp.einsum("BTI,BTO->IO", x_bti, d_bto)
+            acc[path] = acc[path] + (qa.T @ g_io @ qg) ** 2
+        else:
+            acc[path] = acc[path] + squared_projections(x_bti, d_bto, qa, qg)
+    return acc
+
+
+@functools.lru_cache(maxsize=8)
+def _kept_correction_jit(unit: str):
+    return jax.jit(functools.partial(_kept_correction_step, unit), donate_argnums=(0,))
+
+
+def correction_from_captures(
+    curvature: KfacCurvature, state: CurvatureState, kept, *, unit: str = "example"
+) -> CurvatureState:
+    """`fit_eigen_correction` from the captures the factor pass kept
+    (kfac.accumulate_factors_keeping): the same Λ* = (1/W) Σ_units (Q_Aᵀ ∇W_unit Q_G)², with the
+    units' gradients those of the factor pass — the same targets (data or sampled) that A and G
+    were formed from — and no second forward or backward pass of the model."""
+    if unit not in UNITS:
+        raise InputError(f"unknown unit {unit!r}; one of {UNITS}", field="curvature.correction")
+    bases = curvature.eigenbases(state)
+    step = _kept_correction_jit(unit)
+    acc = {
+        path: jnp.zeros((qa.shape[0], qg.shape[0]), jnp.float32)
+        for path, (qa, _, qg, _) in bases.items()
+    }
+    weight = jnp.zeros((), jnp.float32)
+    for caught, w in progress.bar(kept.batches, "eigenvalue correction (kept captures)"):
+        acc = step(acc, caught, bases)
+        weight = weight + w
+    if float(weight) <= 0:
+        raise InputError("eigenvalue-correction pass saw no response tokens", field="weights")
+    correction = jax.tree.map(lambda a: a / weight, acc)
+    state = state.replace(correction=correction, correction_weight=weight)
+    check_finite(state)
+    return state
+
+
 def ekfac_eigenvalues(state: CurvatureState) -> dict[str, jax.Array]:
     """path → Λ* [D_in(+1), D_out] (after `fit_eigen_correction`)."""
     if state.correction is None:

@@ -158,14 +158,18 @@ class KfacCurvature:
         by_block = {int(v["kernel"]): path for path, v in index.items()}
         return tuple(by_block[i] for i in range(len(by_block)))
 
-    def _update_impl(self, state: CurvatureState, params: Params, batch: Batch, rng):
+    def _update_impl(self, state: CurvatureState, params: Params, batch: Batch, rng, keep=False):
+        """One batch into the factors; keep=True (captured factors only) also returns the batch's
+        captures {path: (X̃ [B, T, I], Δ [B, T, O])} for an EK-FAC correction without a second
+        model pass (`accumulate_factors_keeping`)."""
         selected, rest = layers_lib.split_params(params, self.problem.layers)
         weights_r = batch["weights"].reshape(-1).astype(jnp.float32)
         key = self.problem.token_mask_key
         real_r = (batch[key] != 0) if key and key in batch else jnp.ones_like(weights_r)
         n_rows = weights_r.shape[0]
+        caught = None
         if self.captured_factors:
-            kstate = self._captured_update(state.kfac, selected, rest, batch, rng, n_rows)
+            kstate, caught = self._captured_update(state.kfac, selected, rest, batch, rng, n_rows)
         else:
             kstate = self.estimator.update_curvature_matrix_estimate(
                 state.kfac,
@@ -176,12 +180,13 @@ class KfacCurvature:
                 rng=rng,
                 func_args=(selected, rest, with_loss_positions(batch)),
             )
-        return state.replace(
+        state = state.replace(
             kfac=kstate,
             rows=state.rows + n_rows,
             tokens=state.tokens + jnp.sum(real_r),
             weight=state.weight + jnp.sum(weights_r),
         )
+        return (state, caught) if keep else state
 
     @property
     def captured_factors(self) -> bool:
@@ -219,7 +224,7 @@ class KfacCurvature:
             bstate.factors[0].update((x_ri.T @ x_ri) / n_rows, 1.0, float(n_rows))
             bstate.factors[1].update((d_ro.T @ d_ro) / n_rows, 1.0, float(n_rows))
             blocks[i] = bstate
-        return dataclasses.replace(kstate, blocks_states=tuple(blocks))
+        return dataclasses.replace(kstate, blocks_states=tuple(blocks)), caught
 
     def update(self, state: CurvatureState, params: Params, batch: Batch, rng) -> CurvatureState:
         """Adds one batch to the (exact, weighted) average of the factors."""
@@ -244,6 +249,26 @@ class KfacCurvature:
                 donate_argnums=0,
             )
         return self._sharded_updates[mesh]
+
+    def keeping_update_fn(self, mesh: Mesh | None, state_like: Any):
+        """(state, params, batch, rng) → (state, the batch's captures): the factor update that
+        also returns what it captured (captured_factors only), jitted once per mesh."""
+        if not self.captured_factors:
+            raise ValueError("only the captured factor pass can keep its captures")
+        key = ("keep", mesh)
+        if key not in self._sharded_updates:
+            fn = functools.partial(self._update_impl, keep=True)
+            if mesh is None:
+                self._sharded_updates[key] = jax.jit(fn)
+            else:
+                state_sh = state_shardings(state_like, mesh)
+                self._sharded_updates[key] = jax.jit(
+                    fn,
+                    in_shardings=(state_sh, None, None, None),
+                    out_shardings=(state_sh, None),
+                    donate_argnums=0,
+                )
+        return self._sharded_updates[key]
 
     def _cache_impl(self, state: CurvatureState) -> CurvatureState:
         kstate = self.estimator.update_cache(
@@ -416,17 +441,55 @@ def accumulate_factors(
     Parameters placed on a mesh: the factors live row-sharded on it and each update donates the
     previous state (`KfacCurvature.update_fn`); otherwise the plain jitted update.
     """
+    return accumulate_factors_keeping(curvature, params, batches, rng, 0, state)[0]
+
+
+@dataclasses.dataclass
+class KeptCaptures:
+    """What the factor pass captured, batch by batch: [(captures, Σ batch weights)] (the EK-FAC
+    correction's input, ekfac.correction_from_captures) and their size in bytes."""
+
+    batches: list
+    nbytes: int = 0
+
+
+def accumulate_factors_keeping(
+    curvature: KfacCurvature,
+    params: Params,
+    batches: Iterable[Batch],
+    rng: jax.Array,
+    keep_bytes: int,
+    state: CurvatureState | None = None,
+) -> tuple[CurvatureState, KeptCaptures | None]:
+    """`accumulate_factors`, also keeping every batch's captures while they fit in `keep_bytes`
+    (captured factor pass only): the EK-FAC correction then needs no second model pass. Returns
+    (state, None) when nothing is kept: keep_bytes 0, kfac-jax's own pass, or captures that
+    outgrew the budget (dropped as soon as they did, so memory never exceeds it by more than one
+    batch)."""
     mesh, update = params_mesh(params), curvature.update
+    keep = keep_bytes > 0 and curvature.captured_factors
+    kept = KeptCaptures([]) if keep else None
     for i, batch in enumerate(progress.bar(batches, "curvature factors")):
         if state is None:
             state = curvature.init(params, batch, rng)
             if mesh is not None:
-                update = curvature.update_fn(mesh, state)
                 state = place_state(state, mesh)
-        state = update(state, params, batch, jax.random.fold_in(rng, i))
+                update = curvature.update_fn(mesh, state)
+            if keep:
+                update_keeping = curvature.keeping_update_fn(mesh, state)
+        key = jax.random.fold_in(rng, i)
+        if kept is None:
+            state = update(state, params, batch, key)
+            continue
+        state, caught = update_keeping(state, params, batch, key)
+        kept.nbytes += sum(x.nbytes + d.nbytes for x, d in caught.values())
+        if kept.nbytes > keep_bytes:
+            kept = None  # over budget: the correction makes its own pass
+            continue
+        kept.batches.append((caught, jnp.sum(batch["weights"].astype(jnp.float32))))
     if state is None:
         raise InputError("no batches for the curvature pass", field="data")
-    return curvature.finalize(state)
+    return curvature.finalize(state), kept
 
 
 @functools.lru_cache(maxsize=32)

@@ -293,16 +293,22 @@ def fit_curvature(curv, fitted: str, problem, params, batches, rng, timings: dic
         return None, None
     t0 = time.perf_counter()
     curvature = kfac_lib.curvature_for(problem, curv.estimator, kfac_lib.params_mesh(params))
+    # EK-FAC: the factor pass keeps its captures (up to keep_captures_gib) for the correction
+    keep = int(curv.keep_captures_gib * 2**30) if fitted == "ekfac" else 0
     with progress.stage("factors"):
-        state = kfac_lib.accumulate_factors(curvature, params, batches(), rng)
+        state, kept = kfac_lib.accumulate_factors_keeping(curvature, params, batches(), rng, keep)
     timings["factors"] += time.perf_counter() - t0
     if fitted == "ekfac":
         t0 = time.perf_counter()
         unit = "example" if curv.correction == "per_example" else "batch"
         with progress.stage("eigenvalue correction"):
-            state = ekfac.fit_eigen_correction(
-                curvature, state, params, batches(), jax.random.fold_in(rng, 1), unit=unit
-            )
+            if kept is not None:  # no second model pass
+                state = ekfac.correction_from_captures(curvature, state, kept, unit=unit)
+            else:
+                state = ekfac.fit_eigen_correction(
+                    curvature, state, params, batches(), jax.random.fold_in(rng, 1), unit=unit
+                )
+        del kept
         timings["eigen_correction"] += time.perf_counter() - t0
     return curvature, state
 

@@ -273,7 +273,7 @@ class Attention(nnx.Module):
         if cfg.sliding_window is not None:
             mask_bts &= (q_index_bt[:, :, None] - k_index_bs[:, None, :]) < cfg.sliding_window
 
-        def attend(q0: int, q1: int, s1: int) -> jax.Array:
+        def attend(q0: int, q1: int, s1: int | None) -> jax.Array:
             """Query rows q0:q1 over key rows 0:s1 (the rest of their keys are all masked)."""
             scores_bkgts = jnp.einsum("BTKGE,BSKE->BKGTS", q_btkge[:, q0:q1], k_bske[:, :s1])
             scores_bkgts = scores_bkgts.astype(jnp.float32) / math.sqrt(e)
@@ -296,12 +296,15 @@ class Attention(nnx.Module):
 ATTENTION_BLOCK = 128
 
 
-def causal_blocks(t: int, causal: bool, block: int | None = None) -> list[tuple[int, int, int]]:
+def causal_blocks(
+    t: int, causal: bool, block: int | None = None
+) -> list[tuple[int, int, int | None]]:
     """[(first query row, end query row, end key row)] covering the T query rows: one block over
-    all keys unless `causal` and T exceeds `block` (default ATTENTION_BLOCK)."""
+    all keys (end key row None: a KV cache's keys outnumber the queries) unless `causal` and T
+    exceeds `block` (default ATTENTION_BLOCK)."""
     block = ATTENTION_BLOCK if block is None else block
     if not causal or t <= block:
-        return [(0, t, t)]
+        return [(0, t, None)]
     return [(q0, min(t, q0 + block), min(t, q0 + block)) for q0 in range(0, t, block)]
 
 
