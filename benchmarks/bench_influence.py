@@ -130,28 +130,45 @@ def layer_shapes(params, layers) -> dict[str, tuple[int, int]]:
     return {path: shapes[path] for path in layers}
 
 
-def influence_flops(model_cfg, shapes, *, positions, examples, ref_positions, caps):
+def influence_flops(
+    model_cfg,
+    shapes,
+    *,
+    positions,
+    examples,
+    ref_positions,
+    caps,
+    gradient_positions=None,
+    kept_captures=True,
+):
     """FLOP model of one influence stage (EK-FAC, per-example correction); see `run_scale`.
 
-    positions / examples: of the subsample; ref_positions: of the reference set.
+    positions / examples: of the curvature subsample; gradient_positions: of the domain-gradient
+    pass (the α-error budget's final sample; default `positions`); ref_positions: of the reference
+    set. kept_captures: the correction reads the factor pass's captures (no second model pass).
     """
-    per_token = model_cfg.flops_per_token(1)  # 6·P, fwd + bwd (attention term negligible here)
+    # A capture is a forward (2P per token) and a backward for the activations only (2P): 4P.
+    capture = 4 * model_cfg.num_params()
+    gradient_positions = positions if gradient_positions is None else gradient_positions
     out = {}
-    # Factor pass: one fwd + bwd plus the outer products x xᵀ and δ δᵀ of every token.
+    # Factor pass: one capture plus the outer products x xᵀ and δ δᵀ of every token.
     outer = sum(2 * (a * a + b * b) for a, b in shapes.values())
-    out["factors"] = positions * (per_token + outer)
-    # Correction pass: one fwd + bwd of the batch; per example the cheaper exact order of
-    # projecting its T rows (2T(I² + O² + IO)) or its gradient X̃ᵀΔ (2TIO + 2IO(I + O)).
+    out["factors"] = positions * (capture + outer)
+    # Correction: per example the cheaper exact order of projecting its T rows (2T(I² + O² + IO))
+    # or its gradient X̃ᵀΔ (2TIO + 2IO(I + O)); a capture of its own unless the factor pass's
+    # captures were kept.
     t = positions / max(examples, 1)
     per_example = sum(
         min(2 * t * (a * a + b * b + a * b), 2 * t * a * b + 2 * a * b * (a + b))
         for a, b in shapes.values()
     )
-    out["eigen_correction"] = positions * per_token + examples * per_example
-    # Domain gradients fused with the per-example terms of α (one fwd + bwd, plus x̃ V_r for each
-    # of the 1 + caps reference rows), and the reference set (one fwd + bwd).
-    dot = sum(2 * a * b for a, b in shapes.values()) * (1 + caps)
-    out["gradients"] = positions * (per_token + dot) + ref_positions * per_token
+    out["eigen_correction"] = (0 if kept_captures else positions * capture) + examples * per_example
+    # Domain gradients fused with the per-example terms of α (one capture, plus each example's
+    # X̃ᵀΔ (2TIO per token row: 2IO) and its dot with the 1 + caps reference rows), and the
+    # reference set (one capture).
+    t_grad = sum(2 * a * b for a, b in shapes.values())
+    dot = sum(2 * a * b for a, b in shapes.values()) * (1 + caps) / max(t, 1)
+    out["gradients"] = gradient_positions * (capture + t_grad + dot) + ref_positions * capture
     # Eigendecompositions (~9 d³ each) and one inverse product per reference row.
     eigh = sum(9 * (a**3 + b**3) for a, b in shapes.values())
     out["eigh_and_inverse"] = eigh + (1 + caps) * sum(
@@ -243,6 +260,8 @@ def run_scale(scale: str, args, clock: CompileClock) -> dict:
         model_cfg,
         shapes,
         positions=pos,
+        gradient_positions=pos * sub / max(len(sub_items), 1),
+        kept_captures=cfg.curvature.keep_captures_gib > 0,
         examples=len(sub_items),
         ref_positions=ref_pos,
         caps=len(suite.capabilities),
@@ -354,6 +373,7 @@ def project_llama(seq_len: int = 1024, sigma: float = 0.5, domains: int = 4) -> 
             examples=sigma * n,
             ref_positions=0.0,
             caps=domains,
+            kept_captures=False,  # σ = 0.5 of the data: its captures outgrow any memory budget
         )
         fl.pop("eigh_and_inverse")  # fixed cost, < 1 % at N ~ 10^5 examples
         sft = epochs * n * seq_len * big.flops_per_token(seq_len)
