@@ -124,8 +124,9 @@ def base_config() -> ml_collections.ConfigDict:
     # kept (at most this many GiB; 0: off): the passes then run only the layers from there up.
     cfg.curvature.prefix_cache_gib = 2.0
     cfg.curvature.correction = "per_example"  # EK-FAC eigenvalue fit: per_example | per_batch
-    # EK-FAC: the factor pass keeps each batch's layer inputs and output gradients (at most this
-    # many GiB; 0: off) and the eigenvalue fit reads them instead of running the model again.
+    # EK-FAC with the empirical Fisher: the factor pass keeps each batch's layer inputs and output
+    # gradients (at most this many GiB; 0: off) and the eigenvalue fit reads them instead of
+    # running the model again (the same Λ*). The true Fisher draws fresh targets for the fit.
     cfg.curvature.keep_captures_gib = 1.0
     cfg.curvature.damping = 0.1
     cfg.curvature.relative_damping = True  # damping × mean eigenvalue of each block (Kronfluence)

@@ -176,9 +176,6 @@ ADDED_FIELDS: dict[str, Any] = {
     "curvature.subsample": "alpha_se",
     "curvature.max_examples_per_domain": 512,
     "curvature.alpha_se_target": 0.2,
-    # The EK-FAC fit from the factor pass's own captures (issue 28): 0 = its own second pass, as
-    # before the field existed.
-    "curvature.keep_captures_gib": 0.0,
 }
 _ABSENT = object()
 

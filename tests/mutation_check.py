@@ -1172,6 +1172,14 @@ MUTATIONS += [
         ["tests/test_captured_factors.py"],
     ),
     (
+        "kept_captures_with_sampled_targets",
+        "the EK-FAC fit reuses the factor pass's sampled targets (a worse preconditioner)",
+        "ideal_jax/curvature/kfac.py",
+        'keep = keep_bytes > 0 and curvature.captured_factors and curvature.mode == "empirical"',
+        "keep = keep_bytes > 0 and curvature.captured_factors",
+        ["tests/test_captured_factors.py", "tests/test_cg_preconditioning.py"],
+    ),
+    (
         "prefix_cache_not_written_through",
         "the prefix cache writes to disk only what overflows memory (other trainings recompute)",
         "ideal_jax/train/prefix_cache.py",

@@ -106,3 +106,14 @@ def test_correction_from_kept_captures_equals_the_second_pass(unit):
     )
     _, off = kfac_lib.accumulate_factors_keeping(curvature, params, batches, rng, 0)
     assert over is None and off is None
+
+
+def test_sampled_targets_keep_no_captures():
+    """With the true Fisher the correction draws its own targets (the factor pass's draws fitted
+    the eigenbasis; reused, they made a worse preconditioner): nothing is kept."""
+    cfg, params = tiny_lm()
+    batches = lm_batches(cfg.vocab_size, 2, 4, 12)
+    fisher = kfac_lib.KfacCurvature(_problem(params, cfg), "fisher")
+    assert fisher.captured_factors
+    _, kept = kfac_lib.accumulate_factors_keeping(fisher, params, batches, jax.random.key(0), 2**30)
+    assert kept is None

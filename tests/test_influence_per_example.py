@@ -54,7 +54,7 @@ def test_per_example_scores_average_to_domain_alpha():
     alpha = alpha_lib.compute_alpha(ref, dom, identity, layers=problem.layers).row("all")
     v = identity(ref.overall)
     for g, batches in enumerate(domains):
-        scores = per_example.per_example_scores(problem, params, batches, [v], chunk_size=2)
+        scores = per_example.per_example_scores(problem, params, batches, [v])
         weights = np.concatenate([b["weights"].sum(axis=1) for b in batches])
         assert scores.shape == (8, 1)
         np.testing.assert_allclose(

@@ -18,6 +18,8 @@ RESUMABLE_FIELDS = (
     "train.checkpoint_every",
     "train.keep_checkpoints",
     "eval.batch_size",
+    # memory for speed: the EK-FAC fit from kept captures gives the same Λ* as its own pass
+    "curvature.keep_captures_gib",
     "progress",
     "export.final_model",  # exports read finished artifacts; they never change them
     "export.round",

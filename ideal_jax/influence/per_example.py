@@ -91,14 +91,9 @@ def iter_scores(
     params: Params,
     batches: Iterable[Batch],
     inverse_ref_vectors: list[dict],
-    *,
-    chunk_size: int | None = None,
 ) -> Iterator[np.ndarray]:
-    """Yields scores [B, R] per batch (rows with no response tokens score 0).
-
-    `chunk_size` is accepted for compatibility; one backward pass serves the whole batch.
-    """
-    del chunk_size
+    """Yields scores [B, R] per batch (rows with no response tokens score 0); one forward and one
+    backward pass serve the whole batch."""
     vs = stack_vectors(inverse_ref_vectors)
     step = _scores_jit(problem)
     for batch in progress.bar(batches, "per-example scores"):
@@ -110,8 +105,6 @@ def per_example_scores(
     params: Params,
     batches: Iterable[Batch],
     inverse_ref_vectors: list[dict],
-    *,
-    chunk_size: int | None = None,
 ) -> np.ndarray:
     """All scores [N, R], built batch-wise on the host."""
     parts = list(iter_scores(problem, params, batches, inverse_ref_vectors))
