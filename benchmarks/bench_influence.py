@@ -261,7 +261,9 @@ def run_scale(scale: str, args, clock: CompileClock) -> dict:
         shapes,
         positions=pos,
         gradient_positions=pos * sub / max(len(sub_items), 1),
-        kept_captures=cfg.curvature.keep_captures_gib > 0,
+        # the EK-FAC fit reads the factor pass's captures with the empirical Fisher only
+        kept_captures=cfg.curvature.keep_captures_gib > 0
+        and cfg.curvature.estimator == "empirical",
         examples=len(sub_items),
         ref_positions=ref_pos,
         caps=len(suite.capabilities),

@@ -33,14 +33,17 @@ def _rel(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+@pytest.mark.parametrize("mode", ["empirical", "fisher"])
 @pytest.mark.parametrize("loss_positions", [False, True])
-def test_empirical_factors_equal_kfac_jax(loss_positions):
+def test_factors_equal_kfac_jax(loss_positions, mode):
+    """The data's targets, or targets sampled with the same key (one categorical draw over the
+    batch's loss rows, as kfac-jax draws them): the same factors as kfac-jax's own pass."""
     cfg, params = tiny_lm(layers=2)
     batches = lm_batches(cfg.vocab_size, 3, 4, 12)
     if loss_positions:  # the head at K response rows per example, as the influence stage runs it
         batches = [batching.add_loss_positions(b) for b in batches]
-    ours = kfac_lib.KfacCurvature(_problem(params, cfg, "all_linear"), "empirical")
-    theirs = kfac_lib.KfacCurvature(_problem(params, cfg, "all_linear", probe=False), "empirical")
+    ours = kfac_lib.KfacCurvature(_problem(params, cfg, "all_linear"), mode)
+    theirs = kfac_lib.KfacCurvature(_problem(params, cfg, "all_linear", probe=False), mode)
     assert ours.captured_factors and not theirs.captured_factors
     state_o, f_o = _factors(ours, params, batches)
     state_t, f_t = _factors(theirs, params, batches)
