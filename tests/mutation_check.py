@@ -387,8 +387,16 @@ MUTATIONS = [
         "kfac_loss_outside_mesh",
         "kfac-jax's loss traced without the activation mesh (token rows laid out like factors)",
         "ideal_jax/curvature/kfac.py",
-        "with sharding.activation_mesh(self.mesh):",
+        "with sharding.activation_mesh(self.mesh):  # activations pinned to rows on the mesh",
         "with sharding.activation_mesh(None):",
+        ["tests/test_activation_sharding.py"],
+    ),
+    (
+        "captured_factors_outside_mesh",
+        "the captured factor pass traced without the activation mesh",
+        "ideal_jax/curvature/kfac.py",
+        "with sharding.activation_mesh(self.mesh):\n            _, caught = captures",
+        "with sharding.activation_mesh(None):\n            _, caught = captures",
         ["tests/test_activation_sharding.py"],
     ),
     (
