@@ -1188,6 +1188,14 @@ MUTATIONS += [
         ["tests/test_captured_factors.py", "tests/test_cg_preconditioning.py"],
     ),
     (
+        "sandbox_out_pipe_closed_twice",
+        "the bwrap runner closes the flooded output pipe again (another thread's fd, in a pool)",
+        "ideal_jax/evaluate/sandbox.py",
+        "                            closed.add(out_r)",
+        "                            pass",
+        ["tests/test_sandbox_fds.py"],
+    ),
+    (
         "prefix_cache_not_written_through",
         "the prefix cache writes to disk only what overflows memory (other trainings recompute)",
         "ideal_jax/train/prefix_cache.py",

@@ -47,7 +47,8 @@ def _loss_and_grads(cfg, params, tokens, pos, seg):
         logits = transformer.forward(cfg, p, tokens, pos, seg)
         return jnp.sum(jnp.where(seg[..., None] > 0, logits, 0.0) ** 2) * 1e-3, logits
 
-    (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    # jitted here (a fresh function per call): the block size is read when the attention traces
+    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     return logits, grads
 
 

@@ -33,8 +33,7 @@ def _rel(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-@pytest.mark.parametrize("mode", ["empirical", "fisher"])
-@pytest.mark.parametrize("loss_positions", [False, True])
+@pytest.mark.parametrize("loss_positions,mode", [(False, "empirical"), (True, "fisher")])
 def test_factors_equal_kfac_jax(loss_positions, mode):
     """The data's targets, or targets sampled with the same key (one categorical draw over the
     batch's loss rows, as kfac-jax draws them): the same factors as kfac-jax's own pass."""
@@ -60,6 +59,7 @@ def test_factors_equal_kfac_jax(loss_positions, mode):
         assert _rel(np.asarray(ev_o[path]), np.asarray(ev_t[path])) < 1e-4, path
 
 
+@pytest.mark.integration
 def test_sampled_fisher_averages_to_the_exact_ggn():
     """E over sampled targets of Σ δδᵀ is the GGN's output factor (softmax CE: J ᵀ(diag p − ppᵀ)J):
     averaged over 300 draws, within sampling error of ggn_exact, and far from the empirical one

@@ -192,17 +192,21 @@ def _run_bwrap(program: str, limits: SandboxLimits) -> ExecResult:
         for fd in (src_fd, out_w, res_w):
             os.close(fd)
     tail, verdict = bytearray(), bytearray()
+    # The fds _drain closed itself. Each fd is closed exactly once: run_programs runs several
+    # programs in threads, and a second close of a number another thread has just been given
+    # (its pipe or program fd) would close that thread's fd instead.
+    closed: set[int] = set()
     try:
-        timed_out = _drain(proc, out_r, res_r, deadline, limits.fsize_bytes, tail, verdict)
+        timed_out = _drain(
+            proc, out_r, res_r, deadline, limits.fsize_bytes, tail, verdict, closed=closed
+        )
     finally:
         if proc.poll() is None:
             proc.kill()  # the namespace's init dies with bwrap (--die-with-parent): all of it goes
         proc.wait()
         for fd in (out_r, res_r):
-            try:
+            if fd not in closed:
                 os.close(fd)
-            except OSError:
-                pass
     duration = time.monotonic() - start
     detail = bytes(tail).decode("utf-8", errors="replace")
     if timed_out:
@@ -211,11 +215,12 @@ def _run_bwrap(program: str, limits: SandboxLimits) -> ExecResult:
     return ExecResult(ok, "passed" if ok else "failed", detail, duration, "bwrap")
 
 
-def _drain(proc, out_r, res_r, deadline, out_budget, tail, verdict, keep=2000) -> bool:
+def _drain(proc, out_r, res_r, deadline, out_budget, tail, verdict, keep=2000, closed=None) -> bool:
     """Read both pipes until EOF and the process exit, or the deadline; True if it timed out.
 
-    Output beyond `out_budget` bytes closes the pipe (the program gets EPIPE); only the last `keep`
-    bytes are kept. The verdict pipe is read to at most 64 bytes. Reads never block.
+    Output beyond `out_budget` bytes closes the pipe (the program gets EPIPE; the fd is added to
+    `closed`); only the last `keep` bytes are kept. The verdict pipe is read to at most 64 bytes.
+    Reads never block.
     """
     sel = selectors.DefaultSelector()
     sel.register(out_r, selectors.EVENT_READ)
@@ -236,6 +241,8 @@ def _drain(proc, out_r, res_r, deadline, out_budget, tail, verdict, keep=2000) -
                         tail += b"\n[output limit reached]"
                         sel.unregister(out_r)
                         os.close(out_r)
+                        if closed is not None:
+                            closed.add(out_r)
                         continue
                 else:
                     verdict += data[: max(0, 65 - len(verdict))]
