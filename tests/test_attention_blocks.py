@@ -70,6 +70,7 @@ def test_blocked_attention_equals_one_block(monkeypatch):
         np.testing.assert_allclose(np.asarray(gb), np.asarray(g1), rtol=0, atol=1e-5 * scale)
 
 
+@pytest.mark.integration
 def test_rows_longer_than_a_block_match_transformers(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
