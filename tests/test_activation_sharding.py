@@ -9,6 +9,7 @@ laid token rows out like the row-sharded factors: XLA replicated them to move ba
 """
 
 import numpy as np
+import pytest
 
 from configs import common
 from ideal_jax import sharding
@@ -28,10 +29,14 @@ def test_train_step_compiles_without_full_rematerialization(capfd):
     assert WARNING not in capfd.readouterr().err
 
 
-def test_curvature_pass_compiles_without_full_rematerialization(capfd):
+@pytest.mark.parametrize("remat", [False, True])
+def test_curvature_pass_compiles_without_full_rematerialization(capfd, remat):
+    """remat=False: the factor pass from the model's captures; remat=True: kfac-jax's own pass
+    (a remat model has no capture mode)."""
     mesh = sharding.make_mesh((1, 4, 2))  # (2, 2, 2) compiled cleanly before the fix too
     layers = ("layers.1.mlp.gate_proj", "layers.1.mlp.up_proj", "layers.1.mlp.down_proj")
-    memory_plan.compile_curvature_pass(MODEL, mesh, layers, batch_size=8, seq_len=20)
+    model = MODEL.replace(remat=remat)
+    memory_plan.compile_curvature_pass(model, mesh, layers, batch_size=8, seq_len=20)
     assert WARNING not in capfd.readouterr().err
 
 
