@@ -130,15 +130,7 @@ def _captured_correction_step(curvature, unit, chunk_size, acc, weight, params, 
         return captures.loss_cotangent(p, batch, coeff_r, targets)(outputs_rc)
 
     _, caught = captures.layer_captures(p, selected, rest, batch, cotangent)
-    acc = dict(acc)
-    for path, (x_bti, d_bto) in caught.items():
-        qa, _, qg, _ = bases[path]
-        if unit == "batch":
-            g_io = jnp.einsum("BTI,BTO->IO", x_bti, d_bto)
-            acc[path] = acc[path] + (qa.T @ g_io @ qg) ** 2
-            continue
-        acc[path] = acc[path] + squared_projections(x_bti, d_bto, qa, qg)
-    return acc, weight
+    return _kept_correction_step(unit, acc, caught, bases), weight
 
 
 def rotation_plan(t: int, i: int, o: int) -> tuple[bool, bool]:
@@ -221,13 +213,22 @@ def fit_eigen_correction(
         raise InputError("EK-FAC needs mode 'empirical' or 'fisher'", field="curvature.estimator")
     bases = curvature.eigenbases(state)
     step = _correction_jit(curvature, unit, chunk_size, implementation)
-    acc = {
-        path: jnp.zeros((qa.shape[0], qg.shape[0]), jnp.float32)
-        for path, (qa, _, qg, _) in bases.items()
-    }
+    acc = _zero_correction(bases)
     weight = jnp.zeros((), jnp.float32)
     for i, batch in enumerate(progress.bar(batches, "eigenvalue correction")):
         acc, weight = step(acc, weight, params, batch, bases, jax.random.fold_in(rng, i))
+    return _finish_correction(state, acc, weight)
+
+
+def _zero_correction(bases: dict) -> dict:
+    return {
+        path: jnp.zeros((qa.shape[0], qg.shape[0]), jnp.float32)
+        for path, (qa, _, qg, _) in bases.items()
+    }
+
+
+def _finish_correction(state: CurvatureState, acc: dict, weight) -> CurvatureState:
+    """Λ* = Σ / W into the state; InputError on a pass without response tokens."""
     if float(weight) <= 0:
         raise InputError("eigenvalue-correction pass saw no response tokens", field="weights")
     correction = jax.tree.map(lambda a: a / weight, acc)
@@ -237,6 +238,7 @@ def fit_eigen_correction(
 
 
 def _kept_correction_step(unit: str, acc: dict, caught: dict, bases: dict) -> dict:
+    """acc + Σ_units (Q_Aᵀ ∇W_unit Q_G)² per layer from one batch's captures (both passes)."""
     acc = dict(acc)
     for path, (x_bti, d_bto) in caught.items():
         qa, _, qg, _ = bases[path]
@@ -264,20 +266,12 @@ def correction_from_captures(
         raise InputError(f"unknown unit {unit!r}; one of {UNITS}", field="curvature.correction")
     bases = curvature.eigenbases(state)
     step = _kept_correction_jit(unit)
-    acc = {
-        path: jnp.zeros((qa.shape[0], qg.shape[0]), jnp.float32)
-        for path, (qa, _, qg, _) in bases.items()
-    }
+    acc = _zero_correction(bases)
     weight = jnp.zeros((), jnp.float32)
     for caught, w in progress.bar(kept.batches, "eigenvalue correction (kept captures)"):
         acc = step(acc, caught, bases)
         weight = weight + w
-    if float(weight) <= 0:
-        raise InputError("eigenvalue-correction pass saw no response tokens", field="weights")
-    correction = jax.tree.map(lambda a: a / weight, acc)
-    state = state.replace(correction=correction, correction_weight=weight)
-    check_finite(state)
-    return state
+    return _finish_correction(state, acc, weight)
 
 
 def ekfac_eigenvalues(state: CurvatureState) -> dict[str, jax.Array]:
