@@ -1227,6 +1227,22 @@ MUTATIONS += [
         "def _correction_jit(",
         ["tests/test_influence_pass_orders.py"],
     ),
+    (
+        "agreement_step_without_keep_total",
+        "the budget benchmark compares steps without the keep-total projection the config asks for",
+        "ideal_jax/influence/agreement.py",
+        "reweight.direction(alpha_j, sizes_j, keep_total)",
+        "reweight.direction(alpha_j, sizes_j, False)",
+        ["tests/test_alpha_agreement.py"],
+    ),
+    (
+        "se_coverage_ignores_z",
+        "the s.e. coverage counts errors within one s.e., whatever z is",
+        "ideal_jax/influence/agreement.py",
+        "<= z * se_j",
+        "<= se_j",
+        ["tests/test_alpha_agreement.py"],
+    ),
 ]
 
 
