@@ -23,7 +23,9 @@ ep=N (examples_per_domain), cap=N (max_examples_per_domain), t=X (alpha_se_targe
 (subsample), sigma=X, est=fisher|empirical, damp=X. A setting that changes the estimator or the
 damping is compared with a reference computed with the same change.
 
-Every figure is a mean over seeds with a 95% t-interval. The last line is one JSON object.
+Every figure is a mean over seeds with a 95% t-interval; the same seed draws the same subsample in
+every setting, so each setting's cosine and max|Δβ|/m are also compared with the first setting's,
+paired by seed. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -184,11 +186,28 @@ def main() -> None:
             row["influence_s"] = summary([p["wall_s"] for p in per_seed])
             row["examples"] = summary([p["examples"] for p in per_seed])
             row["reference_floor"] = ref["floor"]
+            row["per_seed"] = {k: [p[k] for p in per_seed] for k in ("cosine", "max_dbeta")}
+            if rows:  # the same seeds draw the same subsamples: paired against the first setting
+                first = rows[0]["per_seed"]
+                row["vs_first"] = {
+                    k: {
+                        key: value
+                        for key, value in stats.paired(row["per_seed"][k], first[k]).items()
+                        if key != "per_seed"
+                    }
+                    for k in ("cosine", "max_dbeta")
+                }
             rows.append(row)
             print(
                 f"{name:24s} examples {row['examples']['mean']:7.0f}  ratio {fmt(row['ratio'])}  "
                 f"cosine {fmt(row['cosine'])}  max|Δβ|/m {fmt(row['max_dbeta'])}  sign "
-                f"{fmt(row['sign_agree'], 2)}  s.e. coverage {fmt(row['coverage'], 2)}",
+                f"{fmt(row['sign_agree'], 2)}  s.e. coverage {fmt(row['coverage'], 2)}"
+                + (
+                    f"  cosine − {rows[0]['setting']}: {fmt(row['vs_first']['cosine'])}"
+                    f"{' (significant)' if row['vs_first']['cosine']['significant'] else ''}"
+                    if "vs_first" in row
+                    else ""
+                ),
                 flush=True,
             )
     line = json.dumps(

@@ -127,3 +127,30 @@ def test_alpha_accuracy_default_estimator():
     for name in ("kfac", "ekfac"):
         assert m[name][0] > 0.8 and m[name][1] > 0.7, (mode, name, m[name])
         assert m[name][0] > m["identity"][0], (mode, name, m)
+
+
+def test_default_estimator_is_the_models_fisher():
+    """The default estimator's output factor G is the model's Fisher (the GGN's, kfac-jax's
+    ggn_exact) up to sampling error — not the empirical one at the data's targets.
+
+    A peaked softmax classifier on random labels, where the two differ: 2,048 rows, so the true
+    Fisher's one draw per row averages out. Measured: G relative error 0.09 / 0.08 (the two layers)
+    with "fisher", 2.7 / 3.2 with "empirical"; A is the same for every estimator (1e-8).
+    """
+    sizes = (6, 16, 5)
+    params = mlp_params(sizes)
+    params["fc1"]["kernel"] = params["fc1"]["kernel"] * 6.0
+    batch = classification_batches(sizes, 1, 2048, num_domains=len(DOMAINS), seed=1)[0]
+    labels = np.random.default_rng(3).integers(0, sizes[-1], 2048)
+    batch = {**batch, "targets": jax.numpy.asarray(labels, jax.numpy.int32)}
+
+    def factors(mode):
+        curvature = kfac_lib.KfacCurvature(mlp_problem(params), mode)
+        state = kfac_lib.accumulate_factors(curvature, params, [batch], jax.random.key(0))
+        return [tuple(np.asarray(f.value) for f in b.factors) for b in state.kfac.blocks_states]
+
+    mode = base_config().curvature.estimator
+    for (a, g), (a_x, g_x) in zip(factors(mode), factors("ggn_exact"), strict=True):
+        np.testing.assert_allclose(a, a_x, rtol=1e-5, atol=1e-7)
+        err = float(np.linalg.norm(g - g_x) / np.linalg.norm(g_x))
+        assert err < 0.3, (mode, err)
