@@ -1151,8 +1151,8 @@ MUTATIONS += [
         "captured_fisher_data_targets",
         "the captured factor pass's Fisher mode uses the data's targets (the empirical Fisher)",
         "ideal_jax/curvature/kfac.py",
-        "t_r, c_r = jax.random.categorical(rng, outputs_rc, axis=-1), jnp.sqrt(weights_r)",
-        "t_r, c_r = targets_r, jnp.sqrt(weights_r)",
+        "t_r, c_r = fisher_targets(p, self.mode, outputs_rc, batch, rng)",
+        't_r, c_r = fisher_targets(p, "empirical", outputs_rc, batch, rng)',
         ["tests/test_captured_factors.py"],
     ),
     (

@@ -33,7 +33,13 @@ import numpy as np
 from ideal_jax.curvature import captures
 from ideal_jax.curvature import layers as layers_lib
 from ideal_jax.curvature.kfac import CurvatureState, KfacCurvature, check_finite
-from ideal_jax.curvature.problem import Batch, Params, flat_rows, loss_rows, row_losses
+from ideal_jax.curvature.problem import (
+    Batch,
+    Params,
+    fisher_targets,
+    flat_rows,
+    row_losses,
+)
 from ideal_jax.utils import progress
 from ideal_jax.utils.atomic import atomic_file
 from ideal_jax.utils.errors import InputError
@@ -95,28 +101,11 @@ def _correction_step(curvature, unit, chunk_size, acc, weight, params, batch, ba
 
 
 def _unit_targets(curvature: KfacCurvature, unit: str, outputs_rc, batch: Batch, rng):
-    """(targets, coefficient per row) of the pseudo-loss Σ_r c_r ℓ_r(outputs, targets) whose
-    gradient is the unit's Fisher gradient; per-example units draw with key split(rng, B)[n],
-    exactly as `pseudo_loss` does for one row."""
-    p = curvature.problem
-    targets, weights_r, _ = loss_rows(p, batch)
-    if curvature.mode == "empirical":
-        return targets, weights_r
-    frozen_rc = jax.lax.stop_gradient(outputs_rc)
-
-    def draw(key, o):
-        if p.loss == "softmax_cross_entropy":
-            return jax.random.categorical(key, o, axis=-1)
-        return o + jax.random.normal(key, o.shape, o.dtype)
-
-    if unit == "batch":
-        sampled = draw(rng, frozen_rc)
-    else:
-        b = batch["weights"].shape[0]
-        keys = jax.random.split(rng, b)
-        sampled = jax.vmap(draw)(keys, frozen_rc.reshape(b, -1, frozen_rc.shape[-1]))
-        sampled = sampled.reshape(targets.shape)
-    return sampled, jnp.sqrt(weights_r)
+    """(targets, coefficient per row) of the unit's Fisher pseudo-loss (problem.fisher_targets);
+    per-example units draw with key split(rng, B)[n], exactly as `pseudo_loss` does for one row."""
+    return fisher_targets(
+        curvature.problem, curvature.mode, outputs_rc, batch, rng, per_example=unit != "batch"
+    )
 
 
 def _captured_correction_step(curvature, unit, chunk_size, acc, weight, params, batch, bases, rng):

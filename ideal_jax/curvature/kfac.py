@@ -36,8 +36,8 @@ from ideal_jax.curvature.problem import (
     Batch,
     CurvatureProblem,
     Params,
+    fisher_targets,
     flat_rows,
-    loss_rows,
     row_losses,
     with_loss_positions,
 )
@@ -204,13 +204,9 @@ class KfacCurvature:
 
         p = self.problem
         batch = with_loss_positions(batch)
-        targets_r, weights_r = loss_rows(p, batch)[:2]
 
-        def cotangent(outputs_rc):
-            if self.mode == "empirical":  # ∂(Σ_r w_r ℓ_r)/∂outputs at the data's targets
-                t_r, c_r = targets_r, weights_r
-            else:  # targets sampled from the model, √w: Σ_r δ_r δ_rᵀ is the weighted Fisher
-                t_r, c_r = jax.random.categorical(rng, outputs_rc, axis=-1), jnp.sqrt(weights_r)
+        def cotangent(outputs_rc):  # δ: one draw over the batch's rows, as kfac-jax draws
+            t_r, c_r = fisher_targets(p, self.mode, outputs_rc, batch, rng)
             return jax.grad(lambda o: jnp.sum(c_r * row_losses(p, o, t_r)))(outputs_rc)
 
         with sharding.activation_mesh(self.mesh):

@@ -202,6 +202,37 @@ def with_loss_positions(batch: Batch) -> Batch:
     }
 
 
+def fisher_targets(
+    problem: CurvatureProblem, mode: str, outputs_rc, batch: Batch, rng, per_example: bool = False
+):
+    """(targets [R] or [R, C], coefficient per row [R]) of the pseudo-loss Σ_r c_r ℓ_r whose
+    gradient with respect to the outputs is the estimator's δ (the factor pass and the EK-FAC
+    correction both form δ this way):
+
+      empirical  the data's targets, c = w: δ is the gradient of the weighted loss;
+      otherwise  targets drawn from the model at `outputs_rc` (softmax: one categorical draw per
+                 row; squared error: outputs + N(0, 1)), c = √w, so that E Σ_r δ_r δ_rᵀ is the
+                 weighted Fisher. One draw over all the rows with `rng` (kfac-jax's order), or
+                 per_example: example n's rows drawn with split(rng, B)[n].
+    """
+    targets, weights_r, _ = loss_rows(problem, batch)
+    if mode == "empirical":
+        return targets, weights_r
+    frozen_rc = jax.lax.stop_gradient(outputs_rc)
+
+    def draw(key, o):
+        if problem.loss == "softmax_cross_entropy":
+            return jax.random.categorical(key, o, axis=-1)
+        return o + jax.random.normal(key, o.shape, o.dtype)
+
+    if not per_example:
+        return draw(rng, frozen_rc), jnp.sqrt(weights_r)
+    b = batch["weights"].shape[0]
+    keys = jax.random.split(rng, b)
+    sampled = jax.vmap(draw)(keys, frozen_rc.reshape(b, -1, frozen_rc.shape[-1]))
+    return sampled.reshape(targets.shape), jnp.sqrt(weights_r)
+
+
 def row_losses(problem: CurvatureProblem, outputs_rc: jax.Array, targets: jax.Array) -> jax.Array:
     """Unweighted per-row loss ℓ_r [R]."""
     if problem.loss == "softmax_cross_entropy":
