@@ -20,12 +20,13 @@ seed draws the subsample), one influence call; its α (row "all") is compared wi
 
 Settings are comma-separated; each is "default" or a "/"-joined list of curvature overrides:
 ep=N (examples_per_domain), cap=N (max_examples_per_domain), t=X (alpha_se_target), sub=MODE
-(subsample), sigma=X, est=fisher|empirical, damp=X. A setting that changes the estimator or the
+(subsample), sigma=X, est=fisher|empirical, damp=X, alloc=proportional|per_domain (how the
+curvature sample is split over the domains). A setting that changes the estimator or the
 damping is compared with a reference computed with the same change.
 
 Every figure is a mean over seeds with a 95% t-interval; the same seed draws the same subsample in
 every setting, so each setting's cosine and max|Δβ|/m are also compared with the first setting's,
-paired by seed. The last line is one JSON object.
+paired by seed, when the two share a reference. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ SHORT = {
     "sigma": "sigma",
     "est": "estimator",
     "damp": "damping",
+    "alloc": "allocation",
 }
 # The reference's own settings are whatever a setting changes of these (the operator it measures).
 OPERATOR_KEYS = ("est", "damp")
@@ -157,7 +159,12 @@ def main() -> None:
                 o = dict(key) | WHOLE
                 first, second = call(o, 0), call(o, 1)
                 floor = agreement.step_agreement(first["alpha"], second["alpha"], sizes, keep_total)
-                references[key] = {"alpha": first["alpha"], "se": first["se"], "floor": floor}
+                references[key] = {
+                    "alpha": first["alpha"],
+                    "se": first["se"],
+                    "floor": floor,
+                    "key": "/".join(f"{k}={v}" for k, v in key) or "default",
+                }
                 print(
                     f"reference {dict(key) or 'default operator'}: whole data ({first['examples']} "
                     f"examples) in {second['wall_s']:.2f} s; "
@@ -187,7 +194,10 @@ def main() -> None:
             row["examples"] = summary([p["examples"] for p in per_seed])
             row["reference_floor"] = ref["floor"]
             row["per_seed"] = {k: [p[k] for p in per_seed] for k in ("cosine", "max_dbeta")}
-            if rows:  # the same seeds draw the same subsamples: paired against the first setting
+            row["reference"] = ref["key"]
+            # The same seeds draw the same subsamples: paired against the first setting, when both
+            # are compared with the same reference (an estimator or damping change is not).
+            if rows and rows[0]["reference"] == ref["key"]:
                 first = rows[0]["per_seed"]
                 row["vs_first"] = {
                     k: {

@@ -119,6 +119,11 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.curvature.max_examples_per_domain = 512
     cfg.curvature.alpha_se_target = 0.2
     cfg.curvature.sigma = 0.5  # subsample = sigma: the fraction of each domain
+    # alpha_se / fixed: how the curvature passes' examples (as many as examples_per_domain of
+    # each domain) are split over the domains: proportional to the domains' entries in the
+    # mixture (the mixture's own Hessian) | per_domain (examples_per_domain each: the Hessian of
+    # an equal-domain mix, which biased α; docs/results/alpha_budget_s11.md)
+    cfg.curvature.allocation = "proportional"
     cfg.curvature.batch_size = 32
     # The decoder layers below the lowest curvature layer run once per example and their output is
     # kept (at most this many GiB; 0: off): the passes then run only the layers from there up.

@@ -1010,8 +1010,8 @@ MUTATIONS += [
         "alpha_se_curvature_not_prefix",
         "the curvature passes' sample is not the first stage's examples (not a prefix of the order)",
         "ideal_jax/influence/stage.py",
-        "curvature_items = [t for b, k in zip(by_domain, first) for t in b[:k]]",
-        "curvature_items = [t for b, k in zip(by_domain, first) for t in b[len(b) - k :]]",
+        "curvature_items = [t for b, k in zip(by_domain, counts) for t in b[:k]]",
+        "curvature_items = [t for b, k in zip(by_domain, counts) for t in b[len(b) - k :]]",
         ["tests/test_alpha_budget.py"],
     ),
     (
@@ -1242,6 +1242,30 @@ MUTATIONS += [
         "<= z * se_j",
         "<= se_j",
         ["tests/test_alpha_agreement.py"],
+    ),
+    (
+        "curvature_allocation_equal",
+        "the curvature sample takes the same number of each domain (an equal-domain mix's Hessian)",
+        "ideal_jax/influence/stage.py",
+        "    return proportional_counts([len(b) for b in by_domain], sum(equal))",
+        "    return equal",
+        ["tests/test_alpha_budget.py"],
+    ),
+    (
+        "default_allocation_per_domain",
+        "the default curvature sample switched back to an equal number per domain",
+        "configs/common.py",
+        'cfg.curvature.allocation = "proportional"',
+        'cfg.curvature.allocation = "per_domain"',
+        ["tests/test_alpha_budget.py"],
+    ),
+    (
+        "proportional_counts_floor_only",
+        "the proportional split floors every share and drops the remainder (fewer examples)",
+        "ideal_jax/influence/stage.py",
+        "    counts[order[: total - int(counts.sum())]] += 1",
+        "    pass",
+        ["tests/test_alpha_budget.py"],
     ),
 ]
 

@@ -14,6 +14,7 @@ import pytest
 from config_helpers import tiny_config
 from test_influence_per_example import _batch
 
+from configs.common import base_config
 from ideal_jax import sharding
 from ideal_jax.curvature import layers as layers_lib
 from ideal_jax.curvature import operators
@@ -126,8 +127,17 @@ def _suite(sizes):
 
 def _curv(**kw):
     base = {"subsample": "alpha_se", "examples_per_domain": 8, "max_examples_per_domain": 50,
-            "alpha_se_target": 0.2, "sigma": 0.5}  # fmt: skip
+            "alpha_se_target": 0.2, "sigma": 0.5,
+            "allocation": base_config().curvature.allocation}  # fmt: skip
     return ml_collections.ConfigDict({**base, **kw})
+
+
+def test_proportional_counts_by_hand():
+    assert stage.proportional_counts([60, 400], 16) == [2, 14]  # 2.09, 13.91: b's remainder
+    assert stage.proportional_counts([1, 1, 1], 2) == [1, 1, 0]  # ties go to the earlier group
+    assert stage.proportional_counts([3, 5], 100) == [3, 5]  # never more than a group holds
+    assert stage.proportional_counts([0, 4], 2) == [0, 2]
+    assert stage.proportional_counts([0, 0], 2) == [0, 0]
 
 
 def test_plan_draws_one_order_per_domain_and_the_curvature_sample_is_its_prefix():
@@ -136,8 +146,16 @@ def test_plan_draws_one_order_per_domain_and_the_curvature_sample_is_its_prefix(
     plan = stage.plan_subsample(suite, mix, _curv(), seed=3)
     assert plan.first == (8, 8) and plan.cap == (50, 50) and plan.target == 0.2
     assert [len(b) for b in plan.by_domain] == [60, 400]  # every entry, repeats included
-    assert Counter(t.domain for t in plan.curvature_items) == {"a": 8, "b": 8}
-    assert plan.curvature_items == plan.by_domain[0][:8] + plan.by_domain[1][:8]
+    # By default the curvature passes read as many entries as 8 per domain would (16), split in
+    # proportion to the mixture's entries (60 : 400): the mixture's own Hessian.
+    assert Counter(t.domain for t in plan.curvature_items) == {"a": 2, "b": 14}
+    assert plan.curvature_items == plan.by_domain[0][:2] + plan.by_domain[1][:14]
+    assert plan.info["curvature_examples"] == {"a": 2, "b": 14}
+    equal = stage.plan_subsample(suite, mix, _curv(allocation="per_domain"), seed=3)
+    assert equal.curvature_items == plan.by_domain[0][:8] + plan.by_domain[1][:8]
+    assert equal.by_domain == plan.by_domain and equal.first == plan.first
+    with pytest.raises(InputError, match="curvature.allocation"):
+        stage.plan_subsample(suite, mix, _curv(allocation="equal"), 3)
     # a larger budget extends the smaller one's sample (same seed, same order)
     assert stage.plan_subsample(suite, mix, _curv(examples_per_domain=16), 3).by_domain == (
         plan.by_domain
@@ -150,6 +168,10 @@ def test_plan_draws_one_order_per_domain_and_the_curvature_sample_is_its_prefix(
     assert stage.plan_subsample(suite, mix, _curv(examples_per_domain=0), 3).info == {"sigma": 0.5}
     fixed = stage.plan_subsample(suite, mix, _curv(subsample="fixed"), 3)
     assert fixed.target is None and fixed.first == fixed.cap == (8, 8)
+    assert Counter(t.domain for t in fixed.curvature_items) == {"a": 2, "b": 14}
+    same = stage.plan_subsample(suite, mix, _curv(subsample="fixed", allocation="per_domain"), 3)
+    every = sorted(t.example_id for b in same.by_domain for t in b)  # every pass, as before
+    assert sorted(t.example_id for t in same.curvature_items) == every
     with pytest.raises(InputError, match="max_examples_per_domain"):
         stage.plan_subsample(suite, mix, _curv(max_examples_per_domain=4), 3)
     with pytest.raises(InputError, match="curvature.subsample"):

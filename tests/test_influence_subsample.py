@@ -19,9 +19,14 @@ def _suite(sizes):
     return ids, SimpleNamespace(tokenized={d: [tok(d, i) for i in v] for d, v in ids.items()})
 
 
-def _curv(per_domain, sigma=0.5, subsample="fixed"):
+def _curv(per_domain, sigma=0.5, subsample="fixed", allocation="per_domain"):
     return ml_collections.ConfigDict(
-        {"sigma": sigma, "examples_per_domain": per_domain, "subsample": subsample}
+        {
+            "sigma": sigma,
+            "examples_per_domain": per_domain,
+            "subsample": subsample,
+            "allocation": allocation,
+        }
     )
 
 
@@ -37,6 +42,10 @@ def test_budget_is_a_fixed_count_per_domain_drawn_with_multiplicity():
     ids10, suite10 = _suite({"a": 1000, "b": 4000})
     mix10 = mx.build_mixture(ids10, {"a": 1.0, "b": 0.0}, seed=0)
     assert len(stage.subsample(suite10, mix10, _curv(60), seed=0)[0]) == 120
+    # proportional: as many curvature entries (120), split as the mixture's entries (200 : 400)
+    sub_p, info_p = stage.subsample(suite, mix, _curv(60, allocation="proportional"), seed=0)
+    assert Counter(t.domain for t in sub_p) == {"a": 40, "b": 80}
+    assert info_p["curvature_examples"] == {"a": 40, "b": 80}
     # 0 = the σ fraction, as before
     sub_sigma, info = stage.subsample(suite, mix, _curv(0), seed=0)
     assert Counter(t.domain for t in sub_sigma) == {"a": 100, "b": 200} and info == {"sigma": 0.5}

@@ -36,6 +36,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "curvature.estimator": ("empirical", "fisher", "ggn_exact"),  # curvature/kfac.py
     "curvature.correction": ("per_example", "per_batch"),  # influence/stage.py
     "curvature.subsample": ("alpha_se", "fixed", "sigma"),  # influence/stage.py SUBSAMPLES
+    "curvature.allocation": ("proportional", "per_domain"),  # influence/stage.py ALLOCATIONS
     "influence.operator": (
         "identity",
         "kfac",

@@ -55,6 +55,7 @@ def mixture_entries(suite, mix) -> list:
 
 
 SUBSAMPLES = ("alpha_se", "fixed", "sigma")
+ALLOCATIONS = ("proportional", "per_domain")  # curvature.allocation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +63,9 @@ class SubsamplePlan:
     """Which examples each pass reads (`plan_subsample`).
 
     curvature_items: the factor and eigen-correction passes' examples (and the exact / CG
-      operators'): `examples_per_domain` entries of each domain, or the σ fraction.
+      operators'): as many as `examples_per_domain` entries of each domain would be, split over
+      the domains in proportion to their entries in the mixture (curvature.allocation), or the σ
+      fraction.
     by_domain: per domain (suite.domain_names order), the gradient pass's candidates in draw
       order; a stage takes the next ones. first / cap: how many the first stage takes and the
       most any stage may reach. target: the α-error budget (None: one stage, `first` of each).
@@ -88,15 +91,56 @@ def subsample_mode(curv) -> str:
     return "sigma" if int(curv.examples_per_domain) == 0 else mode
 
 
+def proportional_counts(sizes: list[int], total: int) -> list[int]:
+    """`total` examples split over groups of `sizes` entries in proportion to the sizes (largest
+    remainder; ties to the earlier group), each at most its size."""
+    sizes_j = np.asarray(sizes, np.int64)
+    n = int(sizes_j.sum())
+    total = min(int(total), n)
+    if n == 0 or total == 0:
+        return [0] * len(sizes)
+    exact = total * sizes_j / n
+    counts = np.floor(exact).astype(np.int64)
+    order = np.argsort(-(exact - counts), kind="stable")
+    counts[order[: total - int(counts.sum())]] += 1
+    return [int(c) for c in counts]
+
+
+def curvature_counts(curv, by_domain, per_domain: int) -> list[int]:
+    """How many of each domain's entries (in draw order) the curvature passes read.
+
+    proportional  the total that `per_domain` of each domain would give, split in proportion to
+                  the domains' entries in the mixture: the sample's factors and Λ* estimate the
+                  Hessian of the training mixture itself. (An equal number per domain estimates
+                  the Hessian of an equal-domain mix: measured, it biased α — with every domain
+                  gradient, the step's cosine to the whole data's was 0.83 against 0.93;
+                  docs/results/alpha_budget_s11.md.)
+    per_domain    `per_domain` entries of each domain (the sample before session 11).
+    """
+    allocation = curv.allocation
+    if allocation not in ALLOCATIONS:
+        raise InputError(
+            f"{allocation!r} is not allowed; allowed: {', '.join(ALLOCATIONS)}",
+            field="curvature.allocation",
+        )
+    equal = [min(per_domain, len(b)) for b in by_domain]
+    if allocation == "per_domain":
+        return equal
+    return proportional_counts([len(b) for b in by_domain], sum(equal))
+
+
 def plan_subsample(suite, mix, curv, seed: int) -> SubsamplePlan:
     """The round's subsample plan (cfg.curvature):
 
     sigma     a random σ fraction of each domain's mixture entries, for every pass;
-    fixed     `examples_per_domain` entries of each domain, for every pass (cost flat in |D|);
-    alpha_se  the curvature passes on `examples_per_domain` entries of each domain; the domain
-              gradients start from those and double, per domain, while the domain's α standard
-              error (row "all") exceeds `alpha_se_target` × the RMS of that row over the domains,
-              up to `max_examples_per_domain` (influence_for_round's `grow_domain_terms`).
+    fixed     `examples_per_domain` entries of each domain for the domain gradients (cost flat
+              in |D|); the curvature passes read as many entries, allocated by
+              `curvature_counts`;
+    alpha_se  the curvature passes as for fixed; the domain gradients start from
+              `examples_per_domain` entries of each domain and double, per domain, while the
+              domain's α standard error (row "all") exceeds `alpha_se_target` × the RMS of that
+              row over the domains, up to `max_examples_per_domain` (influence_for_round's
+              `grow_domain_terms`).
 
     Entries are drawn without replacement from the mixture *with its multiplicities*: an example
     the mixture holds twice is twice as likely to be drawn, and may be drawn twice.
@@ -109,28 +153,36 @@ def plan_subsample(suite, mix, curv, seed: int) -> SubsamplePlan:
         keep = gradients.sigma_subsample(domain_of, curv.sigma, seed)
         return _one_stage([entries[i] for i in keep], names, {"sigma": float(curv.sigma)})
     per_domain = int(curv.examples_per_domain)
+    order = gradients.domain_orders(domain_of, seed)  # {domain: its entries' indices, shuffled}
+    by_domain = tuple([entries[i] for i in order.get(n, [])] for n in names)
+    counts = curvature_counts(curv, by_domain, per_domain)
+    curvature_items = [t for b, k in zip(by_domain, counts) for t in b[:k]]
+    allocation = {
+        "allocation": curv.allocation,
+        "curvature_examples": {n: k for n, k in zip(names, counts)},
+    }
     if mode == "fixed":
         keep, whole = gradients.budget_subsample(domain_of, per_domain, seed)
         _warn_whole(per_domain, whole)
         info = {"examples_per_domain": per_domain, "domains_used_whole": sorted(map(str, whole))}
-        return _one_stage([entries[i] for i in keep], names, info)
+        plan = _one_stage([entries[i] for i in keep], names, info | allocation)
+        if curv.allocation == "per_domain":  # every pass on the same entries, as before
+            return plan
+        return dataclasses.replace(plan, curvature_items=curvature_items)
     cap = int(curv.max_examples_per_domain)
     if cap < per_domain:
         raise InputError(
             f"must be >= curvature.examples_per_domain ({per_domain}), got {cap}",
             field="curvature.max_examples_per_domain",
         )
-    order = gradients.domain_orders(domain_of, seed)  # {domain: its entries' indices, shuffled}
-    by_domain = tuple([entries[i] for i in order.get(n, [])] for n in names)
     first = tuple(min(per_domain, len(b)) for b in by_domain)
     caps = tuple(min(cap, len(b)) for b in by_domain)
-    curvature_items = [t for b, k in zip(by_domain, first) for t in b[:k]]
     info = {
         "budget": "alpha_se",
         "curvature_examples_per_domain": per_domain,
         "max_examples_per_domain": cap,
         "alpha_se_target": float(curv.alpha_se_target),
-    }
+    } | allocation
     return SubsamplePlan(curvature_items, by_domain, first, caps, float(curv.alpha_se_target), info)
 
 
