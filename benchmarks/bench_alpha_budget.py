@@ -9,7 +9,7 @@ One model (configs/demo.py: 28,000 examples, one SFT epoch from the base model) 
 σ = 1), computed twice with two seeds: with the true Fisher its two draws of sampled labels differ,
 and their disagreement is the reference's own noise floor. Then, per budget setting and seed (the
 seed draws the subsample), one influence call; its α (row "all") is compared with the reference's
-(seed 0) by influence/agreement.py:
+(seed 0) by ideal_jax/step_agreement.py:
 
   cosine / max_dbeta / sign_agree   the paper rule's step from this α against the reference's
                                     (keep_total as the config says);
@@ -48,7 +48,7 @@ import numpy as np  # noqa: E402
 from ideal_jax import sharding, stats  # noqa: E402
 from ideal_jax.data import mixture as mixture_lib  # noqa: E402
 from ideal_jax.data import suite as suite_lib  # noqa: E402
-from ideal_jax.influence import agreement  # noqa: E402
+from ideal_jax import step_agreement as agreement  # noqa: E402
 from ideal_jax.influence import stage as influence_stage  # noqa: E402
 from ideal_jax.model import loading  # noqa: E402
 from ideal_jax.train import stage as train_stage  # noqa: E402

@@ -1230,7 +1230,7 @@ MUTATIONS += [
     (
         "agreement_step_without_keep_total",
         "the budget benchmark compares steps without the keep-total projection the config asks for",
-        "ideal_jax/influence/agreement.py",
+        "ideal_jax/step_agreement.py",
         "reweight.direction(alpha_j, sizes_j, keep_total)",
         "reweight.direction(alpha_j, sizes_j, False)",
         ["tests/test_alpha_agreement.py"],
@@ -1238,7 +1238,7 @@ MUTATIONS += [
     (
         "se_coverage_ignores_z",
         "the s.e. coverage counts errors within one s.e., whatever z is",
-        "ideal_jax/influence/agreement.py",
+        "ideal_jax/step_agreement.py",
         "<= z * se_j",
         "<= se_j",
         ["tests/test_alpha_agreement.py"],

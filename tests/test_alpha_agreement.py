@@ -1,9 +1,9 @@
-"""influence/agreement.py: the step agreement and s.e. coverage the budget benchmark reports."""
+"""step_agreement.py: the step agreement and s.e. coverage the budget benchmark reports."""
 
 import numpy as np
 import pytest
 
-from ideal_jax.influence import agreement
+from ideal_jax import step_agreement as agreement
 
 
 def test_step_agreement_by_hand():

@@ -16,7 +16,7 @@ LAYERS = [
     {"train"},
     {"curvature"},
     {"influence"},
-    {"reweight", "step_policy"},
+    {"reweight", "step_policy", "step_agreement"},
     {"evaluate"},
     {"daar"},
     {"summary"},
