@@ -46,9 +46,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ideal_jax import sharding, stats  # noqa: E402
+from ideal_jax import step_agreement as agreement  # noqa: E402
 from ideal_jax.data import mixture as mixture_lib  # noqa: E402
 from ideal_jax.data import suite as suite_lib  # noqa: E402
-from ideal_jax import step_agreement as agreement  # noqa: E402
 from ideal_jax.influence import stage as influence_stage  # noqa: E402
 from ideal_jax.model import loading  # noqa: E402
 from ideal_jax.train import stage as train_stage  # noqa: E402
