@@ -117,12 +117,54 @@ def fmt(s: dict, digits: int = 3) -> str:
     return f"{s['mean']:.{digits}f}{ci}"
 
 
+def plot(result: dict, path: str) -> None:
+    """Cost against agreement, one point per setting (mean ± 95% CI over seeds): the step's
+    cosine to the whole data's, and the reported s.e.'s coverage, against the ratio to an epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, label in (
+        (axes[0], "cosine", "cosine of the step to the whole data's step"),
+        (axes[1], "coverage", "s.e. coverage: |α − α_ref| ≤ 1.96 s.e."),
+    ):
+        for row in result["settings"]:
+            x, y = row["ratio"], row[key]
+            ax.errorbar(
+                x["mean"], y["mean"], xerr=x["ci95"] or 0, yerr=y["ci95"] or 0,
+                marker="o", capsize=3,
+            )  # fmt: skip
+            ax.annotate(row["setting"], (x["mean"], y["mean"]), fontsize=7, xytext=(4, 4),
+                        textcoords="offset points")  # fmt: skip
+        ax.set(xlabel="influence stage / one SFT epoch (steady state)", ylabel=label, xscale="log")
+        ax.set_xticks([0.05, 0.1, 0.2, 0.5, 1.0], ["0.05", "0.1", "0.2", "0.5", "1"])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axes[0].axvline(0.05, color="gray", lw=0.8, ls="--")
+    axes[0].axhline(0, color="gray", lw=0.8)
+    axes[1].axhline(0.95, color="gray", lw=0.8, ls="--")
+    fig.suptitle(f"subsample budgets, {len(result['seeds'])} seeds (95% CI); {result['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2,3,4,5,6,7", help="subsample seeds")
     parser.add_argument("--settings", default=DEFAULT_SETTINGS, help="see the module docstring")
     parser.add_argument("--json", default="", help="also write the last line to this file")
+    parser.add_argument("--plot", default="", help="also plot cost against agreement (PNG)")
+    parser.add_argument(
+        "--replot", default="", help="only plot this earlier --json file to --plot, and stop"
+    )
     args = parser.parse_args()
+    if args.replot:
+        with open(args.replot) as f:
+            plot(json.load(f), args.plot or os.path.splitext(args.replot)[0] + ".png")
+        return
     seeds = [int(s) for s in args.seeds.split(",")]
     settings = [(name, parse_setting(name)) for name in args.settings.split(",")]
 
@@ -232,6 +274,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as fh:
             fh.write(line + "\n")
+    if args.plot:
+        plot(json.loads(line), args.plot)
     print(line)
 
 
