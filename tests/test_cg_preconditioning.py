@@ -186,7 +186,11 @@ def test_the_stage_fits_the_preconditioner_and_records_the_solve(tmp_path):
     got, base = block["blocks"]["layers.1.mlp.down_proj"], plain["blocks"]["layers.1.mlp.down_proj"]
     print(f"stage CG steps: plain {base['iterations']}, EK-FAC-preconditioned {got['iterations']}")
     assert got["preconditioned"] and not base["preconditioned"]
-    assert max(got["true_relative_residual"]) < 1e-4 and max(base["true_relative_residual"]) < 1e-4
+    # CG stops when its recursive residual is below cg_tol (1e-4); in float32 the true residual
+    # drifts from it by ~1e-3 relative, so a solve that stops just below tol may record a true
+    # residual just above it (measured 1.001e-4 with the proportional curvature sample).
+    assert max(got["true_relative_residual"]) < 1.1e-4
+    assert max(base["true_relative_residual"]) < 1.1e-4
     # No step-count claim here: at the default relative damping (0.1) this block's κ is small and
     # the preconditioner did not help (measured 223 vs 185 steps); the unit test above shows
     # where it does (small damping, κ ≈ 10⁴).
