@@ -29,6 +29,7 @@ def test_generate_fn_shapes_and_determinism(setup):
     assert gen(["calc 1+2", "rev abc", "sort 321"], 6, 0.0, 2) == out
 
 
+@pytest.mark.integration  # ~10 s on 2 cores with a cold compile cache: kept out of the unit tier
 def test_loglik_matches_forward(setup):
     cfg, params, tokenizer = setup
     loglik = model_adapter.make_loglik_fn(cfg, params, tokenizer, batch_size=3)

@@ -104,6 +104,7 @@ def test_alpha_accuracy_tiny_lm():
         assert m[name][0] > 0.75 and m[name][1] > 0.75 and m[name][0] > m["identity"][0]
 
 
+@pytest.mark.integration  # ~10 s on 2 cores with a cold compile cache: kept out of the unit tier
 def test_alpha_accuracy_default_estimator():
     """Fast (default-suite) accuracy check of the estimator the project runs by default.
 
