@@ -53,6 +53,8 @@ INTEGRATION_FILES = {
     "test_outer_rule_known_answer.py",
     "test_prefix_cache.py",
     "test_smollm2_loss_rows.py",
+    "test_analyzer.py",  # a fitted EK-FAC analysis shared by its tests (~45 s cold)
+    "test_daar_pipeline.py",  # a trained DaaR probe shared by its tests (~15 s cold)
 }
 
 

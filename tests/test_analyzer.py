@@ -111,7 +111,6 @@ def _lower_level_batches(examples, batch_size, pad_id):
     return out
 
 
-@pytest.mark.integration  # ~10 s on 2 cores with a cold compile cache: kept out of the unit tier
 def test_scores_equal_the_per_example_path(ekfac_result):
     """Factors, EK-FAC correction, inverse products and per_example.per_example_scores built by
     hand on differently composed batches give the Analyzer's scores, in file order."""
@@ -146,7 +145,6 @@ def test_scores_equal_the_per_example_path(ekfac_result):
     assert [r["id"] for r in result.rows()] == [r["id"] for r in TRAIN]
 
 
-@pytest.mark.integration  # ~10 s on 2 cores with a cold compile cache: kept out of the unit tier
 def test_alpha_is_the_token_weighted_mean_of_the_scores(ekfac_result):
     """α[c, j] = Σ_{q∈c} Σ_{n∈j} w_q w_n S[n, q] / (W_c W_j); row "all" = mean over capabilities."""
     _, result = ekfac_result
@@ -204,7 +202,6 @@ def test_settings_defaults_are_the_configs():
     )
 
 
-@pytest.mark.integration  # ~10 s on 2 cores with a cold compile cache: kept out of the unit tier
 def test_gguf_model_is_accepted(files, tmp_path):
     """A llama.cpp `.gguf` file is a model like a Hugging Face directory (its own tokenizer)."""
     pytest.importorskip("gguf")
@@ -224,7 +221,6 @@ def test_gguf_model_is_accepted(files, tmp_path):
 
 
 # -- Kronfluence's conventions, from their definitions (dense, exact) ------------------------------
-@pytest.mark.integration  # ~10 s on 2 cores with a cold compile cache: kept out of the unit tier
 def test_kronfluence_conversion_exact(files):
     """docs/influence_conventions.md: with H_K = (1/N) Σ_n u_n u_nᵀ (u_n the gradient of example
     n's SUMMED loss; Kronfluence's empirical-Fisher EK-FAC target), λ_K = w̄ λ and
