@@ -45,13 +45,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ideal_jax import sharding, stats  # noqa: E402
+from benchmarks import bench_influence  # noqa: E402
+from ideal_jax import stats  # noqa: E402
 from ideal_jax import step_agreement as agreement  # noqa: E402
-from ideal_jax.data import mixture as mixture_lib  # noqa: E402
-from ideal_jax.data import suite as suite_lib  # noqa: E402
 from ideal_jax.influence import stage as influence_stage  # noqa: E402
-from ideal_jax.model import loading  # noqa: E402
-from ideal_jax.train import stage as train_stage  # noqa: E402
 
 SHORT = {
     "ep": "examples_per_domain",
@@ -168,24 +165,13 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     settings = [(name, parse_setting(name)) for name in args.settings.split(",")]
 
-    import importlib
-
-    cfg = importlib.import_module("configs.demo").get_config()
+    cfg = bench_influence.demo_config.get_config()
     with cfg.unlocked():
         cfg.progress = False
         cfg.train.epochs = 1
     with tempfile.TemporaryDirectory() as workdir:
-        mesh = sharding.make_mesh(dict(cfg.mesh))
-        suite = suite_lib.load_suite(cfg, workdir)
-        model_cfg, base = loading.load_model(cfg.model, mesh, suite.tokenizer, seed=cfg.seed)
-        ids = {name: [t.example_id for t in items] for name, items in suite.tokenized.items()}
-        mix = mixture_lib.build_mixture(ids, None, seed=cfg.seed)
-        rdir = os.path.join(workdir, "round_0")
-        params = train_stage.train_round(
-            cfg.train, cfg.data, model_cfg, mesh, rdir, suite, mix, base
-        )
-        with open(os.path.join(rdir, "train", "summary.json")) as f:
-            epoch_s = json.load(f)["train_seconds"]
+        mesh, suite, model_cfg, mix, params, sft, _ = bench_influence.trained_d0(cfg, workdir)
+        epoch_s = sft["train_seconds"]
         sizes, keep_total = list(mix.target_sizes), bool(cfg.reweight.keep_total)
         names = list(mix.domain_names)
 

@@ -189,22 +189,26 @@ def _stderr_over_rms(out: dict) -> float:
     return float(np.nanmax(se) / max(float(np.sqrt(np.mean(a**2))), 1e-30))
 
 
+def trained_d0(cfg, workdir: str):
+    """(mesh, suite, model config, D0 mixture, params after one SFT round, that round's run_sft
+    summary, its wall seconds): the round trained from the base model in workdir/round_0."""
+    mesh = sharding.make_mesh(dict(cfg.mesh))
+    suite = suite_lib.load_suite(cfg, workdir)
+    model_cfg, base = loading.load_model(cfg.model, mesh, suite.tokenizer, seed=cfg.seed)
+    ids = {name: [t.example_id for t in items] for name, items in suite.tokenized.items()}
+    mix = mixture_lib.build_mixture(ids, None, seed=cfg.seed)
+    rdir = os.path.join(workdir, "round_0")
+    t0 = time.perf_counter()
+    params = train_stage.train_round(cfg.train, cfg.data, model_cfg, mesh, rdir, suite, mix, base)
+    wall = time.perf_counter() - t0
+    with open(os.path.join(rdir, "train", "summary.json")) as f:
+        return mesh, suite, model_cfg, mix, params, json.load(f), wall
+
+
 def run_scale(scale: str, args, clock: CompileClock) -> dict:
     cfg = make_config(scale, args)
     with tempfile.TemporaryDirectory() as workdir:
-        mesh = sharding.make_mesh(dict(cfg.mesh))
-        suite = suite_lib.load_suite(cfg, workdir)
-        model_cfg, base = loading.load_model(cfg.model, mesh, suite.tokenizer, seed=cfg.seed)
-        ids = {name: [t.example_id for t in items] for name, items in suite.tokenized.items()}
-        mix = mixture_lib.build_mixture(ids, None, seed=cfg.seed)
-        rdir = os.path.join(workdir, "round_0")
-        t0 = time.perf_counter()
-        params = train_stage.train_round(
-            cfg.train, cfg.data, model_cfg, mesh, rdir, suite, mix, base
-        )
-        sft_wall = time.perf_counter() - t0
-        with open(os.path.join(rdir, "train", "summary.json")) as f:
-            sft = json.load(f)
+        mesh, suite, model_cfg, mix, params, sft, sft_wall = trained_d0(cfg, workdir)
         calls = []
         for _ in range(2):  # first call (compiles) and steady state (jitted passes reused)
             t0 = time.perf_counter()

@@ -100,22 +100,16 @@ def _correction_step(curvature, unit, chunk_size, acc, weight, params, batch, ba
     return acc, weight
 
 
-def _unit_targets(curvature: KfacCurvature, unit: str, outputs_rc, batch: Batch, rng):
-    """(targets, coefficient per row) of the unit's Fisher pseudo-loss (problem.fisher_targets);
-    per-example units draw with key split(rng, B)[n], exactly as `pseudo_loss` does for one row."""
-    return fisher_targets(
-        curvature.problem, curvature.mode, outputs_rc, batch, rng, per_example=unit != "batch"
-    )
-
-
 def _captured_correction_step(curvature, unit, chunk_size, acc, weight, params, batch, bases, rng):
     """One forward + one backward pass of the batch → Σ_units (Q_Aᵀ ∇W_unit Q_G)² per layer."""
     p = curvature.problem
     selected, rest = layers_lib.split_params(params, p.layers)
     weight = weight + jnp.sum(batch["weights"].astype(jnp.float32))
 
-    def cotangent(outputs_rc):
-        targets, coeff_r = _unit_targets(curvature, unit, outputs_rc, batch, rng)
+    def cotangent(outputs_rc):  # per-example units: example n draws with split(rng, B)[n]
+        targets, coeff_r = fisher_targets(
+            p, curvature.mode, outputs_rc, batch, rng, per_example=unit != "batch"
+        )
         return captures.loss_cotangent(p, batch, coeff_r, targets)(outputs_rc)
 
     _, caught = captures.layer_captures(p, selected, rest, batch, cotangent)
